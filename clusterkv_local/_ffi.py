@@ -1,0 +1,55 @@
+"""The cffi (ABI mode) binding to libclusterkv: the only module that imports cffi.
+
+`ffi` carries the declarations of native/include/clusterkv.h (see _cdef.py); `lib` is the
+loaded shared library. The library is looked up in $CLUSTERKV_LIB, then next to this file
+(where `pip install .` puts it), then in a development build folder; a failure lists every
+place it looked.
+"""
+import os
+import sys
+
+import cffi
+
+from ._cdef import CDEF
+
+ffi = cffi.FFI()
+ffi.cdef(CDEF)
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _library_names() -> list:
+    if sys.platform == "win32":
+        return ["clusterkv.dll", "libclusterkv.dll"]
+    if sys.platform == "darwin":
+        return ["libclusterkv.dylib"]
+    return ["libclusterkv.so"]
+
+
+def _candidate_paths() -> list:
+    paths = []
+    env = os.environ.get("CLUSTERKV_LIB")
+    if env:
+        paths.append(env)
+    repo_root = os.path.dirname(_PACKAGE_DIR)
+    for folder in (_PACKAGE_DIR, os.path.join(repo_root, "build")):
+        paths.extend(os.path.join(folder, name) for name in _library_names())
+    return paths
+
+
+def _load():
+    errors = []
+    for path in _candidate_paths():
+        if not os.path.exists(path):
+            errors.append("%s (not found)" % path)
+            continue
+        try:
+            return ffi.dlopen(path), path
+        except OSError as exc:
+            errors.append("%s (%s)" % (path, exc))
+    raise ImportError("could not load the clusterkv native library; looked in:\n  "
+                      + "\n  ".join(errors)
+                      + "\nInstall the package with `pip install .` or set CLUSTERKV_LIB.")
+
+
+lib, library_path = _load()

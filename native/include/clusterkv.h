@@ -1,0 +1,287 @@
+// clusterkv.h - the one public header of the clusterkv_local runtime.
+//
+// Data flow: a GGUF file is loaded into a ckv_model (weights mmapped, tokenizer, metadata);
+// a ckv_context holds a KV cache and scratch buffers for one sequence and turns tokens into
+// logits with ckv_decode; a ckv_sampler picks the next token from a row of logits.
+//
+// Conventions
+//   - Every fallible call returns int32_t from enum ckv_status (CKV_OK = 0, errors < 0);
+//     ckv_last_error() then holds a thread-local message naming the problem.
+//   - Objects come back through out-pointers; every *_free accepts NULL.
+//   - Params structs are filled by *_default_params(out) and passed by const pointer.
+//   - Buffer-filling calls take (buf, cap, &n_needed): when cap is too small they return
+//     CKV_ERR_BUFFER_TOO_SMALL and set n_needed, so the caller can retry once.
+//   - The library never prints, exits or aborts on bad input.
+//   - Threads: a model may be shared by several contexts; one context is used by one thread
+//     at a time.
+#ifndef CLUSTERKV_H
+#define CLUSTERKV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(CKV_BUILD)
+#    define CKV_API __declspec(dllexport)
+#elif defined(__GNUC__) && defined(CKV_BUILD)
+#    define CKV_API __attribute__((visibility("default")))
+#else
+#    define CKV_API
+#endif
+
+#define CKV_API_VERSION 1
+
+// ---------------------------------------------------------------------------------------------
+// Status codes and errors
+// ---------------------------------------------------------------------------------------------
+
+enum ckv_status {
+    CKV_OK                   =  0,
+    CKV_ERR_INVALID_ARG      = -1,  // a parameter is out of range or NULL
+    CKV_ERR_FORMAT           = -2,  // the file is malformed (truncated, bad magic, out of bounds)
+    CKV_ERR_UNSUPPORTED      = -3,  // valid input this build cannot handle (arch, quant type)
+    CKV_ERR_OOM              = -4,  // an allocation failed
+    CKV_ERR_CTX_FULL         = -5,  // the tokens do not fit in the context window
+    CKV_ERR_IO               = -6,  // the file could not be opened, mapped or read
+    CKV_ERR_CUDA             = -7,  // a CUDA call failed
+    CKV_ERR_NOT_FOUND        = -8,  // a named key or tensor does not exist
+    CKV_ERR_BUFFER_TOO_SMALL = -9,  // see n_needed
+};
+
+// The message of the last failed call on this thread ("" if none). Valid until the next call.
+CKV_API const char * ckv_last_error(void);
+
+// A short constant name for a status code, e.g. "CKV_ERR_FORMAT".
+CKV_API const char * ckv_status_name(int32_t status);
+
+// Library version string, e.g. "0.1.0".
+CKV_API const char * ckv_version(void);
+
+// What this build and this CPU can do, e.g. "CPU: AVX2=1 FMA=1 F16C=1 AVX512=0 | CUDA: off".
+CKV_API const char * ckv_system_info(void);
+
+enum ckv_log_level {
+    CKV_LOG_DEBUG = 0,
+    CKV_LOG_INFO  = 1,
+    CKV_LOG_WARN  = 2,
+    CKV_LOG_ERROR = 3,
+};
+
+// Log lines go to this callback (none by default: the library is silent). NULL removes it.
+// The callback is process-wide; it may be called from any thread.
+typedef void (*ckv_log_callback)(int32_t level, const char * text, void * user_data);
+CKV_API void ckv_log_set(ckv_log_callback callback, void * user_data);
+
+typedef int32_t ckv_token;
+
+typedef struct ckv_model   ckv_model;
+typedef struct ckv_context ckv_context;
+typedef struct ckv_sampler ckv_sampler;
+
+// ---------------------------------------------------------------------------------------------
+// Model: load, metadata, tensors
+// ---------------------------------------------------------------------------------------------
+
+struct ckv_model_params {
+    int32_t n_gpu_layers;  // layers to put on the GPU: 0 = CPU only, -1 = all
+    bool    use_mmap;      // map the file instead of reading it into memory (default true)
+    bool    vocab_only;    // load metadata and tokenizer only: no forward pass possible
+    bool    metadata_only; // parse metadata and the tensor table only, for any architecture
+                           // (inspection tools); no tokenizer, no forward pass
+};
+
+CKV_API void ckv_model_default_params(struct ckv_model_params * out);
+
+// Loads a GGUF file. On success *out owns the model; free it with ckv_model_free.
+// Returns CKV_ERR_IO (cannot open), CKV_ERR_FORMAT (malformed file), CKV_ERR_UNSUPPORTED
+// (architecture, tokenizer or tensor type not supported) or CKV_ERR_INVALID_ARG.
+CKV_API int32_t ckv_model_load(const char * path, const struct ckv_model_params * params,
+                               ckv_model ** out);
+CKV_API void    ckv_model_free(ckv_model * model);
+
+struct ckv_model_info {
+    const char * arch;        // "llama", "qwen2", "gemma3"; owned by the model
+    const char * name;        // general.name or ""; owned by the model
+    int32_t      n_vocab;
+    int32_t      n_ctx_train; // trained context length
+    int32_t      n_embd;
+    int32_t      n_layer;
+    int32_t      n_head;
+    int32_t      n_head_kv;
+    int32_t      head_dim;
+    int32_t      n_ff;
+    uint64_t     n_params;    // number of weights in all tensors
+    uint64_t     size;        // bytes of tensor data
+};
+
+CKV_API void ckv_model_get_info(const ckv_model * model, struct ckv_model_info * out);
+
+// Metadata (GGUF key/value pairs). Values are rendered as text: numbers in decimal,
+// strings as they are, arrays as "[N x type]" unless short (<= 16 numbers).
+CKV_API int32_t ckv_model_meta_count(const ckv_model * model);
+CKV_API int32_t ckv_model_meta_key(const ckv_model * model, int32_t i, char * buf, size_t cap,
+                                   size_t * n_needed);
+CKV_API int32_t ckv_model_meta_value(const ckv_model * model, const char * key, char * buf,
+                                     size_t cap, size_t * n_needed);
+
+struct ckv_tensor_info {
+    const char * name;       // owned by the model
+    int32_t      type;       // ggml type id (0 F32, 1 F16, 2 Q4_0, 3 Q4_1, 8 Q8_0, 12 Q4_K, ...)
+    const char * type_name;  // "q4_K"; static
+    int32_t      n_dims;
+    int64_t      ne[4];      // ne[0] is the row length; unused dims are 1
+    uint64_t     offset;     // byte offset in the file
+    uint64_t     size;       // bytes
+};
+
+CKV_API int32_t ckv_model_n_tensors(const ckv_model * model);
+CKV_API int32_t ckv_model_tensor_info(const ckv_model * model, int32_t i,
+                                      struct ckv_tensor_info * out);
+
+// Dequantises a whole tensor into out (n_out floats, must be >= the tensor's element count),
+// in GGUF order (ne[0] fastest). Works for every supported type; used by tests and tools.
+CKV_API int32_t ckv_model_tensor_dequantize(const ckv_model * model, const char * name,
+                                            float * out, int64_t n_out);
+
+// ---------------------------------------------------------------------------------------------
+// Vocabulary and tokenizer
+// ---------------------------------------------------------------------------------------------
+
+enum ckv_token_attr {
+    CKV_TOKEN_NORMAL       = 1,
+    CKV_TOKEN_UNKNOWN      = 2,
+    CKV_TOKEN_CONTROL      = 3,
+    CKV_TOKEN_USER_DEFINED = 4,
+    CKV_TOKEN_UNUSED       = 5,
+    CKV_TOKEN_BYTE         = 6,
+};
+
+CKV_API int32_t   ckv_vocab_n_tokens(const ckv_model * model);
+CKV_API ckv_token ckv_token_bos(const ckv_model * model);  // -1 if none
+CKV_API ckv_token ckv_token_eos(const ckv_model * model);  // -1 if none
+CKV_API bool      ckv_vocab_add_bos(const ckv_model * model);
+// True for every end-of-generation token (eos, eot, eom, <|im_end|>, <end_of_turn>, ...).
+CKV_API bool      ckv_token_is_eog(const ckv_model * model, ckv_token token);
+CKV_API int32_t   ckv_token_attr(const ckv_model * model, ckv_token token);  // enum ckv_token_attr
+// The raw vocabulary string of a token (GGUF form, e.g. "Ġthe" or "▁the"); NULL if out of range.
+CKV_API const char * ckv_token_text(const ckv_model * model, ckv_token token);
+
+// Text (UTF-8, text_len bytes, need not be NUL-terminated) to token ids, as llama.cpp does.
+// add_special: prepend BOS (and append EOS) where the model asks for it.
+// parse_special: recognise control/user-defined token texts such as "<|im_start|>".
+// Writes at most cap ids; *n_needed = ids the full result has (also on success).
+CKV_API int32_t ckv_tokenize(const ckv_model * model, const char * text, int32_t text_len,
+                             ckv_token * tokens, int32_t cap, bool add_special,
+                             bool parse_special, int32_t * n_needed);
+
+// Bytes of one token (special tokens render only when special is true). Not NUL-terminated.
+CKV_API int32_t ckv_token_to_piece(const ckv_model * model, ckv_token token, char * buf,
+                                   int32_t cap, bool special, int32_t * n_needed);
+
+// Bytes of a token sequence; like concatenating pieces, plus the tokenizer's rules for the
+// first token (e.g. SentencePiece's leading space when the model adds a space prefix).
+CKV_API int32_t ckv_detokenize(const ckv_model * model, const ckv_token * tokens,
+                               int32_t n_tokens, char * buf, int32_t cap, bool special,
+                               int32_t * n_needed);
+
+// ---------------------------------------------------------------------------------------------
+// Context: KV cache and evaluation
+// ---------------------------------------------------------------------------------------------
+
+enum ckv_kv_type {
+    CKV_KV_F32 = 0,  // ggml type ids
+    CKV_KV_F16 = 1,
+};
+
+struct ckv_context_params {
+    uint32_t n_ctx;       // tokens the KV cache holds; 0 = the model's trained length
+    uint32_t n_batch;     // max tokens evaluated as one matrix during prefill; 0 = 512
+    int32_t  n_threads;   // worker threads; 0 = number of physical cores (at least 1)
+    int32_t  kv_type;     // enum ckv_kv_type; default CKV_KV_F16
+};
+
+CKV_API void ckv_context_default_params(struct ckv_context_params * out);
+
+// Creates a context for one sequence. Allocates the KV cache and every scratch buffer now,
+// so decoding allocates nothing. Fails with CKV_ERR_INVALID_ARG or CKV_ERR_OOM.
+CKV_API int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
+                                 ckv_context ** out);
+CKV_API void    ckv_context_free(ckv_context * ctx);
+
+// The values in force (a request may be adjusted, e.g. n_ctx = 0).
+CKV_API uint32_t ckv_context_n_ctx(const ckv_context * ctx);
+CKV_API uint32_t ckv_context_n_batch(const ckv_context * ctx);
+CKV_API int32_t  ckv_context_n_threads(const ckv_context * ctx);
+CKV_API int32_t  ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads);
+
+// Tokens currently in the KV cache (the next token gets this position).
+CKV_API int32_t ckv_context_n_past(const ckv_context * ctx);
+
+// Drops cached positions >= n_keep (0 clears everything). n_keep > n_past is an error.
+CKV_API int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep);
+
+// Evaluates n_tokens tokens at positions n_past .. n_past + n_tokens - 1, in chunks of n_batch,
+// and appends them to the KV cache. Logits are kept for every token when all_logits is true,
+// otherwise for the last token only.
+//   CKV_ERR_CTX_FULL    - n_past + n_tokens > n_ctx; nothing was evaluated
+//   CKV_ERR_INVALID_ARG - a token id is out of range, or n_tokens <= 0; nothing was evaluated
+CKV_API int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens,
+                           bool all_logits);
+
+// Rows of logits from the last ckv_decode: ckv_get_n_outputs rows of n_vocab floats, row i
+// belonging to the i-th kept token. i = -1 is the last row. NULL when out of range. The
+// pointer is valid until the next ckv_decode or ckv_context_free.
+CKV_API int32_t       ckv_get_n_outputs(const ckv_context * ctx);
+CKV_API const float * ckv_get_logits(const ckv_context * ctx, int32_t i);
+
+struct ckv_timings {
+    double  t_prefill_ms;   // time in ckv_decode calls with more than one token
+    double  t_decode_ms;    // time in ckv_decode calls with one token
+    int64_t n_prefill;      // tokens evaluated in those calls
+    int64_t n_decode;
+};
+
+CKV_API void ckv_context_get_timings(const ckv_context * ctx, struct ckv_timings * out);
+CKV_API void ckv_context_reset_timings(ckv_context * ctx);
+
+// ---------------------------------------------------------------------------------------------
+// Sampler
+// ---------------------------------------------------------------------------------------------
+
+// The chain is llama.cpp's: penalties -> top_k -> top_p -> min_p -> temperature -> draw.
+// temperature <= 0 means greedy (arg-max after penalties).
+struct ckv_sampler_params {
+    float    temperature;        // default 0.8
+    int32_t  top_k;              // <= 0 = off; default 40
+    float    top_p;              // >= 1 = off; default 0.95
+    float    min_p;              // <= 0 = off; default 0.05
+    float    repeat_penalty;     // 1 = off; default 1.0
+    float    frequency_penalty;  // 0 = off
+    float    presence_penalty;   // 0 = off
+    int32_t  penalty_last_n;     // tokens of history the penalties look at; default 64
+    uint64_t seed;               // same seed and inputs -> same tokens
+};
+
+CKV_API void    ckv_sampler_default_params(struct ckv_sampler_params * out);
+CKV_API int32_t ckv_sampler_init(const ckv_model * model, const struct ckv_sampler_params * params,
+                                 ckv_sampler ** out);
+CKV_API void    ckv_sampler_free(ckv_sampler * sampler);
+
+// Picks a token from one row of n_vocab logits (not modified). Does not record it: call
+// ckv_sampler_accept with the token that is actually used.
+CKV_API int32_t ckv_sampler_sample(ckv_sampler * sampler, const float * logits, int32_t n_vocab,
+                                   ckv_token * out);
+// Adds a token to the penalty history (prompt tokens too, as llama.cpp does).
+CKV_API void    ckv_sampler_accept(ckv_sampler * sampler, ckv_token token);
+// Clears the penalty history and reseeds the RNG.
+CKV_API void    ckv_sampler_reset(ckv_sampler * sampler, uint64_t seed);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // CLUSTERKV_H

@@ -1,0 +1,265 @@
+// context.c - ckv_context: creation (KV cache and every scratch buffer up front), ckv_decode
+// (validation, chunking into n_batch rows, logits rows), truncation and timings.
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "error.h"
+#include "forward.h"
+#include "quants.h"
+
+enum { MAX_N_CTX = 1 << 22, MAX_HEAD_DIM = 512, DEFAULT_N_BATCH = 512 };
+
+void ckv_context_default_params(struct ckv_context_params * out) {
+    memset(out, 0, sizeof(*out));
+    out->n_ctx     = 0;
+    out->n_batch   = DEFAULT_N_BATCH;
+    out->n_threads = 0;
+    out->kv_type   = CKV_KV_F16;
+}
+
+static int default_threads(void) {
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (int) n;
+}
+
+static int32_t resolve_params(const struct ckv_model * m, const struct ckv_context_params * in,
+                              struct ckv_context_params * out) {
+    *out = *in;
+    if (out->n_ctx == 0) {
+        out->n_ctx = (uint32_t) m->hp.n_ctx_train;
+    }
+    if (out->n_ctx > MAX_N_CTX) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_ctx %u is larger than the maximum %d", out->n_ctx,
+                        MAX_N_CTX);
+    }
+    if (out->n_batch == 0) {
+        out->n_batch = DEFAULT_N_BATCH;
+    }
+    if (out->n_batch > out->n_ctx) {
+        out->n_batch = out->n_ctx;
+    }
+    if (out->n_threads < 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be >= 0 (0 = all cores), got %d",
+                        out->n_threads);
+    }
+    if (out->n_threads == 0) {
+        out->n_threads = default_threads();
+    }
+    if (out->kv_type != CKV_KV_F16 && out->kv_type != CKV_KV_F32) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "kv_type must be CKV_KV_F16 (1) or CKV_KV_F32 (0), got %d",
+                        out->kv_type);
+    }
+    return CKV_OK;
+}
+
+static int32_t alloc_scratch(struct ckv_context * ctx) {
+    const struct hparams * hp = &ctx->model->hp;
+    int64_t nb = ctx->params.n_batch, q_dim = (int64_t) hp->n_head * hp->head_dim;
+    int64_t kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
+    struct scratch * s = &ctx->s;
+    float ** bufs[]  = {&s->x, &s->xb, &s->xb2, &s->q, &s->k, &s->v, &s->att, &s->hb, &s->hb2};
+    int64_t  sizes[] = {hp->n_embd, hp->n_embd, hp->n_embd, q_dim, kv_dim, kv_dim, q_dim, hp->n_ff, hp->n_ff};
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+        *bufs[i] = calloc((size_t) (nb * sizes[i]), sizeof(float));
+        if (!*bufs[i]) {
+            return ckv_fail(CKV_ERR_OOM, "out of memory for scratch buffers (n_batch %lld)", (long long) nb);
+        }
+    }
+    int64_t max_in = hp->n_embd > hp->n_ff ? hp->n_embd : hp->n_ff;
+    max_in = max_in > q_dim ? max_in : q_dim;
+    struct compute * c = &ctx->comp;
+    c->max_tokens = nb;
+    c->act_q_row  = (size_t) max_in * sizeof(float) + 64;  // f32 is the widest activation type
+    c->att_stride = ctx->params.n_ctx;
+    for (int i = 0; i < 2; i++) {
+        c->act_q[i] = malloc(c->act_q_row * (size_t) nb);
+    }
+    c->att_scores = malloc(sizeof(float) * (size_t) c->att_stride * (size_t) ctx->params.n_threads);
+    if (!c->act_q[0] || !c->act_q[1] || !c->att_scores) {
+        return ckv_fail(CKV_ERR_OOM, "out of memory for activation buffers");
+    }
+    return CKV_OK;
+}
+
+int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
+                         ckv_context ** out) {
+    ckv_clear_error();
+    if (!out || !model || !params) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_context_init: model, params and out must not be NULL");
+    }
+    *out = NULL;
+    if (!model->can_forward) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "the model was loaded with vocab_only or metadata_only");
+    }
+    if (model->hp.head_dim > MAX_HEAD_DIM) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "head size %d is larger than %d", model->hp.head_dim,
+                        MAX_HEAD_DIM);
+    }
+    ckv_context * ctx = calloc(1, sizeof(*ctx));
+    if (!ctx) {
+        return ckv_fail(CKV_ERR_OOM, "out of memory for the context");
+    }
+    ctx->model = model;
+    const struct hparams * hp = &model->hp;
+    int32_t st = resolve_params(model, params, &ctx->params);
+    if (st == CKV_OK) {
+        st = kv_cache_init(&ctx->kv, (int32_t) ctx->params.n_ctx, hp->n_layer, hp->n_head_kv,
+                           hp->head_dim, (uint32_t) ctx->params.kv_type);
+    }
+    if (st == CKV_OK) {
+        st = threadpool_create(ctx->params.n_threads, &ctx->comp.pool);
+    }
+    if (st == CKV_OK) {
+        st = alloc_scratch(ctx);
+    }
+    if (st != CKV_OK) {
+        ckv_context_free(ctx);
+        return st;
+    }
+    *out = ctx;
+    return CKV_OK;
+}
+
+void ckv_context_free(ckv_context * ctx) {
+    if (!ctx) {
+        return;
+    }
+    kv_cache_free(&ctx->kv);
+    threadpool_free(ctx->comp.pool);
+    float * bufs[] = {ctx->s.x, ctx->s.xb, ctx->s.xb2, ctx->s.q, ctx->s.k, ctx->s.v, ctx->s.att,
+                      ctx->s.hb, ctx->s.hb2, ctx->comp.att_scores, ctx->logits};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
+        free(bufs[i]);
+    }
+    free(ctx->comp.act_q[0]);
+    free(ctx->comp.act_q[1]);
+    free(ctx);
+}
+
+uint32_t ckv_context_n_ctx(const ckv_context * ctx) { return ctx->params.n_ctx; }
+uint32_t ckv_context_n_batch(const ckv_context * ctx) { return ctx->params.n_batch; }
+int32_t  ckv_context_n_threads(const ckv_context * ctx) { return ctx->params.n_threads; }
+int32_t  ckv_context_n_past(const ckv_context * ctx) { return ctx->n_past; }
+
+int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
+    ckv_clear_error();
+    if (n_threads < 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be >= 0 (0 = all cores), got %d", n_threads);
+    }
+    int32_t n = n_threads == 0 ? default_threads() : n_threads;
+    if (n == ctx->params.n_threads) {
+        return CKV_OK;
+    }
+    float * scores = malloc(sizeof(float) * (size_t) ctx->comp.att_stride * (size_t) n);
+    struct threadpool * pool = NULL;
+    int32_t st = scores ? threadpool_create(n, &pool) : ckv_fail(CKV_ERR_OOM, "out of memory");
+    if (st != CKV_OK) {
+        free(scores);
+        return st;
+    }
+    threadpool_free(ctx->comp.pool);
+    free(ctx->comp.att_scores);
+    ctx->comp.pool       = pool;
+    ctx->comp.att_scores = scores;
+    ctx->params.n_threads = n;
+    return CKV_OK;
+}
+
+int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep) {
+    ckv_clear_error();
+    if (n_keep < 0 || n_keep > ctx->n_past) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_keep %d must be in [0, n_past = %d]", n_keep, ctx->n_past);
+    }
+    ctx->n_past    = n_keep;  // positions >= n_keep are overwritten by the next decode
+    ctx->n_outputs = 0;
+    return CKV_OK;
+}
+
+// --- decode ----------------------------------------------------------------------------------
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static int32_t check_tokens(const ckv_context * ctx, const ckv_token * tokens, int32_t n) {
+    if (!tokens || n <= 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_decode needs at least one token (got %d)", n);
+    }
+    if ((int64_t) ctx->n_past + n > ctx->params.n_ctx) {
+        return ckv_fail(CKV_ERR_CTX_FULL, "%d tokens at position %d exceed the context window of %u",
+                        n, ctx->n_past, ctx->params.n_ctx);
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= ctx->model->hp.n_vocab) {
+            return ckv_fail(CKV_ERR_INVALID_ARG, "token %d at index %d is outside the vocabulary [0, %d)",
+                            tokens[i], i, ctx->model->hp.n_vocab);
+        }
+    }
+    return CKV_OK;
+}
+
+static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
+    if (rows <= ctx->logits_cap) {
+        return CKV_OK;
+    }
+    float * grown = realloc(ctx->logits, sizeof(float) * (size_t) rows * (size_t) ctx->model->hp.n_vocab);
+    if (!grown) {
+        return ckv_fail(CKV_ERR_OOM, "out of memory for %lld rows of logits", (long long) rows);
+    }
+    ctx->logits     = grown;
+    ctx->logits_cap = rows;
+    return CKV_OK;
+}
+
+int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens, bool all_logits) {
+    ckv_clear_error();
+    int32_t st = check_tokens(ctx, tokens, n_tokens);
+    if (st == CKV_OK) {
+        st = reserve_logits(ctx, all_logits ? n_tokens : 1);
+    }
+    if (st != CKV_OK) {
+        return st;
+    }
+    double  t0      = now_ms();
+    int64_t n_vocab = ctx->model->hp.n_vocab;
+    for (int32_t done = 0; done < n_tokens;) {
+        int32_t n    = n_tokens - done < (int32_t) ctx->params.n_batch ? n_tokens - done
+                                                                     : (int32_t) ctx->params.n_batch;
+        bool    last = done + n == n_tokens;
+        int64_t first_output = all_logits ? 0 : (last ? n - 1 : n);
+        float * rows = ctx->logits + (all_logits ? (int64_t) done * n_vocab : 0);
+        forward_chunk(ctx, tokens + done, n, ctx->n_past, first_output, rows);
+        ctx->n_past += n;
+        done += n;
+    }
+    ctx->n_outputs = all_logits ? n_tokens : 1;
+    double dt = now_ms() - t0;
+    if (n_tokens == 1) {
+        ctx->timings.t_decode_ms += dt;
+        ctx->timings.n_decode += 1;
+    } else {
+        ctx->timings.t_prefill_ms += dt;
+        ctx->timings.n_prefill += n_tokens;
+    }
+    return CKV_OK;
+}
+
+int32_t ckv_get_n_outputs(const ckv_context * ctx) { return ctx->n_outputs; }
+
+const float * ckv_get_logits(const ckv_context * ctx, int32_t i) {
+    if (i < 0) {
+        i += ctx->n_outputs;
+    }
+    if (i < 0 || i >= ctx->n_outputs) {
+        return NULL;
+    }
+    return ctx->logits + (size_t) i * (size_t) ctx->model->hp.n_vocab;
+}
+
+void ckv_context_get_timings(const ckv_context * ctx, struct ckv_timings * out) { *out = ctx->timings; }
+
+void ckv_context_reset_timings(ckv_context * ctx) { memset(&ctx->timings, 0, sizeof(ctx->timings)); }
