@@ -65,7 +65,9 @@ const char * ggml_type_name(uint32_t type);   // "unknown" for unknown ids
 // Bytes of n elements; 0 if n is not a multiple of the block size or the type is unknown.
 size_t ggml_row_size(uint32_t type, int64_t n);
 
-// Convenience wrappers over the traits (type must be valid, n a multiple of the block size).
+// Convenience wrappers over the traits. type must have the kernel (dequantize_row, vec_dot and
+// vec_dot_rows: is_weight types; quantize_row_act: F32, Q8_0, Q8_1, Q8_K) and n must be a
+// multiple of the block size; callers check ggml_type_traits_get(type)->is_weight first.
 void  dequantize_row(uint32_t type, const void * src, float * dst, int64_t n);
 void  quantize_row_act(uint32_t vec_dot_type, const float * src, void * dst, int64_t n);
 float vec_dot(uint32_t type, int64_t n, const void * w_row, const void * x_row);

@@ -1,0 +1,58 @@
+"""clusterkv_local: a local GGUF LLM runtime with a clustered KV cache, llama-cpp-python style.
+
+    >>> from clusterkv_local import Llama
+    >>> llm = Llama.from_registry()            # the default model, fetched once
+    >>> llm("Once upon a time", max_tokens=16)["choices"][0]["text"]
+
+Layers: _ffi.py (cffi binding) -> _internals.py (handles, errors) -> llama.py (Llama) ->
+chat.py (templates); models.py (registry, fetching) and cli.py sit beside them.
+
+The names below are imported on first use, so `clusterkv_local.models` and the CLI's `models` and
+`fetch` commands work before the native library is built.
+"""
+import importlib
+from typing import TYPE_CHECKING, Any, List
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Llama": "llama",
+    "LLAMA_DEFAULT_SEED": "llama",
+    "LogitsProcessorList": "llama",
+    "StoppingCriteriaList": "llama",
+    "ClusterKVError": "_internals",
+    "InvalidArgumentError": "_internals",
+    "ModelFormatError": "_internals",
+    "UnsupportedError": "_internals",
+    "OutOfMemoryError": "_internals",
+    "ContextFullError": "_internals",
+    "ModelIOError": "_internals",
+    "ModelNotFoundError": "_internals",
+    "CudaError": "_internals",
+    "NotFoundError": "_internals",
+    "DEFAULT_MODEL": "models",
+    "ModelFetchError": "models",
+    "ChecksumError": "models",
+}
+
+__all__ = ["__version__"] + list(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from ._internals import (ClusterKVError, ContextFullError, CudaError, InvalidArgumentError,
+                             ModelFormatError, ModelIOError, ModelNotFoundError, NotFoundError,
+                             OutOfMemoryError, UnsupportedError)
+    from .llama import LLAMA_DEFAULT_SEED, Llama, LogitsProcessorList, StoppingCriteriaList
+    from .models import DEFAULT_MODEL, ChecksumError, ModelFetchError
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError("module 'clusterkv_local' has no attribute %r" % name)
+    value = getattr(importlib.import_module("." + module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,247 @@
+"""Command-line interface: `clusterkv-local` and `python -m clusterkv_local`.
+
+    clusterkv-local run "Once upon a time" -n 64          # stream a completion
+    clusterkv-local chat --system "Be brief."             # interactive chat, /exit to quit
+    clusterkv-local info MODEL                            # metadata and tensor table of any GGUF
+    clusterkv-local models                                # the registry, and what is cached
+    clusterkv-local fetch qwen2.5-coder-0.5b-instruct     # download and verify a model
+
+MODEL is a registry name or a path to a GGUF file (default: the default registry model). Only
+the public Llama API is used; the native library is loaded only by commands that need it.
+"""
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+from . import models
+
+
+def _error(message: str) -> int:
+    print("clusterkv-local: error: %s" % message, file=sys.stderr)
+    return 1
+
+
+def _model_file(name: Optional[str]) -> str:
+    return models.resolve(name, fetch=True, progress=True)
+
+
+def _load(args: argparse.Namespace, **kwargs: Any):
+    path = _model_file(args.model)
+    from .llama import Llama
+
+    return Llama(path, n_ctx=args.ctx, n_threads=args.threads,
+                 seed=args.seed, verbose=args.verbose, **kwargs)
+
+
+def _sampling(args: argparse.Namespace) -> Dict[str, Any]:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty)
+
+
+def _print_speed(llm, elapsed: float) -> None:
+    t = llm.timings()
+
+    def rate(n: int, ms: float) -> str:
+        return "%.1f tok/s" % (n / ms * 1e3) if ms > 0 else "n/a"
+
+    print("\nprompt: %d tokens, %s | decode: %d tokens, %s | %.2f s"
+          % (t["prompt_tokens"], rate(t["prompt_tokens"], t["prompt_ms"]), t["decode_tokens"],
+             rate(t["decode_tokens"], t["decode_ms"]), elapsed), file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Streams a completion of the prompt to stdout; speeds go to stderr."""
+    if args.file:
+        with open(args.file, encoding="utf-8") as f:
+            prompt = f.read()
+    elif args.prompt is not None:
+        prompt = args.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        return _error("no prompt: give one as an argument, with -f FILE or on stdin")
+    with _load(args) as llm:
+        llm.reset_timings()
+        start = time.perf_counter()
+        for chunk in llm.create_completion(prompt, max_tokens=args.n_predict, stream=True,
+                                           **_sampling(args)):
+            sys.stdout.write(chunk["choices"][0]["text"])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        _print_speed(llm, time.perf_counter() - start)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat with the model's template; /exit (or EOF) quits, /reset forgets."""
+    with _load(args) as llm:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        messages: List[Dict[str, str]] = list(system)
+        print("chatting with %s (%s template); /exit to quit, /reset to start over"
+              % (os.path.basename(llm.model_path), llm.chat_format), file=sys.stderr)
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return 0
+            if line.strip() in ("/exit", "/quit"):
+                return 0
+            if line.strip() == "/reset":
+                messages = list(system)
+                continue
+            messages.append({"role": "user", "content": line})
+            reply = []
+            for chunk in llm.create_chat_completion(messages, max_tokens=args.n_predict,
+                                                    stream=True, **_sampling(args)):
+                text = chunk["choices"][0]["delta"].get("content", "")
+                reply.append(text)
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _shorten(value: str, full: bool, width: int = 100) -> str:
+    value = value.replace("\n", "\\n")
+    return value if full or len(value) <= width else value[:width - 3] + "..."
+
+
+def _support(path: str) -> str:
+    """Whether this runtime can run the model: a full (mmapped) load with a tiny context."""
+    from .llama import Llama
+    from ._internals import ClusterKVError
+
+    try:
+        with Llama(path, n_ctx=16, n_batch=16, verbose=False):
+            return "yes"
+    except ClusterKVError as e:
+        return "no (%s)" % e
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Metadata, tensor table and type counts of any GGUF, and whether it is supported."""
+    path = _model_file(args.model)
+    from .llama import Llama
+
+    with Llama(path, metadata_only=True, verbose=False) as llm:
+        metadata, tensors, info = llm.metadata, llm.tensors(), llm.model_info
+    print("file: %s (%.1f MiB)" % (path, os.path.getsize(path) / 2**20))
+    print("arch: %s | name: %s | %.1fM params in %d tensors, %.1f MiB of tensor data"
+          % (info.arch, info.name, info.n_params / 1e6, len(tensors), info.size / 2**20))
+    print("\nmetadata (%d keys):" % len(metadata))
+    for key in sorted(metadata):
+        print("  %-44s %s" % (key, _shorten(metadata[key], args.full)))
+    if not args.no_tensors:
+        print("\ntensors:")
+        for t in tensors:
+            print("  %-36s %-6s %-20s %10.2f MiB"
+                  % (t.name, t.type_name, "x".join(map(str, t.shape)), t.size / 2**20))
+    print("\ntensor types:")
+    counts = Counter(t.type_name for t in tensors)
+    sizes = Counter()
+    for t in tensors:
+        sizes[t.type_name] += t.size
+    for type_name, n in counts.most_common():
+        print("  %-6s %4d tensors %10.2f MiB" % (type_name, n, sizes[type_name] / 2**20))
+    print("\nsupported by this runtime: %s" % _support(path))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Lists the registry: name, size, architecture, whether cached, description."""
+    print("cache: %s" % models.cache_dir())
+    for m in models.list_models():
+        print("%s %-30s %8.1f MB  %-7s %-7s %s" % (
+            "*" if m["default"] else " ", m["name"], m["size"] / 1e6, m["arch"],
+            "cached" if m["cached"] else "-", m["description"]))
+    print("(* = default)")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Downloads and verifies a registry model (once); prints its path."""
+    print(models.model_path(args.name, progress=True))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument parsing
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="registry name or GGUF path (default: %s)" % models.DEFAULT_MODEL)
+    p.add_argument("-n", "--n-predict", type=int, default=256,
+                   help="max tokens to generate (<= 0: until the context is full)")
+    p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--temp", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=-1, help="-1: random")
+    p.add_argument("--verbose", action="store_true", help="print the load summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clusterkv-local",
+                                     description="Run GGUF language models locally.")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="complete a prompt, streaming to stdout")
+    p.add_argument("prompt", nargs="?", help="prompt text (or -f FILE, or stdin)")
+    p.add_argument("-f", "--file", help="read the prompt from a file")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("chat", help="interactive chat using the model's chat template")
+    p.add_argument("--system", default=None, help="system message")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="metadata and tensors of a GGUF file")
+    p.add_argument("model", nargs="?", default=None, help="registry name or GGUF path")
+    p.add_argument("--full", action="store_true", help="do not shorten long metadata values")
+    p.add_argument("--no-tensors", action="store_true", help="omit the per-tensor table")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the model registry")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("fetch", help="download and verify a registry model")
+    p.add_argument("name", help="registry name (see `models`)")
+    p.set_defaults(func=cmd_fetch)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 runtime error, 2 usage error).
+
+    Example:
+        >>> main(["models"])
+        0
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except KeyError as e:
+        return _error(e.args[0] if e.args else str(e))
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
+        return _error(str(e))

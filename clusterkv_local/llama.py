@@ -1,0 +1,1060 @@
+"""The user API: `Llama`, signature-compatible with llama-cpp-python for the common calls.
+
+Data flow: Llama.__init__ loads a _Model and a _Context (_internals.py) -> tokenize -> eval
+(ckv_decode) -> sample (ckv_sampler) -> generate (token iterator, longest-prefix KV reuse) ->
+create_completion (stop strings, UTF-8-safe streaming, OpenAI-shaped dicts) ->
+create_chat_completion (chat.py renders the GGUF's Jinja2 template).
+
+Compatibility rules: keyword names, defaults and return shapes follow llama-cpp-python 0.3.x.
+Unknown keywords raise TypeError; llama-cpp-python keywords we accept but do not implement warn
+when given a non-default value (never a silent no-op). Deviations are listed in the docstrings
+of the methods concerned.
+"""
+import fnmatch
+import math
+import os
+import random
+import sys
+import time
+import uuid
+import warnings
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import models as _models
+from ._ffi import ffi
+from ._internals import (KV_TYPES, ModelInfo, SamplerParams, TensorInfo, _Context, _Model,
+                         _Sampler, logits_to_logprobs, system_info, token_array)
+from .chat import ChatFormatter, resolve_chat_format
+
+__version__ = "0.1.0"
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # as llama.cpp: "pick a random seed"
+
+# llama-cpp-python constructor keywords accepted but not implemented, with the value at which
+# they do nothing (no warning then).
+_UNIMPLEMENTED_INIT = {
+    "split_mode": 1, "main_gpu": 0, "tensor_split": None, "use_mlock": False,
+    "kv_overrides": None, "n_ubatch": 512, "n_threads_batch": None, "rope_scaling_type": -1,
+    "pooling_type": -1, "attention_type": -1, "rope_freq_base": 0.0, "rope_freq_scale": 0.0,
+    "yarn_ext_factor": -1.0, "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0,
+    "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0, "embedding": False, "offload_kqv": True,
+    "flash_attn": False, "op_offload": None, "swa_full": None, "no_perf": False,
+    "lora_base": None, "lora_scale": 1.0, "lora_path": None, "numa": False,
+    "chat_handler": None, "draft_model": None, "tokenizer": None, "spm_infill": False,
+}
+
+
+def _warn_unimplemented(name: str, value: Any) -> None:
+    warnings.warn("clusterkv_local.Llama: %s=%r is accepted for llama-cpp-python compatibility "
+                  "but not implemented; it has no effect" % (name, value), UserWarning,
+                  stacklevel=4)
+
+
+def _warn_sampling(typical_p: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                   grammar: Any = None, penalize_nl: bool = True) -> None:
+    for name, value, noop in (("typical_p", typical_p, 1.0), ("tfs_z", tfs_z, 1.0),
+                              ("mirostat_mode", mirostat_mode, 0), ("grammar", grammar, None),
+                              ("penalize_nl", penalize_nl, True)):
+        if value != noop:
+            _warn_unimplemented(name, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logits processors and stopping criteria (llama-cpp-python's list types)
+# ---------------------------------------------------------------------------------------------
+
+
+class LogitsProcessorList(list):
+    """Callables `(input_ids: np.intc[n], scores: np.float32[n_vocab]) -> scores`, in order."""
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class StoppingCriteriaList(list):
+    """Callables `(input_ids, logits) -> bool`; generation stops when any returns True."""
+
+    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
+        return any(criterion(input_ids, logits) for criterion in self)
+
+
+def _logit_bias_processor(bias: Dict[int, float], n_vocab: int) -> Callable:
+    ids = np.array([int(k) for k in bias], dtype=np.int64)
+    values = np.array([float(v) for v in bias.values()], dtype=np.float32)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+        raise ValueError("logit_bias token ids must be in [0, %d)" % n_vocab)
+
+    def apply(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out = np.array(scores, dtype=np.float32, copy=True)
+        out[ids] += values
+        return out
+
+    return apply
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming text: UTF-8 holdback and stop strings (pure Python, unit-tested directly)
+# ---------------------------------------------------------------------------------------------
+
+
+def utf8_complete_len(data: bytes) -> int:
+    """Length of the longest prefix of `data` that does not end inside an unfinished UTF-8
+    sequence: the bytes after it could still become a character when more bytes arrive.
+
+    Example:
+        >>> utf8_complete_len("é".encode()[:1])
+        0
+    """
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        byte = data[n - back]
+        if byte & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        if byte < 0x80:
+            return n
+        need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else \
+            4 if byte & 0xF8 == 0xF0 else 1
+        return n - back if back < need else n
+    return n  # only stray continuation bytes: invalid, nothing to wait for
+
+
+def stop_holdback(data: bytes, stops: Sequence[bytes]) -> int:
+    """Bytes at the end of `data` that are a proper prefix of some stop string, i.e. that must
+    not be streamed yet because they could turn out to be the start of a stop.
+
+    Example:
+        >>> stop_holdback(b"Hello wor", [b"world"])
+        3
+    """
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(data)), best, -1):
+            if data.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
+class TextAssembler:
+    """Collects generated bytes, cuts them at the first stop string and hands out text chunks
+    that never split a UTF-8 code point nor leak part of a stop string.
+
+    Joining every take() and a final take(final=True) gives exactly text().
+    """
+
+    def __init__(self, stops: Sequence[bytes] = ()):
+        self.stops = [s for s in stops if s]
+        self._max_stop = max((len(s) for s in self.stops), default=0)
+        self.data = bytearray()
+        self.emitted = 0
+        self.stopped = False
+
+    def feed(self, piece: bytes) -> bool:
+        """Appends a token's bytes; returns True (and truncates) once a stop string appears."""
+        start = max(0, len(self.data) - self._max_stop + 1)
+        self.data += piece
+        hits = [i for i in (self.data.find(s, start) for s in self.stops) if i >= 0]
+        if hits:
+            del self.data[min(hits):]
+            self.stopped = True
+        return self.stopped
+
+    def take(self, final: bool = False) -> str:
+        """The next chunk of text that is safe to emit ("" if none yet)."""
+        pending = bytes(self.data[self.emitted:])
+        if not final:
+            pending = pending[:len(pending) - stop_holdback(pending, self.stops)]
+            pending = pending[:utf8_complete_len(pending)]
+        self.emitted += len(pending)
+        return pending.decode("utf-8", errors="ignore")
+
+    def text(self) -> str:
+        return bytes(self.data).decode("utf-8", errors="ignore")
+
+
+def _stop_bytes(stop: Union[None, str, Sequence[str]]) -> List[bytes]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    out = []
+    for s in stop:
+        if not isinstance(s, str):
+            raise TypeError("stop must be a string or a list of strings, got %r" % (s,))
+        if s:
+            out.append(s.encode("utf-8"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _require_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError("%s must be an int, got %r" % (name, value))
+    if minimum is not None and value < minimum:
+        raise ValueError("%s must be >= %d, got %d" % (name, minimum, value))
+    return int(value)
+
+
+def _require_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError("%s must be a number, got %r" % (name, value))
+    if not math.isfinite(value):
+        raise ValueError("%s must be finite, got %r" % (name, value))
+    return float(value)
+
+
+def _sampler_params(temp: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
+                    frequency_penalty: float, presence_penalty: float,
+                    penalty_last_n: int) -> SamplerParams:
+    """Validated native sampler settings. temp < 0 is llama-cpp-python's "plain distribution"
+    (no truncation, no temperature); temp == 0 is greedy."""
+    temp = _require_float("temperature", temp)
+    top_k = _require_int("top_k", top_k)
+    top_p = _require_float("top_p", top_p)
+    min_p = _require_float("min_p", min_p)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError("top_p must be in (0, 1], got %r" % top_p)
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError("min_p must be in [0, 1], got %r" % min_p)
+    if _require_float("repeat_penalty", repeat_penalty) <= 0.0:
+        raise ValueError("repeat_penalty must be > 0, got %r" % repeat_penalty)
+    frequency_penalty = _require_float("frequency_penalty", frequency_penalty)
+    presence_penalty = _require_float("presence_penalty", presence_penalty)
+    if temp < 0.0:
+        temp, top_k, top_p, min_p = 1.0, 0, 1.0, 0.0
+    return SamplerParams(temp, top_k, top_p, min_p, float(repeat_penalty), frequency_penalty,
+                         presence_penalty, penalty_last_n)
+
+
+def _as_processor(logits_processor: Any) -> Optional[Callable]:
+    if logits_processor is None:
+        return None
+    if callable(logits_processor):
+        return logits_processor
+    return LogitsProcessorList(logits_processor)
+
+
+def _kv_type(type_k: Any, type_v: Any) -> int:
+    chosen = []
+    for name, value in (("type_k", type_k), ("type_v", type_v)):
+        if value is None:
+            continue
+        key = value.lower() if isinstance(value, str) else {0: "f32", 1: "f16"}.get(value)
+        if key not in KV_TYPES:
+            warnings.warn("%s=%r is not supported (KV cache types: f16, f32); using f16"
+                          % (name, value), UserWarning, stacklevel=3)
+            key = "f16"
+        chosen.append(key)
+    if len(set(chosen)) > 1:
+        warnings.warn("type_k and type_v differ; this runtime keeps K and V in one type: using "
+                      "f16", UserWarning, stacklevel=3)
+        return KV_TYPES["f16"]
+    return KV_TYPES[chosen[0]] if chosen else KV_TYPES["f16"]
+
+
+def _context_settings(n_ctx: Any, n_batch: Any, n_threads: Any) -> tuple:
+    """Validated (n_ctx, n_batch, n_threads); n_threads None, 0 or -1 -> 0 (library default:
+    the number of physical cores)."""
+    n_ctx = _require_int("n_ctx", n_ctx, 0)
+    n_batch = _require_int("n_batch", n_batch, 1)
+    if n_threads is None or n_threads in (0, -1):
+        n_threads = 0
+    return n_ctx, n_batch, _require_int("n_threads", n_threads, 0)
+
+
+class _CompletionState:
+    """What one completion has produced so far."""
+
+    def __init__(self, stops: List[bytes]):
+        self.tokens: List[int] = []
+        self.token_ends: List[int] = []  # byte offset in text.data where each token's piece ends
+        self.text = TextAssembler(stops)
+        self.finish_reason = "length"
+        self.reported = 0  # tokens whose logprobs went out in a stream chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# Llama
+# ---------------------------------------------------------------------------------------------
+
+
+class Llama:
+    """A GGUF model with one context (KV cache) and a sampler.
+
+    Example:
+        >>> llm = Llama("SmolLM2-135M-Instruct.Q4_1.gguf", n_ctx=2048, verbose=False)
+        >>> llm("The capital of France is", max_tokens=8, temperature=0)["choices"][0]["text"]
+        ' Paris...'
+
+    One Llama is used by one thread at a time (as llama-cpp-python); use one per thread.
+    """
+
+    def __init__(self, model_path: str, *, n_gpu_layers: int = 0, vocab_only: bool = False,
+                 use_mmap: bool = True, seed: int = LLAMA_DEFAULT_SEED, n_ctx: int = 512,
+                 n_batch: int = 512, n_threads: Optional[int] = None, logits_all: bool = False,
+                 last_n_tokens_size: int = 64, chat_format: Optional[str] = None,
+                 type_k: Any = None, type_v: Any = None, verbose: bool = True,
+                 metadata_only: bool = False, **kwargs: Any):
+        """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
+
+        Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
+        any architecture; no tokenizer, no evaluation); `type_k`/`type_v` also take "f16"/"f32".
+        Deviation: seed=0 is a real seed (llama-cpp-python turns 0 into "random").
+        """
+        self.verbose = verbose
+        self.model_path = os.fspath(model_path)
+        self._model: Optional[_Model] = None
+        self._ctx: Optional[_Context] = None
+        self._sampler: Optional[_Sampler] = None
+        self._closed = False
+        self._check_kwargs(kwargs)
+        n_ctx, n_batch, n_threads = _context_settings(n_ctx, n_batch, n_threads)
+        n_gpu_layers = _require_int("n_gpu_layers", n_gpu_layers, -1)
+        self._logits_all = bool(logits_all)
+        self.last_n_tokens_size = _require_int("last_n_tokens_size", last_n_tokens_size, 0)
+        self.set_seed(seed)
+        t0 = time.perf_counter()
+        try:
+            self._model = _Model(self.model_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
+                                 vocab_only=vocab_only, metadata_only=metadata_only)
+            self.metadata: Dict[str, str] = self._model.metadata()
+            self._info: ModelInfo = self._model.info()
+            self._n_vocab = self._info.n_vocab
+            if vocab_only or metadata_only:
+                self._n_ctx = n_ctx or self._info.n_ctx_train
+                self.n_batch, self.n_threads = n_batch, n_threads
+            else:
+                self._load_context(n_ctx, n_batch, n_threads, _kv_type(type_k, type_v))
+            self._chat = None if metadata_only else resolve_chat_format(chat_format,
+                                                                         self.metadata)
+        except BaseException:
+            self.close()
+            raise
+        self.chat_format: Optional[str] = self._chat.name if self._chat else None
+        self._chat_formatter: Optional[ChatFormatter] = None
+        self.n_tokens = 0
+        self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
+        self._scores_buf = (np.zeros((self._n_ctx, self._n_vocab), dtype=np.single)
+                            if self._logits_all and self._ctx is not None else None)
+        self._n_decodes = 0
+        self._last_row = (None, -1)  # (copy of the last logits row, decode count it belongs to)
+        if verbose:
+            self._print_summary(time.perf_counter() - t0)
+
+    # --- construction helpers ---
+
+    @staticmethod
+    def _check_kwargs(kwargs: Dict[str, Any]) -> None:
+        for name, value in kwargs.items():
+            if name not in _UNIMPLEMENTED_INIT:
+                raise TypeError("Llama() got an unexpected keyword argument %r" % name)
+            if value != _UNIMPLEMENTED_INIT[name]:
+                _warn_unimplemented(name, value)
+
+    def _load_context(self, n_ctx: int, n_batch: int, n_threads: int, kv_type: int) -> None:
+        if n_ctx > 0:
+            n_batch = min(n_ctx, n_batch)
+        self._ctx = _Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                             kv_type=kv_type)
+        self._n_ctx = self._ctx.n_ctx()
+        self.n_batch = self._ctx.n_batch()
+        self.n_threads = self._ctx.n_threads()
+
+    def _print_summary(self, seconds: float) -> None:
+        info = self._info
+        name = info.name or os.path.basename(self.model_path)
+        print("clusterkv_local %s: loaded %s (%s, %d layers, %.1fM params, %.1f MiB) in %.2f s"
+              % (__version__, name, info.arch, info.n_layer, info.n_params / 1e6,
+                 info.size / 2**20, seconds), file=sys.stderr)
+        if self._ctx is not None:
+            print("clusterkv_local: n_ctx = %d (trained %d), n_batch = %d, n_threads = %d, "
+                  "chat format = %s | %s" % (self._n_ctx, info.n_ctx_train, self.n_batch,
+                                             self.n_threads, self.chat_format, system_info()),
+                  file=sys.stderr)
+
+    @classmethod
+    def from_registry(cls, name: str = _models.DEFAULT_MODEL, **kwargs: Any) -> "Llama":
+        """Loads a model of the registry (models/registry.json), fetching it once if needed.
+
+        Example:
+            >>> llm = Llama.from_registry("smollm2-135m-instruct", n_ctx=2048)
+        """
+        return cls(_models.model_path(name), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: Optional[str],
+                        additional_files: Optional[List[str]] = None,
+                        local_dir: Optional[str] = None, cache_dir: Optional[str] = None,
+                        **kwargs: Any) -> "Llama":
+        """Downloads `filename` (an fnmatch glob, exactly one match) from a Hugging Face repo,
+        then loads it, as llama-cpp-python. Needs `pip install huggingface-hub`.
+
+        Example:
+            >>> llm = Llama.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF",
+            ...                             "*q4_k_m.gguf")
+        """
+        try:
+            from huggingface_hub import HfFileSystem, hf_hub_download
+        except ImportError:
+            raise ImportError("Llama.from_pretrained needs huggingface-hub: "
+                              "pip install 'clusterkv-local[hf]'") from None
+        files = [f["name"] if isinstance(f, dict) else f
+                 for f in HfFileSystem().ls(repo_id, recursive=True)]
+        files = [str(Path(f).relative_to(repo_id)) for f in files]
+
+        def one_match(pattern: str) -> str:
+            matches = [f for f in files if fnmatch.fnmatch(f, pattern)]
+            if len(matches) != 1:
+                raise ValueError("%s files in %s match %r (need exactly one); files: %s"
+                                 % ("No" if not matches else "Several", repo_id, pattern, files))
+            return matches[0]
+
+        def download(path: str) -> str:
+            sub = str(Path(path).parent)
+            return hf_hub_download(repo_id=repo_id, filename=Path(path).name,
+                                   subfolder=None if sub == "." else sub,
+                                   local_dir=local_dir, cache_dir=cache_dir)
+
+        model_file = download(one_match(filename))
+        for pattern in additional_files or []:
+            download(one_match(pattern))
+        return cls(model_path=model_file, **kwargs)
+
+    # --- lifetime ---
+
+    def close(self) -> None:
+        """Frees the sampler, context and model now (idempotent); the object is unusable after."""
+        for handle in (self._sampler, self._ctx, self._model):
+            if handle is not None:
+                handle.close()
+        self._closed = True
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _require_ctx(self) -> _Context:
+        if self._closed:
+            raise RuntimeError("this Llama has been closed")
+        if self._ctx is None:
+            raise RuntimeError("this Llama was loaded with vocab_only or metadata_only and "
+                               "cannot evaluate tokens")
+        return self._ctx
+
+    # --- model facts ---
+
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    def n_embd(self) -> int:
+        return self._info.n_embd
+
+    def token_bos(self) -> int:
+        return self._model.token_bos()
+
+    def token_eos(self) -> int:
+        return self._model.token_eos()
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """Architecture and size facts (arch, name, n_layer, n_head, n_params, ...)."""
+        return self._info
+
+    def tensors(self) -> List[TensorInfo]:
+        """The GGUF tensor table: name, ggml type id and name, shape, offset, size."""
+        if self._closed:
+            raise RuntimeError("this Llama has been closed")
+        return self._model.tensors()
+
+    def timings(self) -> Dict[str, float]:
+        """Prefill/decode token counts and milliseconds since the last reset_timings()."""
+        t = self._require_ctx().timings()
+        return {"prompt_ms": t.t_prefill_ms, "prompt_tokens": t.n_prefill,
+                "decode_ms": t.t_decode_ms, "decode_tokens": t.n_decode}
+
+    def reset_timings(self) -> None:
+        self._require_ctx().reset_timings()
+
+    # --- tokens ---
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+        """UTF-8 bytes -> token ids. add_bos adds BOS (and EOS) where the model asks for it;
+        special parses control-token texts such as "<|im_start|>". Also accepts str."""
+        if self._closed:
+            raise RuntimeError("this Llama has been closed")
+        if isinstance(text, str):
+            text = text.encode("utf-8")
+        return self._model.tokenize(bytes(text), add_bos, special)
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
+                   special: bool = False) -> bytes:
+        """Token ids -> bytes. With prev_tokens, returns only the bytes `tokens` add after them
+        (so tokenizer rules for the first token apply to prev_tokens, not to `tokens`)."""
+        if self._closed:
+            raise RuntimeError("this Llama has been closed")
+        tokens = token_array(tokens)
+        if not prev_tokens:
+            return self._model.detokenize(tokens, special)
+        prev = token_array(prev_tokens)
+        both = self._model.detokenize(prev + tokens, special)
+        return both[len(self._model.detokenize(prev, special)):]
+
+    # --- evaluation state ---
+
+    @property
+    def _input_ids(self) -> np.ndarray:
+        return self.input_ids[:self.n_tokens]
+
+    @property
+    def scores(self) -> np.ndarray:
+        """[n_ctx, n_vocab] float32 logits. With logits_all, row i holds the logits after token
+        i for every evaluated token. Otherwise only row n_tokens-1 is valid (as
+        llama-cpp-python): a read-only view that repeats the last row, so no memory is spent on
+        rows nobody asked for."""
+        if self._scores_buf is not None:
+            return self._scores_buf
+        return np.broadcast_to(self._last_logits(), (self._n_ctx, self._n_vocab))
+
+    @property
+    def _scores(self) -> np.ndarray:
+        return self.scores[:self.n_tokens]
+
+    @property
+    def eval_tokens(self) -> deque:
+        return deque(self._input_ids.tolist(), maxlen=self._n_ctx)
+
+    @property
+    def eval_logits(self) -> deque:
+        if self._scores_buf is not None:
+            return deque(self._scores.tolist(), maxlen=self._n_ctx)
+        return deque([self._last_logits().tolist()] if self.n_tokens else [], maxlen=1)
+
+    def _last_logits(self) -> np.ndarray:
+        """A copy of the last decode's last logits row (zeros before any decode)."""
+        row, version = self._last_row
+        if version != self._n_decodes:
+            ctx = self._require_ctx()
+            row = (np.array(ctx.logits(-1)) if self._n_decodes
+                   else np.zeros(self._n_vocab, dtype=np.single))
+            self._last_row = (row, self._n_decodes)
+        return row
+
+    def set_seed(self, seed: int) -> None:
+        """Sets the seed of the next sampler; -1 or LLAMA_DEFAULT_SEED pick a random one."""
+        seed = _require_int("seed", seed)
+        if seed in (-1, LLAMA_DEFAULT_SEED):
+            seed = random.SystemRandom().randrange(2**32)
+        self._seed = seed
+
+    def reset(self) -> None:
+        """Forgets the evaluated tokens (the KV cache is trimmed lazily on the next eval)."""
+        self.n_tokens = 0
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Evaluates tokens after the n_tokens already evaluated, appending to the KV cache."""
+        ctx = self._require_ctx()
+        tokens = token_array(tokens)
+        if not tokens:
+            return
+        n_past, n = self.n_tokens, len(tokens)
+        if n_past + n > self._n_ctx:
+            raise ValueError("Requested tokens (%d) exceed context window of %d"
+                             % (n_past + n, self._n_ctx))
+        if ctx.n_past() != n_past:
+            ctx.truncate(n_past)
+        ctx.decode(tokens, all_logits=self._logits_all)
+        self._n_decodes += 1
+        self.input_ids[n_past:n_past + n] = tokens
+        self.n_tokens = n_past + n
+        if self._scores_buf is not None:
+            self._store_logits(ctx, n_past, n)
+
+    def _store_logits(self, ctx: _Context, n_past: int, n: int) -> None:
+        first = ctx.logits_ptr(0)
+        if n > 1 and ctx.logits_ptr(n - 1) - first == (n - 1) * self._n_vocab:
+            rows = np.frombuffer(ffi.buffer(first, n * self._n_vocab * 4), dtype=np.float32)
+            self._scores_buf[n_past:n_past + n] = rows.reshape(n, self._n_vocab)
+        else:
+            for i in range(n):
+                self._scores_buf[n_past + i] = ctx.logits(i)
+
+    # --- sampling ---
+
+    def _get_sampler(self, params: SamplerParams) -> _Sampler:
+        if self._sampler is None or self._sampler.params != params:
+            if self._sampler is not None:
+                self._sampler.close()
+            self._sampler = None
+            self._sampler = _Sampler(self._model, params, self._seed)
+        return self._sampler
+
+    def _sample_with(self, sampler: _Sampler, processor: Optional[Callable],
+                     idx: Optional[int] = None) -> int:
+        ctx = self._require_ctx()
+        if idx is None or idx == self.n_tokens - 1:
+            if processor is None:
+                return sampler.sample_ptr(ctx.logits_ptr(-1), self._n_vocab)
+            row = ctx.logits(-1)
+        elif self._scores_buf is not None and 0 <= idx < self.n_tokens:
+            row = self._scores_buf[idx]
+        else:
+            raise ValueError("idx=%r: only the last position (%d) has logits unless logits_all"
+                             % (idx, self.n_tokens - 1))
+        if processor is not None:
+            row = processor(self._input_ids, np.array(row, dtype=np.single))
+        return sampler.sample(row)
+
+    def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+               typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0,
+               frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+               tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_eta: float = 0.1,
+               mirostat_tau: float = 5.0, penalize_nl: bool = True,
+               logits_processor: Any = None, grammar: Any = None,
+               idx: Optional[int] = None) -> int:
+        """Draws one token from the logits at position idx (default: the last evaluated token),
+        with the penalties looking at the last `last_n_tokens_size` evaluated tokens."""
+        if self.n_tokens == 0:
+            raise RuntimeError("sample() needs evaluated tokens; call eval() first")
+        _warn_sampling(typical_p, tfs_z, mirostat_mode, grammar, penalize_nl)
+        params = _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
+                                 presence_penalty, self.last_n_tokens_size)
+        sampler = self._get_sampler(params)
+        end = self.n_tokens if idx is None else idx + 1
+        self._prime_sampler(sampler, self.input_ids[:end].tolist())
+        return self._sample_with(sampler, _as_processor(logits_processor), idx)
+
+    def _prime_sampler(self, sampler: _Sampler, history: List[int]) -> None:
+        sampler.reset(self._seed)
+        if self.last_n_tokens_size > 0:
+            for token in history[-self.last_n_tokens_size:]:
+                sampler.accept(token)
+
+    @staticmethod
+    def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            n += 1
+        return n
+
+    @staticmethod
+    def logits_to_logprobs(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+        return logits_to_logprobs(logits, axis)
+
+    def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95,
+                 min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,
+                 repeat_penalty: float = 1.0, reset: bool = True, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                 mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, penalize_nl: bool = True,
+                 logits_processor: Any = None, stopping_criteria: Any = None,
+                 grammar: Any = None) -> Iterator[int]:
+        """Yields sampled token ids forever (the caller stops). With reset=True the longest
+        prefix of `tokens` already in the KV cache is kept and only the rest is evaluated.
+        `send(extra_tokens)` appends tokens after the yielded one, as llama-cpp-python.
+
+        Example:
+            >>> for tok in llm.generate(llm.tokenize(b"Hi"), temp=0):
+            ...     break
+        """
+        self._require_ctx()
+        _warn_sampling(typical_p, tfs_z, mirostat_mode, grammar, penalize_nl)
+        params = _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
+                                 presence_penalty, self.last_n_tokens_size)
+        tokens = token_array(tokens)
+        if not tokens:
+            raise ValueError("generate() needs at least one token")
+        return self._generate(tokens, params, reset, _as_processor(logits_processor),
+                              stopping_criteria)
+
+    def _generate(self, tokens: List[int], params: SamplerParams, reset: bool,
+                  processor: Optional[Callable], stopping_criteria: Any) -> Iterator[int]:
+        if reset:
+            keep = self.longest_token_prefix(self._input_ids.tolist(), tokens[:-1])
+            history, pending = tokens, tokens[keep:]
+            self.n_tokens = keep
+        else:
+            history, pending = self._input_ids.tolist() + tokens, tokens
+        sampler = self._get_sampler(params)
+        self._prime_sampler(sampler, history)
+        while True:
+            self.eval(pending)
+            token = self._sample_with(sampler, processor)
+            sampler.accept(token)
+            if stopping_criteria is not None and stopping_criteria(self._input_ids,
+                                                                   self._last_logits()):
+                return
+            extra = yield token
+            pending = [token] + token_array(extra)
+
+    # --- completion ---
+
+    def create_completion(self, prompt: Union[str, List[int]], suffix: Optional[str] = None,
+                          max_tokens: Optional[int] = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+                          logprobs: Optional[int] = None, echo: bool = False,
+                          stop: Union[None, str, List[str]] = [],
+                          frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                          repeat_penalty: float = 1.0, top_k: int = 40, stream: bool = False,
+                          seed: Optional[int] = None, tfs_z: float = 1.0,
+                          mirostat_mode: int = 0, mirostat_tau: float = 5.0,
+                          mirostat_eta: float = 0.1, model: Optional[str] = None,
+                          stopping_criteria: Any = None, logits_processor: Any = None,
+                          grammar: Any = None, logit_bias: Optional[Dict[int, float]] = None
+                          ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
+        """Completes `prompt` (a str, parsed with special tokens, or token ids).
+
+        Returns `{id, object: "text_completion", created, model, choices: [{text, index,
+        logprobs, finish_reason}], usage}`, or with stream=True an iterator of chunks whose
+        texts concatenate to the same text (never a split UTF-8 character, never part of a stop
+        string) followed by a chunk with text "" and the finish_reason. finish_reason is "stop"
+        (end-of-generation token, stop string or stopping criterion) or "length".
+        `suffix` is appended to the text (no fill-in-the-middle). Parameter errors raise at
+        the call, also with stream=True.
+
+        Example:
+            >>> llm("Q: 2+2=? A:", max_tokens=4, stop=["\\n"], temperature=0)
+        """
+        _warn_sampling(typical_p, tfs_z, mirostat_mode, grammar)
+        if suffix is not None and not isinstance(suffix, str):
+            raise TypeError("suffix must be a string or None")
+        params = _sampler_params(temperature, top_k, top_p, min_p, repeat_penalty,
+                                 frequency_penalty, presence_penalty, self.last_n_tokens_size)
+        prompt_tokens = self._prompt_tokens(prompt)
+        budget = self._completion_budget(max_tokens, len(prompt_tokens))
+        self._check_logprobs(logprobs)
+        processor = self._completion_processor(logits_processor, logit_bias)
+        state = _CompletionState(_stop_bytes(stop))
+        self.set_seed(seed if seed is not None else random.Random(self._seed).randint(0, 2**32))
+        header = {"id": "cmpl-%s" % uuid.uuid4(), "object": "text_completion",
+                  "created": int(time.time()), "model": model or self.model_path}
+        steps = self._completion_steps(state, prompt_tokens, budget, params, processor,
+                                       stopping_criteria)
+        run = (prompt, prompt_tokens, echo, suffix, logprobs)
+        if stream:
+            return self._stream_completion(header, state, steps, run)
+        for _ in steps:
+            pass
+        return self._completion_response(header, state, run)
+
+    def __call__(self, prompt: Union[str, List[int]], suffix: Optional[str] = None,
+                 max_tokens: Optional[int] = 16, temperature: float = 0.8, top_p: float = 0.95,
+                 min_p: float = 0.05, typical_p: float = 1.0, logprobs: Optional[int] = None,
+                 echo: bool = False, stop: Union[None, str, List[str]] = [],
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 repeat_penalty: float = 1.0, top_k: int = 40, stream: bool = False,
+                 seed: Optional[int] = None, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                 mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                 model: Optional[str] = None, stopping_criteria: Any = None,
+                 logits_processor: Any = None, grammar: Any = None,
+                 logit_bias: Optional[Dict[int, float]] = None
+                 ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
+        """Same as create_completion."""
+        return self.create_completion(
+            prompt, suffix=suffix, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+            min_p=min_p, typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty, top_k=top_k, stream=stream, seed=seed, tfs_z=tfs_z,
+            mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+            model=model, stopping_criteria=stopping_criteria,
+            logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias)
+
+    def _prompt_tokens(self, prompt: Union[str, bytes, Sequence[int]]) -> List[int]:
+        self._require_ctx()
+        if isinstance(prompt, (str, bytes, bytearray)):
+            text = prompt.encode("utf-8") if isinstance(prompt, str) else bytes(prompt)
+            tokens = self.tokenize(text, add_bos=True, special=True) if text else []
+        else:
+            tokens = token_array(prompt)
+            if any(t < 0 or t >= self._n_vocab for t in tokens):
+                raise ValueError("prompt token ids must be in [0, %d)" % self._n_vocab)
+        bos = self.token_bos()
+        if not tokens:
+            if bos < 0:
+                raise ValueError("the prompt is empty and the model has no BOS token")
+            tokens = [bos]
+        if bos >= 0 and tokens[:2] == [bos, bos]:
+            warnings.warn("Detected duplicate leading %r in prompt, this will likely reduce "
+                          "response quality" % self._model.token_text(bos), RuntimeWarning,
+                          stacklevel=3)
+        if len(tokens) >= self._n_ctx:
+            raise ValueError("Requested tokens (%d) exceed context window of %d"
+                             % (len(tokens), self._n_ctx))
+        return tokens
+
+    def _completion_budget(self, max_tokens: Optional[int], n_prompt: int) -> int:
+        """max_tokens None or <= 0 means "until the context is full"; always clipped to it."""
+        room = self._n_ctx - n_prompt
+        if max_tokens is None:
+            return room
+        max_tokens = _require_int("max_tokens", max_tokens)
+        return room if max_tokens <= 0 else min(max_tokens, room)
+
+    def _check_logprobs(self, logprobs: Optional[int]) -> None:
+        if logprobs is None:
+            return
+        _require_int("logprobs", logprobs, 0)
+        if self._scores_buf is None:
+            raise ValueError("logprobs is not supported for models created with "
+                             "logits_all=False")
+
+    def _completion_processor(self, logits_processor: Any,
+                              logit_bias: Optional[Dict[int, float]]) -> Optional[Callable]:
+        processor = _as_processor(logits_processor)
+        if not logit_bias:
+            return processor
+        bias = _logit_bias_processor(logit_bias, self._n_vocab)
+        return bias if processor is None else LogitsProcessorList([processor, bias])
+
+    def _completion_steps(self, state: _CompletionState, prompt_tokens: List[int], budget: int,
+                          params: SamplerParams, processor: Optional[Callable],
+                          stopping_criteria: Any) -> Iterator[None]:
+        """Generates into `state`, yielding after each token that adds text."""
+        if budget <= 0:
+            return
+        tokens = self._generate(prompt_tokens, params, True, processor, stopping_criteria)
+        try:
+            for token in tokens:
+                if self._model.is_eog(token):
+                    state.finish_reason = "stop"
+                    return
+                state.tokens.append(token)
+                stopped = state.text.feed(self._model.token_to_piece(token))
+                state.token_ends.append(len(state.text.data))
+                if stopped:
+                    state.finish_reason = "stop"
+                    return
+                yield
+                if len(state.tokens) >= budget:
+                    return
+            state.finish_reason = "stop"  # a stopping criterion ended generate()
+        finally:
+            tokens.close()
+
+    def _stream_completion(self, header: Dict[str, Any], state: _CompletionState,
+                           steps: Iterator[None], run: tuple) -> Iterator[Dict[str, Any]]:
+        prompt, prompt_tokens, echo, suffix, logprobs = run
+        if echo:
+            yield self._chunk(header, self._prompt_text(prompt, prompt_tokens), None, None)
+        for _ in steps:
+            text = state.text.take()
+            if text:
+                yield self._chunk(header, text, self._stream_logprobs(state, run, False), None)
+        text = state.text.take(final=True) + (suffix or "")
+        lp = self._stream_logprobs(state, run, True)
+        if text or lp:
+            yield self._chunk(header, text, lp, None)
+        yield self._chunk(header, "", None, state.finish_reason)
+
+    @staticmethod
+    def _chunk(header: Dict[str, Any], text: str, logprobs: Optional[Dict[str, Any]],
+               finish_reason: Optional[str]) -> Dict[str, Any]:
+        return dict(header, choices=[{"text": text, "index": 0, "logprobs": logprobs,
+                                      "finish_reason": finish_reason}])
+
+    def _prompt_text(self, prompt: Any, prompt_tokens: List[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, (bytes, bytearray)):
+            return bytes(prompt).decode("utf-8", errors="ignore")
+        return self.detokenize(prompt_tokens).decode("utf-8", errors="ignore")
+
+    def _completion_response(self, header: Dict[str, Any], state: _CompletionState,
+                             run: tuple) -> Dict[str, Any]:
+        prompt, prompt_tokens, echo, suffix, logprobs = run
+        text = state.text.text()
+        prefix = self._prompt_text(prompt, prompt_tokens) if echo else ""
+        lp = None
+        if logprobs is not None:
+            n_kept = self._tokens_in_text(state)
+            offset = 0 if echo else len(self._prompt_text(prompt, prompt_tokens))
+            lp = self._logprobs(prompt_tokens, state.tokens[:n_kept], logprobs, echo, offset)
+        response = self._chunk(header, prefix + text + (suffix or ""), lp, state.finish_reason)
+        response["usage"] = {"prompt_tokens": len(prompt_tokens),
+                             "completion_tokens": len(state.tokens),
+                             "total_tokens": len(prompt_tokens) + len(state.tokens)}
+        return response
+
+    @staticmethod
+    def _tokens_in_text(state: _CompletionState) -> int:
+        """Completion tokens that start before the end of the (stop-truncated) text."""
+        end = len(state.text.data)
+        starts = [0] + state.token_ends[:-1]
+        return sum(1 for start in starts[:len(state.tokens)] if start < end)
+
+    def _stream_logprobs(self, state: _CompletionState, run: tuple,
+                         final: bool) -> Optional[Dict[str, Any]]:
+        prompt, prompt_tokens, echo, suffix, logprobs = run
+        if logprobs is None:
+            return None
+        limit = self._tokens_in_text(state) if final else sum(
+            1 for end in state.token_ends if end <= state.text.emitted)
+        if limit <= state.reported:
+            return None
+        first, state.reported = state.reported, limit
+        offset = len(self._prompt_text(prompt, prompt_tokens)) if echo else 0
+        offset += len(state.text.data[:state.token_ends[first - 1] if first else 0]
+                      .decode("utf-8", errors="ignore"))
+        context = prompt_tokens + state.tokens[:first]
+        return self._logprobs(context, state.tokens[first:limit], logprobs, False, offset)
+
+    def _logprobs(self, context: List[int], tokens: List[int], n_top: int, echo: bool,
+                  offset: int) -> Dict[str, Any]:
+        """OpenAI completion logprobs for `tokens` evaluated right after `context` (plus the
+        context itself when echo, whose first token has no logprob)."""
+        seq = context + tokens
+        first = 0 if echo else len(context)
+        out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        for pos in range(first, len(seq)):
+            piece = self._model.token_to_piece(seq[pos]).decode("utf-8", errors="ignore")
+            out["tokens"].append(piece)
+            out["text_offset"].append(offset)
+            offset += len(piece)
+            if pos == 0:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            row = logits_to_logprobs(self._scores_buf[pos - 1])
+            top = np.argsort(-row)[:n_top] if n_top else []
+            entry = {self._model.token_to_piece(int(t)).decode("utf-8", errors="ignore"):
+                     float(row[t]) for t in top}
+            entry[piece] = float(row[seq[pos]])
+            out["token_logprobs"].append(float(row[seq[pos]]))
+            out["top_logprobs"].append(entry)
+        return out
+
+    # --- chat ---
+
+    def _formatter(self) -> ChatFormatter:
+        if self._chat is None:
+            raise RuntimeError("this Llama was loaded with metadata_only: no chat template")
+        if self._chat_formatter is None:
+            bos, eos = self.token_bos(), self.token_eos()
+            self._chat_formatter = ChatFormatter(
+                self._chat.template,
+                bos_token=self._model.token_text(bos) if bos >= 0 else "",
+                eos_token=self._model.token_text(eos) if eos >= 0 else "")
+        return self._chat_formatter
+
+    def render_chat(self, messages: List[Dict[str, Any]], **variables: Any) -> str:
+        """The prompt text create_chat_completion would send for `messages`."""
+        return self._formatter().render(messages, **variables)
+
+    def _chat_prompt_tokens(self, prompt: str) -> List[int]:
+        """Tokenizes a rendered chat prompt with special tokens; adds BOS only where the model
+        wants one and the template did not already write it."""
+        formatter = self._formatter()
+        add_bos = not (formatter.bos_token and prompt.startswith(formatter.bos_token))
+        return self.tokenize(prompt.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def create_chat_completion(self, messages: List[Dict[str, Any]],
+                               functions: Optional[List[Dict[str, Any]]] = None,
+                               function_call: Any = None,
+                               tools: Optional[List[Dict[str, Any]]] = None,
+                               tool_choice: Any = None, temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+                               typical_p: float = 1.0, stream: bool = False,
+                               stop: Union[None, str, List[str]] = [],
+                               seed: Optional[int] = None, response_format: Any = None,
+                               max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
+                               frequency_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                               tfs_z: float = 1.0, mirostat_mode: int = 0,
+                               mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                               model: Optional[str] = None, logits_processor: Any = None,
+                               grammar: Any = None, logit_bias: Optional[Dict[int, float]] = None,
+                               logprobs: Optional[bool] = None, top_logprobs: Optional[int] = None
+                               ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
+        """Chat completion with the model's chat template (see chat.py), OpenAI-shaped.
+
+        `tools`/`functions` are passed to the template, but tool calls in the output are not
+        parsed (they stay in `content`); `function_call`, `tool_choice` and `response_format`
+        are not implemented and warn.
+
+        Example:
+            >>> llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=16)
+        """
+        for name, value in (("function_call", function_call), ("tool_choice", tool_choice),
+                            ("response_format", response_format)):
+            if value is not None:
+                _warn_unimplemented(name, value)
+        prompt = self.render_chat(messages, tools=tools, functions=functions)
+        stops = self._chat.stop + ([self._formatter().eos_token]
+                                   if self._formatter().eos_token else []) + _stop_list(stop)
+        completion = self.create_completion(
+            self._chat_prompt_tokens(prompt), max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, min_p=min_p, typical_p=typical_p,
+            logprobs=(top_logprobs or 0) if logprobs else None, stop=stops,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty, top_k=top_k, stream=stream, seed=seed, tfs_z=tfs_z,
+            mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+            model=model, logits_processor=logits_processor, grammar=grammar,
+            logit_bias=logit_bias)
+        if stream:
+            return _chat_chunks(completion)
+        return _chat_response(completion)
+
+
+def _stop_list(stop: Union[None, str, Sequence[str]]) -> List[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _chat_logprobs(logprobs: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    if logprobs is None:
+        return None
+    content = [{"token": token, "bytes": None, "logprob": lp,
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": None}
+                                 for t, v in (top or {}).items()]}
+               for token, lp, top in zip(logprobs["tokens"], logprobs["token_logprobs"],
+                                         logprobs["top_logprobs"])]
+    return {"content": content, "refusal": None}
+
+
+def _chat_response(completion: Dict[str, Any]) -> Dict[str, Any]:
+    choice = completion["choices"][0]
+    return {"id": "chat" + completion["id"], "object": "chat.completion",
+            "created": completion["created"], "model": completion["model"],
+            "choices": [{"index": 0,
+                         "message": {"role": "assistant", "content": choice["text"]},
+                         "logprobs": _chat_logprobs(choice["logprobs"]),
+                         "finish_reason": choice["finish_reason"]}],
+            "usage": completion["usage"]}
+
+
+def _chat_chunks(chunks: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+    """Completion chunks -> chat chunks: {role} first, then {content} deltas, then {} with the
+    finish_reason."""
+    for i, chunk in enumerate(chunks):
+        head = {"id": "chat" + chunk["id"], "object": "chat.completion.chunk",
+                "created": chunk["created"], "model": chunk["model"]}
+        if i == 0:
+            yield dict(head, choices=[{"index": 0, "delta": {"role": "assistant"},
+                                       "logprobs": None, "finish_reason": None}])
+        choice = chunk["choices"][0]
+        finished = choice["finish_reason"] is not None
+        yield dict(head, choices=[{"index": 0,
+                                   "delta": {} if finished else {"content": choice["text"]},
+                                   "logprobs": _chat_logprobs(choice["logprobs"]),
+                                   "finish_reason": choice["finish_reason"]}])

@@ -1,0 +1,97 @@
+"""The command-line interface (clusterkv_local/cli.py), run as `python -m clusterkv_local`."""
+import os
+import shutil
+import subprocess
+import sys
+
+
+from conftest import N_THREADS, require_native
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def cli(*args, stdin=None, env=None, timeout=300):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "clusterkv_local", *args], cwd=ROOT,
+                          input=stdin, capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+
+
+def test_models_lists_the_registry(tmp_path):
+    result = cli("models", env={"CLUSTERKV_MODELS_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "cache: %s" % tmp_path
+    smol = [ln for ln in lines if "smollm2-135m-instruct" in ln][0]
+    assert smol.startswith("*") and "98.4 MB" in smol and "llama" in smol and "cached" not in smol
+    assert any("qwen2.5-coder-1.5b-instruct" in ln for ln in lines)
+
+
+def test_fetch_of_a_cached_model_prints_its_path(tmp_path, default_model_path):
+    target = tmp_path / os.path.basename(default_model_path)
+    try:
+        os.link(default_model_path, target)
+    except OSError:
+        shutil.copyfile(default_model_path, target)
+    result = cli("fetch", "smollm2-135m-instruct", env={"CLUSTERKV_MODELS_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(target)
+    assert (tmp_path / (target.name + ".sha256")).exists()  # hashed once, not downloaded
+
+
+def test_unknown_model_name():
+    result = cli("info", "no-such-model")
+    assert result.returncode == 1
+    assert "error" in result.stderr and "smollm2-135m-instruct" in result.stderr
+
+
+def test_missing_file_is_an_error():
+    result = cli("info", "/nonexistent/dir/model.gguf")
+    assert result.returncode == 1
+    assert "/nonexistent/dir/model.gguf" in result.stderr and "error" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_usage_error_exit_code():
+    assert cli("run", "--bogus-flag").returncode == 2
+
+
+def test_info(default_model_path):
+    require_native()
+    result = cli("info", default_model_path)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "arch: llama" in out
+    assert "general.architecture" in out and "llama.block_count" in out
+    assert "token_embd.weight" in out and "576x49152" in out
+    types_section = out.split("tensor types:")[1]
+    assert "210 tensors" in types_section and "61 tensors" in types_section
+    assert "supported by this runtime: yes" in out
+
+
+def test_run_streams_the_greedy_completion(default_model_path, llm):
+    require_native()
+    result = cli("run", "The capital of France is", "-m", default_model_path, "-n", "8",
+                 "--temp", "0", "-c", "128", "-t", str(N_THREADS))
+    assert result.returncode == 0, result.stderr
+    expected = llm("The capital of France is", max_tokens=8, temperature=0.0)
+    assert result.stdout == expected["choices"][0]["text"] + "\n"
+    assert "tok/s" in result.stderr and "decode:" in result.stderr
+
+
+def test_run_reads_prompt_file(default_model_path, tmp_path):
+    require_native()
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Once upon a time", encoding="utf-8")
+    result = cli("run", "-f", str(prompt), "-m", default_model_path, "-n", "3", "--temp", "0",
+                 "-c", "64")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+
+
+def test_chat_session(default_model_path):
+    require_native()
+    result = cli("chat", "-m", default_model_path, "-n", "12", "--temp", "0", "-c", "512",
+                 "--system", "Answer briefly.", stdin="Hello!\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.replace("> ", "").strip()
