@@ -2,7 +2,9 @@
 
 `ffi` carries the declarations of native/include/clusterkv.h (see _cdef.py); `lib` is the
 loaded shared library. The library is looked up in $CLUSTERKV_LIB, then next to this file
-(where `pip install .` puts it), then in a development build folder; a failure lists every
+(where `pip install .` puts it), then in a development build folder, then in the installed
+distribution (so a source checkout whose package was installed with `pip install .` works from
+the checkout's root, as `python -m pytest` there imports the source tree); a failure lists every
 place it looked.
 """
 import os
@@ -32,9 +34,20 @@ def _candidate_paths() -> list:
     if env:
         paths.append(env)
     repo_root = os.path.dirname(_PACKAGE_DIR)
-    for folder in (_PACKAGE_DIR, os.path.join(repo_root, "build")):
-        paths.extend(os.path.join(folder, name) for name in _library_names())
+    for folder in (_PACKAGE_DIR, os.path.join(repo_root, "build"), _installed_package_dir()):
+        if folder:
+            paths.extend(os.path.join(folder, name) for name in _library_names())
     return paths
+
+
+def _installed_package_dir():
+    """The clusterkv_local folder of the installed distribution, or None."""
+    try:
+        from importlib import metadata
+
+        return str(metadata.distribution("clusterkv-local").locate_file("clusterkv_local"))
+    except Exception:  # not installed, or metadata unreadable: just one place fewer to look
+        return None
 
 
 def _load():
