@@ -37,6 +37,7 @@ from clusterkv_local._ffi import ffi, lib, library_path
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KV_POLICIES = ("full", "streaming", "quest", "h2o", "clusterkv")
 
 
 # --- our runtime ----------------------------------------------------------------------------
@@ -50,13 +51,14 @@ def _check(status: int, what: str) -> None:
 class Ours:
     """A loaded model; contexts are made per depth, as llama-bench sizes n_ctx per test."""
 
-    def __init__(self, path: str, threads: int):
+    def __init__(self, path: str, threads: int, kv_policy: str = "full", kv_budget: int = 1024):
         params = ffi.new("struct ckv_model_params *")
         lib.ckv_model_default_params(params)
         out = ffi.new("ckv_model **")
         _check(lib.ckv_model_load(path.encode(), params, out), "ckv_model_load")
         self.model = out[0]
         self.threads = threads
+        self.kv_policy, self.kv_budget = kv_policy, kv_budget
         self.n_vocab = lib.ckv_vocab_n_tokens(self.model)
         self.bos = lib.ckv_token_bos(self.model) if lib.ckv_vocab_add_bos(self.model) else -1
 
@@ -66,6 +68,8 @@ class Ours:
         params.n_ctx = n_ctx
         params.n_threads = self.threads
         params.kv_type = lib.CKV_KV_F16
+        params.kv_policy.policy = getattr(lib, "CKV_KV_POLICY_" + self.kv_policy.upper())
+        params.kv_policy.budget = self.kv_budget
         out = ffi.new("ckv_context **")
         _check(lib.ckv_context_init(self.model, params, out), "ckv_context_init")
         return ffi.gc(out[0], lib.ckv_context_free)
@@ -233,6 +237,9 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", default="0,2048,4096", help="comma-separated prefill depths")
     ap.add_argument("--llama-bench", help="llama-bench binary (default: build it with llama_cpp_build.py)")
     ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--kv-policy", default="full", choices=KV_POLICIES,
+                    help="KV policy of our decode steps (llama.cpp always runs dense)")
+    ap.add_argument("--kv-budget", type=int, default=1024, help="positions per head and step")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
     args = ap.parse_args(argv)
     if args.reps < 3:
@@ -251,7 +258,7 @@ def main(argv=None) -> int:
         llama, llama_about = bench_llama_cpp(exe, model, args)
         llama_about.update({k: build_info[k] for k in ("llama_cpp_python", "llama_cpp_commit", "amx")
                             if k in build_info})
-    ours = Ours(model, args.threads)
+    ours = Ours(model, args.threads, args.kv_policy, args.kv_budget)
     mine = bench_ours(ours, tests, args.reps)
 
     by_test = {r["test"]: r for r in llama}
@@ -272,7 +279,8 @@ def main(argv=None) -> int:
                     "ckv_system_info": ffi.string(lib.ckv_system_info()).decode(),
                     "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]},
         "model": {"file": os.path.basename(model), "path": model, **info},
-        "kv": {"type": "f16", "policy": "dense"},
+        "kv": {"type": "f16", "policy": args.kv_policy,
+               **({"budget": args.kv_budget} if args.kv_policy != "full" else {})},
         "threads": args.threads, "reps": args.reps, "warmup_dropped": 1,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "llama_cpp": llama_about, "results": rows,

@@ -103,11 +103,32 @@ enum ckv_kv_type {
     CKV_KV_F32 = 0,
     CKV_KV_F16 = 1,
 };
+enum ckv_kv_policy {
+    CKV_KV_POLICY_FULL = 0,
+    CKV_KV_POLICY_STREAMING = 1,
+    CKV_KV_POLICY_QUEST = 2,
+    CKV_KV_POLICY_H2O = 3,
+    CKV_KV_POLICY_CLUSTERKV = 4,
+};
+struct ckv_kv_policy_params {
+    int32_t policy;
+    int32_t budget;
+    int32_t n_sink;
+    int32_t n_dense_layers;
+    int32_t page_size;
+    int32_t recluster_interval;
+    int32_t tokens_per_cluster;
+    int32_t kmeans_iters;
+    uint32_t seed;
+    int32_t select_per_kv_head;
+    float recent_ratio;
+};
 struct ckv_context_params {
     uint32_t n_ctx;
     uint32_t n_batch;
     int32_t n_threads;
     int32_t kv_type;
+    struct ckv_kv_policy_params kv_policy;
 };
 void ckv_context_default_params(struct ckv_context_params * out);
 int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
@@ -131,6 +152,25 @@ struct ckv_timings {
 };
 void ckv_context_get_timings(const ckv_context * ctx, struct ckv_timings * out);
 void ckv_context_reset_timings(ckv_context * ctx);
+struct ckv_kv_stats {
+    int64_t n_steps;
+    int64_t n_attended;
+    int64_t n_cached;
+    double t_cluster_ms;
+    double t_select_ms;
+    int32_t n_clusters;
+};
+void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out);
+void ckv_context_reset_kv_stats(ckv_context * ctx);
+int32_t ckv_context_kv_n_clusters(const ckv_context * ctx, int32_t il, int32_t h,
+                                          int32_t * out);
+int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h,
+                                         int32_t * buf, int32_t cap, int32_t * n_needed);
+int32_t ckv_kmeans_cosine(const float * x, int32_t n, int32_t d, int32_t k, int32_t max_iter,
+                                  uint32_t seed, const int32_t * init_rows, float * centroids,
+                                  int32_t * labels, int32_t * n_iter);
+int32_t ckv_cluster_select(const float * scores, const int32_t * sizes, int32_t n_clusters,
+                                   int32_t budget, int32_t * chosen, int32_t * n_chosen);
 struct ckv_sampler_params {
     float temperature;
     int32_t top_k;

@@ -363,6 +363,54 @@ class _Model(_Handle):
 
 KV_TYPES = {"f32": 0, "f16": 1}  # enum ckv_kv_type (ggml type ids)
 
+# enum ckv_kv_policy, by the names the Python API uses.
+KV_POLICIES = {"full": lib.CKV_KV_POLICY_FULL, "streaming": lib.CKV_KV_POLICY_STREAMING,
+               "quest": lib.CKV_KV_POLICY_QUEST, "h2o": lib.CKV_KV_POLICY_H2O,
+               "clusterkv": lib.CKV_KV_POLICY_CLUSTERKV}
+
+# Field name -> C type of struct ckv_kv_policy_params, read from the cdef so it cannot drift.
+KV_POLICY_FIELDS = {name: field.type.cname
+                    for name, field in ffi.typeof("struct ckv_kv_policy_params").fields}
+
+# Symbols a library with KV policies exports; an older build lacks them.
+_KV_POLICY_SYMBOLS = ("ckv_context_get_kv_stats", "ckv_context_reset_kv_stats",
+                      "ckv_context_kv_n_clusters", "ckv_context_kv_selection")
+
+
+def kv_policies_available() -> bool:
+    """True when the loaded library implements the KV-policy calls of clusterkv.h."""
+    for symbol in _KV_POLICY_SYMBOLS:
+        try:
+            getattr(lib, symbol)
+        except AttributeError:  # cffi ABI mode: a missing symbol fails at first access
+            return False
+    return True
+
+
+def _require_kv_policies() -> None:
+    if not kv_policies_available():
+        raise UnsupportedError(lib.CKV_ERR_UNSUPPORTED,
+                               "this libclusterkv build has no KV policies (%s is missing): "
+                               "rebuild the native library" % _KV_POLICY_SYMBOLS[0])
+
+
+def kv_policy_defaults() -> dict:
+    """The library's default struct ckv_kv_policy_params as {field: value}."""
+    params = ffi.new("struct ckv_context_params *")
+    lib.ckv_context_default_params(params)
+    return {name: getattr(params.kv_policy, name) for name in KV_POLICY_FIELDS}
+
+
+class KVStats(NamedTuple):
+    """struct ckv_kv_stats: what the KV policy did since the context began or was reset."""
+
+    n_steps: int
+    n_attended: int
+    n_cached: int
+    t_cluster_ms: float
+    t_select_ms: float
+    n_clusters: int
+
 
 class Timings(NamedTuple):
     t_prefill_ms: float
@@ -377,13 +425,20 @@ class _Context(_Handle):
     _kind = "context"
 
     def __init__(self, model: _Model, *, n_ctx: int = 512, n_batch: int = 512,
-                 n_threads: int = 0, kv_type: int = 1):
+                 n_threads: int = 0, kv_type: int = 1, kv_policy: Optional[dict] = None):
+        """kv_policy: {field of struct ckv_kv_policy_params: value}, applied over the
+        library's defaults (None: the defaults, i.e. the full policy)."""
         params = ffi.new("struct ckv_context_params *")
         lib.ckv_context_default_params(params)
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_threads = n_threads
         params.kv_type = kv_type
+        if kv_policy and kv_policy.get("policy", lib.CKV_KV_POLICY_FULL) != lib.CKV_KV_POLICY_FULL:
+            _require_kv_policies()
+        for name, value in (kv_policy or {}).items():
+            setattr(params.kv_policy, name, value)
+        self.kv_policy = {name: getattr(params.kv_policy, name) for name in KV_POLICY_FIELDS}
         out = ffi.new("ckv_context **")
         _check(lib.ckv_context_init(model._live(), params, out))
         self.ptr = out[0]
@@ -439,6 +494,34 @@ class _Context(_Handle):
 
     def reset_timings(self) -> None:
         lib.ckv_context_reset_timings(self._live())
+
+    # --- KV policy ---
+
+    def kv_stats(self) -> KVStats:
+        _require_kv_policies()
+        out = ffi.new("struct ckv_kv_stats *")
+        lib.ckv_context_get_kv_stats(self._live(), out)
+        return KVStats(int(out.n_steps), int(out.n_attended), int(out.n_cached),
+                       float(out.t_cluster_ms), float(out.t_select_ms), int(out.n_clusters))
+
+    def reset_kv_stats(self) -> None:
+        _require_kv_policies()
+        lib.ckv_context_reset_kv_stats(self._live())
+
+    def kv_n_clusters(self, il: int, kv_head: int) -> int:
+        """Clusters held by (layer il, KV head kv_head); 0 for dense layers and other policies."""
+        _require_kv_policies()
+        out = ffi.new("int32_t *")
+        _check(lib.ckv_context_kv_n_clusters(self._live(), il, kv_head, out))
+        return int(out[0])
+
+    def kv_selection(self, il: int, head: int) -> np.ndarray:
+        """int32 positions query head `head` of layer il attended to at the last decode step."""
+        _require_kv_policies()
+        ptr = self._live()
+        buf, n = _fill(lambda b, c, k: lib.ckv_context_kv_selection(ptr, il, head, b, c, k),
+                       "int32_t", "int32_t", max(self.n_past(), 1))
+        return np.frombuffer(ffi.buffer(buf, 4 * n), dtype=np.int32).copy()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
     clusterkv-local info MODEL                            # metadata and tensor table of any GGUF
     clusterkv-local models                                # the registry, and what is cached
     clusterkv-local fetch qwen2.5-coder-0.5b-instruct     # download and verify a model
+    clusterkv-local eval --quick                          # KV policies vs full KV (eval/)
 
 MODEL is a registry name or a path to a GGUF file (default: the default registry model). Only
 the public Llama API is used; the native library is loaded only by commands that need it.
@@ -174,6 +175,67 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> List[int]:
+    """"2k,4096" -> [2048, 4096]."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        out.append(int(float(item[:-1]) * 1024) if item.endswith("k") else int(item))
+    return out
+
+
+def _kv_params(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """["clusterkv.tokens_per_cluster=40", "n_sink=4"] -> {policy: {key: value}}; a key without
+    a policy prefix applies to every policy that uses it."""
+    from .llama import _KV_POLICY_KEYS, _KV_PARAM_KEYS
+
+    out: Dict[str, Dict[str, Any]] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError("--kv-param %r: expected [POLICY.]KEY=VALUE" % item)
+        policy, _, key = name.rpartition(".")
+        if key not in _KV_PARAM_KEYS:
+            raise ValueError("--kv-param %r: unknown key %r; valid keys: %s"
+                             % (item, key, ", ".join(_KV_PARAM_KEYS)))
+        number = float(value) if key == "recent_ratio" else int(value)
+        targets = [policy] if policy else [p for p, keys in _KV_POLICY_KEYS.items() if key in keys]
+        for target in targets:
+            out.setdefault(target, {})[key] = number
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Passkey / NIAH / teacher-forced fidelity of each KV policy x budget; JSON, md, PNG."""
+    from . import eval as kv_eval
+
+    settings = kv_eval.EvalSettings(**kv_eval.QUICK) if args.quick else kv_eval.EvalSettings()
+    settings.model = args.model
+    settings.n_threads = args.threads
+    for name in ("policies", "tasks"):
+        if getattr(args, name):
+            setattr(settings, name, tuple(x.strip() for x in getattr(args, name).split(",")))
+    if args.budgets:
+        settings.budgets = tuple(_int_list(args.budgets))
+    if args.lengths:
+        settings.lengths = tuple(_int_list(args.lengths))
+    if args.depths:
+        settings.depths = tuple(float(x) for x in args.depths.split(","))
+    for name in ("tf_tokens", "prompt_format", "passkey_haystack", "haystack", "haystack_dir",
+                 "seed"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    settings.kv_policy_params = _kv_params(args.kv_param)
+    out = args.out or "kv-eval-%s.json" % time.strftime("%Y%m%d-%H%M%S")
+    if os.path.exists(out):
+        return _error("%s exists; results are never overwritten" % out)
+    result = kv_eval.run_eval(settings, log=lambda line: print(line, file=sys.stderr, flush=True))
+    paths = kv_eval.write_report(result, out)
+    print(kv_eval.markdown_report(result))
+    print("wrote " + ", ".join(paths), file=sys.stderr)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument parsing
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download and verify a registry model")
     p.add_argument("name", help="registry name (see `models`)")
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("eval", help="evaluate KV policies against the full KV cache")
+    p.add_argument("-m", "--model", default=None,
+                   help="registry name or GGUF path (default: %s)" % models.DEFAULT_MODEL)
+    p.add_argument("--policies", help="comma list of full,streaming,quest,h2o,clusterkv")
+    p.add_argument("--budgets", help="comma list of token budgets (default 256,512,1024,2048)")
+    p.add_argument("--lengths", help="comma list of context lengths, e.g. 2k,4k")
+    p.add_argument("--depths", help="comma list of needle depths in [0, 1]")
+    p.add_argument("--tasks", help="comma list of passkey,niah,niah_multi,tf")
+    p.add_argument("--tf-tokens", type=int, help="teacher-forced steps per length")
+    p.add_argument("--prompt-format", choices=("completion", "chat"))
+    p.add_argument("--passkey-haystack", choices=("filler", "essays"))
+    p.add_argument("--haystack", choices=("auto", "pg_essays", "synthetic"))
+    p.add_argument("--haystack-dir", help="a local copy of the Paul Graham essays (verified)")
+    p.add_argument("--kv-param", action="append", default=[], metavar="[POLICY.]KEY=VALUE",
+                   help="a kv_policy_params entry, e.g. clusterkv.tokens_per_cluster=40")
+    p.add_argument("--seed", type=int, help="seeds the keys and values of the needles")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--quick", action="store_true", help="a tiny run (CI smoke test)")
+    p.add_argument("-o", "--out", help="JSON path (.md and .png beside it); default "
+                   "kv-eval-<time>.json")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

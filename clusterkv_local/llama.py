@@ -26,8 +26,9 @@ import numpy as np
 
 from . import models as _models
 from ._ffi import ffi
-from ._internals import (KV_TYPES, ModelInfo, SamplerParams, TensorInfo, _Context, _Model,
-                         _Sampler, logits_to_logprobs, system_info, token_array)
+from ._internals import (KV_POLICIES, KV_POLICY_FIELDS, KV_TYPES, ModelInfo, SamplerParams,
+                         TensorInfo, _Context, _Model, _Sampler, logits_to_logprobs, system_info,
+                         token_array)
 from .chat import ChatFormatter, resolve_chat_format
 
 __version__ = "0.1.0"
@@ -262,6 +263,67 @@ def _kv_type(type_k: Any, type_v: Any) -> int:
     return KV_TYPES[chosen[0]] if chosen else KV_TYPES["f16"]
 
 
+# Which kv_policy_params keys each policy reads (budget is kv_budget; policy is kv_policy).
+_KV_COMMON_KEYS = ("n_sink", "n_dense_layers")
+_KV_POLICY_KEYS = {
+    "full": (),
+    "streaming": _KV_COMMON_KEYS,
+    "quest": _KV_COMMON_KEYS + ("page_size",),
+    "h2o": _KV_COMMON_KEYS + ("recent_ratio",),
+    "clusterkv": _KV_COMMON_KEYS + ("recluster_interval", "tokens_per_cluster", "kmeans_iters",
+                                    "seed", "select_per_kv_head"),
+}
+_KV_PARAM_KEYS = tuple(k for k in KV_POLICY_FIELDS if k not in ("policy", "budget"))
+
+
+def _kv_param_value(key: str, value: Any) -> Any:
+    if KV_POLICY_FIELDS[key] == "float":
+        return _require_float("kv_policy_params[%r]" % key, value)
+    if key == "select_per_kv_head" and isinstance(value, bool):
+        return int(value)
+    return _require_int("kv_policy_params[%r]" % key, value,
+                        0 if KV_POLICY_FIELDS[key].startswith("uint") else None)
+
+
+def kv_policy_settings(kv_policy: str = "full", kv_budget: Optional[int] = None,
+                       kv_policy_params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Validated {field of struct ckv_kv_policy_params: value} for the native context.
+
+    Names and keys are checked here (ValueError naming the valid choices); numeric ranges are
+    checked by the library, whose message surfaces as InvalidArgumentError (a ValueError).
+
+    Example:
+        >>> kv_policy_settings("quest", 512, {"page_size": 32})
+        {'policy': 2, 'budget': 512, 'page_size': 32}
+    """
+    if not isinstance(kv_policy, str) or kv_policy.lower() not in KV_POLICIES:
+        raise ValueError("unknown kv_policy %r; valid policies: %s"
+                         % (kv_policy, ", ".join(KV_POLICIES)))
+    name = kv_policy.lower()
+    params = dict(kv_policy_params or {})
+    for key in params:
+        if key in ("policy", "budget"):
+            raise ValueError("kv_policy_params[%r]: give it as the kv_%s argument" % (key, key))
+        if key not in _KV_PARAM_KEYS:
+            raise ValueError("unknown kv_policy_params key %r; valid keys: %s"
+                             % (key, ", ".join(_KV_PARAM_KEYS)))
+        if key not in _KV_POLICY_KEYS[name]:
+            users = [p for p, keys in _KV_POLICY_KEYS.items() if key in keys]
+            raise ValueError("kv_policy_params[%r] is not used by kv_policy=%r (it is used by %s);"
+                             " keys for %r: %s" % (key, name, ", ".join(users), name,
+                                                   ", ".join(_KV_POLICY_KEYS[name]) or "none"))
+    if name == "full" and kv_budget is not None:
+        raise ValueError("kv_budget does not apply to kv_policy='full' (it attends every "
+                         "position); choose one of %s" % ", ".join(p for p in KV_POLICIES
+                                                                   if p != "full"))
+    settings: Dict[str, Any] = {"policy": KV_POLICIES[name]}
+    if kv_budget is not None:
+        settings["budget"] = _require_int("kv_budget", kv_budget)
+    for key, value in params.items():
+        settings[key] = _kv_param_value(key, value)
+    return settings
+
+
 def _context_settings(n_ctx: Any, n_batch: Any, n_threads: Any) -> tuple:
     """Validated (n_ctx, n_batch, n_threads); n_threads None, 0 or -1 -> 0 (library default:
     the number of physical cores)."""
@@ -304,11 +366,17 @@ class Llama:
                  n_batch: int = 512, n_threads: Optional[int] = None, logits_all: bool = False,
                  last_n_tokens_size: int = 64, chat_format: Optional[str] = None,
                  type_k: Any = None, type_v: Any = None, verbose: bool = True,
-                 metadata_only: bool = False, **kwargs: Any):
+                 metadata_only: bool = False, kv_policy: str = "full",
+                 kv_budget: Optional[int] = None,
+                 kv_policy_params: Optional[Dict[str, Any]] = None, **kwargs: Any):
         """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
 
         Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
-        any architecture; no tokenizer, no evaluation); `type_k`/`type_v` also take "f16"/"f32".
+        any architecture; no tokenizer, no evaluation); `type_k`/`type_v` also take "f16"/"f32";
+        `kv_policy` ("full", "streaming", "quest", "h2o", "clusterkv"), `kv_budget` (positions
+        a query head attends to per decode step) and `kv_policy_params` (the other fields of
+        struct ckv_kv_policy_params, e.g. {"n_sink": 16, "tokens_per_cluster": 80}) choose how
+        decode steps read the KV cache (prefill is always dense); see kv_stats().
         Deviation: seed=0 is a real seed (llama-cpp-python turns 0 into "random").
         """
         self.verbose = verbose
@@ -319,6 +387,7 @@ class Llama:
         self._closed = False
         self._check_kwargs(kwargs)
         n_ctx, n_batch, n_threads = _context_settings(n_ctx, n_batch, n_threads)
+        kv_settings = kv_policy_settings(kv_policy, kv_budget, kv_policy_params)
         n_gpu_layers = _require_int("n_gpu_layers", n_gpu_layers, -1)
         self._logits_all = bool(logits_all)
         self.last_n_tokens_size = _require_int("last_n_tokens_size", last_n_tokens_size, 0)
@@ -334,7 +403,8 @@ class Llama:
                 self._n_ctx = n_ctx or self._info.n_ctx_train
                 self.n_batch, self.n_threads = n_batch, n_threads
             else:
-                self._load_context(n_ctx, n_batch, n_threads, _kv_type(type_k, type_v))
+                self._load_context(n_ctx, n_batch, n_threads, _kv_type(type_k, type_v),
+                                   kv_settings)
             self._chat = None if metadata_only else resolve_chat_format(chat_format,
                                                                          self.metadata)
         except BaseException:
@@ -361,11 +431,12 @@ class Llama:
             if value != _UNIMPLEMENTED_INIT[name]:
                 _warn_unimplemented(name, value)
 
-    def _load_context(self, n_ctx: int, n_batch: int, n_threads: int, kv_type: int) -> None:
+    def _load_context(self, n_ctx: int, n_batch: int, n_threads: int, kv_type: int,
+                      kv_settings: Dict[str, Any]) -> None:
         if n_ctx > 0:
             n_batch = min(n_ctx, n_batch)
         self._ctx = _Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                             kv_type=kv_type)
+                             kv_type=kv_type, kv_policy=kv_settings)
         self._n_ctx = self._ctx.n_ctx()
         self.n_batch = self._ctx.n_batch()
         self.n_threads = self._ctx.n_threads()
@@ -495,6 +566,58 @@ class Llama:
 
     def reset_timings(self) -> None:
         self._require_ctx().reset_timings()
+
+    # --- KV policy ---
+
+    @property
+    def kv_policy(self) -> Dict[str, Any]:
+        """The context's KV-policy settings with the library's defaults filled in, e.g.
+        {"policy": "clusterkv", "budget": 1024, "n_sink": 16, ...}."""
+        settings = dict(self._require_ctx().kv_policy)
+        names = {v: k for k, v in KV_POLICIES.items()}
+        settings["policy"] = names.get(settings["policy"], settings["policy"])
+        return settings
+
+    def kv_stats(self) -> Dict[str, Any]:
+        """What the KV policy did since the context began or reset_kv_stats().
+
+        Keys: n_steps (decode steps that used the policy), n_attended / n_cached (positions
+        attended / cached, summed over steps, compressed layers and query heads), density
+        (n_attended / n_cached; None before any step), t_cluster_ms, t_select_ms, n_clusters
+        (held now, summed) and clusters ([n_layer][n_head_kv] clusters held now).
+
+        Example:
+            >>> llm = Llama(path, n_ctx=4096, kv_policy="clusterkv", kv_budget=1024)
+            >>> llm.kv_stats()["density"]
+        """
+        ctx = self._require_ctx()
+        stats = ctx.kv_stats()
+        info = self._info
+        clusters = [[ctx.kv_n_clusters(il, h) for h in range(info.n_head_kv)]
+                    for il in range(info.n_layer)]
+        return {"n_steps": stats.n_steps, "n_attended": stats.n_attended,
+                "n_cached": stats.n_cached,
+                "density": stats.n_attended / stats.n_cached if stats.n_cached else None,
+                "t_cluster_ms": stats.t_cluster_ms, "t_select_ms": stats.t_select_ms,
+                "n_clusters": stats.n_clusters, "clusters": clusters}
+
+    def reset_kv_stats(self) -> None:
+        """Zeroes the step, position and time counters of kv_stats()."""
+        self._require_ctx().reset_kv_stats()
+
+    def kv_selection(self, layer: int, head: int) -> np.ndarray:
+        """int32 positions that query head `head` of `layer` attended to at the last decode
+        step, in the order attention read them (every causal position for dense layers, the
+        full policy and prefill chunks). ValueError for an out-of-range layer or head.
+
+        Example:
+            >>> llm.eval(llm.tokenize(b"Hello")); llm.eval([42]); llm.kv_selection(5, 0)
+        """
+        info = self._info
+        if not (0 <= layer < info.n_layer and 0 <= head < info.n_head):
+            raise ValueError("kv_selection(%d, %d): layer must be in [0, %d) and head in [0, %d)"
+                             % (layer, head, info.n_layer, info.n_head))
+        return self._require_ctx().kv_selection(layer, head)
 
     # --- tokens ---
 

@@ -61,7 +61,8 @@ CKV_API const char * ckv_status_name(int32_t status);
 // Library version string, e.g. "0.1.0".
 CKV_API const char * ckv_version(void);
 
-// What this build and this CPU can do, e.g. "CPU: AVX2=1 FMA=1 F16C=1 AVX512=0 | CUDA: off".
+// What this build and this CPU can do, e.g.
+// "CPU: AVX2=1 FMA=1 F16C=1 AVX512=0 AVX512_VNNI=0 | CUDA: not built".
 CKV_API const char * ckv_system_info(void);
 
 enum ckv_log_level {
@@ -197,11 +198,48 @@ enum ckv_kv_type {
     CKV_KV_F16 = 1,
 };
 
+// KV policies decide which cached positions each query head attends to at a decode step.
+// Prefill chunks (ckv_decode with more than one token) always attend densely (causal); a
+// single-token ckv_decode is a decode step and uses the policy in every compressed layer:
+// layers >= n_dense_layers that are not sliding-window layers (Gemma-3's local layers stay
+// windowed). Positions are never dropped from the cache: a policy only chooses what to read,
+// except h2o, whose evicted positions are never attended again.
+enum ckv_kv_policy {
+    CKV_KV_POLICY_FULL      = 0,  // every cached position (exact attention)
+    CKV_KV_POLICY_STREAMING = 1,  // StreamingLLM: the n_sink first positions + the most recent
+    CKV_KV_POLICY_QUEST     = 2,  // Quest: pages of page_size keys ranked by a min/max bound
+    CKV_KV_POLICY_H2O       = 3,  // H2O: heavy hitters by accumulated attention + recent; evicts
+    CKV_KV_POLICY_CLUSTERKV = 4,  // ClusterKV: cosine k-means clusters of keys ranked by q.centroid
+};
+
+struct ckv_kv_policy_params {
+    int32_t  policy;              // enum ckv_kv_policy; default CKV_KV_POLICY_FULL
+    int32_t  budget;              // max positions one query head attends to per step in a
+                                  // compressed layer, sinks and recent positions included;
+                                  // default 1024
+    int32_t  n_sink;              // first positions always attended, never clustered; default 16
+    int32_t  n_dense_layers;      // first layers kept dense; default 2
+    int32_t  page_size;           // quest: positions per page; default 16
+    int32_t  recluster_interval;  // clusterkv: the unclustered recent positions (always attended)
+                                  // are clustered once there are this many; default 320
+    int32_t  tokens_per_cluster;  // clusterkv: a span of n positions gets ceil(n / this)
+                                  // clusters (L/80 at prefill, 4 per 320 decoded); default 80
+    int32_t  kmeans_iters;        // clusterkv: max k-means iterations (stops early once no
+                                  // assignment changes); default 20
+    uint32_t seed;                // clusterkv: seeds the k-means initialisation; default 0
+    int32_t  select_per_kv_head;  // clusterkv: 1 = one selection per KV head, shared by its query
+                                  // heads (clusters ranked by the group's summed scores);
+                                  // default 0 = one selection per query head
+    float    recent_ratio;        // h2o: share of the budget kept for the most recent positions;
+                                  // default 0.5
+};
+
 struct ckv_context_params {
     uint32_t n_ctx;       // tokens the KV cache holds; 0 = the model's trained length
     uint32_t n_batch;     // max tokens evaluated as one matrix during prefill; 0 = 512
     int32_t  n_threads;   // worker threads; 0 = number of physical cores (at least 1)
     int32_t  kv_type;     // enum ckv_kv_type; default CKV_KV_F16
+    struct ckv_kv_policy_params kv_policy;  // default: full
 };
 
 CKV_API void ckv_context_default_params(struct ckv_context_params * out);
@@ -248,21 +286,69 @@ struct ckv_timings {
 CKV_API void ckv_context_get_timings(const ckv_context * ctx, struct ckv_timings * out);
 CKV_API void ckv_context_reset_timings(ckv_context * ctx);
 
+// What the KV policy did since the context was created or its stats were reset.
+struct ckv_kv_stats {
+    int64_t n_steps;        // decode steps that used the policy
+    int64_t n_attended;     // positions attended, summed over steps, compressed layers, query heads
+    int64_t n_cached;       // positions cached at those same (step, layer, head): the dense cost
+    double  t_cluster_ms;   // clustering (k-means and index building)
+    double  t_select_ms;    // scoring and selection (clusters, pages, heavy hitters)
+    int32_t n_clusters;     // clusters held now, summed over layers and KV heads
+};
+
+CKV_API void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out);
+CKV_API void ckv_context_reset_kv_stats(ckv_context * ctx);
+
+// Clusters held now by (layer il, KV head h): 0 for dense layers and other policies.
+// CKV_ERR_INVALID_ARG when il or h is out of range.
+CKV_API int32_t ckv_context_kv_n_clusters(const ckv_context * ctx, int32_t il, int32_t h,
+                                          int32_t * out);
+
+// The positions query head h of layer il attended to at the last decode step, in the order
+// attention read them (buffer-filling convention). For dense layers, steps of the full policy
+// and prefill chunks this is every causal position. CKV_ERR_INVALID_ARG when il or h is out of
+// range or no step has run yet.
+CKV_API int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h,
+                                         int32_t * buf, int32_t cap, int32_t * n_needed);
+
+// ---------------------------------------------------------------------------------------------
+// ClusterKV building blocks, exposed for tests and tools
+// ---------------------------------------------------------------------------------------------
+
+// Cosine k-means of n rows x[n][d]: each row goes to the centroid of highest cosine similarity
+// (ties: lowest index), each centroid becomes the plain mean of its members (an empty cluster
+// keeps its centroid), for at most max_iter iterations, stopping when no assignment changes.
+// The initial centroids are the rows init_rows[0..k) (NULL: k distinct rows drawn with seed).
+// Writes centroids[k][d], labels[n] and, when n_iter is not NULL, the iterations run.
+// CKV_ERR_INVALID_ARG for k < 1, k > n, d < 1, max_iter < 1 or an init row out of range.
+CKV_API int32_t ckv_kmeans_cosine(const float * x, int32_t n, int32_t d, int32_t k, int32_t max_iter,
+                                  uint32_t seed, const int32_t * init_rows, float * centroids,
+                                  int32_t * labels, int32_t * n_iter);
+
+// Budgeted selection: clusters in descending score (ties: lowest index first) are taken whole
+// until their sizes reach budget; the last one taken may be cut. Writes the chosen cluster ids
+// in that order to chosen (capacity n_clusters) and their count to n_chosen; the positions they
+// contribute total min(budget, sum of sizes).
+CKV_API int32_t ckv_cluster_select(const float * scores, const int32_t * sizes, int32_t n_clusters,
+                                   int32_t budget, int32_t * chosen, int32_t * n_chosen);
+
 // ---------------------------------------------------------------------------------------------
 // Sampler
 // ---------------------------------------------------------------------------------------------
 
 // The chain is llama.cpp's: penalties -> top_k -> top_p -> min_p -> temperature -> draw.
-// temperature <= 0 means greedy (arg-max after penalties).
+// temperature <= 0 means greedy (arg-max after penalties). ckv_sampler_init returns
+// CKV_ERR_INVALID_ARG for a value outside the ranges below.
 struct ckv_sampler_params {
-    float    temperature;        // default 0.8
-    int32_t  top_k;              // <= 0 = off; default 40
-    float    top_p;              // >= 1 = off; default 0.95
-    float    min_p;              // <= 0 = off; default 0.05
-    float    repeat_penalty;     // 1 = off; default 1.0
-    float    frequency_penalty;  // 0 = off
-    float    presence_penalty;   // 0 = off
-    int32_t  penalty_last_n;     // tokens of history the penalties look at; default 64
+    float    temperature;        // <= 0 = greedy; +inf is refused; default 0.8
+    int32_t  top_k;              // <= 0 or >= n_vocab = off; default 40
+    float    top_p;              // in (0, 1]; 1 = off; default 0.95
+    float    min_p;              // in [0, 1]; 0 = off; default 0.05
+    float    repeat_penalty;     // > 0; 1 = off; default 1.0
+    float    frequency_penalty;  // finite; 0 = off (default)
+    float    presence_penalty;   // finite; 0 = off (default)
+    int32_t  penalty_last_n;     // >= 0 tokens of history the penalties look at; 0 = off;
+                                 // default 64
     uint64_t seed;               // same seed and inputs -> same tokens
 };
 

@@ -17,6 +17,7 @@ void ckv_context_default_params(struct ckv_context_params * out) {
     out->n_batch   = DEFAULT_N_BATCH;
     out->n_threads = 0;
     out->kv_type   = CKV_KV_F16;
+    kv_policy_default_params(&out->kv_policy);
 }
 
 static int default_threads(void) {
@@ -72,13 +73,51 @@ static int32_t alloc_scratch(struct ckv_context * ctx) {
     struct compute * c = &ctx->comp;
     c->max_tokens = nb;
     c->act_q_row  = (size_t) max_in * sizeof(float) + 64;  // f32 is the widest activation type
-    c->att_stride = ctx->params.n_ctx;
+    c->att_stride = ops_attention_thread_floats(hp->head_dim, ctx->params.n_ctx);
     for (int i = 0; i < 2; i++) {
         c->act_q[i] = malloc(c->act_q_row * (size_t) nb);
     }
-    c->att_scores = malloc(sizeof(float) * (size_t) c->att_stride * (size_t) ctx->params.n_threads);
-    if (!c->act_q[0] || !c->act_q[1] || !c->att_scores) {
+    c->att_scores   = calloc((size_t) c->att_stride * (size_t) ctx->params.n_threads, sizeof(float));
+    c->att_partials = calloc((size_t) ops_attention_partial_floats(hp->n_head, hp->head_dim),
+                             sizeof(float));
+    if (!c->act_q[0] || !c->act_q[1] || !c->att_scores || !c->att_partials) {
         return ckv_fail(CKV_ERR_OOM, "out of memory for activation buffers");
+    }
+    return CKV_OK;
+}
+
+// The KV policy: which layers it compresses, its state, and the lists of the last decode step.
+static int32_t init_kv_policy(struct ckv_context * ctx) {
+    const struct hparams * hp = &ctx->model->hp;
+    const struct ckv_kv_policy_params * kp = &ctx->params.kv_policy;
+    ctx->last_pos         = -1;
+    ctx->layer_compressed = calloc((size_t) hp->n_layer, sizeof(bool));
+    ctx->last_selected    = calloc((size_t) hp->n_layer, sizeof(bool));
+    if (!ctx->layer_compressed || !ctx->last_selected) {
+        return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy");
+    }
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        ctx->layer_compressed[il] = il >= kp->n_dense_layers && !hparams_is_swa_layer(hp, il);
+    }
+    int32_t st = kv_policy_init(&ctx->policy, kp, &ctx->kv, ctx->comp.pool, hp->n_head,
+                                ctx->layer_compressed);
+    if (st != CKV_OK || !ctx->policy.vt->select) {
+        return st;
+    }
+    ctx->policy_threads = ctx->params.n_threads;
+    int64_t cap = kp->budget < (int32_t) ctx->params.n_ctx ? kp->budget : (int32_t) ctx->params.n_ctx;
+    ctx->sel     = calloc((size_t) hp->n_layer, sizeof(*ctx->sel));
+    ctx->sel_n   = calloc((size_t) hp->n_layer * hp->n_head, sizeof(int32_t));
+    ctx->sel_pos = malloc(sizeof(int32_t) * (size_t) hp->n_layer * hp->n_head * (size_t) cap);
+    if (ctx->policy.vt->wants_weights) {
+        ctx->att_weights = malloc(sizeof(float) * (size_t) hp->n_head * ctx->params.n_ctx);
+    }
+    if (!ctx->sel || !ctx->sel_n || !ctx->sel_pos || (ctx->policy.vt->wants_weights && !ctx->att_weights)) {
+        return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy's lists (budget %d)", kp->budget);
+    }
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        ctx->sel[il] = (struct kv_selection) {hp->n_head, (int32_t) cap, ctx->sel_n + (size_t) il * hp->n_head,
+                                              ctx->sel_pos + (size_t) il * hp->n_head * cap};
     }
     return CKV_OK;
 }
@@ -97,6 +136,11 @@ int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_param
         return ckv_fail(CKV_ERR_UNSUPPORTED, "head size %d is larger than %d", model->hp.head_dim,
                         MAX_HEAD_DIM);
     }
+    if (model->hp.n_head / model->hp.n_head_kv > OPS_ATTENTION_MAX_GROUP) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "%d query heads per KV head is more than the %d the CPU "
+                        "attention supports", model->hp.n_head / model->hp.n_head_kv,
+                        OPS_ATTENTION_MAX_GROUP);
+    }
     ckv_context * ctx = calloc(1, sizeof(*ctx));
     if (!ctx) {
         return ckv_fail(CKV_ERR_OOM, "out of memory for the context");
@@ -114,6 +158,9 @@ int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_param
     if (st == CKV_OK) {
         st = alloc_scratch(ctx);
     }
+    if (st == CKV_OK) {
+        st = init_kv_policy(ctx);
+    }
     if (st != CKV_OK) {
         ckv_context_free(ctx);
         return st;
@@ -126,10 +173,18 @@ void ckv_context_free(ckv_context * ctx) {
     if (!ctx) {
         return;
     }
+    kv_policy_free(&ctx->policy);
+    free(ctx->layer_compressed);
+    free(ctx->last_selected);
+    free(ctx->sel);
+    free(ctx->sel_n);
+    free(ctx->sel_pos);
+    free(ctx->att_weights);
     kv_cache_free(&ctx->kv);
     threadpool_free(ctx->comp.pool);
     float * bufs[] = {ctx->s.x, ctx->s.xb, ctx->s.xb2, ctx->s.q, ctx->s.k, ctx->s.v, ctx->s.att,
-                      ctx->s.hb, ctx->s.hb2, ctx->comp.att_scores, ctx->logits};
+                      ctx->s.hb, ctx->s.hb2, ctx->comp.att_scores, ctx->comp.att_partials,
+                      ctx->logits};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
         free(bufs[i]);
     }
@@ -152,6 +207,11 @@ int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
     if (n == ctx->params.n_threads) {
         return CKV_OK;
     }
+    if (ctx->params.kv_policy.policy == CKV_KV_POLICY_CLUSTERKV && n > ctx->policy_threads) {
+        // its k-means scratch is sized per thread when the context is created
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "the clusterkv policy was set up for %d threads; "
+                        "create the context with n_threads = %d instead", ctx->policy_threads, n);
+    }
     float * scores = malloc(sizeof(float) * (size_t) ctx->comp.att_stride * (size_t) n);
     struct threadpool * pool = NULL;
     int32_t st = scores ? threadpool_create(n, &pool) : ckv_fail(CKV_ERR_OOM, "out of memory");
@@ -163,6 +223,7 @@ int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
     free(ctx->comp.att_scores);
     ctx->comp.pool       = pool;
     ctx->comp.att_scores = scores;
+    ctx->policy.pool     = pool;
     ctx->params.n_threads = n;
     return CKV_OK;
 }
@@ -174,6 +235,8 @@ int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep) {
     }
     ctx->n_past    = n_keep;  // positions >= n_keep are overwritten by the next decode
     ctx->n_outputs = 0;
+    ctx->last_pos  = -1;      // the last step's lists may name dropped positions
+    kv_policy_truncate(&ctx->policy, n_keep);
     return CKV_OK;
 }
 
@@ -232,7 +295,7 @@ int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens
         bool    last = done + n == n_tokens;
         int64_t first_output = all_logits ? 0 : (last ? n - 1 : n);
         float * rows = ctx->logits + (all_logits ? (int64_t) done * n_vocab : 0);
-        forward_chunk(ctx, tokens + done, n, ctx->n_past, first_output, rows);
+        forward_chunk(ctx, tokens + done, n, ctx->n_past, first_output, n_tokens == 1, rows);
         ctx->n_past += n;
         done += n;
     }
@@ -241,6 +304,7 @@ int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens
     if (n_tokens == 1) {
         ctx->timings.t_decode_ms += dt;
         ctx->timings.n_decode += 1;
+        ctx->policy.stats.n_steps += 1;
     } else {
         ctx->timings.t_prefill_ms += dt;
         ctx->timings.n_prefill += n_tokens;
@@ -263,3 +327,68 @@ const float * ckv_get_logits(const ckv_context * ctx, int32_t i) {
 void ckv_context_get_timings(const ckv_context * ctx, struct ckv_timings * out) { *out = ctx->timings; }
 
 void ckv_context_reset_timings(ckv_context * ctx) { memset(&ctx->timings, 0, sizeof(ctx->timings)); }
+
+// --- KV policy -------------------------------------------------------------------------------
+
+void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out) {
+    kv_policy_get_stats(&ctx->policy, out);
+}
+
+void ckv_context_reset_kv_stats(ckv_context * ctx) { kv_policy_reset_stats(&ctx->policy); }
+
+static int32_t check_layer_head(const ckv_context * ctx, int32_t il, int32_t h, int32_t n_heads,
+                                const char * what) {
+    if (il < 0 || il >= ctx->model->hp.n_layer) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "layer %d is out of range [0, %d)", il,
+                        ctx->model->hp.n_layer);
+    }
+    if (h < 0 || h >= n_heads) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "%s %d is out of range [0, %d)", what, h, n_heads);
+    }
+    return CKV_OK;
+}
+
+int32_t ckv_context_kv_n_clusters(const ckv_context * ctx, int32_t il, int32_t h, int32_t * out) {
+    ckv_clear_error();
+    int32_t st = check_layer_head(ctx, il, h, ctx->model->hp.n_head_kv, "KV head");
+    if (st == CKV_OK && !out) {
+        st = ckv_fail(CKV_ERR_INVALID_ARG, "ckv_context_kv_n_clusters: out must not be NULL");
+    }
+    if (st == CKV_OK) {
+        *out = kv_policy_n_clusters(&ctx->policy, il, h);
+    }
+    return st;
+}
+
+int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h, int32_t * buf,
+                                 int32_t cap, int32_t * n_needed) {
+    ckv_clear_error();
+    int32_t st = check_layer_head(ctx, il, h, ctx->model->hp.n_head, "query head");
+    if (st != CKV_OK) {
+        return st;
+    }
+    if (ctx->last_pos < 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "no decode has run since the context was created or "
+                        "truncated");
+    }
+    const int32_t * list = NULL;
+    int64_t first = 0, n = ctx->last_pos + 1;  // dense: every causal position (or the window)
+    if (ctx->last_selected[il]) {
+        list = ctx->sel[il].pos + (size_t) h * ctx->sel[il].cap;
+        n    = ctx->sel[il].n[h];
+    } else if (hparams_is_swa_layer(&ctx->model->hp, il) && n > ctx->model->hp.n_swa) {
+        first = n - ctx->model->hp.n_swa;
+        n     = ctx->model->hp.n_swa;
+    }
+    if (n_needed) {
+        *n_needed = (int32_t) n;
+    }
+    if (!buf || cap < n) {
+        return ckv_fail(CKV_ERR_BUFFER_TOO_SMALL, "buffer of %d positions is too small: %lld needed",
+                        cap, (long long) n);
+    }
+    for (int64_t i = 0; i < n; i++) {
+        buf[i] = list ? list[i] : (int32_t) (first + i);
+    }
+    return CKV_OK;
+}

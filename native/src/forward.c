@@ -24,8 +24,41 @@ static void head_norm(const struct hparams * hp, float * x, int64_t n_rows, cons
     ops_rmsnorm(x, x, w->data, n_rows, hp->head_dim, hp->rms_eps);
 }
 
+// Decode step in a compressed layer: the policy picks each head's positions, attention reads
+// them in place, and a policy that learns from attention (h2o) sees the softmax weights.
+static void attend_selected(struct ckv_context * ctx, int il, const struct attention_params * ap,
+                            int64_t pos) {
+    struct kv_selection * sel = &ctx->sel[il];
+    kv_policy_select(&ctx->policy, il, pos, ctx->s.q, sel);
+    float * weights = ctx->policy.vt->wants_weights ? ctx->att_weights : NULL;
+    ops_attention_selected(&ctx->comp, &ctx->kv, ap, ctx->s.q, ctx->s.att, pos, sel->n, sel->pos,
+                           sel->cap, weights);
+    if (weights) {
+        kv_policy_observe(&ctx->policy, il, sel, weights);
+    }
+}
+
+// Dense attention of a chunk; in a compressed layer the policy still sees the chunk's softmax
+// weights (h2o) and a full-policy decode step is counted.
+static void attend_dense(struct ckv_context * ctx, int il, const struct attention_params * ap,
+                         int64_t n, int64_t pos0, bool decode_step) {
+    ops_attention(&ctx->comp, &ctx->kv, ap, ctx->s.q, ctx->s.att, n, pos0);
+    if (!ctx->layer_compressed[il]) {
+        return;
+    }
+    if (ctx->policy.vt->wants_weights) {
+        int64_t n_pos = pos0 + n;
+        memset(ctx->att_weights, 0, sizeof(float) * (size_t) (ap->n_head * n_pos));
+        ops_attention_weight_sums(&ctx->comp, &ctx->kv, ap, ctx->s.q, n, pos0, ctx->att_weights, n_pos);
+        kv_policy_observe_dense(&ctx->policy, il, n_pos, ctx->att_weights);
+    }
+    if (decode_step) {
+        kv_policy_count_dense_step(&ctx->policy, pos0);
+    }
+}
+
 // x += attention(norm(x)) for layer il over tokens at positions pos0 ..
-static void attention_block(struct ckv_context * ctx, int il, int64_t n, int64_t pos0) {
+static void attention_block(struct ckv_context * ctx, int il, int64_t n, int64_t pos0, bool decode_step) {
     const struct ckv_model *     m  = ctx->model;
     const struct hparams *       hp = &m->hp;
     const struct layer_weights * L  = &m->layers[il];
@@ -49,10 +82,17 @@ static void attention_block(struct ckv_context * ctx, int il, int64_t n, int64_t
     ops_rope(&rope, s->q, n, hp->n_head, pos0);
     ops_rope(&rope, s->k, n, hp->n_head_kv, pos0);
     kv_cache_store(&ctx->kv, il, s->k, s->v, n, pos0);
+    kv_policy_on_store(&ctx->policy, il, pos0, n);
 
     struct attention_params ap = {il, hp->n_head, hp->n_head_kv, hp->head_dim,
                                   swa ? hp->n_swa : 0, hp->attn_scale};
-    ops_attention(&ctx->comp, &ctx->kv, &ap, s->q, s->att, n, pos0);
+    bool selected = decode_step && ctx->layer_compressed[il] && ctx->policy.vt->select;
+    if (selected) {
+        attend_selected(ctx, il, &ap, pos0);
+    } else {
+        attend_dense(ctx, il, &ap, n, pos0, decode_step);
+    }
+    ctx->last_selected[il] = selected;
     struct matmul_job out = {&L->attn_output, s->xb2, hp->n_embd, NULL};
     ops_matmul(&ctx->comp, &out, 1, s->att, n);
     if (hp->arch == ARCH_GEMMA3) {
@@ -98,12 +138,13 @@ static void output_head(struct ckv_context * ctx, int64_t first, int64_t n, floa
 }
 
 void forward_chunk(struct ckv_context * ctx, const ckv_token * tokens, int64_t n, int64_t pos0,
-                   int64_t first_output, float * logits) {
+                   int64_t first_output, bool decode_step, float * logits) {
     embed_tokens(ctx->model, tokens, n, ctx->s.x);
     for (int il = 0; il < ctx->model->hp.n_layer; il++) {
-        attention_block(ctx, il, n, pos0);
+        attention_block(ctx, il, n, pos0, decode_step && n == 1);
         ffn_block(ctx, il, n);
     }
+    ctx->last_pos = pos0 + n - 1;
     if (first_output < n) {
         output_head(ctx, first_output, n, logits);
     }

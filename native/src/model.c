@@ -188,6 +188,14 @@ int32_t ckv_model_tensor_dequantize(const ckv_model * m, const char * name, floa
     if (!t) {
         return ckv_fail(CKV_ERR_NOT_FOUND, "tensor '%s' not found", name ? name : "(null)");
     }
+    // GGUF files may hold types we only know the block size of (IQ*, TQ*, MXFP4, I8..F64):
+    // those have no dequantize_row kernel.
+    const struct ggml_type_traits * tt = ggml_type_traits_get(t->type);
+    if (!tt || !tt->is_weight) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "tensor '%s' has type %s, which cannot be dequantised "
+                        "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K)",
+                        name, ggml_type_name(t->type));
+    }
     int64_t rows = t->ne[1] * t->ne[2] * t->ne[3];
     if (!out || n_out < rows * t->ne[0]) {
         return ckv_fail(CKV_ERR_BUFFER_TOO_SMALL, "tensor '%s' has %lld elements, buffer holds %lld",

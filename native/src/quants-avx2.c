@@ -380,15 +380,6 @@ static inline float hmax_ps(__m256 v) {
     return _mm_cvtss_f32(m);
 }
 
-// roundf(): to nearest, halves away from zero (the rounding mode rounds halves to even).
-static inline __m256 round_half_away(__m256 v) {
-    const __m256 t    = _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
-    const __m256 sign = _mm256_and_ps(v, _mm256_set1_ps(-0.0f));
-    const __m256 frac = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), _mm256_sub_ps(v, t));
-    const __m256 up   = _mm256_cmp_ps(frac, _mm256_set1_ps(0.5f), _CMP_GE_OQ);
-    return _mm256_add_ps(t, _mm256_and_ps(up, _mm256_or_ps(sign, _mm256_set1_ps(1.0f))));
-}
-
 // Four vectors of 8 int32 in [-128, 127] -> 32 int8 in order.
 static inline __m256i pack_i32x32(__m256i a, __m256i b, __m256i c, __m256i d) {
     const __m256i ab = _mm256_packs_epi32(a, b);    // lanes: a0 b0 | a1 b1
@@ -397,8 +388,9 @@ static inline __m256i pack_i32x32(__m256i a, __m256i b, __m256i c, __m256i d) {
     return _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
 }
 
-// One 32-element block: scale d = amax / 127, quants roundf(x / d); returns the quant sum
-// and the unrounded d (q8_1 needs it for s).
+// One 32-element block as llama.cpp's x86 quantize_row_q8_0/q8_1: scale d = amax / 127, quants
+// x * (127 / amax) rounded half to even; returns the quant sum and the unrounded d (q8_1 needs
+// it for s).
 static inline int quantize_block_q8(const float * src, int8_t * qs, float * d_out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256       v[4];
@@ -407,11 +399,13 @@ static inline int quantize_block_q8(const float * src, int8_t * qs, float * d_ou
         v[k] = _mm256_loadu_ps(src + 8 * k);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[k]));
     }
-    const float d  = hmax_ps(amax) / 127.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const float max = hmax_ps(amax);
+    const float d   = max / 127.0f;
+    const float id  = max != 0.0f ? 127.0f / max : 0.0f;
     __m256i     q[4];
     for (int k = 0; k < 4; k++) {
-        q[k] = _mm256_cvttps_epi32(round_half_away(_mm256_mul_ps(v[k], _mm256_set1_ps(id))));
+        const __m256 scaled = _mm256_mul_ps(v[k], _mm256_set1_ps(id));
+        q[k] = _mm256_cvtps_epi32(_mm256_round_ps(scaled, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     }
     _mm256_storeu_si256((__m256i *) qs, pack_i32x32(q[0], q[1], q[2], q[3]));
     *d_out = d;

@@ -1,6 +1,6 @@
 // quants-avx512.c - AVX-512 (F/BW/VL/DQ) + VNNI kernels for the decode hot path: q4_1 x q8_1
 // (SmolLM2's matrices), q8_0 x q8_0 (its tied output head and the small models' fallback
-// type), q4_0 / q5_0 x q8_0, single row and several rows at once (vec_dot_rows).
+// type), q4_0 / q5_0 x q8_0; q4_1 also several rows at once (vec_dot_rows).
 //
 // Built with the AVX-512 flags (CMake does this for *-avx512.c) and registered by quants.c on
 // top of the AVX2 set only when cpuid reports all of them. vpdpbusd multiplies unsigned by
@@ -234,18 +234,6 @@ static float vec_dot_q8_0_q8_0_avx512(int64_t n, const void * w, const void * x)
     return out;
 }
 
-static void vec_dot_rows_q8_0_avx512(int64_t n, int64_t n_rows, const void * w, size_t stride,
-                                     const void * x, float * out) {
-    const uint8_t * p = w;
-    int64_t         r = 0;
-    for (; r + 4 <= n_rows; r += 4) {
-        q8_0_rows_r(4, n, p + (size_t) r * stride, stride, x, out + r);
-    }
-    for (; r < n_rows; r++) {
-        q8_0_rows_r(1, n, p + (size_t) r * stride, stride, x, out + r);
-    }
-}
-
 // The 32 nibbles of two 4-bit blocks as [lo0 hi0 | lo1 hi1] (16 bytes each), matching the
 // activation order: each block's 16 bytes go to two 128-bit lanes, the second shifted by 4.
 static ALWAYS_INLINE __m512i nibble_pair(const uint8_t * qs0, const uint8_t * qs1, int nblk) {
@@ -311,7 +299,9 @@ void quants_register_avx512(struct quants_kernels * k) {
     k->vec_dot[GGML_TYPE_Q5_0]      = vec_dot_q5_0_q8_0_avx512;
     k->vec_dot[GGML_TYPE_Q8_0]      = vec_dot_q8_0_q8_0_avx512;
     k->vec_dot_rows[GGML_TYPE_Q4_1] = vec_dot_rows_q4_1_avx512;
-    k->vec_dot_rows[GGML_TYPE_Q8_0] = vec_dot_rows_q8_0_avx512;
+    // No multi-row q8_0 kernel: on the output head (576 x 49152, streamed from DRAM) four
+    // interleaved row streams ran at 15 GB/s against 35 GB/s for vec_dot row by row with its
+    // prefetch 1536 bytes ahead (tests/native/bench-quants.c, 1 thread, Xeon with AVX-512).
 }
 
 #endif  // CKV_HAVE_X86_KERNELS

@@ -1,6 +1,6 @@
 // quants.c - ggml tensor types: the traits table, fp16/bf16 conversion, scalar reference
 // dequantisation (bit-exact with ggml's dequantize_row_*), the activation quantisers (exactly
-// ggml's quantize_row_q8_{0,1,K}_ref), scalar dot products with ggml's weight/activation
+// llama.cpp's x86 quantize_row_q8_{0,1,K}), scalar dot products with ggml's weight/activation
 // pairing, and run-time kernel selection.
 //
 // Data flow: gguf.c sizes tensors with ggml_row_size(); the model's matmuls quantise an
@@ -320,11 +320,21 @@ static void dequantize_row_q6_K(const void * src, float * y, int64_t n) {
 }
 
 // =============================================================================================
-// Activation quantisers (ggml's *_ref versions: these fix the semantics the SIMD ones match)
+// Activation quantisers: exactly what llama.cpp runs on x86, the platform its fidelity fixtures
+// come from. q8_0 and q8_1 follow ggml-cpu/arch/x86/quants.c (id = 127 / amax, halves to even),
+// not ggml's scalar quantize_row_q8_{0,1}_ref (id = 1 / d, roundf), which gives a different
+// quant for about 1 element in 300; q8_K is quantize_row_q8_K_ref, which x86 uses as is.
 // =============================================================================================
 
 static void quantize_row_f32_copy(const float * src, void * dst, int64_t n) {
     memcpy(dst, src, (size_t) n * sizeof(float));
+}
+
+// ggml's nearest_int: round half to even through the float adder (|f| < 2^22), as
+// _mm256_round_ps(_MM_ROUND_NEAREST) does in llama.cpp's x86 quantisers.
+static inline int nearest_int(float f) {
+    const float v = f + 12582912.0f;
+    return (int) (f32_bits(v) & 0x007FFFFF) - 0x00400000;
 }
 
 void quantize_row_q8_0_ref(const float * src, void * dst, int64_t n) {
@@ -335,10 +345,10 @@ void quantize_row_q8_0_ref(const float * src, void * dst, int64_t n) {
             amax = fmaxf(amax, fabsf(src[j]));
         }
         const float d  = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
         y[i].d = ckv_fp32_to_fp16(d);
         for (int j = 0; j < QK8_0; j++) {
-            y[i].qs[j] = (int8_t) roundf(src[j] * id);
+            y[i].qs[j] = (int8_t) nearest_int(src[j] * id);
         }
     }
 }
@@ -351,21 +361,15 @@ void quantize_row_q8_1_ref(const float * src, void * dst, int64_t n) {
             amax = fmaxf(amax, fabsf(src[j]));
         }
         const float d   = amax / 127.0f;
-        const float id  = d != 0.0f ? 1.0f / d : 0.0f;
+        const float id  = amax != 0.0f ? 127.0f / amax : 0.0f;
         int         sum = 0;
         y[i].d = ckv_fp32_to_fp16(d);
         for (int j = 0; j < QK8_1; j++) {
-            y[i].qs[j] = (int8_t) roundf(src[j] * id);
+            y[i].qs[j] = (int8_t) nearest_int(src[j] * id);
             sum += y[i].qs[j];
         }
         y[i].s = ckv_fp32_to_fp16((float) sum * d);
     }
-}
-
-// ggml's nearest_int: round half to even through the float adder.
-static inline int nearest_int(float f) {
-    const float v = f + 12582912.0f;
-    return (int) (f32_bits(v) & 0x007FFFFF) - 0x00400000;
 }
 
 void quantize_row_q8_K_ref(const float * src, void * dst, int64_t n) {

@@ -1,9 +1,19 @@
 // threadpool.c - persistent workers woken by a generation counter: they spin for a short
 // while (the next parallel region usually follows within microseconds during a forward pass)
 // and then sleep on a condition variable, so an idle context costs no CPU.
+//
+// Memory ordering, one region (the caller is thread 0):
+//   caller: fn, arg, n_finished = 0 (plain / relaxed), then generation++ (release)
+//   worker: generation read (acquire) -> sees fn, arg and the zeroed n_finished;
+//           runs fn; n_finished++ (release)
+//   caller: waits until n_finished == n_threads - 1 (acquire) -> sees every worker's writes.
+// The caller returns only after every worker has counted itself, and a worker touches fn, arg
+// and n_finished only between seeing a new generation and counting itself, so the next
+// region's writes can never meet a late worker of the previous one.
 #include "threadpool.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdlib.h>
@@ -17,7 +27,11 @@
 #    define cpu_relax() ((void) 0)
 #endif
 
-enum { SPIN_ITERATIONS = 200000 };  // ~a few ms of spinning before a worker sleeps
+enum {
+    SPIN_ITERATIONS  = 200000,  // ~a few ms of spinning before a worker sleeps
+    YIELD_AFTER_SPIN = 4096,    // the caller's wait: then yield, so a worker that the OS
+                                // preempted (more threads than free cores) gets to run
+};
 
 struct worker {
     struct threadpool * pool;
@@ -30,10 +44,10 @@ struct threadpool {
     struct worker * workers;      // [n_threads - 1]
     pthread_mutex_t mutex;
     pthread_cond_t  wake;
-    atomic_uint     generation;   // bumped once per parallel region
+    atomic_uint     generation;   // bumped once per parallel region (publishes fn and arg)
     atomic_int      n_finished;   // workers done with the current region
     atomic_bool     stop;
-    threadpool_fn   fn;
+    threadpool_fn   fn;           // the current region; written only while no worker runs
     void *          arg;
 };
 
@@ -64,7 +78,8 @@ static void * worker_main(void * p) {
             return NULL;
         }
         pool->fn(pool->arg, w->ith, pool->n_threads);
-        atomic_fetch_add_explicit(&pool->n_finished, 1, memory_order_acq_rel);
+        // release: the caller's acquire of the count sees everything fn wrote
+        atomic_fetch_add_explicit(&pool->n_finished, 1, memory_order_release);
     }
 }
 
@@ -123,16 +138,22 @@ void threadpool_run(struct threadpool * pool, threadpool_fn fn, void * arg) {
         fn(arg, 0, 1);
         return;
     }
+    // No worker reads these now: each one counted itself at the end of the previous region.
     pool->fn  = fn;
     pool->arg = arg;
     atomic_store_explicit(&pool->n_finished, 0, memory_order_relaxed);
-    pthread_mutex_lock(&pool->mutex);
+    pthread_mutex_lock(&pool->mutex);  // a sleeping worker checks the generation under it
     atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
     pthread_cond_broadcast(&pool->wake);
     pthread_mutex_unlock(&pool->mutex);
     fn(arg, 0, pool->n_threads);
-    while (atomic_load_explicit(&pool->n_finished, memory_order_acquire) < pool->n_threads - 1) {
-        cpu_relax();
+    for (int spins = 0;
+         atomic_load_explicit(&pool->n_finished, memory_order_acquire) < pool->n_threads - 1; spins++) {
+        if (spins < YIELD_AFTER_SPIN) {
+            cpu_relax();
+        } else {
+            sched_yield();
+        }
     }
 }
 

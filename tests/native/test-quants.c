@@ -249,7 +249,7 @@ static void test_quantizers(int isa) {
     }
 }
 
-// Reference values for the quantiser semantics themselves (ggml's rules).
+// Reference values for the quantiser semantics themselves (llama.cpp's x86 rules).
 static void test_quantizer_values(void) {
     float      x[QK_K];
     block_q8_0 q0;
@@ -257,8 +257,26 @@ static void test_quantizer_values(void) {
     for (int j = 0; j < 32; j++) x[j] = (float) (j - 16) * 0.5f;  // amax 8 at j = 0
     quantize_row_q8_0_ref(x, &q0, 32);
     CHECK(ckv_fp16_to_fp32(q0.d) == ckv_fp16_to_fp32(ckv_fp32_to_fp16(8.0f / 127.0f)) &&
-          q0.qs[0] == -127 && q0.qs[16] == 0 && q0.qs[31] == (int8_t) roundf(7.5f * (127.0f / 8.0f)),
+          q0.qs[0] == -127 && q0.qs[16] == 0 && q0.qs[31] == 119,  // 7.5 * 127 / 8 = 119.06
           "q8_0 reference values");
+    // Halves go to even (x86 _mm256_round_ps), not away from zero (roundf in ggml's _ref).
+    const float halves[8] = {127.0f, 0.5f, 1.5f, 2.5f, -0.5f, -2.5f, 126.5f, -3.5f};
+    const int   expect[8] = {127, 0, 2, 2, 0, -2, 126, -4};
+    for (int j = 0; j < 32; j++) x[j] = j < 8 ? halves[j] : 0.0f;  // amax 127: x * 127 / amax = x
+    quantize_row_q8_0_ref(x, &q0, 32);
+    quantize_row_q8_1_ref(x, &q1, 32);
+    for (int j = 0; j < 8; j++) {
+        CHECK(q0.qs[j] == expect[j] && q1.qs[j] == expect[j], "q8_0/q8_1 of %g: %d/%d, want %d",
+              halves[j], q0.qs[j], q1.qs[j], expect[j]);
+    }
+    // id = 127 / amax, not 1 / (amax / 127): for amax 40.66538, 2.0812988 * id is 6.4999995
+    // (quant 6) with 127 / amax = 3.1230497, but 6.5000005 (quant 7) with 1 / d = 3.12305.
+    for (int j = 0; j < 32; j++) x[j] = 0.0f;
+    x[0] = 40.66538f;
+    x[1] = 2.0812988f;
+    quantize_row_q8_0_ref(x, &q0, 32);
+    CHECK(q0.qs[0] == 127 && q0.qs[1] == 6, "q8_0 scales by 127 / amax (got %d)", q0.qs[1]);
+    for (int j = 0; j < 32; j++) x[j] = (float) (j - 16) * 0.5f;
     quantize_row_q8_1_ref(x, &q1, 32);
     int sum = 0;
     for (int j = 0; j < 32; j++) sum += q1.qs[j];

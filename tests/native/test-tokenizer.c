@@ -1,7 +1,7 @@
 // test-tokenizer.c - the tokenizer's building blocks in C: lenient UTF-8 decoding (the
 // llama.cpp rules: overlong forms and surrogates decode, a bad byte is one U+FFFD), encoding,
 // code point flags of the generated Unicode 15.1 tables, lowercase, the GPT-2 byte alphabet;
-// then, for each model found in $CLUSTERKV_MODELS_DIR or /tmp/models, a few ids recorded
+// then, for each model found in the registry cache ($CLUSTERKV_MODELS_DIR or ~/.cache/clusterkv_local/models), a few ids recorded
 // from llama.cpp and a byte-exact round trip. The full comparison with llama.cpp is
 // tests/python/test_tokenizer.py. Missing models are skipped. Prints "N passed, M failed".
 #include <stdio.h>
@@ -157,18 +157,12 @@ static void test_model(const char * dir, const struct model_case * mc) {
 int main(void) {
     test_utf8();
     test_flags();
-    const char * dirs[] = {getenv("CLUSTERKV_MODELS_DIR"), "/tmp/models"};
+    // The registry cache: $CLUSTERKV_MODELS_DIR, else ~/.cache/clusterkv_local/models.
+    const char * home = getenv("HOME");
+    char         cache[1024];
+    snprintf(cache, sizeof(cache), "%s/.cache/clusterkv_local/models", home ? home : ".");
+    const char * dir = getenv("CLUSTERKV_MODELS_DIR") ? getenv("CLUSTERKV_MODELS_DIR") : cache;
     for (size_t m = 0; m < sizeof(MODELS) / sizeof(MODELS[0]); ++m) {
-        const char * dir = dirs[0] ? dirs[0] : dirs[1];
-        char         probe[4096];
-        snprintf(probe, sizeof(probe), "%s/%s", dir, MODELS[m].file);
-        FILE * fp = fopen(probe, "rb");
-        if (!fp && dirs[0]) {
-            dir = dirs[1];
-        }
-        if (fp) {
-            fclose(fp);
-        }
         test_model(dir, &MODELS[m]);
     }
     printf("%d passed, %d failed, %d skipped\n", n_pass, n_fail, n_skip);

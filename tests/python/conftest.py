@@ -12,6 +12,15 @@ import pytest
 N_THREADS = int(os.environ.get("CLUSTERKV_TEST_THREADS", "2"))
 
 
+def model_folders() -> list:
+    """Folders a test looks in for model files it does not fetch itself: the registry cache
+    ($CLUSTERKV_MODELS_DIR or the user cache), then $CLUSTERKV_TEST_MODELS_DIR if set."""
+    from clusterkv_local import models
+
+    folders = [models.cache_dir(), os.environ.get("CLUSTERKV_TEST_MODELS_DIR")]
+    return [f for f in folders if f]
+
+
 def require_native():
     """Imports the native binding; skips the test when the library is not built, except in CI
     (CI=true), where a missing library is a failure."""

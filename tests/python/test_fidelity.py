@@ -12,17 +12,25 @@ bucket. By the log-sum inequality that is a lower bound of the full KL; the part
 tail * KL(P_rest || Q_rest), tail being the stored per-position unstored mass (<= 1e-3 except
 at a few nearly flat rows, see meta), i.e. a thousandth of the divergence inside the tail.
 
-What to compare it with: llama.cpp does not agree with itself at the 1e-3 level on these small
-quantised models. The recorder also ran llama.cpp with flash attention off (all else equal) and
-stored KL(default || fa off) per position: up to 2.4e-2 (SmolLM2 chat), 1.5e-2 (Gemma 3 code),
-3.6e-3 (Qwen2.5 code), with per-token logit differences of sd 0.07-0.29. Against a float64
-numpy forward pass on the same dequantised weights (models-and-data.md appendix A), llama.cpp's
-default path and ours are both ~1e-2 away (max per position: SmolLM2 chat 7.6e-3 vs 8.9e-3,
-Gemma 3 code 1.2e-2 vs 3.2e-2), with largely independent rounding, so KL between the two can
-reach about the sum. A case therefore passes when every position's KL is at most
+What to compare it with: KL <= 1e-3 (issue 3's target) is below the noise floor of both
+runtimes. With 8-bit activation quantisation before every matmul, a last-bit difference in a
+float sum moves some element across a rounding boundary in the next layer's quantiser, and the
+30 layers amplify that. Measured (2026-11-28, tests/fixtures cases, max KL over positions):
+  ours against ours, only the summation order of the dot products changed (AVX-512 vs scalar
+  kernels, same quantisation): SmolLM2 chat 2.2e-2, plain 7.0e-3, code 9.3e-3, long 8.6e-3;
+  Gemma 3 1.3e-2; Qwen2.5 1.7e-3 / 2.8e-3;
+  llama.cpp against itself, flash attention on vs off (stored in the fixtures as
+  kl_llama_fa_off): SmolLM2 chat 2.4e-2, plain 9.5e-3, code 5.4e-3, long 6.7e-3; Gemma 3
+  9.8e-3 / 1.5e-2; Qwen2.5 2.4e-3 / 3.6e-3.
+Ours against llama.cpp lands in the same range (SmolLM2 max 1.5e-2, Gemma 3 2.6e-2, Qwen2.5
+3.8e-3), after matching llama.cpp's x86 activation quantisers exactly; matching its
+flash-attention f16 roundings as well moved single cases by up to 2x either way, within the
+same noise. Reaching 1e-3 would take bit-exact copies of llama.cpp's x86 kernels (lane order of
+every dot product, its tinyBLAS tiling for prefill, ggml_v_expf in SiLU/softmax). A case
+therefore passes when every position's KL is at most
     max(KL_TARGET, SPREAD_FACTOR * the largest KL between llama.cpp's own two paths in the case)
-which still fails loudly on a real bug (a wrong RoPE, mask or cache slot gives KL >> 0.1 and
-arg-max misses); the summary reports how many positions meet KL_TARGET = 1e-3 outright.
+(ours/llama.cpp-self ratios measured up to 2.7), which still fails loudly on a real bug (a
+wrong RoPE, mask or cache slot gives KL >> 0.1 and arg-max misses); the summary reports how many positions meet KL_TARGET = 1e-3 outright.
 The arg-max must agree, except at near-ties: llama.cpp's top two within NEAR_TIE logits (about
 twice the logit noise above) may swap. Greedy continuations must be identical, except that
 they may part at a step where llama.cpp's own margin was a near-tie and we chose its
@@ -40,6 +48,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from conftest import model_folders
 
 from clusterkv_local._ffi import ffi, lib
 
@@ -70,7 +79,7 @@ SUMMARY = {}
 
 def find_model(name: str, filename: str, fetch: bool):
     """The registry's cached copy (fetched when `fetch`), else $CLUSTERKV_MODELS_DIR or
-    /tmp/models; None when the file is nowhere."""
+    the other model folders of conftest.model_folders(); None when the file is nowhere."""
     try:
         from clusterkv_local.models import model_path
         path = model_path(name, fetch=fetch)
@@ -78,7 +87,7 @@ def find_model(name: str, filename: str, fetch: bool):
             return str(path)
     except Exception:  # not cached, no network, or the models module is unavailable
         pass
-    for folder in (os.environ.get("CLUSTERKV_MODELS_DIR"), "/tmp/models"):
+    for folder in model_folders():
         if folder and os.path.isfile(os.path.join(folder, filename)):
             return os.path.join(folder, filename)
     return None

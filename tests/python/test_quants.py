@@ -3,7 +3,7 @@
 API: a GGUF written with `gguf.GGUFWriter` holding random but valid blocks of each type, opened
 with `metadata_only = true` and read back with `ckv_model_tensor_dequantize`. The tensor table
 (`ckv_model_tensor_info`) must match `gguf.GGUFReader` too. The same checks run on the real
-model files in $CLUSTERKV_TEST_MODELS_DIR (default /tmp/models) when they are there.
+model files in the registry cache (conftest.model_folders()) when they are there.
 
 Results must agree to the bit; the bound allows 1 ulp, which no type needs today.
 """
@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import model_folders
 
 gguf = pytest.importorskip("gguf")
 
@@ -21,7 +22,6 @@ except ImportError as exc:  # the native library is not built (yet)
                 allow_module_level=True)
 
 Q = gguf.GGMLQuantizationType
-MODELS_DIR = os.environ.get("CLUSTERKV_TEST_MODELS_DIR", "/tmp/models")
 
 # Byte offsets of the fp16 scale fields inside one block (ggml-common.h); everything else in a
 # block may hold any bits.
@@ -151,11 +151,36 @@ def test_buffer_too_small_and_unknown_name(synthetic_gguf):
     assert b"no.such.tensor" in ffi.string(lib.ckv_last_error())
 
 
+def test_size_only_types_are_refused_not_dequantised(tmp_path):
+    # A GGUF may hold types we know only the block size of (they list, but have no kernel):
+    # dequantising one must fail with CKV_ERR_UNSUPPORTED naming the type, not crash.
+    path = str(tmp_path / "size-only.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    iq4_nl = np.random.default_rng(7).integers(0, 256, size=(2, 18), dtype=np.uint8)
+    writer.add_tensor("t.iq4_nl", iq4_nl, raw_dtype=Q.IQ4_NL)   # 2 rows of one 32-element block
+    writer.add_tensor("t.i8", np.arange(-8, 8, dtype=np.int8))
+    writer.add_tensor("t.f32", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = load_metadata_only(path)
+    out = np.zeros(64, dtype=np.float32)
+    ptr = ffi.cast("float *", ffi.from_buffer(out))
+    for name, type_name in [(b"t.iq4_nl", b"iq4_nl"), (b"t.i8", b"i8")]:
+        assert lib.ckv_model_tensor_dequantize(model, name, ptr, out.size) == lib.CKV_ERR_UNSUPPORTED
+        message = ffi.string(lib.ckv_last_error())
+        assert name in message and type_name in message, message
+    assert lib.ckv_model_tensor_dequantize(model, b"t.f32", ptr, out.size) == 0  # still works
+    assert out[:4].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
 def model_file(name):
-    path = os.path.join(MODELS_DIR, name)
-    if not os.path.exists(path):
-        pytest.skip("%s is not there" % path)
-    return path
+    for folder in model_folders():
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return path
+    pytest.skip("%s is not in %s" % (name, model_folders()))
 
 
 def sample_tensors(reader, per_type=2):

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import model_folders
 
 from clusterkv_local._ffi import ffi, lib
 
@@ -20,7 +21,7 @@ MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def find_model(name: str, filename: str):
     """The registry's cached copy if the models module works, else $CLUSTERKV_MODELS_DIR or
-    /tmp/models; None when the file is nowhere."""
+    the other model folders of conftest.model_folders(); None when the file is nowhere."""
     try:
         from clusterkv_local.models import model_path
         path = model_path(name)
@@ -28,7 +29,7 @@ def find_model(name: str, filename: str):
             return str(path)
     except Exception:  # the models module is optional here; fall back to plain folders
         pass
-    for folder in (os.environ.get("CLUSTERKV_MODELS_DIR"), "/tmp/models"):
+    for folder in model_folders():
         if folder and os.path.isfile(os.path.join(folder, filename)):
             return os.path.join(folder, filename)
     return None

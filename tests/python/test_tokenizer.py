@@ -8,10 +8,10 @@ the C API (ckv_model_load, ckv_tokenize, ...), not through Llama.
 
 Where the models come from:
   * SmolLM2-135M-Instruct.Q4_1.gguf (gpt2 BPE, pre-tokenizer smollm) is always tested: it is
-    looked up in $CLUSTERKV_MODELS_DIR and /tmp/models, else fetched like the other tests do
+    looked up in the registry cache (conftest.model_folders()), else fetched like the other tests do
     (clusterkv_local.models, the default registry model).
   * qwen2.5-coder-0.5b-instruct-q4_k_m.gguf (gpt2 BPE, qwen2) and gemma-3-270m-q4_k_m.gguf
-    (SentencePiece) are tested when found in $CLUSTERKV_MODELS_DIR or /tmp/models, and
+    (SentencePiece) are tested when found in the registry cache (conftest.model_folders()), and
     skipped otherwise.
   * "Variant" fixtures (the gpt2 / default / llama3 pre-tokenizers, a missing pre-tokenizer,
     add_space_prefix) are a model's metadata with one tokenizer key changed; they are rebuilt
@@ -27,6 +27,7 @@ import json
 import os
 
 import pytest
+from conftest import model_folders
 
 from conftest import require_native
 
@@ -58,8 +59,7 @@ def fixture_id(path: str) -> str:
 
 
 def model_dirs() -> list:
-    dirs = [os.environ.get("CLUSTERKV_MODELS_DIR"), "/tmp/models"]
-    return [d for d in dirs if d]
+    return model_folders()
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,433 @@
+// attention.cu - causal attention over the f16 KV cache. Twin: ops_attention.
+//
+//   out[t][h] = softmax_j(scale * q[t][h] . K[kvh][j]) . V[kvh][j],  j in [lo, pos0 + t]
+//   kvh = h / (n_head / n_head_kv),  lo = max(0, pos0 + t - window + 1) when window > 0
+//
+// Two kernels: a few queries (decode) use the split-K ("flash-decode") kernel with one block
+// per KV head and split, merged by merge_kernel; CKV_FLASH_MIN_TOKENS or more queries (prefill)
+// use the tensor-core flash-attention kernel, which reads each K/V tile once per 64 queries.
+#include "common.cuh"
+#include "cuda-ops.cuh"
+
+// The positions [lo, hi] query t sees, and the part of them split `split` of n_split takes:
+// splits are at least ATT_MIN_CHUNK positions long, so with the position read from device
+// memory (a graph captured for n_ctx) only as many splits as the current length needs do work.
+// Returns the number of splits that have positions; [*j0, *j1) is empty for the others.
+enum { ATT_MIN_CHUNK = 64, ATT_MAX_SPLITS = 128 };
+__device__ __forceinline__ int split_range(const struct cuda_attention_args & a, int64_t t, int split,
+                                           int64_t * j0, int64_t * j1) {
+    int64_t hi = (a.pos_dev ? *a.pos_dev : a.pos0) + t;   // inclusive
+    int64_t lo = a.window > 0 && hi - a.window + 1 > 0 ? hi - a.window + 1 : 0;
+    int64_t len = hi - lo + 1, chunk = (len + a.n_split - 1) / a.n_split;
+    chunk = chunk < ATT_MIN_CHUNK ? ATT_MIN_CHUNK : chunk;
+    *j0 = lo + split * chunk;
+    *j1 = min(hi + 1, *j0 + chunk);
+    return (int) ((len + chunk - 1) / chunk);
+}
+
+// --- decode: one block per (KV head, split, token), serving the whole GQA group --------------
+//
+// The block loads each K and V row of its range once for up to DEC_GMAX query heads of the
+// group (Llama-3: 4, SmolLM2: 3). Positions go in tiles of DEC_TILE, and every load of a tile,
+// K and V, is issued first, as 16-byte loads (a block of a decode step usually has a single
+// tile, so nothing later would hide their latency): two threads per position hold half a K row
+// each; for V, HD / 8 threads cover a row with 8 dims each and the block's threads take
+// DEC_THREADS / (HD / 8) positions at a time. The pairs compute the group's scores, one warp
+// per head updates its running max / sum, and each thread then accumulates p * V for its
+// positions and 8 dims; the position groups are summed through shared memory at the end.
+
+// DEC_GMAX (a template parameter: 4 or 8) sizes the per-thread accumulators, so it is the
+// smallest that holds the group.
+enum { DEC_THREADS = 128, DEC_TILE = 64 };
+
+__device__ __forceinline__ void half8_to_float(uint4 raw, float f[8]) {
+    const __half2 * h = (const __half2 *) &raw;
+    for (int e = 0; e < 4; e++) {
+        float2 v = __half22float2(h[e]);
+        f[2 * e] = v.x;
+        f[2 * e + 1] = v.y;
+    }
+}
+
+template <int HD, int DEC_GMAX>
+static __global__ void __launch_bounds__(DEC_THREADS) attention_decode_kernel(struct cuda_attention_args a) {
+    pdl_begin();
+    constexpr int NCG = HD / 8, PG = DEC_THREADS / NCG, VPOS = DEC_TILE / PG;   // V layout
+    static_assert(DEC_THREADS == 2 * DEC_TILE && DEC_THREADS % NCG == 0 && DEC_TILE % PG == 0, "layout");
+    __shared__ __align__(16) float qs[DEC_GMAX][HD];
+    __shared__ float sc[DEC_GMAX][DEC_TILE];
+    __shared__ float m_s[DEC_GMAX], l_s[DEC_GMAX], corr_s[DEC_GMAX];
+    __shared__ __align__(16) float red[PG][HD];
+
+    int group = a.n_head / a.n_head_kv, n_gblk = (group + DEC_GMAX - 1) / DEC_GMAX;
+    int kvh = blockIdx.x / n_gblk, g0 = (blockIdx.x % n_gblk) * DEC_GMAX;
+    int G = min(DEC_GMAX, group - g0), split = blockIdx.y, tid = threadIdx.x;
+    int lane = tid % CKV_WARP, warp = tid / CKV_WARP;
+    int64_t t = blockIdx.z, j0, j1;
+    if (split >= split_range(a, t, split, &j0, &j1)) {
+        return;   // past the current length (graph replay): the merge skips this split
+    }
+    int h0 = kvh * group + g0;
+    for (int i = tid; i < G * HD; i += DEC_THREADS) qs[i / HD][i % HD] = a.q[(t * a.n_head + h0) * HD + i];
+    if (tid < DEC_GMAX) {
+        m_s[tid] = -INFINITY;
+        l_s[tid] = 0.0f;
+    }
+    const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
+    const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
+    float acc[DEC_GMAX][8];
+    for (int g = 0; g < DEC_GMAX; g++)
+        for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
+    int cg = tid % NCG, pg = tid / NCG;
+    __syncthreads();
+
+    for (int64_t tile = j0; tile < j1; tile += DEC_TILE) {
+        int n_pos = (int) min((int64_t) DEC_TILE, j1 - tile);
+        // Every load of the tile first. Rows past the range may hold NaN: zeros instead.
+        int p = tid >> 1, half = tid & 1;
+        uint4 kraw[HD / 16], vraw[VPOS];
+        const uint4 * kr = (const uint4 *) (kbase + (tile + p) * HD + half * (HD / 2));
+#pragma unroll
+        for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int k = 0; k < VPOS; k++) {
+            int vp = pg + PG * k;
+            vraw[k] = vp < n_pos ? ((const uint4 *) (vbase + (tile + vp) * HD))[cg] : make_uint4(0, 0, 0, 0);
+        }
+        {   // scores: thread pair (p, half) takes half the dims of position p
+            float dot[DEC_GMAX];
+            for (int g = 0; g < DEC_GMAX; g++) dot[g] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < HD / 16; i++) {
+                float kf[8];
+                half8_to_float(kraw[i], kf);
+                int d = half * (HD / 2) + 8 * i;
+                for (int g = 0; g < DEC_GMAX; g++) {
+                    if (g < G) {
+                        float4 qa = *(const float4 *) &qs[g][d], qb = *(const float4 *) &qs[g][d + 4];
+                        dot[g] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] +
+                                  qb.x * kf[4] + qb.y * kf[5] + qb.z * kf[6] + qb.w * kf[7];
+                    }
+                }
+            }
+            for (int g = 0; g < DEC_GMAX; g++) {
+                float s = dot[g] + __shfl_xor_sync(0xffffffffu, dot[g], 1);
+                if (half == 0 && g < G) sc[g][p] = p < n_pos ? s * a.scale : -INFINITY;
+            }
+        }
+        __syncthreads();
+        for (int g = warp; g < G; g += DEC_THREADS / CKV_WARP) {   // online softmax, warp per head
+            float s0 = sc[g][lane], s1 = sc[g][lane + 32];
+            float m_old = m_s[g], m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+            float p0 = expf(s0 - m_new), p1 = expf(s1 - m_new), corr = expf(m_old - m_new);
+            float sum = warp_sum(p0 + p1);
+            sc[g][lane] = p0;
+            sc[g][lane + 32] = p1;
+            __syncwarp();
+            if (lane == 0) {
+                l_s[g] = l_s[g] * corr + sum;
+                m_s[g] = m_new;
+                corr_s[g] = corr;
+            }
+        }
+        __syncthreads();
+        for (int g = 0; g < DEC_GMAX; g++) {
+            if (g < G) {
+                float c = corr_s[g];
+                for (int e = 0; e < 8; e++) acc[g][e] *= c;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < VPOS; k++) {
+            float vf[8];
+            half8_to_float(vraw[k], vf);
+            int vp = pg + PG * k;
+            for (int g = 0; g < DEC_GMAX; g++) {
+                if (g < G) {
+                    float w = sc[g][vp];   // 0 past n_pos (exp(-inf)), and v is 0 there
+                    for (int e = 0; e < 8; e++) acc[g][e] += w * vf[e];
+                }
+            }
+        }
+        __syncthreads();   // sc is rewritten by the next tile
+    }
+
+#pragma unroll
+    for (int g = 0; g < DEC_GMAX; g++) {   // sum the position groups, one head at a time
+        if (g >= G) break;   // G is the same for the whole block
+        *(float4 *) &red[pg][8 * cg]     = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+        *(float4 *) &red[pg][8 * cg + 4] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+        __syncthreads();
+        int64_t qh = t * a.n_head + h0 + g;
+        for (int d = tid; d < HD; d += DEC_THREADS) {
+            float o = 0.0f;
+            for (int k = 0; k < PG; k++) o += red[k][d];
+            if (a.n_split == 1) {
+                a.out[qh * HD + d] = o / l_s[g];
+            } else {
+                float * slot = a.partial + ((size_t) qh * a.n_split + split) * ckv_cuda_attention_partial_floats(HD);
+                slot[d] = o;
+                if (d == 0) {
+                    slot[HD] = m_s[g];
+                    slot[HD + 1] = l_s[g];
+                }
+            }
+        }
+        __syncthreads();   // red is rewritten for the next head
+    }
+}
+
+// Merges the splits that have positions of query (t = blockIdx.y, h = blockIdx.x): the
+// splits' weights exp(m - M) go to shared memory once; then warp w sums splits w, w + 4, ...
+// with 16-byte loads (lane = 4 output dims), and the four warps' sums are added at the end.
+enum { MERGE_THREADS = 128, MERGE_WARPS = MERGE_THREADS / CKV_WARP };
+static __global__ void __launch_bounds__(MERGE_THREADS) merge_kernel(struct cuda_attention_args a) {
+    pdl_begin();
+    extern __shared__ float merge_w[];   // [n_split]
+    __shared__ float red[MERGE_WARPS];
+    __shared__ float4 part[MERGE_WARPS][64];   // head_dim <= 256
+    int     h = blockIdx.x, hd = a.head_dim, tid = threadIdx.x, lane = tid % CKV_WARP, warp = tid / CKV_WARP;
+    int64_t t = blockIdx.y, j0, j1, stride = ckv_cuda_attention_partial_floats(hd);
+    int     active = split_range(a, t, 0, &j0, &j1);
+    const float * p = a.partial + ((size_t) t * a.n_head + h) * a.n_split * stride;
+    float M = -INFINITY;
+    for (int sp = tid; sp < active; sp += MERGE_THREADS) M = fmaxf(M, p[sp * stride + hd]);
+    M = warp_max(M);
+    if (lane == 0) red[warp] = M;
+    __syncthreads();
+    M = red[0];
+    for (int w = 1; w < MERGE_WARPS; w++) M = fmaxf(M, red[w]);
+    __syncthreads();
+    float L = 0.0f;
+    for (int sp = tid; sp < active; sp += MERGE_THREADS) {
+        float e = expf(p[sp * stride + hd] - M);
+        merge_w[sp] = e;
+        L += p[sp * stride + hd + 1] * e;
+    }
+    L = warp_sum(L);
+    if (lane == 0) red[warp] = L;
+    __syncthreads();
+    float inv = 0.0f;
+    for (int w = 0; w < MERGE_WARPS; w++) inv += red[w];
+    inv = 1.0f / inv;
+    int    nc = hd / 4;
+    float4 acc[2] = {make_float4(0, 0, 0, 0), make_float4(0, 0, 0, 0)};
+#pragma unroll 4
+    for (int sp = warp; sp < active; sp += MERGE_WARPS) {
+        float          w = merge_w[sp];
+        const float4 * row = (const float4 *) (p + sp * stride);
+        for (int i = 0; i < 2; i++) {
+            if (lane + 32 * i < nc) {
+                float4 v = row[lane + 32 * i];
+                acc[i].x += w * v.x; acc[i].y += w * v.y; acc[i].z += w * v.z; acc[i].w += w * v.w;
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++) {
+        if (lane + 32 * i < nc) part[warp][lane + 32 * i] = acc[i];
+    }
+    __syncthreads();
+    for (int f = tid; f < nc; f += MERGE_THREADS) {
+        float4 o = part[0][f];
+        for (int w = 1; w < MERGE_WARPS; w++) {
+            o.x += part[w][f].x; o.y += part[w][f].y; o.z += part[w][f].z; o.w += part[w][f].w;
+        }
+        *(float4 *) (a.out + (t * a.n_head + h) * hd + 4 * f) = make_float4(o.x * inv, o.y * inv, o.z * inv, o.w * inv);
+    }
+}
+
+// --- prefill: flash attention on tensor cores ------------------------------------------------
+//
+// One block per (64-query tile, head), 4 warps of 16 queries. K/V tiles of 64 positions go to
+// shared memory as f16 (V transposed, so both products read 32-bit fragment pairs); each warp
+// computes S = Q K^T with mma.sync m16n8k16 (f16 in, f32 accumulate), masks it (causal, window),
+// runs the online softmax on its registers, and multiplies P (rounded to f16, the S accumulator
+// layout reused as the A operand) by V into f32 output accumulators. Fragment layouts are the
+// PTX ISA's for m16n8k16: lane = 4 g + t4; A regs (row g | g+8, cols 2t4 | 2t4+8), B regs
+// (k rows 2t4 | 2t4+8, col g), C (row g | g+8, cols 2t4, 2t4+1).
+
+enum { FA_BM = 64, FA_BN = 64, FA_THREADS = 128 };
+
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *(uint32_t *) &h;
+}
+__device__ __forceinline__ uint32_t lds32(const __half * p) { return *(const uint32_t *) p; }
+
+template <int HD> constexpr size_t flash_smem_bytes() {
+    return sizeof(__half) * ((size_t) (FA_BM + FA_BN) * (HD + 8) + (size_t) HD * (FA_BN + 8));
+}
+
+template <int HD>
+static __global__ void __launch_bounds__(FA_THREADS) flash_prefill_kernel(struct cuda_attention_args a) {
+    pdl_begin();
+    constexpr int LDK = HD + 8, LDV = FA_BN + 8;   // padded rows: fragment reads spread over banks
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    __half * Qs = (__half *) fa_smem;   // [FA_BM][LDK]
+    __half * Ks = Qs + FA_BM * LDK;     // [FA_BN][LDK]
+    __half * Vt = Ks + FA_BN * LDK;     // [HD][LDV]: V transposed
+
+    int     tid = threadIdx.x, warp = tid / CKV_WARP, lane = tid % CKV_WARP, g = lane >> 2, t4 = lane & 3;
+    int64_t q0 = (int64_t) (gridDim.x - 1 - blockIdx.x) * FA_BM;   // longest tiles first
+    int     h = blockIdx.y, kvh = h / (a.n_head / a.n_head_kv);
+    int64_t pos0 = a.pos_dev ? *a.pos_dev : a.pos0;
+    int64_t n_q = min((int64_t) FA_BM, a.n_tokens - q0);
+    int64_t kv_hi = pos0 + q0 + n_q - 1;   // inclusive
+    int64_t kv_lo = a.window > 0 && pos0 + q0 - a.window + 1 > 0 ? pos0 + q0 - a.window + 1 : 0;
+    const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
+    const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
+
+    for (int i = tid; i < FA_BM * HD / 4; i += FA_THREADS) {   // Q tile as f16 (rows past the end: 0)
+        int    r = i / (HD / 4), c = (i % (HD / 4)) * 4;
+        float4 v = q0 + r < a.n_tokens ? *(const float4 *) (a.q + ((q0 + r) * a.n_head + h) * HD + c)
+                                       : make_float4(0, 0, 0, 0);
+        *(__half2 *) (Qs + r * LDK + c)     = __floats2half2_rn(v.x, v.y);
+        *(__half2 *) (Qs + r * LDK + c + 2) = __floats2half2_rn(v.z, v.w);
+    }
+    int64_t qpos[2] = {pos0 + q0 + warp * 16 + g, pos0 + q0 + warp * 16 + g + 8};
+    float o[HD / 8][4];
+    for (int d = 0; d < HD / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const __half * qrow = Qs + (warp * 16 + g) * LDK + 2 * t4;
+
+    for (int64_t kv0 = kv_lo; kv0 <= kv_hi; kv0 += FA_BN) {
+        __syncthreads();   // the previous tile's K / V are no longer read (and Q is written)
+        for (int i = tid; i < FA_BN * HD / 8; i += FA_THREADS) {
+            int  r = i / (HD / 8), c = (i % (HD / 8)) * 8;
+            bool in = kv0 + r <= kv_hi;   // rows past the range may hold garbage (NaN): zeros
+            uint4 kv = in ? *(const uint4 *) (kbase + (kv0 + r) * HD + c) : make_uint4(0, 0, 0, 0);
+            uint4 vv = in ? *(const uint4 *) (vbase + (kv0 + r) * HD + c) : make_uint4(0, 0, 0, 0);
+            *(uint4 *) (Ks + r * LDK + c) = kv;
+            const __half * ve = (const __half *) &vv;
+            for (int e = 0; e < 8; e++) Vt[(c + e) * LDV + r] = ve[e];
+        }
+        __syncthreads();
+
+        float s[FA_BN / 8][4];
+        for (int n = 0; n < FA_BN / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int ks = 0; ks < HD / 16; ks++) {
+            uint32_t af[4] = {lds32(qrow + ks * 16), lds32(qrow + 8 * LDK + ks * 16),
+                              lds32(qrow + ks * 16 + 8), lds32(qrow + 8 * LDK + ks * 16 + 8)};
+#pragma unroll
+            for (int n = 0; n < FA_BN / 8; n++) {
+                const __half * kr = Ks + (n * 8 + g) * LDK + ks * 16 + 2 * t4;
+                mma_16816(s[n], af, lds32(kr), lds32(kr + 8));
+            }
+        }
+        // Mask, scale and the online softmax of rows g (r = 0) and g + 8 (r = 1).
+        float mx[2] = {-INFINITY, -INFINITY};
+        for (int n = 0; n < FA_BN / 8; n++)
+            for (int e = 0; e < 4; e++) {
+                int64_t key = kv0 + n * 8 + 2 * t4 + (e & 1), qp = qpos[e >> 1];
+                bool ok = key <= qp && (a.window <= 0 || key > qp - a.window);
+                s[n][e] = ok ? s[n][e] * a.scale : -INFINITY;
+                mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+            }
+        float corr[2], base[2];
+        for (int r = 0; r < 2; r++) {
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            float m_new = fmaxf(m[r], mx[r]);
+            base[r] = m_new == -INFINITY ? 0.0f : m_new;   // a row with nothing visible yet
+            corr[r] = expf(m[r] - base[r]);
+            m[r] = m_new;
+            l[r] *= corr[r];
+        }
+        for (int n = 0; n < FA_BN / 8; n++)
+            for (int e = 0; e < 4; e++) {
+                s[n][e] = expf(s[n][e] - base[e >> 1]);
+                l[e >> 1] += s[n][e];
+            }
+        for (int d = 0; d < HD / 8; d++) {
+            o[d][0] *= corr[0]; o[d][1] *= corr[0];
+            o[d][2] *= corr[1]; o[d][3] *= corr[1];
+        }
+#pragma unroll
+        for (int j = 0; j < FA_BN / 16; j++) {
+            uint32_t pf[4] = {pack_half2(s[2 * j][0], s[2 * j][1]), pack_half2(s[2 * j][2], s[2 * j][3]),
+                              pack_half2(s[2 * j + 1][0], s[2 * j + 1][1]),
+                              pack_half2(s[2 * j + 1][2], s[2 * j + 1][3])};
+#pragma unroll
+            for (int d = 0; d < HD / 8; d++) {
+                const __half * vr = Vt + (d * 8 + g) * LDV + j * 16 + 2 * t4;
+                mma_16816(o[d], pf, lds32(vr), lds32(vr + 8));
+            }
+        }
+    }
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    }
+    for (int r = 0; r < 2; r++) {
+        int64_t q = q0 + warp * 16 + g + 8 * r;
+        if (q >= a.n_tokens) continue;
+        float   inv = 1.0f / l[r];
+        float * dst = a.out + (q * a.n_head + h) * HD + 2 * t4;
+        for (int d = 0; d < HD / 8; d++) *(float2 *) (dst + d * 8) = make_float2(o[d][2 * r] * inv, o[d][2 * r + 1] * inv);
+    }
+}
+
+// --- launchers -------------------------------------------------------------------------------
+
+int32_t ckv_cuda_attention_splits(int64_t n_tokens, int32_t n_head, int64_t n_kv, int64_t partial_cap) {
+    // At most ATT_MAX_SPLITS: with 8 KV heads that is ~2.5 waves of decode blocks on an H200,
+    // enough to fill it, while the merge's serial reads over the splits stay short.
+    int64_t want = (n_kv + ATT_MIN_CHUNK - 1) / ATT_MIN_CHUNK;
+    want = want < ATT_MAX_SPLITS ? want : ATT_MAX_SPLITS;
+    int64_t fit  = partial_cap / (n_tokens * n_head);
+    int64_t n    = want < fit ? want : fit;
+    return n < 1 ? 1 : (int32_t) n;
+}
+
+template <int HD> static cudaError_t launch_flash(const struct cuda_attention_args * a, cudaStream_t s) {
+    constexpr size_t smem = flash_smem_bytes<HD>();
+    cudaError_t e = cudaFuncSetAttribute(flash_prefill_kernel<HD>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         (int) smem);
+    if (e != cudaSuccess) return e;
+    dim3 grid((unsigned) ((a->n_tokens + FA_BM - 1) / FA_BM), (unsigned) a->n_head);
+    return launch_pdl(flash_prefill_kernel<HD>, grid, FA_THREADS, smem, s, *a);
+}
+
+template <int HD> static cudaError_t launch_decode(const struct cuda_attention_args * a, cudaStream_t s) {
+    int  group = a->n_head / a->n_head_kv, gmax = group <= 4 ? 4 : 8;
+    dim3 grid((unsigned) (a->n_head_kv * ((group + gmax - 1) / gmax)), (unsigned) a->n_split,
+              (unsigned) a->n_tokens);
+    cudaError_t e = gmax == 4 ? launch_pdl(attention_decode_kernel<HD, 4>, grid, DEC_THREADS, 0, s, *a)
+                              : launch_pdl(attention_decode_kernel<HD, 8>, grid, DEC_THREADS, 0, s, *a);
+    if (e == cudaSuccess && a->n_split > 1) {
+        size_t smem = (size_t) a->n_split * sizeof(float);
+        if (smem > 48 * 1024) e = cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+        if (e == cudaSuccess) {
+            e = launch_pdl(merge_kernel, dim3((unsigned) a->n_head, (unsigned) a->n_tokens), MERGE_THREADS, smem, s, *a);
+        }
+    }
+    return e;
+}
+
+int32_t ckv_cuda_attention(const struct cuda_attention_args * a, cudaStream_t s) {
+    if (a->n_head_kv < 1 || a->n_head % a->n_head_kv != 0 || a->n_split < 1 || a->n_tokens < 1 ||
+        (!a->pos_dev && a->pos0 + a->n_tokens > a->n_ctx) || (a->n_split > 1 && !a->partial)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda attention: bad shape (n_head %d, n_head_kv %d, "
+                        "n_split %d, %lld tokens at %lld, n_ctx %d)", a->n_head, a->n_head_kv,
+                        a->n_split, (long long) a->n_tokens, (long long) a->pos0, a->n_ctx);
+    }
+    bool        flash = a->n_tokens >= CKV_FLASH_MIN_TOKENS;
+    cudaError_t err;
+    switch (a->head_dim) {
+        case 64:  err = flash ? launch_flash<64>(a, s) : launch_decode<64>(a, s); break;
+        case 128: err = flash ? launch_flash<128>(a, s) : launch_decode<128>(a, s); break;
+        case 256: err = flash ? launch_flash<256>(a, s) : launch_decode<256>(a, s); break;
+        default:
+            return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda attention: head_dim %d (supported: 64, 128, 256)",
+                            a->head_dim);
+    }
+    CKV_CUDA_CHECK(err);
+    return CKV_OK;
+}

@@ -1,0 +1,514 @@
+// backend.cu - the CUDA backend behind cuda-backend.h: weight upload, device context (f16 KV
+// cache, activation scratch, stream) and the forward pass, which mirrors native/src/forward.c
+// step for step (same op order, same architecture switches) with the ops of cuda-ops.cuh.
+// Residual adds are fused into the producing op (matmul accumulate, RMSNorm add).
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.cuh"
+#include "cuda-backend.h"
+#include "cuda-ops.cuh"
+
+extern "C" {
+#include "model.h"
+}
+
+// --- device / weights ------------------------------------------------------------------------
+
+struct cuda_layer {
+    struct cuda_weight attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up, ffn_down;
+    const float *attn_norm, *ffn_norm, *post_attention_norm, *post_ffw_norm;   // [n_embd]
+    const float *attn_q_norm, *attn_k_norm;                                    // [head_dim]
+    const float *attn_q_bias, *attn_k_bias, *attn_v_bias;                      // [q_dim], [kv_dim]
+};
+
+struct cuda_model {
+    const struct ckv_model * host;
+    struct hparams           hp;
+    void *                   arena;      // every tensor below, 256-byte aligned
+    uint64_t                 arena_size;
+    struct cuda_weight       token_embd, output;
+    const float *            output_norm;
+    const float *            rope_freqs;  // [n_rot/2] or NULL
+    struct cuda_layer *      layers;      // host array [n_layer] of device pointers
+};
+
+extern "C" int32_t ckv_cuda_device_count(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();   // clear the sticky "no driver" error
+        return 0;
+    }
+    return n;
+}
+
+extern "C" const char * ckv_cuda_device_name(void) {
+    static char name[256];
+    cudaDeviceProp prop;
+    int            n = 0;
+    cudaError_t    err = cudaGetDeviceCount(&n);
+    if (err != cudaSuccess || n == 0) {
+        snprintf(name, sizeof(name), "no CUDA device (%s)",
+                 err != cudaSuccess ? cudaGetErrorString(err) : "none found");
+        cudaGetLastError();
+    } else if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess) {
+        snprintf(name, sizeof(name), "%s, %.1f GiB, sm_%d%d", prop.name,
+                 (double) prop.totalGlobalMem / (1 << 30), prop.major, prop.minor);
+    }
+    return name;
+}
+
+static size_t align256(size_t n) { return (n + 255) & ~(size_t) 255; }
+
+static size_t weight_bytes(const struct weight * w) {
+    return w->data ? (size_t) w->ne[1] * w->row_size : 0;
+}
+// Bytes of a vector tensor (norm or bias: F32, ne[1] == 1).
+static size_t vector_bytes(const struct weight * w) {
+    return w->data ? (size_t) w->ne[0] * w->ne[1] * sizeof(float) : 0;
+}
+
+// Walks every tensor of the model, calling visit(host weight, is_matrix, device slot).
+template <typename Fn> static void for_each_tensor(struct cuda_model * gm, Fn && visit) {
+    const struct ckv_model * m = gm->host;
+    visit(&m->token_embd, true, (void *) &gm->token_embd);
+    if (m->output.data != m->token_embd.data) {
+        visit(&m->output, true, (void *) &gm->output);
+    }
+    visit(&m->output_norm, false, (void *) &gm->output_norm);
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        const struct layer_weights * L = &m->layers[il];
+        struct cuda_layer *          G = &gm->layers[il];
+        const struct weight * mats[] = {&L->attn_q, &L->attn_k, &L->attn_v, &L->attn_output,
+                                        &L->ffn_gate, &L->ffn_up, &L->ffn_down};
+        struct cuda_weight * gmats[] = {&G->attn_q, &G->attn_k, &G->attn_v, &G->attn_output,
+                                        &G->ffn_gate, &G->ffn_up, &G->ffn_down};
+        for (int i = 0; i < 7; i++) visit(mats[i], true, (void *) gmats[i]);
+        const struct weight * vecs[] = {&L->attn_norm, &L->ffn_norm, &L->post_attention_norm,
+                                        &L->post_ffw_norm, &L->attn_q_norm, &L->attn_k_norm,
+                                        &L->attn_q_bias, &L->attn_k_bias, &L->attn_v_bias};
+        const float ** gvecs[] = {&G->attn_norm, &G->ffn_norm, &G->post_attention_norm,
+                                  &G->post_ffw_norm, &G->attn_q_norm, &G->attn_k_norm,
+                                  &G->attn_q_bias, &G->attn_k_bias, &G->attn_v_bias};
+        for (int i = 0; i < 9; i++) visit(vecs[i], false, (void *) gvecs[i]);
+    }
+}
+
+static int32_t check_model(const struct ckv_model * m) {
+    const struct hparams * hp = &m->hp;
+    if (hp->head_dim != 64 && hp->head_dim != 128 && hp->head_dim != 256) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "CUDA backend: head size %d has no attention kernel "
+                        "(64, 128, 256)", hp->head_dim);
+    }
+    if (hp->n_embd % 32 || hp->n_ff % 32) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "CUDA backend: n_embd %d and n_ff %d must be multiples "
+                        "of 32", hp->n_embd, hp->n_ff);
+    }
+    return CKV_OK;
+}
+
+extern "C" int32_t ckv_cuda_model_create(const struct ckv_model * m, struct cuda_model ** out) {
+    *out = NULL;
+    if (ckv_cuda_device_count() == 0) {
+        return ckv_fail(CKV_ERR_CUDA, "n_gpu_layers != 0 but %s", ckv_cuda_device_name());
+    }
+    int32_t st = check_model(m);
+    if (st != CKV_OK) {
+        return st;
+    }
+    struct cuda_model * gm = (struct cuda_model *) calloc(1, sizeof(*gm));
+    struct cuda_layer * layers = (struct cuda_layer *) calloc((size_t) m->hp.n_layer, sizeof(*layers));
+    if (!gm || !layers) {
+        free(gm);
+        free(layers);
+        return ckv_fail(CKV_ERR_OOM, "out of host memory for the CUDA model");
+    }
+    gm->host = m;
+    gm->hp = m->hp;
+    gm->layers = layers;
+    // Pass 1: check types and size the arena; pass 2: copy.
+    size_t total = m->rope_freqs ? align256((size_t) m->hp.n_rot / 2 * sizeof(float)) : 0;
+    const struct weight * bad = NULL;
+    for_each_tensor(gm, [&](const struct weight * w, bool matrix, void *) {
+        if (matrix && w->data && !cuda_type_supported(w->type)) bad = w;
+        total += align256(matrix ? weight_bytes(w) : vector_bytes(w));
+    });
+    if (bad) {
+        ckv_cuda_model_free(gm);
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "CUDA backend: no kernels for weight type %u", bad->type);
+    }
+    size_t free_b = 0, total_b = 0;
+    CKV_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+    if (total > free_b || cudaMalloc(&gm->arena, total) != cudaSuccess) {
+        cudaGetLastError();
+        ckv_cuda_model_free(gm);
+        return ckv_fail(CKV_ERR_OOM, "the model needs %.1f MiB of GPU memory, %.1f MiB are free on %s",
+                        total / 1048576.0, free_b / 1048576.0, ckv_cuda_device_name());
+    }
+    gm->arena_size = total;
+    char *      cursor = (char *) gm->arena;
+    cudaError_t err = cudaSuccess;
+    for_each_tensor(gm, [&](const struct weight * w, bool matrix, void * slot) {
+        size_t bytes = matrix ? weight_bytes(w) : vector_bytes(w);
+        void * dst = bytes ? cursor : NULL;
+        if (bytes && err == cudaSuccess) err = cudaMemcpy(dst, w->data, bytes, cudaMemcpyHostToDevice);
+        cursor += align256(bytes);
+        if (matrix) {
+            struct cuda_weight * g = (struct cuda_weight *) slot;
+            *g = {dst, w->type, w->ne[0], w->ne[1], w->row_size};
+        } else {
+            *(const float **) slot = (const float *) dst;
+        }
+    });
+    if (m->output.data == m->token_embd.data) {
+        gm->output = gm->token_embd;
+    }
+    if (m->rope_freqs && err == cudaSuccess) {
+        err = cudaMemcpy(cursor, m->rope_freqs, (size_t) m->hp.n_rot / 2 * sizeof(float),
+                         cudaMemcpyHostToDevice);
+        gm->rope_freqs = (const float *) cursor;
+    }
+    if (err != cudaSuccess) {
+        ckv_cuda_model_free(gm);
+        return ckv_fail(CKV_ERR_CUDA, "copying the weights to the GPU failed: %s", cudaGetErrorString(err));
+    }
+    *out = gm;
+    return CKV_OK;
+}
+
+extern "C" void ckv_cuda_model_free(struct cuda_model * gm) {
+    if (!gm) {
+        return;
+    }
+    cudaFree(gm->arena);
+    free(gm->layers);
+    free(gm);
+}
+
+extern "C" uint64_t ckv_cuda_model_size(const struct cuda_model * gm) { return gm->arena_size; }
+
+// --- context ---------------------------------------------------------------------------------
+
+enum { LOGITS_ROWS = 64 };  // output-head rows per chunk: bounds the logits buffer (vocab 262k)
+
+struct cuda_context {
+    const struct cuda_model * gm;
+    int32_t      n_ctx, n_batch;
+    cudaStream_t stream;
+    __half *     k_cache;    // [n_layer][n_head_kv][n_ctx][head_dim] f16
+    __half *     v_cache;
+    int32_t *    tokens;     // [n_batch]
+    float *x, *xb, *xb2;     // [n_batch][n_embd]
+    float *q, *att;          // [n_batch][n_head * head_dim]
+    float *k, *v;            // [n_batch][n_head_kv * head_dim]
+    float *hb, *hb2;         // [n_batch][n_ff]
+    void *       hq;         // cq8x [n_ff / 32]: one token's hb quantised for the int8 GEMV
+    void *       xq;         // cq8x [max(n_embd, q_dim) / 32]: one token's GEMV input, quantised
+    float *      logits;     // [LOGITS_ROWS][n_vocab]
+    float *      partial;    // [partial_cap][head_dim + 4] flash-decode partial results
+    int64_t      partial_cap;
+    // One-token decode replays a captured CUDA graph: its kernels read the position from d_pos
+    // and the token from d_tokens, both copied in from pinned memory inside the graph, so one
+    // capture serves every position (attention uses a fixed split count for n_ctx).
+    int32_t *       d_pos;        // device [1]
+    int32_t *       h_step;       // pinned [2]: token, position
+    float *         h_logits;     // pinned [n_vocab]
+    bool            use_graph;    // CKV_CUDA_GRAPH=0 turns graphs off (for comparison)
+    cudaGraphExec_t decode_graph; // NULL until the first one-token decode
+};
+
+extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
+                                           struct cuda_context ** out) {
+    *out = NULL;
+    if (n_ctx < 1 || n_batch < 1) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda context: n_ctx %d and n_batch %d must be >= 1",
+                        n_ctx, n_batch);
+    }
+    struct cuda_context * gc = (struct cuda_context *) calloc(1, sizeof(*gc));
+    if (!gc) {
+        return ckv_fail(CKV_ERR_OOM, "out of host memory for the CUDA context");
+    }
+    const struct hparams * hp = &gm->hp;
+    gc->gm = gm;
+    gc->n_ctx = n_ctx;
+    gc->n_batch = n_batch;
+    int64_t q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
+    int64_t per_split_decode = ((int64_t) n_ctx + 255) / 256;
+    gc->partial_cap = (int64_t) hp->n_head * (per_split_decode > 2 * n_batch ? per_split_decode : 2 * n_batch);
+    size_t kv_bytes = (size_t) hp->n_layer * kv_dim * n_ctx * sizeof(__half);
+    struct { void ** p; size_t bytes; } bufs[] = {
+        {(void **) &gc->k_cache, kv_bytes}, {(void **) &gc->v_cache, kv_bytes},
+        {(void **) &gc->tokens, sizeof(int32_t) * n_batch},
+        {(void **) &gc->x, sizeof(float) * n_batch * hp->n_embd},
+        {(void **) &gc->xb, sizeof(float) * n_batch * hp->n_embd},
+        {(void **) &gc->xb2, sizeof(float) * n_batch * hp->n_embd},
+        {(void **) &gc->q, sizeof(float) * n_batch * q_dim},
+        {(void **) &gc->att, sizeof(float) * n_batch * q_dim},
+        {(void **) &gc->k, sizeof(float) * n_batch * kv_dim},
+        {(void **) &gc->v, sizeof(float) * n_batch * kv_dim},
+        {(void **) &gc->hb, sizeof(float) * n_batch * hp->n_ff},
+        {(void **) &gc->hb2, sizeof(float) * n_batch * hp->n_ff},
+        {(void **) &gc->hq, sizeof(cq8x) * (hp->n_ff / 32)},
+        {(void **) &gc->xq, sizeof(cq8x) * ((q_dim > hp->n_embd ? q_dim : hp->n_embd) / 32)},
+        {(void **) &gc->logits, sizeof(float) * LOGITS_ROWS * hp->n_vocab},
+        {(void **) &gc->partial, sizeof(float) * gc->partial_cap * ckv_cuda_attention_partial_floats(hp->head_dim)},
+    };
+    size_t total = 0;
+    for (auto & b : bufs) total += b.bytes;
+    for (auto & b : bufs) {
+        if (cudaMalloc(b.p, b.bytes) != cudaSuccess) {
+            cudaGetLastError();
+            ckv_cuda_context_free(gc);
+            return ckv_fail(CKV_ERR_OOM, "the CUDA context (n_ctx %d, n_batch %d) needs %.1f MiB of "
+                            "GPU memory (KV cache %.1f MiB): out of memory on %s", n_ctx, n_batch,
+                            total / 1048576.0, 2.0 * kv_bytes / 1048576.0, ckv_cuda_device_name());
+        }
+    }
+    cudaError_t err = cudaStreamCreateWithFlags(&gc->stream, cudaStreamNonBlocking);
+    if (err == cudaSuccess) err = cudaMalloc(&gc->d_pos, sizeof(int32_t));
+    if (err == cudaSuccess) err = cudaMallocHost(&gc->h_step, 2 * sizeof(int32_t));
+    if (err == cudaSuccess) err = cudaMallocHost(&gc->h_logits, sizeof(float) * hp->n_vocab);
+    const char * env = getenv("CKV_CUDA_GRAPH");
+    gc->use_graph = !(env && strcmp(env, "0") == 0);
+    if (err != cudaSuccess) {
+        ckv_cuda_context_free(gc);
+        return ckv_fail(CKV_ERR_CUDA, "creating the CUDA stream or pinned buffers failed: %s",
+                        cudaGetErrorString(err));
+    }
+    *out = gc;
+    return CKV_OK;
+}
+
+extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
+    if (!gc) {
+        return;
+    }
+    if (gc->stream) {
+        cudaStreamSynchronize(gc->stream);
+        cudaStreamDestroy(gc->stream);
+    }
+    if (gc->decode_graph) {
+        cudaGraphExecDestroy(gc->decode_graph);
+    }
+    void * ptrs[] = {gc->k_cache, gc->v_cache, gc->tokens, gc->x, gc->xb, gc->xb2, gc->q, gc->att,
+                     gc->k, gc->v, gc->hb, gc->hb2, gc->hq, gc->xq, gc->logits, gc->partial, gc->d_pos};
+    for (void * p : ptrs) cudaFree(p);
+    cudaFreeHost(gc->h_step);
+    cudaFreeHost(gc->h_logits);
+    free(gc);
+}
+
+// --- forward ---------------------------------------------------------------------------------
+
+#define TRY(call)                 \
+    do {                          \
+        int32_t st_ = (call);     \
+        if (st_ != CKV_OK) {      \
+            return st_;           \
+        }                         \
+    } while (0)
+
+static int32_t matmul(struct cuda_context * gc, const struct cuda_weight * w, const float * x,
+                      float * y, const float * bias, int64_t n, bool accumulate) {
+    struct cuda_matmul_args a = {w, x, y, w->n_out, bias, n, accumulate, NULL, 0.0f};
+    return ckv_cuda_matmul(&a, gc->stream);
+}
+
+// pos_dev != NULL: the position lives in device memory (graph capture) and pos0 is unused.
+static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int64_t pos0,
+                               const int32_t * pos_dev) {
+    const struct hparams *    hp = &gc->gm->hp;
+    const struct cuda_layer * L  = &gc->gm->layers[il];
+    cudaStream_t              s  = gc->stream;
+    bool gemma = hp->arch == ARCH_GEMMA3, swa = hparams_is_swa_layer(hp, il);
+    size_t layer_off = (size_t) il * hp->n_head_kv * gc->n_ctx * hp->head_dim;
+
+    // One token: one launch normalises x into xb and quantises it (xq) for the int8 GEMVs; a
+    // chunk normalises into xb for the GEMM.
+    const void * xq = n == 1 ? gc->xq : NULL;
+    if (xq) {
+        TRY(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, gc->x, L->attn_norm, hp->n_embd, hp->rms_eps, s));
+    } else {
+        TRY(ckv_cuda_rmsnorm(gc->xb, gc->x, L->attn_norm, n, hp->n_embd, hp->rms_eps, false, s));
+    }
+    const float * in = gc->xb;
+    struct cuda_matmul_args qkv[3] = {
+        {&L->attn_q, in, gc->q, L->attn_q.n_out, L->attn_q_bias, n, false, NULL, 0.0f, xq},
+        {&L->attn_k, in, gc->k, L->attn_k.n_out, L->attn_k_bias, n, false, NULL, 0.0f, xq},
+        {&L->attn_v, in, gc->v, L->attn_v.n_out, L->attn_v_bias, n, false, NULL, 0.0f, xq},
+    };
+    TRY(ckv_cuda_matmul_multi(qkv, 3, s));
+    float base = swa ? hp->rope_base_swa : hp->rope_base;
+    struct cuda_rope_kv_args rk = {gc->q, gc->k, gc->v, gc->k_cache + layer_off, gc->v_cache + layer_off,
+                                   n, hp->n_head, hp->n_head_kv, hp->head_dim, hp->n_rot, gc->n_ctx, pos0,
+                                   powf(base, -2.0f / (float) hp->n_rot), swa ? 1.0f : hp->rope_freq_scale,
+                                   gc->gm->rope_freqs, hp->rope_mode == ROPE_NEOX,
+                                   gemma ? L->attn_q_norm : NULL, gemma ? L->attn_k_norm : NULL,
+                                   hp->rms_eps, pos_dev};
+    TRY(ckv_cuda_rope_kv(&rk, s));
+
+    int32_t window = swa ? hp->n_swa : 0;
+    int64_t n_kv = pos_dev ? gc->n_ctx : pos0 + n;  // a graph serves every position up to n_ctx
+    if (window > 0 && n_kv > window) {
+        n_kv = window;  // no query of the chunk sees more positions than the window
+    }
+    struct cuda_attention_args at = {gc->q, gc->k_cache + layer_off, gc->v_cache + layer_off, gc->att,
+                                     gc->partial, n, pos0, gc->n_ctx, hp->n_head, hp->n_head_kv,
+                                     hp->head_dim, window,
+                                     ckv_cuda_attention_splits(n, hp->n_head, n_kv, gc->partial_cap),
+                                     hp->attn_scale, pos_dev};
+    TRY(ckv_cuda_attention(&at, s));
+    if (xq) {
+        TRY(ckv_cuda_quantize_q8(gc->att, gc->xq, (int64_t) hp->n_head * hp->head_dim, s));
+    }
+    struct cuda_matmul_args o = {&L->attn_output, gc->att, gemma ? gc->xb2 : gc->x, L->attn_output.n_out,
+                                 NULL, n, !gemma, NULL, 0.0f, xq};
+    TRY(ckv_cuda_matmul(&o, s));
+    if (gemma) {  // x += norm(out(att)): the norm sits between the projection and the residual
+        return ckv_cuda_rmsnorm(gc->x, gc->xb2, L->post_attention_norm, n, hp->n_embd, hp->rms_eps, true, s);
+    }
+    return CKV_OK;
+}
+
+static int32_t ffn_block(struct cuda_context * gc, int il, int64_t n) {
+    const struct hparams *    hp = &gc->gm->hp;
+    const struct cuda_layer * L  = &gc->gm->layers[il];
+    cudaStream_t              s  = gc->stream;
+    bool gemma = hp->arch == ARCH_GEMMA3;
+
+    // One token: x normalised and quantised in one launch (xq), and the GLU also writes hb
+    // quantised (hq), which the down projection reads.
+    const void * xq = n == 1 ? gc->xq : NULL;
+    void *       hq = n == 1 ? gc->hq : NULL;
+    if (xq) {
+        TRY(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, gc->x, L->ffn_norm, hp->n_embd, hp->rms_eps, s));
+    } else {
+        TRY(ckv_cuda_rmsnorm(gc->xb, gc->x, L->ffn_norm, n, hp->n_embd, hp->rms_eps, false, s));
+    }
+    TRY(ckv_cuda_matmul_glu(&L->ffn_gate, &L->ffn_up, gc->xb, gc->hb, gc->hb2, n, gemma, NULL, 0.0f, xq,
+                            hq, s));
+    float * out = gemma ? gc->xb2 : gc->x;
+    struct cuda_matmul_args down = {&L->ffn_down, gc->hb, out, L->ffn_down.n_out, NULL, n, !gemma, NULL, 0.0f, hq};
+    TRY(ckv_cuda_matmul(&down, s));
+    if (gemma) {
+        return ckv_cuda_rmsnorm(gc->x, gc->xb2, L->post_ffw_norm, n, hp->n_embd, hp->rms_eps, true, s);
+    }
+    return CKV_OK;
+}
+
+// Final norm and output head for tokens [first, n), LOGITS_ROWS rows at a time.
+static int32_t output_head(struct cuda_context * gc, int64_t first, int64_t n, float * logits_host) {
+    const struct hparams * hp = &gc->gm->hp;
+    for (int64_t r0 = first; r0 < n; r0 += LOGITS_ROWS) {
+        int64_t rows = n - r0 < LOGITS_ROWS ? n - r0 : LOGITS_ROWS;
+        const float * xr = gc->x + r0 * hp->n_embd;
+        if (rows == 1) {   // the final norm and the quantisation in one launch, then the GEMV
+            TRY(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, xr, gc->gm->output_norm, hp->n_embd, hp->rms_eps,
+                                             gc->stream));
+            struct cuda_matmul_args a = {&gc->gm->output, gc->xb, gc->logits, hp->n_vocab, NULL, 1, false,
+                                         NULL, 0.0f, gc->xq};
+            TRY(ckv_cuda_matmul(&a, gc->stream));
+        } else {
+            TRY(ckv_cuda_rmsnorm(gc->xb, xr, gc->gm->output_norm, rows, hp->n_embd, hp->rms_eps, false,
+                                 gc->stream));
+            TRY(matmul(gc, &gc->gm->output, gc->xb, gc->logits, NULL, rows, false));
+        }
+        CKV_CUDA_CHECK(cudaMemcpyAsync(logits_host + (r0 - first) * hp->n_vocab, gc->logits,
+                                       sizeof(float) * rows * hp->n_vocab, cudaMemcpyDeviceToHost,
+                                       gc->stream));
+    }
+    return CKV_OK;
+}
+
+// Device work of one chunk: tokens already in gc->tokens, logits rows to `logits_out`.
+static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
+                              int32_t first_output, float * logits_out) {
+    const struct hparams * hp = &gc->gm->hp;
+    TRY(ckv_cuda_embed(&gc->gm->token_embd, gc->tokens, n, hp->embd_scale, gc->x, gc->stream));
+    for (int il = 0; il < hp->n_layer; il++) {
+        TRY(attention_block(gc, il, n, pos0, pos_dev));
+        TRY(ffn_block(gc, il, n));
+    }
+    if (first_output < n) {
+        TRY(output_head(gc, first_output, n, logits_out));
+    }
+    return CKV_OK;
+}
+
+// Captures the one-token decode (inputs from gc->h_step, logits to gc->h_logits) as a graph.
+static int32_t capture_decode_graph(struct cuda_context * gc) {
+    cudaGraph_t graph = NULL;
+    CKV_CUDA_CHECK(cudaStreamBeginCapture(gc->stream, cudaStreamCaptureModeThreadLocal));
+    cudaError_t err = cudaMemcpyAsync(gc->tokens, gc->h_step, sizeof(int32_t), cudaMemcpyHostToDevice,
+                                      gc->stream);
+    if (err == cudaSuccess) {
+        err = cudaMemcpyAsync(gc->d_pos, gc->h_step + 1, sizeof(int32_t), cudaMemcpyHostToDevice, gc->stream);
+    }
+    int32_t st = err == cudaSuccess ? forward_device(gc, 1, 0, gc->d_pos, 0, gc->h_logits)
+                                    : ckv_fail(CKV_ERR_CUDA, "graph capture: %s", cudaGetErrorString(err));
+    cudaError_t end = cudaStreamEndCapture(gc->stream, &graph);
+    if (st == CKV_OK && end != cudaSuccess) {
+        st = ckv_fail(CKV_ERR_CUDA, "graph capture failed: %s", cudaGetErrorString(end));
+    }
+    if (st == CKV_OK) {
+        err = cudaGraphInstantiate(&gc->decode_graph, graph, 0);
+        if (err != cudaSuccess) {
+            gc->decode_graph = NULL;
+            st = ckv_fail(CKV_ERR_CUDA, "cudaGraphInstantiate failed: %s", cudaGetErrorString(err));
+        }
+    }
+    if (graph) {
+        cudaGraphDestroy(graph);
+    }
+    return st;
+}
+
+static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t pos, float * logits_host) {
+    if (!gc->decode_graph) {
+        TRY(capture_decode_graph(gc));
+    }
+    gc->h_step[0] = token;
+    gc->h_step[1] = pos;
+    CKV_CUDA_CHECK(cudaGraphLaunch(gc->decode_graph, gc->stream));
+    CKV_CUDA_CHECK(cudaStreamSynchronize(gc->stream));
+    memcpy(logits_host, gc->h_logits, sizeof(float) * gc->gm->hp.n_vocab);
+    return CKV_OK;
+}
+
+static int32_t forward(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
+                       int32_t first_output, float * logits_host) {
+    if (n == 1 && first_output == 0 && gc->use_graph) {
+        return decode_one_graph(gc, tokens[0], pos0, logits_host);
+    }
+    CKV_CUDA_CHECK(cudaMemcpyAsync(gc->tokens, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice,
+                                   gc->stream));
+    return forward_device(gc, n, pos0, NULL, first_output, logits_host);
+}
+
+extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n,
+                                   int32_t pos0, int32_t first_output, float * logits_host) {
+    if (!tokens || n < 1 || n > gc->n_batch || pos0 < 0 || first_output < 0 ||
+        (first_output < n && !logits_host)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_cuda_decode: need 1 <= n (%d) <= n_batch (%d), "
+                        "pos0 %d >= 0, first_output %d >= 0 and a logits buffer", n, gc->n_batch,
+                        pos0, first_output);
+    }
+    if ((int64_t) pos0 + n > gc->n_ctx) {
+        return ckv_fail(CKV_ERR_CTX_FULL, "%d tokens at position %d exceed the CUDA context of %d",
+                        n, pos0, gc->n_ctx);
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= gc->gm->hp.n_vocab) {
+            return ckv_fail(CKV_ERR_INVALID_ARG, "token %d at index %d is outside the vocabulary [0, %d)",
+                            tokens[i], i, gc->gm->hp.n_vocab);
+        }
+    }
+    int32_t st = forward(gc, tokens, n, pos0, first_output, logits_host);
+    cudaError_t err = cudaStreamSynchronize(gc->stream);  // also surfaces asynchronous kernel faults
+    if (st == CKV_OK && err != cudaSuccess) {
+        return ckv_fail(CKV_ERR_CUDA, "CUDA forward pass failed: %s", cudaGetErrorString(err));
+    }
+    return st;
+}

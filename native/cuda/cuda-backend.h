@@ -1,0 +1,55 @@
+// cuda-backend.h - the CUDA backend as context.c sees it (internal, plain C, no CUDA types).
+// A cuda_model is a device copy of a loaded ckv_model's weights; a cuda_context holds the f16
+// KV cache, the activation scratch and a stream on the device, and runs the whole forward pass
+// (every layer, prefill and decode) there. Errors are recorded with ckv_fail and returned as
+// ckv_status codes (CKV_ERR_CUDA, CKV_ERR_UNSUPPORTED, CKV_ERR_OOM, CKV_ERR_INVALID_ARG).
+//
+// The library links the CUDA runtime statically, so it loads on machines without a GPU or
+// driver: ckv_cuda_device_count() then reports 0 and nothing else here should be called.
+#ifndef CKV_CUDA_BACKEND_H
+#define CKV_CUDA_BACKEND_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct ckv_model;
+struct cuda_model;
+struct cuda_context;
+
+// Number of usable CUDA devices; 0 (never an error) without a driver or a device.
+int32_t ckv_cuda_device_count(void);
+
+// "NVIDIA H200, 139.8 GiB, sm_90" for device 0, or the reason there is none. Never NULL.
+const char * ckv_cuda_device_name(void);
+
+// Uploads every weight of m (which must outlive the copy) to device 0. CKV_ERR_CUDA when there
+// is no device, CKV_ERR_UNSUPPORTED for a tensor type or head size without kernels, CKV_ERR_OOM
+// when the weights do not fit in device memory.
+int32_t ckv_cuda_model_create(const struct ckv_model * m, struct cuda_model ** out);
+void    ckv_cuda_model_free(struct cuda_model * gm);   // accepts NULL
+
+// Device bytes the weights occupy.
+uint64_t ckv_cuda_model_size(const struct cuda_model * gm);
+
+// A context for up to n_ctx positions, n_batch tokens per ckv_cuda_decode call.
+int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
+                                struct cuda_context ** out);
+void    ckv_cuda_context_free(struct cuda_context * gc);   // accepts NULL
+
+// Runs tokens [0, n) at positions pos0 .. pos0 + n - 1 through the model, writing their keys and
+// values to the cache (positions >= pos0 are overwritten, so truncation is just a smaller pos0),
+// and copies the logits of tokens [first_output, n) to logits_host ((n - first_output) rows of
+// n_vocab floats; nothing when first_output >= n). Returns when the logits are on the host.
+// CKV_ERR_INVALID_ARG for n < 1 or n > n_batch or a token outside the vocabulary,
+// CKV_ERR_CTX_FULL for pos0 + n > n_ctx, CKV_ERR_CUDA if a kernel or copy fails.
+int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
+                        int32_t first_output, float * logits_host);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif  // CKV_CUDA_BACKEND_H

@@ -1,0 +1,899 @@
+// matmul.cu - y[t][r] = dot(W row r, x[t]) (+ bias) on quantised weights, for every weight
+// type of common.cuh. Twin: ops_matmul (quantised activations there, f32 / f16 here).
+//
+// Decode (one token): GEMV, optionally with the preceding RMSNorm fused (the block normalises x
+// first). Quantised weights: int8 GEMV on activations quantised to 8 bits per 32 values (as the
+// CPU's vec_dot does; ggml's mmvq), one warp per row (two for the output head). F32 / F16 /
+// BF16 weights: f32 GEMV on f32 activations, one warp per row. f32 accumulation throughout.
+//
+// Prefill (n_tokens > 1): 64 x 64 output tiles (weight rows x tokens) per 128-thread block; each
+// 32-wide k step dequantises the weight tile to f16 in shared memory, converts the activations
+// to f16, and 4 warps multiply with WMMA 16x16x16 (f32 accumulators). f16 activations keep
+// 11 bits of mantissa, more than the CPU's 8-bit activation quantisation.
+#include <mma.h>
+#include <stdlib.h>
+
+#include "common.cuh"
+#include "cuda-ops.cuh"
+
+// --- GEMV ------------------------------------------------------------------------------------
+
+enum { MMV_WARPS = 4 };
+
+// Sum over a block of MMV_WARPS warps (threadIdx.x the lane, threadIdx.y the warp).
+__device__ __forceinline__ float mmv_block_sum(float v) {
+    __shared__ float part[MMV_WARPS];
+    v = warp_sum(v);
+    if (threadIdx.x == 0) part[threadIdx.y] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int w = 0; w < MMV_WARPS; w++) s += part[w];
+    return s;
+}
+
+// The GEMV's input vector: x itself, or (NORM) x / rms(x) * norm_w computed by the whole block
+// into shared memory `sx` (the formula of ops_rmsnorm), so the RMSNorm that precedes q/k/v, the
+// FFN and the output head costs no launch of its own. Every block redoes the norm: its n_in
+// floats come from L2 and are few next to the block's weight rows.
+template <bool NORM>
+__device__ __forceinline__ const float * mmv_input(const float * __restrict__ x, int64_t n_in,
+                                                   const float * __restrict__ norm_w, float eps,
+                                                   float * sx) {
+    if constexpr (!NORM) {
+        return x;
+    } else {
+        int   tid = threadIdx.y * CKV_WARP + threadIdx.x;
+        float sum = 0.0f;
+        for (int64_t i = tid; i < n_in / 4; i += MMV_WARPS * CKV_WARP) {
+            float4 v = ((const float4 *) x)[i];
+            ((float4 *) sx)[i] = v;
+            sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        float scale = 1.0f / sqrtf(mmv_block_sum(sum) / (float) n_in + eps);
+        for (int64_t i = tid; i < n_in / 4; i += MMV_WARPS * CKV_WARP) {
+            float4 v = ((float4 *) sx)[i], g = ((const float4 *) norm_w)[i];
+            ((float4 *) sx)[i] = make_float4(v.x * scale * g.x, v.y * scale * g.y, v.z * scale * g.z,
+                                             v.w * scale * g.w);
+        }
+        __syncthreads();
+        return sx;
+    }
+}
+
+// dot(weight row, x) by one warp: lane l reads part s = l % 4 of chunk l / 4 + 8i of the row
+// (8 values, see dequant8), so the warp streams 8 consecutive chunks per step; the unrolled
+// loop keeps several steps' loads in flight.
+template <int T>
+__device__ __forceinline__ float mmv_row_dot(const uint8_t * __restrict__ wrow, int64_t n_in,
+                                             const float * x) {
+    int   s = threadIdx.x & 3;
+    float sum = 0.0f;
+#pragma unroll 2
+    for (int64_t c = threadIdx.x >> 2; c < n_in / 32; c += 8) {
+        float v[8];
+        dequant8<T>(wrow, c, s, v);
+        float4 a = *(const float4 *) (x + c * 32 + chunk_off0<T>(s));
+        float4 b = *(const float4 *) (x + c * 32 + chunk_off1<T>(s));
+        sum += v[0] * a.x + v[1] * a.y + v[2] * a.z + v[3] * a.w;
+        sum += v[4] * b.x + v[5] * b.y + v[6] * b.z + v[7] * b.w;
+    }
+    return warp_sum(sum);
+}
+
+// Up to three matrices over the same input in one launch (q, k and v; or a single matmul):
+// blocks take consecutive rows of the concatenated outputs, one warp per row. All jobs share
+// the weight type and n_in.
+struct mmv_jobs {
+    const uint8_t * w[3];
+    size_t          row_size[3];
+    int64_t         n_out[3];
+    float *         y[3];
+    const float *   bias[3];
+    bool            accumulate[3];
+    int             n_jobs;
+};
+
+template <int T, bool NORM>
+static __global__ void __launch_bounds__(MMV_WARPS * CKV_WARP)
+mmv_kernel(struct mmv_jobs j, int64_t n_in, const float * __restrict__ x,
+           const float * __restrict__ norm_w, float eps) {
+    pdl_begin();
+    extern __shared__ float4 mmv_smem[];
+    const float * xin = mmv_input<NORM>(x, n_in, norm_w, eps, (float *) mmv_smem);
+    int64_t row = (int64_t) blockIdx.x * MMV_WARPS + threadIdx.y;
+    int     job = 0;
+    while (job < j.n_jobs && row >= j.n_out[job]) {
+        row -= j.n_out[job++];
+    }
+    if (job >= j.n_jobs) {
+        return;
+    }
+    float sum = mmv_row_dot<T>(j.w[job] + row * j.row_size[job], n_in, xin);
+    if (threadIdx.x == 0) {
+        float * y = j.y[job];
+        if (j.bias[job]) {
+            sum += j.bias[job][row];
+        }
+        y[row] = j.accumulate[job] ? y[row] + sum : sum;
+    }
+}
+
+// y[r] = act(dot(gate row r, x)) * dot(up row r, x): the FFN's two projections and the gated
+// activation (ops_silu_mul / ops_gelu_mul formulas) in one pass.
+template <int T, bool NORM>
+static __global__ void __launch_bounds__(MMV_WARPS * CKV_WARP)
+mmv_glu_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu, size_t row_size,
+               int64_t n_in, int64_t n_out, const float * __restrict__ x, float * __restrict__ y,
+               bool gelu, const float * __restrict__ norm_w, float eps) {
+    pdl_begin();
+    extern __shared__ float4 mmv_smem[];
+    const float * xin = mmv_input<NORM>(x, n_in, norm_w, eps, (float *) mmv_smem);
+    int64_t row = (int64_t) blockIdx.x * MMV_WARPS + threadIdx.y;
+    if (row >= n_out) {
+        return;
+    }
+    float sg = mmv_row_dot<T>(wg + row * row_size, n_in, xin);
+    float su = mmv_row_dot<T>(wu + row * row_size, n_in, xin);
+    if (threadIdx.x == 0) {
+        if (gelu) {
+            const float sqrt_2_over_pi = 0.79788456080286535588f;
+            y[row] = 0.5f * sg * (1.0f + tanhf(sqrt_2_over_pi * sg * (1.0f + 0.044715f * sg * sg))) * su;
+        } else {
+            y[row] = sg / (1.0f + expf(-sg)) * su;
+        }
+    }
+}
+
+// Launches kern<T, NORM> with the shared memory the norm needs (opting in above 48 KiB).
+template <typename K>
+static cudaError_t launch_mmv(K kern, bool norm, int64_t n_in, int64_t rows, cudaStream_t s, auto... args) {
+    size_t smem = norm ? (size_t) n_in * sizeof(float) : 0;
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
+        if (e != cudaSuccess) return e;
+    }
+    return launch_pdl(kern, (unsigned) ((rows + MMV_WARPS - 1) / MMV_WARPS), dim3(CKV_WARP, MMV_WARPS), smem,
+                      s, args...);
+}
+
+// --- int8 GEMV (quantised weight types) --------------------------------------------------------
+//
+// The activation vector is quantised once to cq8x blocks (32 int8 values, f32 scale and sum),
+// and each lane multiplies its 8 weight quants with the matching 8 activation bytes by two
+// __dp4a. Against the f32 GEMV above this cuts the activation bytes each lane reads from 32 to
+// 8 (+ the block's scale pair) per 8 weights and the instructions per weight by ~4x, which is
+// what bound that kernel (on-chip bandwidth and issue, not HBM). Lane layout as dequant8: lane
+// part s = lane % 4 of chunk c; for the K-quants a warp step is one 256-value super-block.
+//
+// A lane's result for its 8 values is A * d_x * sumi + B * s_x, where sumi is the integer dot,
+// d_x / s_x the chunk's activation scale and scale * sum(qs), A the weight scale of the lane's
+// values and B a quarter of the chunk's weight offset (q4_1 / q5_1 m, K-quant -dmin * min): the
+// four lanes of a chunk add up to the whole offset term.
+
+// Bytes a - k for bytes 0 <= a < 128 and k <= 128, without borrows between bytes.
+__device__ __forceinline__ int sub_bytes(uint32_t a, uint32_t k) {
+    return (int) (((a | 0x80808080u) - k) ^ 0x80808080u);
+}
+__device__ __forceinline__ uint32_t ld_u32_a2(const uint8_t * p) {   // 2-byte aligned
+    const uint16_t * h = (const uint16_t *) p;
+    return (uint32_t) h[0] | (uint32_t) h[1] << 16;
+}
+// Bit i (0..3) of the nibble h to bit 4 of byte i (the fifth bit of q5_0 / q5_1 quants).
+__device__ __forceinline__ uint32_t spread_bit4(uint32_t h) {
+    return (h << 4 & 0x10u) | (h << 11 & 0x1000u) | (h << 18 & 0x100000u) | (h << 25 & 0x10000000u);
+}
+// The 6-bit scale and min of sub-block j from the three words of a K-quant's 12 scale bytes
+// (scale_min_k4 without byte loads).
+__device__ __forceinline__ void scale_min_k4_words(int j, const uint32_t * w, float * sc, float * m) {
+    int      jj = (j & 3) * 8;
+    uint32_t b0 = (w[0] >> jj) & 0xFF, b1 = (w[1] >> jj) & 0xFF, b2 = (w[2] >> jj) & 0xFF;
+    if (j < 4) {
+        *sc = (float) (b0 & 63);
+        *m  = (float) (b1 & 63);
+    } else {
+        *sc = (float) ((b2 & 0xF) | (b0 >> 6) << 4);
+        *m  = (float) ((b2 >> 4) | (b1 >> 6) << 4);
+    }
+}
+
+template <int T> constexpr bool has_q8_gemv() {
+    return T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q5_0 || T == CT_Q5_1 || T == CT_Q8_0 ||
+           T == CT_Q4_K || T == CT_Q5_K || T == CT_Q6_K;
+}
+
+// Lane part s of chunk c of a row times the activation ints xa (values off0..off0+3 of the
+// chunk) and xb (off1..off1+3), with the chunk's ds = (d_x, s_x).
+template <int T>
+__device__ __forceinline__ float vdot_q8(const uint8_t * __restrict__ row, int64_t c, int s, int xa,
+                                         int xb, float2 ds) {
+    int   wa, wb;
+    float A, B = 0.0f;
+    if constexpr (T == CT_Q4_0) {
+        const cq4_0 * b = (const cq4_0 *) row + c;
+        uint32_t q = ld_u32_a2(b->qs + 4 * s);
+        wa = sub_bytes(q & 0x0F0F0F0F, 0x08080808);
+        wb = sub_bytes(q >> 4 & 0x0F0F0F0F, 0x08080808);
+        A = __half2float(b->d);
+    } else if constexpr (T == CT_Q4_1) {
+        const cq4_1 * b = (const cq4_1 *) row + c;
+        uint32_t q = *(const uint32_t *) (b->qs + 4 * s);
+        float2   dm = __half22float2(*(const __half2 *) &b->d);
+        wa = (int) (q & 0x0F0F0F0F);
+        wb = (int) (q >> 4 & 0x0F0F0F0F);
+        A = dm.x;
+        B = 0.25f * dm.y;
+    } else if constexpr (T == CT_Q5_0) {
+        const cq5_0 * b = (const cq5_0 *) row + c;
+        uint32_t q = ld_u32_a2(b->qs + 4 * s), qh = ld_u32_a2(b->qh);
+        wa = sub_bytes((q & 0x0F0F0F0F) | spread_bit4(qh >> (4 * s) & 0xF), 0x10101010);
+        wb = sub_bytes((q >> 4 & 0x0F0F0F0F) | spread_bit4(qh >> (4 * s + 16) & 0xF), 0x10101010);
+        A = __half2float(b->d);
+    } else if constexpr (T == CT_Q5_1) {
+        const cq5_1 * b = (const cq5_1 *) row + c;
+        uint32_t q = *(const uint32_t *) (b->qs + 4 * s), qh = *(const uint32_t *) b->qh;
+        float2   dm = __half22float2(*(const __half2 *) &b->d);
+        wa = (int) ((q & 0x0F0F0F0F) | spread_bit4(qh >> (4 * s) & 0xF));
+        wb = (int) ((q >> 4 & 0x0F0F0F0F) | spread_bit4(qh >> (4 * s + 16) & 0xF));
+        A = dm.x;
+        B = 0.25f * dm.y;
+    } else if constexpr (T == CT_Q8_0) {
+        const cq8_0 * b = (const cq8_0 *) row + c;
+        wa = (int) ld_u32_a2((const uint8_t *) b->qs + 8 * s);
+        wb = (int) ld_u32_a2((const uint8_t *) b->qs + 8 * s + 4);
+        A = __half2float(b->d);
+    } else if constexpr (T == CT_Q4_K || T == CT_Q5_K) {
+        int j = (int) (c & 7);
+        const uint8_t * blk = row + (c >> 3) * (T == CT_Q4_K ? sizeof(cq4_K) : sizeof(cq5_K));
+        float2   dm = __half22float2(*(const __half2 *) blk);
+        uint32_t sw[3] = {((const uint32_t *) blk)[1], ((const uint32_t *) blk)[2], ((const uint32_t *) blk)[3]};
+        const uint8_t * qs = blk + (T == CT_Q4_K ? 16 : 48);
+        uint2 q = *(const uint2 *) (qs + 32 * (j >> 1) + 8 * s);
+        int   shift = (j & 1) * 4;
+        uint32_t va = q.x >> shift & 0x0F0F0F0F, vb = q.y >> shift & 0x0F0F0F0F;
+        if constexpr (T == CT_Q5_K) {
+            uint2 h = *(const uint2 *) (blk + 16 + 8 * s);
+            va |= (h.x >> j & 0x01010101) << 4;
+            vb |= (h.y >> j & 0x01010101) << 4;
+        }
+        float sc, mn;
+        scale_min_k4_words(j, sw, &sc, &mn);
+        wa = (int) va;
+        wb = (int) vb;
+        A = dm.x * sc;
+        B = -0.25f * (dm.y * mn);
+    } else if constexpr (T == CT_Q6_K) {
+        const cq6_K * b = (const cq6_K *) row + (c >> 3);
+        int j = (int) (c & 7), h = j >> 2, g = j & 3;
+        const uint8_t * ql = b->ql + 64 * h + (g & 1) * 32 + 8 * s;
+        const uint8_t * qh = b->qh + 32 * h + 8 * s;
+        int lshift = (g >> 1) * 4, hshift = 2 * g;
+        uint32_t la = ld_u32_a2(ql), lb = ld_u32_a2(ql + 4), ha = ld_u32_a2(qh), hb = ld_u32_a2(qh + 4);
+        wa = sub_bytes((la >> lshift & 0x0F0F0F0F) | (ha >> hshift & 0x03030303) << 4, 0x20202020);
+        wb = sub_bytes((lb >> lshift & 0x0F0F0F0F) | (hb >> hshift & 0x03030303) << 4, 0x20202020);
+        A = __half2float(b->d) * (float) b->scales[8 * h + 2 * g + (s >> 1)];
+    }
+    int sumi = __dp4a(wb, xb, __dp4a(wa, xa, 0));
+    return A * (ds.x * (float) sumi) + B * ds.y;
+}
+
+// Quantises 32 values (one per lane) into *dst (the formula of quantize_row_q8_1_ref, scale and
+// sum kept in f32).
+__device__ __forceinline__ void quantize_chunk_warp(float v, struct cq8x * dst) {
+    int   lane = threadIdx.x % CKV_WARP;
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int   q = __float2int_rn(v * id);
+    int   sum = __reduce_add_sync(0xffffffffu, q);
+    dst->qs[lane] = (int8_t) q;
+    if (lane == 0) {
+        dst->ds = make_float2(d, (float) sum * d);
+    }
+}
+
+enum { MMVQ_WARPS = 8, MMVQ_THREADS = MMVQ_WARPS * CKV_WARP };
+
+// Sum over the block's warps (blockDim.x threads in one dimension); every thread gets it.
+__device__ __forceinline__ float mmvq_block_sum(float v) {
+    __shared__ float part[32];
+    v = warp_sum(v);
+    int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    float s = 0.0f;
+    for (int w = 0; w < (int) blockDim.x / CKV_WARP; w++) s += part[w];
+    return s;
+}
+
+// The block's quantised input: xq itself when the producer wrote it, else x (optionally RMS-
+// normalised, NORM) quantised by the block into shared memory `sq`, one chunk per warp.
+template <bool NORM>
+__device__ __forceinline__ const cq8x * mmvq_input(const float * __restrict__ x, const cq8x * xq,
+                                                   int64_t n_in, const float * __restrict__ norm_w,
+                                                   float eps, cq8x * sq) {
+    if (xq) {
+        return xq;
+    }
+    float scale = 1.0f;
+    if constexpr (NORM) {
+        float sum = 0.0f;
+#pragma unroll 4
+        for (int64_t i = threadIdx.x; i < n_in / 4; i += blockDim.x) {
+            float4 v = ((const float4 *) x)[i];
+            sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        scale = 1.0f / sqrtf(mmvq_block_sum(sum) / (float) n_in + eps);
+    }
+    // Warp w quantises chunks w, w + n_warps, ...; each batch's loads are all issued before the
+    // first chunk's reductions, so the prologue costs a few L2 round trips, not one per chunk.
+    constexpr int BATCH = 8;
+    int     lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP, n_warps = blockDim.x / CKV_WARP;
+    int64_t n_chunks = n_in / 32;
+    for (int64_t c0 = warp; c0 < n_chunks; c0 += (int64_t) BATCH * n_warps) {
+        float v[BATCH];
+#pragma unroll
+        for (int k = 0; k < BATCH; k++) {
+            int64_t c = c0 + (int64_t) k * n_warps;
+            v[k] = c < n_chunks ? x[c * 32 + lane] : 0.0f;
+            if constexpr (NORM) {
+                v[k] = c < n_chunks ? v[k] * scale * norm_w[c * 32 + lane] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < BATCH; k++) {
+            int64_t c = c0 + (int64_t) k * n_warps;
+            if (c < n_chunks) quantize_chunk_warp(v[k], sq + c);
+        }
+    }
+    __syncthreads();
+    return sq;
+}
+
+// R rows' dots with the quantised input by one warp, U warp steps (8 chunks each) unrolled so
+// that R * U steps' weight loads are in flight together. Every lane gets the sums.
+// With W > 1, W warps share each row: warp part wr takes chunks 8 wr .. 8 wr + 7 of every
+// 8 W, and the caller adds the W partial sums.
+template <int T, int R, int U, int W = 1>
+__device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int64_t n_in,
+                                          const cq8x * xq, float (&out)[R], int wr = 0) {
+    int   lane = threadIdx.x % CKV_WARP, s = lane & 3;
+    float acc[R];
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+#pragma unroll U
+    for (int64_t c = wr * 8 + (lane >> 2); c < n_in / 32; c += 8 * W) {
+        const cq8x * xb = xq + c;
+        int    xa = *(const int *) (xb->qs + chunk_off0<T>(s)), xc = *(const int *) (xb->qs + chunk_off1<T>(s));
+        float2 ds = xb->ds;
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r] += vdot_q8<T>(rows[r], c, s, xa, xc, ds);
+    }
+    for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
+}
+
+// The int8 twin of mmv_kernel: each warp takes R consecutive rows of the concatenated jobs;
+// blocks stride over the row groups (the grid is capped near one wave, so the input is
+// quantised a bounded number of times for the output head's 100k+ rows).
+template <int T, bool NORM, int R, int U>
+static __global__ void __launch_bounds__(MMVQ_THREADS)
+mmvq_kernel(struct mmv_jobs j, int64_t n_in, const float * __restrict__ x, const cq8x * xq,
+            const float * __restrict__ norm_w, float eps, int64_t total_rows) {
+    pdl_begin();
+    extern __shared__ float4 mmv_smem[];
+    const cq8x * xin = mmvq_input<NORM>(x, xq, n_in, norm_w, eps, (cq8x *) mmv_smem);
+    int warp = threadIdx.x / CKV_WARP;
+    for (int64_t base = ((int64_t) blockIdx.x * MMVQ_WARPS + warp) * R; base < total_rows;
+         base += (int64_t) gridDim.x * MMVQ_WARPS * R) {
+        const uint8_t * rows[R];
+        int      job[R];
+        int64_t  row[R];
+        for (int r = 0; r < R; r++) {   // a row past the end reads row 0 and is not written
+            row[r] = base + r < total_rows ? base + r : 0;
+            job[r] = 0;
+            while (row[r] >= j.n_out[job[r]]) row[r] -= j.n_out[job[r]++];
+            rows[r] = j.w[job[r]] + row[r] * j.row_size[job[r]];
+        }
+        float sum[R];
+        mmvq_rows<T, R, U>(rows, n_in, xin, sum);
+        if (threadIdx.x % CKV_WARP == 0) {
+            for (int r = 0; r < R; r++) {
+                if (base + r >= total_rows) break;
+                float * y = j.y[job[r]];
+                float   v = sum[r] + (j.bias[job[r]] ? j.bias[job[r]][row[r]] : 0.0f);
+                y[row[r]] = j.accumulate[job[r]] ? y[row[r]] + v : v;
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ float glu_act(float g, float u, bool gelu) {
+    if (gelu) {
+        const float sqrt_2_over_pi = 0.79788456080286535588f;
+        return 0.5f * g * (1.0f + tanhf(sqrt_2_over_pi * g * (1.0f + 0.044715f * g * g))) * u;
+    }
+    return g / (1.0f + expf(-g)) * u;
+}
+
+// The int8 twin of mmv_glu_kernel: a block of 32 / R warps owns 32 consecutive rows (R per
+// warp, gate and up together), so it also writes its 32 outputs as one cq8x block (yq, or
+// NULL), the input of the down projection, and saves that a quantising pass.
+template <int T, bool NORM, int R>
+static __global__ void __launch_bounds__(32 / R * CKV_WARP)
+mmvq_glu_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu, size_t row_size,
+                int64_t n_in, int64_t n_out, const float * __restrict__ x, float * __restrict__ y,
+                cq8x * yq, bool gelu, const float * __restrict__ norm_w, float eps) {
+    pdl_begin();
+    extern __shared__ float4 mmv_smem[];
+    __shared__ float outs[32];
+    const cq8x * xin = mmvq_input<NORM>(x, nullptr, n_in, norm_w, eps, (cq8x *) mmv_smem);
+    int     warp = threadIdx.x / CKV_WARP, lane = threadIdx.x % CKV_WARP;
+    int64_t row0 = (int64_t) blockIdx.x * 32 + warp * R;
+    const uint8_t * rows[2 * R];
+    for (int r = 0; r < R; r++) {   // rows past n_out (n_out % 32 != 0, yq NULL) read row 0
+        int64_t rr = row0 + r < n_out ? row0 + r : 0;
+        rows[r] = wg + rr * row_size;
+        rows[R + r] = wu + rr * row_size;
+    }
+    float sum[2 * R];
+    mmvq_rows<T, 2 * R, (R >= 2 ? 2 : 4)>(rows, n_in, xin, sum);
+    if (lane < R) {
+        float v = 0.0f;
+        for (int r = 0; r < R; r++) v = lane == r ? glu_act(sum[r], sum[R + r], gelu) : v;
+        outs[warp * R + lane] = v;
+        if (row0 + lane < n_out) y[row0 + lane] = v;
+    }
+    if (yq) {
+        __syncthreads();
+        if (warp == 0) quantize_chunk_warp(outs[lane], yq + blockIdx.x);
+    }
+}
+
+// The decode path's GEMV (input quantised beforehand, xq): W warps per row, so a block has a
+// whole row's loads in flight at once (one warp per row left each warp with a single step of
+// loads in flight: ~1 TB/s); no prologue. Block: 8 warps = 8 / W rows, R = 1.
+template <int T, int W>
+static __global__ void __launch_bounds__(MMVQ_THREADS)
+mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq, int64_t total_rows) {
+    pdl_begin();
+    __shared__ float part[MMVQ_WARPS];
+    int     warp = threadIdx.x / CKV_WARP, wr = warp % W;
+    int64_t row = (int64_t) blockIdx.x * (MMVQ_WARPS / W) + warp / W;
+    int64_t r = row < total_rows ? row : 0;   // a row past the end reads row 0, is not written
+    int     job = 0;
+    while (r >= j.n_out[job]) r -= j.n_out[job++];
+    const uint8_t * rows[1] = {j.w[job] + r * j.row_size[job]};
+    float sum[1];
+    mmvq_rows<T, 1, 4, W>(rows, n_in, xq, sum, wr);
+    if constexpr (W > 1) {
+        if (threadIdx.x % CKV_WARP == 0) part[warp] = sum[0];
+        __syncthreads();
+        if (wr == 0) {
+            for (int k = 1; k < W; k++) sum[0] += part[warp + k];
+        }
+    }
+    if (threadIdx.x % CKV_WARP == 0 && wr == 0 && row < total_rows) {
+        float * y = j.y[job];
+        float   v = sum[0] + (j.bias[job] ? j.bias[job][r] : 0.0f);
+        y[r] = j.accumulate[job] ? y[r] + v : v;
+    }
+}
+
+// The GLU on a quantised input: 32 rows per block as mmvq_glu_kernel, 4 rows (gate and up) per
+// warp group of W warps.
+template <int T, int W>
+static __global__ void __launch_bounds__(8 * W * CKV_WARP)
+mmvq_glu_split_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu, size_t row_size,
+                      int64_t n_in, int64_t n_out, const cq8x * __restrict__ xq, float * __restrict__ y,
+                      cq8x * yq, bool gelu) {
+    pdl_begin();
+    constexpr int R = 4;
+    __shared__ float part[8 * W][2 * R];
+    __shared__ float outs[32];
+    int     warp = threadIdx.x / CKV_WARP, lane = threadIdx.x % CKV_WARP, wr = warp % W, grp = warp / W;
+    int64_t row0 = (int64_t) blockIdx.x * 32 + grp * R;
+    const uint8_t * rows[2 * R];
+    for (int r = 0; r < R; r++) {
+        int64_t rr = row0 + r < n_out ? row0 + r : 0;
+        rows[r] = wg + rr * row_size;
+        rows[R + r] = wu + rr * row_size;
+    }
+    float sum[2 * R];
+    mmvq_rows<T, 2 * R, 2, W>(rows, n_in, xq, sum, wr);
+    if constexpr (W > 1) {
+        if (lane == 0) {
+            for (int r = 0; r < 2 * R; r++) part[warp][r] = sum[r];
+        }
+        __syncthreads();
+        if (wr == 0) {
+            for (int k = 1; k < W; k++)
+                for (int r = 0; r < 2 * R; r++) sum[r] += part[warp + k][r];
+        }
+    }
+    if (wr == 0 && lane < R) {
+        float v = 0.0f;
+        for (int r = 0; r < R; r++) v = lane == r ? glu_act(sum[r], sum[R + r], gelu) : v;
+        outs[grp * R + lane] = v;
+        if (row0 + lane < n_out) y[row0 + lane] = v;
+    }
+    if (yq) {
+        __syncthreads();
+        if (warp == 0) quantize_chunk_warp(outs[lane], yq + blockIdx.x);
+    }
+}
+
+static int g_split_w = 0, g_glu_w = 0;   // CKV_MMVQ_W / CKV_GLU_W (A/B runs), 0 = default
+
+static int g_mmvq_rows = 0, g_glu_rows = 0;   // CKV_MMVQ_ROWS / CKV_GLU_ROWS (A/B runs), 0 = auto
+
+static void read_mmvq_env(void) {
+    static bool done = false;
+    if (!done) {
+        const char * e = getenv("CKV_MMVQ_ROWS");
+        g_mmvq_rows = e ? atoi(e) : 0;
+        e = getenv("CKV_GLU_ROWS");
+        g_glu_rows = e ? atoi(e) : 0;
+        e = getenv("CKV_MMVQ_W");
+        g_split_w = e ? atoi(e) : 0;
+        e = getenv("CKV_GLU_W");
+        g_glu_w = e ? atoi(e) : 0;
+        done = true;
+    }
+}
+
+static int sm_count(void) {
+    static int n = 0;
+    if (!n) {
+        int dev = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+            cudaGetLastError();
+            n = 132;
+        }
+    }
+    return n;
+}
+
+template <typename K> static cudaError_t set_smem(K kern, size_t smem) {
+    return smem > 48 * 1024 ? cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem)
+                            : cudaSuccess;
+}
+
+// Rows per warp: one (the most warps) for per-layer matrices, two for the output head, where
+// the grid is capped and each block then quantises the input once for many rows.
+template <int T, bool NORM>
+static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t rows, const float * x,
+                               const cq8x * xq, const float * norm_w, float eps, cudaStream_t s) {
+    read_mmvq_env();
+    if (xq) {
+        int      W = g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8 ? g_split_w : 4;
+        unsigned grid = (unsigned) ((rows + MMVQ_WARPS / W - 1) / (MMVQ_WARPS / W));
+        switch (W) {
+            case 1: return launch_pdl(mmvq_split_kernel<T, 1>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
+            case 2: return launch_pdl(mmvq_split_kernel<T, 2>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
+            case 8: return launch_pdl(mmvq_split_kernel<T, 8>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
+            default: return launch_pdl(mmvq_split_kernel<T, 4>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
+        }
+    }
+    int    R = g_mmvq_rows == 1 || g_mmvq_rows == 2 ? g_mmvq_rows : (rows > 32768 ? 2 : 1);
+    size_t smem = xq ? 0 : (size_t) n_in / 32 * sizeof(cq8x);
+    int64_t groups = (rows + MMVQ_WARPS * R - 1) / (MMVQ_WARPS * R);
+    int64_t cap = (int64_t) sm_count() * 8;
+    unsigned grid = (unsigned) (groups < cap ? groups : cap);
+    cudaError_t e;
+    if (R == 1) {
+        auto kern = mmvq_kernel<T, NORM, 1, 8>;
+        e = set_smem(kern, smem);
+        if (e == cudaSuccess) e = launch_pdl(kern, grid, MMVQ_THREADS, smem, s, j, n_in, x, xq, norm_w, eps, rows);
+    } else {
+        auto kern = mmvq_kernel<T, NORM, 2, 4>;
+        e = set_smem(kern, smem);
+        if (e == cudaSuccess) e = launch_pdl(kern, grid, MMVQ_THREADS, smem, s, j, n_in, x, xq, norm_w, eps, rows);
+    }
+    return e;
+}
+
+template <int T, bool NORM>
+static cudaError_t launch_mmvq_glu(const uint8_t * wg, const uint8_t * wu, size_t row_size, int64_t n_in,
+                                   int64_t n_out, const float * x, const cq8x * xq, float * y, cq8x * yq,
+                                   bool gelu, const float * norm_w, float eps, cudaStream_t s) {
+    read_mmvq_env();
+    if (xq) {
+        int      W = g_glu_w == 1 || g_glu_w == 2 || g_glu_w == 4 ? g_glu_w : 2;
+        unsigned grid = (unsigned) ((n_out + 31) / 32);
+        switch (W) {
+            case 1: return launch_pdl(mmvq_glu_split_kernel<T, 1>, grid, 8 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
+            case 4: return launch_pdl(mmvq_glu_split_kernel<T, 4>, grid, 32 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
+            default: return launch_pdl(mmvq_glu_split_kernel<T, 2>, grid, 16 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
+        }
+    }
+    int      R = g_glu_rows == 1 || g_glu_rows == 2 || g_glu_rows == 4 ? g_glu_rows : 2;
+    size_t   smem = (size_t) n_in / 32 * sizeof(cq8x);
+    unsigned grid = (unsigned) ((n_out + 31) / 32);
+    cudaError_t e;
+    auto go = [&](auto kern, int threads) {
+        e = set_smem(kern, smem);
+        if (e == cudaSuccess) e = launch_pdl(kern, grid, threads, smem, s, wg, wu, row_size, n_in, n_out, x, y, yq,
+                                             gelu, norm_w, eps);
+    };
+    if (R == 1) go(mmvq_glu_kernel<T, NORM, 1>, 32 * CKV_WARP);
+    else if (R == 2) go(mmvq_glu_kernel<T, NORM, 2>, 16 * CKV_WARP);
+    else go(mmvq_glu_kernel<T, NORM, 4>, 8 * CKV_WARP);
+    return e;
+}
+
+// x [n_rows][n] (n % 32 == 0) to cq8x blocks, one warp per block.
+static __global__ void quantize_q8_kernel(const float * __restrict__ x, cq8x * xq, int64_t n_blocks) {
+    pdl_begin();
+    int64_t c = (int64_t) blockIdx.x * (blockDim.x / CKV_WARP) + threadIdx.x / CKV_WARP;
+    if (c < n_blocks) {
+        quantize_chunk_warp(x[c * 32 + threadIdx.x % CKV_WARP], xq + c);
+    }
+}
+
+// One block: y = x / rms(x) * w (ops_rmsnorm's formula; y = x without w) and its cq8x blocks.
+enum { NQ_THREADS = 1024 };
+static __global__ void __launch_bounds__(NQ_THREADS)
+norm_quantize_kernel(float * __restrict__ y, cq8x * yq, const float * __restrict__ x,
+                     const float * __restrict__ w, int64_t n, float eps) {
+    pdl_begin();
+    float scale = 1.0f;
+    if (w) {
+        float sum = 0.0f;
+        for (int64_t i = threadIdx.x; i < n / 4; i += NQ_THREADS) {
+            float4 v = ((const float4 *) x)[i];
+            sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+        }
+        scale = 1.0f / sqrtf(mmvq_block_sum(sum) / (float) n + eps);
+    }
+    int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP;
+    for (int64_t c = warp; c < n / 32; c += NQ_THREADS / CKV_WARP) {
+        float v = x[c * 32 + lane];
+        if (w) v = v * scale * w[c * 32 + lane];
+        if (y) y[c * 32 + lane] = v;
+        quantize_chunk_warp(v, yq + c);
+    }
+}
+
+int32_t ckv_cuda_rmsnorm_quantize_q8(float * y, void * yq, const float * x, const float * w, int64_t n,
+                                     float eps, cudaStream_t s) {
+    if (n < 32 || n % 32 != 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda rmsnorm_quantize_q8: n %lld is not a positive multiple "
+                        "of 32", (long long) n);
+    }
+    CKV_CUDA_CHECK(launch_pdl(norm_quantize_kernel, 1, NQ_THREADS, 0, s, y, (cq8x *) yq, x, w, n, eps));
+    return CKV_OK;
+}
+
+int32_t ckv_cuda_quantize_q8(const float * x, void * xq, int64_t n, cudaStream_t s) {
+    if (n < 32 || n % 32 != 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda quantize_q8: n %lld is not a positive multiple of 32",
+                        (long long) n);
+    }
+    int64_t blocks = n / 32;
+    CKV_CUDA_CHECK(launch_pdl(quantize_q8_kernel, (unsigned) ((blocks + 7) / 8), 256, 0, s, x, (cq8x *) xq, blocks));
+    return CKV_OK;
+}
+
+// --- tensor-core GEMM ------------------------------------------------------------------------
+
+enum { MM_BM = 64, MM_BN = 64, MM_BK = 32, MM_LDK = MM_BK + 8, MM_LDC = MM_BM + 4, MM_THREADS = 128 };
+
+using namespace nvcuda;
+
+template <int T>
+static __global__ void __launch_bounds__(MM_THREADS)
+mm_kernel(const uint8_t * __restrict__ w, size_t row_size, int64_t n_in, int64_t n_out,
+          const float * __restrict__ x, int64_t n_tokens, float * __restrict__ y, int64_t ldy,
+          const float * __restrict__ bias, bool accumulate) {
+    pdl_begin();
+    // The f16 tiles and the f32 output tile are never live together: share the memory.
+    __shared__ __align__(128) unsigned char smem[MM_BN * MM_LDC * sizeof(float)];
+    __half * As = (__half *) smem;                 // [MM_BM][MM_LDK] weight rows x k
+    __half * Bs = As + MM_BM * MM_LDK;             // [MM_BN][MM_LDK] tokens x k
+    float *  Cs = (float *) smem;                  // [MM_BN][MM_LDC] tokens x rows
+    static_assert(2 * MM_BM * MM_LDK * sizeof(__half) <= sizeof(smem), "tiles fit");
+
+    int64_t row0 = (int64_t) blockIdx.x * MM_BM, tok0 = (int64_t) blockIdx.y * MM_BN;
+    int     tid = threadIdx.x, warp = tid / 32, wm = warp >> 1, wn = warp & 1;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++) wmma::fill_fragment(acc[i][j], 0.0f);
+
+    for (int64_t c = 0; c < n_in / 32; c++) {
+        for (int item = tid; item < MM_BM * 4; item += MM_THREADS) {   // weight tile, 8 values each
+            int r = item >> 2, s = item & 3;
+            float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (row0 + r < n_out) {
+                dequant8<T>(w + (row0 + r) * row_size, c, s, v);
+            }
+            __half * dst = As + r * MM_LDK;
+            for (int i = 0; i < 4; i++) {
+                dst[chunk_off0<T>(s) + i] = __float2half(v[i]);
+                dst[chunk_off1<T>(s) + i] = __float2half(v[4 + i]);
+            }
+        }
+        for (int item = tid; item < MM_BN * 8; item += MM_THREADS) {   // activation tile, float4s
+            int    t = item >> 3, k4 = (item & 7) * 4;
+            float4 v = make_float4(0, 0, 0, 0);
+            if (tok0 + t < n_tokens) {
+                v = *(const float4 *) (x + (tok0 + t) * n_in + c * 32 + k4);
+            }
+            __half * dst = Bs + t * MM_LDK + k4;
+            dst[0] = __float2half(v.x); dst[1] = __float2half(v.y);
+            dst[2] = __float2half(v.z); dst[3] = __float2half(v.w);
+        }
+        __syncthreads();
+        for (int kk = 0; kk < MM_BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major> fa[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::col_major> fb[2];
+            for (int i = 0; i < 2; i++) {
+                wmma::load_matrix_sync(fa[i], As + (wm * 32 + i * 16) * MM_LDK + kk, MM_LDK);
+                wmma::load_matrix_sync(fb[i], Bs + (wn * 32 + i * 16) * MM_LDK + kk, MM_LDK);
+            }
+            for (int i = 0; i < 2; i++)
+                for (int j = 0; j < 2; j++) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    // acc[i][j] element (m, n) is weight row wm*32+16i+m, token wn*32+16j+n: Cs[token][row].
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++)
+            wmma::store_matrix_sync(Cs + (wn * 32 + j * 16) * MM_LDC + wm * 32 + i * 16, acc[i][j],
+                                    MM_LDC, wmma::mem_col_major);
+    __syncthreads();
+    for (int item = tid; item < MM_BM * MM_BN; item += MM_THREADS) {
+        int t = item / MM_BM, r = item % MM_BM;
+        if (tok0 + t < n_tokens && row0 + r < n_out) {
+            float   v   = Cs[t * MM_LDC + r] + (bias ? bias[row0 + r] : 0.0f);
+            float * dst = y + (tok0 + t) * ldy + row0 + r;
+            *dst = accumulate ? *dst + v : v;
+        }
+    }
+}
+
+// --- launcher --------------------------------------------------------------------------------
+
+static int32_t check_matmul(const struct cuda_matmul_args * a) {
+    const struct cuda_weight * w = a->w;
+    if (w->n_in % 32 != 0 || a->n_tokens < 1 || a->ldy < w->n_out) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda matmul: n_in %lld is not a multiple of 32, or "
+                        "n_tokens %lld < 1, or ldy %lld < n_out %lld", (long long) w->n_in,
+                        (long long) a->n_tokens, (long long) a->ldy, (long long) w->n_out);
+    }
+    if (a->xq && (a->n_tokens != 1 || a->norm_w)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda matmul: a pre-quantised input (xq) needs one token "
+                        "and no fused norm (got %lld tokens)", (long long) a->n_tokens);
+    }
+    if (a->norm_w && a->n_tokens != 1) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda matmul: the fused input norm needs one token, "
+                        "not %lld (run ckv_cuda_rmsnorm first)", (long long) a->n_tokens);
+    }
+    return CKV_OK;
+}
+
+// One-token jobs over the same input, one launch (the caller checked they may share it).
+static int32_t launch_gemv_jobs(const struct cuda_matmul_args * jobs, int n_jobs, cudaStream_t s) {
+    struct mmv_jobs j = {};
+    int64_t rows = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        j.w[i] = (const uint8_t *) jobs[i].w->data;
+        j.row_size[i] = jobs[i].w->row_size;
+        j.n_out[i] = jobs[i].w->n_out;
+        j.y[i] = jobs[i].y;
+        j.bias[i] = jobs[i].bias;
+        j.accumulate[i] = jobs[i].accumulate;
+        rows += jobs[i].w->n_out;
+    }
+    j.n_jobs = n_jobs;
+    const float * norm = jobs[0].norm_w;
+    int64_t       n_in = jobs[0].w->n_in;
+    const cq8x *  xq = (const cq8x *) jobs[0].xq;
+    cudaError_t   err = cudaSuccess;
+    bool known = dispatch_type(jobs[0].w->type, [&]<int T>() {
+        if constexpr (has_q8_gemv<T>()) {
+            err = norm && !xq ? launch_mmvq<T, true>(j, n_in, rows, jobs[0].x, xq, norm, jobs[0].norm_eps, s)
+                              : launch_mmvq<T, false>(j, n_in, rows, jobs[0].x, xq, NULL, 0.0f, s);
+        } else {
+            err = norm ? launch_mmv(mmv_kernel<T, true>, true, n_in, rows, s, j, n_in, jobs[0].x, norm, jobs[0].norm_eps)
+                       : launch_mmv(mmv_kernel<T, false>, false, n_in, rows, s, j, n_in, jobs[0].x, norm, 0.0f);
+        }
+    });
+    if (!known) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda matmul: no kernel for ggml type %u", jobs[0].w->type);
+    }
+    CKV_CUDA_CHECK(err);
+    return CKV_OK;
+}
+
+int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s) {
+    int32_t st = check_matmul(a);
+    if (st != CKV_OK) {
+        return st;
+    }
+    if (a->n_tokens == 1) {
+        return launch_gemv_jobs(a, 1, s);
+    }
+    const struct cuda_weight * w = a->w;
+    const uint8_t * wd = (const uint8_t *) w->data;
+    cudaError_t err = cudaSuccess;
+    bool known = dispatch_type(w->type, [&]<int T>() {
+        dim3 grid((unsigned) ((w->n_out + MM_BM - 1) / MM_BM), (unsigned) ((a->n_tokens + MM_BN - 1) / MM_BN));
+        err = launch_pdl(mm_kernel<T>, grid, MM_THREADS, 0, s, wd, w->row_size, w->n_in, w->n_out, a->x,
+                         a->n_tokens, a->y, a->ldy, a->bias, a->accumulate);
+    });
+    if (!known) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda matmul: no kernel for ggml type %u", w->type);
+    }
+    CKV_CUDA_CHECK(err);
+    return CKV_OK;
+}
+
+// Jobs over one input: fused into one launch for a single token when the weights share type
+// and shape of input; otherwise one ckv_cuda_matmul per job.
+int32_t ckv_cuda_matmul_multi(const struct cuda_matmul_args * jobs, int n_jobs, cudaStream_t s) {
+    bool fuse = n_jobs >= 1 && n_jobs <= 3;
+    for (int i = 0; i < n_jobs; i++) {
+        int32_t st = check_matmul(&jobs[i]);
+        if (st != CKV_OK) {
+            return st;
+        }
+        fuse = fuse && jobs[i].n_tokens == 1 && jobs[i].w->type == jobs[0].w->type &&
+               jobs[i].w->n_in == jobs[0].w->n_in && jobs[i].x == jobs[0].x &&
+               jobs[i].norm_w == jobs[0].norm_w && jobs[i].norm_eps == jobs[0].norm_eps &&
+               jobs[i].xq == jobs[0].xq;
+    }
+    if (fuse) {
+        return launch_gemv_jobs(jobs, n_jobs, s);
+    }
+    for (int i = 0; i < n_jobs; i++) {
+        int32_t st = ckv_cuda_matmul(&jobs[i], s);
+        if (st != CKV_OK) return st;
+    }
+    return CKV_OK;
+}
+
+int32_t ckv_cuda_matmul_glu(const struct cuda_weight * gate, const struct cuda_weight * up,
+                            const float * x, float * y, float * up_out, int64_t n_tokens, bool gelu,
+                            const float * norm_w, float norm_eps, const void * xq, void * yq,
+                            cudaStream_t s) {
+    struct cuda_matmul_args g = {gate, x, y, gate->n_out, NULL, n_tokens, false, norm_w, norm_eps, xq};
+    struct cuda_matmul_args u = {up, x, up_out, up->n_out, NULL, n_tokens, false, norm_w, norm_eps, xq};
+    int32_t st = check_matmul(&g);
+    if (st == CKV_OK) st = check_matmul(&u);
+    if (st != CKV_OK) {
+        return st;
+    }
+    if (yq && (n_tokens != 1 || gate->n_out % 32 != 0)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda matmul_glu: a quantised output needs one token and "
+                        "n_out %% 32 == 0 (got %lld tokens, n_out %lld)", (long long) n_tokens,
+                        (long long) gate->n_out);
+    }
+    bool fuse = n_tokens == 1 && gate->type == up->type && gate->n_in == up->n_in &&
+                gate->n_out == up->n_out && gate->row_size == up->row_size;
+    if (!fuse) {
+        st = ckv_cuda_matmul(&g, s);
+        if (st == CKV_OK) st = ckv_cuda_matmul(&u, s);
+        if (st == CKV_OK) st = ckv_cuda_glu(y, up_out, n_tokens * gate->n_out, gelu, s);
+        return st == CKV_OK && yq ? ckv_cuda_quantize_q8(y, yq, gate->n_out, s) : st;
+    }
+    const uint8_t * wg = (const uint8_t *) gate->data, * wu = (const uint8_t *) up->data;
+    cudaError_t err = cudaSuccess;
+    bool        quantised_out = false;
+    bool known = dispatch_type(gate->type, [&]<int T>() {
+        if constexpr (has_q8_gemv<T>()) {
+            quantised_out = true;
+            const cq8x * q = (const cq8x *) xq;
+            err = norm_w ? launch_mmvq_glu<T, true>(wg, wu, gate->row_size, gate->n_in, gate->n_out, x, q, y,
+                                                    (cq8x *) yq, gelu, norm_w, norm_eps, s)
+                         : launch_mmvq_glu<T, false>(wg, wu, gate->row_size, gate->n_in, gate->n_out, x, q, y,
+                                                     (cq8x *) yq, gelu, norm_w, norm_eps, s);
+        } else {
+            err = norm_w ? launch_mmv(mmv_glu_kernel<T, true>, true, gate->n_in, gate->n_out, s, wg, wu,
+                                      gate->row_size, gate->n_in, gate->n_out, x, y, gelu, norm_w, norm_eps)
+                         : launch_mmv(mmv_glu_kernel<T, false>, false, gate->n_in, gate->n_out, s, wg, wu,
+                                      gate->row_size, gate->n_in, gate->n_out, x, y, gelu, norm_w, norm_eps);
+        }
+    });
+    if (!known) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda matmul: no kernel for ggml type %u", gate->type);
+    }
+    CKV_CUDA_CHECK(err);
+    return yq && !quantised_out ? ckv_cuda_quantize_q8(y, yq, gate->n_out, s) : CKV_OK;
+}

@@ -1,0 +1,615 @@
+// test-cuda-ops.cu - every CUDA op against its CPU twin on fresh random data (issue 5).
+// Exit 0 = all pass, 1 = a mismatch, 77 = skipped (no CUDA device).
+//
+// Error measure: rel = ||gpu - ref|| / ||ref|| over the whole output (and every output element
+// is poisoned with NaN first, so an unwritten element fails). Bounds and why:
+//   dequantisation (embedding)   1e-6  same formula; only an FMA contraction can differ (1 ulp)
+//   f32-weight GEMV vs f64       1e-5  f32 accumulation of n_in <= 3072 products
+//   int8 GEMV vs f64 on q8(x)    1e-5  the same, against the f64 dot with x quantised exactly as
+//                                      the GPU does (the CPU's quantize_row_q8_1_ref qs, d =
+//                                      amax / 127): integer sums are exact, so only the f32
+//                                      scale products and the lane sums round
+//   ... with a fused rmsnorm     1e-4  the GPU's norm scale may differ from ops_rmsnorm's by an
+//                                      ulp, which can move a value across a rounding boundary
+//                                      of the 8-bit grid (one step of one of 32 values)
+//   int8 GEMV vs f64 on f32 x    1e-2  8-bit activations: error <= amax / 254 per value,
+//                                      ~0.3% of the dot for uniform inputs
+//   quantize_q8 vs the CPU's     0     same formula; qs bit for bit with quantize_row_q8_1_ref
+//   rmsnorm_quantize_q8          1e-5 (y, as rmsnorm), 1e-4 (dequantised yq vs the CPU's
+//                                      ops_rmsnorm + quantiser: the ulp flips above)
+//   GEMM vs f64 reference        2e-3  operands rounded to f16 (2^-11 relative each)
+//   matmul vs CPU vec_dot        3e-2  the CPU rounds activations to 8 bits (q8_0/q8_1/q8_K)
+//   GEMV with fused rmsnorm      1e-5  as the GEMV, against the CPU's ops_rmsnorm output
+//   rmsnorm, rope_kv, glu        1e-5  same formulas; expf/tanhf/cosf differ by an ulp or two
+//   kv store (inside rope_kv)    0     both round to nearest even
+//   attention vs f64 reference   1e-4  decode kernel: f32 online softmax over <= 4096 positions
+//   flash prefill vs f64         2e-3  q and the probabilities rounded to f16 for the mma
+// Unwritten KV cache rows hold NaN, so a kernel that reads past the visible range fails.
+// Shapes include rows that are not a multiple of any tile (67), one token and token counts
+// that are not a tile multiple (5, 70), GQA ratios 1, 3, 4 and 8, windows and split-K.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+
+#include "cuda-backend.h"
+#include "cuda-ops.cuh"
+
+extern "C" {
+#include "ops.h"
+#include "quants.h"
+// quants-impl.h is C11 only (_Static_assert); the one reference quantiser used here:
+void quantize_row_q8_1_ref(const float * src, void * dst, int64_t n);
+}
+#include "common.cuh"   // cq8x
+
+static int g_failures = 0;
+static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+
+static uint32_t rnd_u32(void) {
+    g_rng ^= g_rng << 13;
+    g_rng ^= g_rng >> 7;
+    g_rng ^= g_rng << 17;
+    return (uint32_t) (g_rng >> 11);
+}
+static float rnd_uniform(float lo, float hi) { return lo + (hi - lo) * (float) (rnd_u32() / 4294967296.0); }
+static std::vector<float> rnd_vec(size_t n, float lo = -1.0f, float hi = 1.0f) {
+    std::vector<float> v(n);
+    for (auto & x : v) x = rnd_uniform(lo, hi);
+    return v;
+}
+
+#define CHECK_CUDA(call)                                                                  \
+    do {                                                                                  \
+        cudaError_t e_ = (call);                                                          \
+        if (e_ != cudaSuccess) {                                                          \
+            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
+            exit(1);                                                                      \
+        }                                                                                 \
+    } while (0)
+#define CHECK_OK(call)                                                                       \
+    do {                                                                                     \
+        int32_t st_ = (call);                                                                \
+        if (st_ != CKV_OK) {                                                                 \
+            fprintf(stderr, "%s:%d: status %d: %s\n", __FILE__, __LINE__, st_, ckv_last_error()); \
+            exit(1);                                                                         \
+        }                                                                                    \
+    } while (0)
+
+// Device buffer filled from / read back to host vectors; poisoned with NaN bytes (0xFF).
+template <typename T> struct dbuf {
+    T *    p = nullptr;
+    size_t n = 0;
+    explicit dbuf(size_t count) : n(count) {
+        CHECK_CUDA(cudaMalloc(&p, count * sizeof(T) + 16));
+        CHECK_CUDA(cudaMemset(p, 0xFF, count * sizeof(T)));
+    }
+    dbuf(const std::vector<T> & h) : dbuf(h.size()) {
+        CHECK_CUDA(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    std::vector<T> get() const {
+        std::vector<T> h(n);
+        CHECK_CUDA(cudaDeviceSynchronize());
+        CHECK_CUDA(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+        return h;
+    }
+    ~dbuf() { cudaFree(p); }
+};
+
+static double rel_err(const std::vector<float> & got, const std::vector<double> & ref) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        double d = (double) got[i] - ref[i];
+        if (!isfinite(got[i])) return INFINITY;
+        num += d * d;
+        den += ref[i] * ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+static std::vector<double> to_double(const std::vector<float> & v) { return std::vector<double>(v.begin(), v.end()); }
+
+static void expect(const char * what, double err, double bound) {
+    bool ok = err <= bound;
+    printf("%-44s rel %.2e (bound %.0e) %s\n", what, err, bound, ok ? "ok" : "FAIL");
+    if (!ok) g_failures++;
+}
+
+// --- random weights --------------------------------------------------------------------------
+
+// Random bytes are valid blocks for every quantised type once the fp16 scale fields hold sane
+// values; byte offsets of those fields per block (see quants-impl.h).
+static void fix_scales(uint32_t type, uint8_t * block) {
+    auto put = [&](int off, float v) { ckv_fp16 h = ckv_fp32_to_fp16(v); memcpy(block + off, &h, 2); };
+    switch (type) {
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q5_0: case GGML_TYPE_Q8_0:
+            put(0, rnd_uniform(0.001f, 0.02f)); break;
+        case GGML_TYPE_Q4_1: case GGML_TYPE_Q5_1:
+            put(0, rnd_uniform(0.001f, 0.02f)); put(2, rnd_uniform(-0.1f, 0.1f)); break;
+        case GGML_TYPE_Q4_K: case GGML_TYPE_Q5_K:
+            put(0, rnd_uniform(0.0005f, 0.003f)); put(2, rnd_uniform(0.0005f, 0.003f)); break;
+        case GGML_TYPE_Q6_K: put(208, rnd_uniform(0.0005f, 0.003f)); break;
+        default: break;
+    }
+}
+
+static std::vector<uint8_t> random_weights(uint32_t type, int64_t n_in, int64_t n_out, size_t * row_size) {
+    const struct ggml_type_traits * tt = ggml_type_traits_get(type);
+    *row_size = ggml_row_size(type, n_in);
+    std::vector<uint8_t> w(*row_size * n_out);
+    if (type == GGML_TYPE_F32 || type == GGML_TYPE_F16 || type == GGML_TYPE_BF16) {
+        for (int64_t i = 0; i < n_in * n_out; i++) {
+            float v = rnd_uniform(-0.1f, 0.1f);
+            if (type == GGML_TYPE_F32) memcpy(&w[4 * i], &v, 4);
+            else if (type == GGML_TYPE_F16) { ckv_fp16 h = ckv_fp32_to_fp16(v); memcpy(&w[2 * i], &h, 2); }
+            else { uint32_t u; memcpy(&u, &v, 4); uint16_t b = (uint16_t) (u >> 16); memcpy(&w[2 * i], &b, 2); }
+        }
+        return w;
+    }
+    for (auto & b : w) b = (uint8_t) rnd_u32();
+    for (size_t off = 0; off < w.size(); off += tt->type_size) fix_scales(type, &w[off]);
+    return w;
+}
+
+// --- matmul and embedding --------------------------------------------------------------------
+
+static bool has_int8_gemv(uint32_t type) {
+    return type != GGML_TYPE_F32 && type != GGML_TYPE_F16 && type != GGML_TYPE_BF16;
+}
+
+// x [n] quantised as the GPU's int8 GEMV does: qs from the CPU's quantize_row_q8_1_ref, d and
+// d * sum(qs) in f32 (cq8x blocks), and the values qs * d those blocks stand for.
+struct q8_ref { std::vector<cq8x> blocks; std::vector<float> values; };
+static q8_ref quantize_q8_ref(const float * x, int64_t n) {
+    struct { uint16_t d, s; int8_t qs[32]; } b;   // block_q8_1
+    static_assert(sizeof(b) == 36, "block_q8_1");
+    q8_ref r;
+    for (int64_t c = 0; c < n / 32; c++) {
+        quantize_row_q8_1_ref(x + 32 * c, &b, 32);
+        float amax = 0.0f;
+        int   sum = 0;
+        for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(x[32 * c + i]));
+        cq8x q;
+        float d = amax / 127.0f;
+        for (int i = 0; i < 32; i++) {
+            q.qs[i] = b.qs[i];
+            sum += b.qs[i];
+            r.values.push_back((float) b.qs[i] * d);
+        }
+        q.ds = make_float2(d, (float) sum * d);
+        r.blocks.push_back(q);
+    }
+    return r;
+}
+static double q8_mismatch(const std::vector<cq8x> & got, const std::vector<cq8x> & ref) {
+    size_t bad = 0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        bad += memcmp(got[i].qs, ref[i].qs, 32) != 0 || got[i].ds.x != ref[i].ds.x || got[i].ds.y != ref[i].ds.y;
+    }
+    return (double) bad / (double) ref.size();
+}
+
+static void test_quantize_q8(void) {
+    for (int64_t n : {32, 4096 + 96}) {
+        std::vector<float> x = rnd_vec(n, -3.0f, 3.0f);
+        for (int i = 0; i < 32; i++) x[i] = 0.0f;   // an all-zero block: d = 0, qs = 0
+        if (n > 64) {   // amax 127 makes the scale 1: exact halves, rounded half to even
+            x[32] = 127.0f; x[33] = 2.5f; x[34] = -3.5f; x[35] = 0.5f;
+        }
+        dbuf<float> dx(x);
+        dbuf<cq8x> dq(n / 32);
+        CHECK_OK(ckv_cuda_quantize_q8(dx.p, dq.p, n, 0));
+        char name[64];
+        snprintf(name, sizeof(name), "quantize_q8 n=%lld (bad blocks)", (long long) n);
+        expect(name, q8_mismatch(dq.get(), quantize_q8_ref(x.data(), n).blocks), 0.0);
+    }
+}
+
+static void test_matmul_type(uint32_t type) {
+    const int64_t n_in = 768, n_out = 67;
+    size_t row_size;
+    std::vector<uint8_t> w = random_weights(type, n_in, n_out, &row_size);
+    std::vector<float> deq(n_in * n_out);
+    for (int64_t r = 0; r < n_out; r++) dequantize_row(type, &w[r * row_size], &deq[r * n_in], n_in);
+    dbuf<uint8_t> dw(w);
+    struct cuda_weight cw = {dw.p, type, n_in, n_out, row_size};
+    std::vector<float> bias = rnd_vec(n_out);
+    dbuf<float> dbias(bias);
+    char name[64];
+
+    for (int64_t n_tok : {1, 5, 70}) {
+        std::vector<float> x = rnd_vec(n_tok * n_in), y0 = rnd_vec(n_tok * n_out);
+        // The int8 GEMV computes with x quantised: its exact reference uses those values.
+        bool int8 = n_tok == 1 && has_int8_gemv(type);
+        q8_ref xq8 = quantize_q8_ref(x.data(), n_in);
+        const float * xr = int8 ? xq8.values.data() : x.data();
+        std::vector<double> ref(n_tok * n_out), ref_acc(n_tok * n_out), ref_f32(n_tok * n_out);
+        std::vector<float> cpu(n_tok * n_out);
+        uint32_t vdt = ggml_type_traits_get(type)->vec_dot_type;
+        std::vector<uint8_t> xq(ggml_row_size(vdt, n_in) + 64);
+        for (int64_t t = 0; t < n_tok; t++) {
+            quantize_row_act(vdt, &x[t * n_in], xq.data(), n_in);
+            for (int64_t r = 0; r < n_out; r++) {
+                double s = 0.0, s32 = 0.0;
+                for (int64_t k = 0; k < n_in; k++) {
+                    s += (double) deq[r * n_in + k] * (n_tok == 1 ? xr[k] : x[t * n_in + k]);
+                    s32 += (double) deq[r * n_in + k] * x[t * n_in + k];
+                }
+                ref[t * n_out + r] = s + bias[r];
+                ref_f32[t * n_out + r] = s32 + bias[r];
+                ref_acc[t * n_out + r] = s + y0[t * n_out + r];
+                cpu[t * n_out + r] = vec_dot(type, n_in, &w[r * row_size], xq.data()) + bias[r];
+            }
+        }
+        dbuf<float> dx(x), dy(n_tok * n_out), dacc(y0);
+        struct cuda_matmul_args a = {&cw, dx.p, dy.p, n_out, dbias.p, n_tok, false};
+        CHECK_OK(ckv_cuda_matmul(&a, 0));
+        struct cuda_matmul_args b = {&cw, dx.p, dacc.p, n_out, NULL, n_tok, true};
+        CHECK_OK(ckv_cuda_matmul(&b, 0));
+        std::vector<float> got = dy.get();
+        double bound = n_tok == 1 ? 1e-5 : 2e-3;
+        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld vs f64%s", ggml_type_name(type), (long long) n_tok,
+                 int8 ? " on q8(x)" : "");
+        expect(name, rel_err(got, ref), bound);
+        if (int8) {
+            snprintf(name, sizeof(name), "matmul %-5s n=1   vs f64 on f32 x", ggml_type_name(type));
+            expect(name, rel_err(got, ref_f32), 1e-2);
+            // The same product from a pre-quantised input (the down projection's path).
+            dbuf<cq8x> dxq(xq8.blocks);
+            dbuf<float> dy2(n_out);
+            struct cuda_matmul_args c = {&cw, dx.p, dy2.p, n_out, dbias.p, 1, false, NULL, 0.0f, dxq.p};
+            CHECK_OK(ckv_cuda_matmul(&c, 0));
+            snprintf(name, sizeof(name), "matmul %-5s n=1   from q8 input", ggml_type_name(type));
+            expect(name, rel_err(dy2.get(), ref), 1e-5);
+        }
+        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld accumulate", ggml_type_name(type), (long long) n_tok);
+        expect(name, rel_err(dacc.get(), ref_acc), bound);
+        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld vs CPU vec_dot", ggml_type_name(type), (long long) n_tok);
+        expect(name, rel_err(got, to_double(cpu)), 3e-2);
+    }
+
+    // Embedding lookup = dequantised rows (scaled), compared with the CPU's dequantize_row.
+    std::vector<int32_t> tokens = {3, 0, 66, 3, 17};
+    dbuf<int32_t> dtok(tokens);
+    dbuf<float> dx(tokens.size() * n_in);
+    CHECK_OK(ckv_cuda_embed(&cw, dtok.p, (int64_t) tokens.size(), 0.5f, dx.p, 0));
+    std::vector<double> ref;
+    for (int32_t t : tokens)
+        for (int64_t k = 0; k < n_in; k++) ref.push_back(0.5 * deq[t * n_in + k]);
+    snprintf(name, sizeof(name), "embed  %-5s", ggml_type_name(type));
+    expect(name, rel_err(dx.get(), ref), 1e-6);
+}
+
+// The fused one-token paths against the f64 reference of separate matmuls (+ activation).
+static void test_fused_matmuls(uint32_t type) {
+    const int64_t n_in = 512, n_out[3] = {67, 35, 35};
+    std::vector<std::vector<uint8_t>> w(3);
+    std::vector<std::vector<float>> deq(3);
+    std::vector<dbuf<uint8_t> *> dw;
+    struct cuda_weight cw[3];
+    for (int i = 0; i < 3; i++) {
+        size_t rs;
+        w[i] = random_weights(type, n_in, n_out[i], &rs);
+        deq[i].resize(n_in * n_out[i]);
+        for (int64_t r = 0; r < n_out[i]; r++) dequantize_row(type, &w[i][r * rs], &deq[i][r * n_in], n_in);
+        dw.push_back(new dbuf<uint8_t>(w[i]));
+        cw[i] = {dw[i]->p, type, n_in, n_out[i], rs};
+    }
+    std::vector<float> x = rnd_vec(n_in), bias = rnd_vec(67);
+    std::vector<float> xv = quantize_q8_ref(x.data(), n_in).values;   // what the int8 GEMV multiplies
+    auto dot = [&](int i, int64_t r) {
+        double s = 0.0;
+        for (int64_t k = 0; k < n_in; k++) s += (double) deq[i][r * n_in + k] * xv[k];
+        return s;
+    };
+    dbuf<float> dx(x), dbias(bias), y0(67), y1(35), y2(35), up(35);
+    struct cuda_matmul_args jobs[3] = {{&cw[0], dx.p, y0.p, 67, dbias.p, 1, false},
+                                       {&cw[1], dx.p, y1.p, 35, NULL, 1, false},
+                                       {&cw[2], dx.p, y2.p, 35, NULL, 1, false}};
+    CHECK_OK(ckv_cuda_matmul_multi(jobs, 3, 0));
+    std::vector<double> r0, r1, r2;
+    for (int64_t r = 0; r < 67; r++) r0.push_back(dot(0, r) + bias[r]);
+    for (int64_t r = 0; r < 35; r++) { r1.push_back(dot(1, r)); r2.push_back(dot(2, r)); }
+    char name[64];
+    snprintf(name, sizeof(name), "matmul_multi %-5s (q, k, v)", ggml_type_name(type));
+    double e = fmax(rel_err(y0.get(), r0), fmax(rel_err(y1.get(), r1), rel_err(y2.get(), r2)));
+    expect(name, e, 1e-5);
+    for (bool gelu : {false, true}) {
+        std::vector<float> gate(35), upv(35);
+        for (int64_t r = 0; r < 35; r++) { gate[r] = (float) dot(1, r); upv[r] = (float) dot(2, r); }
+        if (gelu) ops_gelu_mul(gate.data(), upv.data(), 35);
+        else ops_silu_mul(gate.data(), upv.data(), 35);
+        dbuf<float> y(35);
+        CHECK_OK(ckv_cuda_matmul_glu(&cw[1], &cw[2], dx.p, y.p, up.p, 1, gelu, NULL, 0.0f, NULL, NULL, 0));
+        snprintf(name, sizeof(name), "matmul_glu %-5s %s", ggml_type_name(type), gelu ? "gelu" : "silu");
+        expect(name, rel_err(y.get(), to_double(gate)), 1e-5);
+    }
+
+    // The same with the RMSNorm of x fused in (norm weights nw): reference = f64 dot with the
+    // CPU's ops_rmsnorm output.
+    std::vector<float> nw = rnd_vec(n_in, 0.5f, 1.5f), xn32(n_in);
+    ops_rmsnorm(xn32.data(), x.data(), nw.data(), 1, n_in, 1e-6f);
+    std::vector<float> xn = quantize_q8_ref(xn32.data(), n_in).values;
+    auto dotn = [&](int i, int64_t r) {
+        double s = 0.0;
+        for (int64_t k = 0; k < n_in; k++) s += (double) deq[i][r * n_in + k] * xn[k];
+        return s;
+    };
+    dbuf<float> dnw(nw), z0(67), z1(35), z2(35), zacc(y0.get());
+    struct cuda_matmul_args njobs[3] = {{&cw[0], dx.p, z0.p, 67, dbias.p, 1, false, dnw.p, 1e-6f},
+                                        {&cw[1], dx.p, z1.p, 35, NULL, 1, false, dnw.p, 1e-6f},
+                                        {&cw[2], dx.p, z2.p, 35, NULL, 1, false, dnw.p, 1e-6f}};
+    CHECK_OK(ckv_cuda_matmul_multi(njobs, 3, 0));
+    std::vector<double> n0, n1, n2, nacc;
+    std::vector<float> y0_host = zacc.get();
+    for (int64_t r = 0; r < 67; r++) n0.push_back(dotn(0, r) + bias[r]);
+    for (int64_t r = 0; r < 35; r++) { n1.push_back(dotn(1, r)); n2.push_back(dotn(2, r)); }
+    snprintf(name, sizeof(name), "matmul_multi %-5s + fused rmsnorm", ggml_type_name(type));
+    e = fmax(rel_err(z0.get(), n0), fmax(rel_err(z1.get(), n1), rel_err(z2.get(), n2)));
+    expect(name, e, 1e-4);
+    struct cuda_matmul_args acc1 = {&cw[0], dx.p, zacc.p, 67, NULL, 1, true, dnw.p, 1e-6f};
+    CHECK_OK(ckv_cuda_matmul(&acc1, 0));
+    for (int64_t r = 0; r < 67; r++) nacc.push_back(y0_host[r] + dotn(0, r));
+    snprintf(name, sizeof(name), "matmul %-5s + fused rmsnorm, accumulate", ggml_type_name(type));
+    expect(name, rel_err(zacc.get(), nacc), 1e-4);
+    {
+        std::vector<float> gate(35), upv(35);
+        for (int64_t r = 0; r < 35; r++) { gate[r] = (float) dotn(1, r); upv[r] = (float) dotn(2, r); }
+        ops_silu_mul(gate.data(), upv.data(), 35);
+        dbuf<float> y(35);
+        CHECK_OK(ckv_cuda_matmul_glu(&cw[1], &cw[2], dx.p, y.p, up.p, 1, false, dnw.p, 1e-6f, NULL, NULL, 0));
+        snprintf(name, sizeof(name), "matmul_glu %-5s silu + fused rmsnorm", ggml_type_name(type));
+        expect(name, rel_err(y.get(), to_double(gate)), 1e-4);
+    }
+    
+    // The GLU's quantised output (n_out % 32 == 0): y as before, yq bit for bit the CPU
+    // quantiser's blocks of the GPU's own y, and the down projection reading yq.
+    {
+        const int64_t n_ff = 96;
+        size_t rs;
+        std::vector<uint8_t> wg = random_weights(type, n_in, n_ff, &rs), wu = random_weights(type, n_in, n_ff, &rs);
+        std::vector<float> dg(n_in * n_ff), du(n_in * n_ff);
+        for (int64_t r = 0; r < n_ff; r++) {
+            dequantize_row(type, &wg[r * rs], &dg[r * n_in], n_in);
+            dequantize_row(type, &wu[r * rs], &du[r * n_in], n_in);
+        }
+        dbuf<uint8_t> dwg(wg), dwu(wu);
+        struct cuda_weight cg = {dwg.p, type, n_in, n_ff, rs}, cu = {dwu.p, type, n_in, n_ff, rs};
+        dbuf<float> y(n_ff), upb(n_ff);
+        dbuf<cq8x> yq(n_ff / 32);
+        CHECK_OK(ckv_cuda_matmul_glu(&cg, &cu, dx.p, y.p, upb.p, 1, false, dnw.p, 1e-6f, NULL, yq.p, 0));
+        std::vector<float> gate(n_ff), upv(n_ff);
+        for (int64_t r = 0; r < n_ff; r++) {
+            double sg = 0.0, su = 0.0;
+            for (int64_t k = 0; k < n_in; k++) {
+                sg += (double) dg[r * n_in + k] * xn[k];
+                su += (double) du[r * n_in + k] * xn[k];
+            }
+            gate[r] = (float) sg;
+            upv[r] = (float) su;
+        }
+        ops_silu_mul(gate.data(), upv.data(), n_ff);
+        std::vector<float> ygpu = y.get();
+        snprintf(name, sizeof(name), "matmul_glu %-5s n_ff=96 + quantised out", ggml_type_name(type));
+        expect(name, rel_err(ygpu, to_double(gate)), 1e-4);
+        snprintf(name, sizeof(name), "matmul_glu %-5s yq vs CPU quantiser", ggml_type_name(type));
+        expect(name, q8_mismatch(yq.get(), quantize_q8_ref(ygpu.data(), n_ff).blocks), 0.0);
+        // The decode path: norm + quantisation in one launch, then the GLU on that input.
+        dbuf<float> xb(n_in), y2(n_ff);
+        dbuf<cq8x> xq(n_in / 32), yq2(n_ff / 32);
+        CHECK_OK(ckv_cuda_rmsnorm_quantize_q8(xb.p, xq.p, dx.p, dnw.p, n_in, 1e-6f, 0));
+        snprintf(name, sizeof(name), "rmsnorm_quantize_q8 n=%lld y", (long long) n_in);
+        expect(name, rel_err(xb.get(), to_double(xn32)), 1e-5);
+        snprintf(name, sizeof(name), "rmsnorm_quantize_q8 n=%lld yq values", (long long) n_in);
+        std::vector<cq8x> gq = xq.get();
+        std::vector<float> gv;
+        for (auto & b : gq)
+            for (int i = 0; i < 32; i++) gv.push_back((float) b.qs[i] * b.ds.x);
+        expect(name, rel_err(gv, to_double(xn)), 1e-4);
+        CHECK_OK(ckv_cuda_matmul_glu(&cg, &cu, xb.p, y2.p, upb.p, 1, false, NULL, 0.0f, xq.p, yq2.p, 0));
+        snprintf(name, sizeof(name), "matmul_glu %-5s from q8 input", ggml_type_name(type));
+        expect(name, rel_err(y2.get(), to_double(gate)), 1e-4);
+        std::vector<float> y2h = y2.get();
+        snprintf(name, sizeof(name), "matmul_glu %-5s from q8 input, yq", ggml_type_name(type));
+        expect(name, q8_mismatch(yq2.get(), quantize_q8_ref(y2h.data(), n_ff).blocks), 0.0);
+    }
+for (auto * p : dw) delete p;
+}
+
+// --- element-wise ----------------------------------------------------------------------------
+
+static void test_rmsnorm(void) {
+    const int64_t rows = 7, n = 576;
+    std::vector<float> x = rnd_vec(rows * n, -3, 3), w = rnd_vec(n), base = rnd_vec(rows * n);
+    std::vector<float> cpu(rows * n);
+    ops_rmsnorm(cpu.data(), x.data(), w.data(), rows, n, 1e-5f);
+    dbuf<float> dx(x), dw(w), dy(rows * n), dadd(base);
+    CHECK_OK(ckv_cuda_rmsnorm(dy.p, dx.p, dw.p, rows, n, 1e-5f, false, 0));
+    CHECK_OK(ckv_cuda_rmsnorm(dadd.p, dx.p, dw.p, rows, n, 1e-5f, true, 0));
+    expect("rmsnorm", rel_err(dy.get(), to_double(cpu)), 1e-5);
+    std::vector<double> ref_add(rows * n);
+    for (int64_t i = 0; i < rows * n; i++) ref_add[i] = (double) base[i] + cpu[i];
+    expect("rmsnorm + residual add", rel_err(dadd.get(), ref_add), 1e-5);
+    CHECK_OK(ckv_cuda_rmsnorm(dx.p, dx.p, dw.p, rows, n, 1e-5f, false, 0));   // in place
+    expect("rmsnorm in place", rel_err(dx.get(), to_double(cpu)), 1e-5);
+}
+
+// The fused position step against its CPU twins: per-head ops_rmsnorm (optional), ops_rope of
+// q and k, and the f16 cache store (bit for bit: both round to nearest even).
+static void test_rope_kv(void) {
+    struct { int head_dim, n_rot; bool neox, factors, qk_norm, dev_pos; int64_t pos0; } cases[] = {
+        {64, 64, false, false, false, false, 0}, {64, 64, true, false, false, true, 5000},
+        {128, 64, true, true, false, false, 31}, {256, 256, false, true, true, true, 30000},
+        {256, 256, true, false, true, false, 7},
+    };
+    for (auto & c : cases) {
+        const int64_t n_tok = 5;
+        const int32_t n_head = 6, n_kv = 2, hd = c.head_dim, n_ctx = (int32_t) c.pos0 + 9;
+        std::vector<float> q = rnd_vec(n_tok * n_head * hd), k = rnd_vec(n_tok * n_kv * hd);
+        std::vector<float> v = rnd_vec(n_tok * n_kv * hd), ff = rnd_vec(c.n_rot / 2, 1.0f, 8.0f);
+        std::vector<float> qn = rnd_vec(hd, 0.5f, 1.5f), kn = rnd_vec(hd, 0.5f, 1.5f);
+        std::vector<float> cq = q, ck = k;
+        if (c.qk_norm) {
+            ops_rmsnorm(cq.data(), q.data(), qn.data(), n_tok * n_head, hd, 1e-6f);
+            ops_rmsnorm(ck.data(), k.data(), kn.data(), n_tok * n_kv, hd, 1e-6f);
+        }
+        struct rope_params p = {c.n_rot, hd, 10000.0f, 0.5f, c.factors ? ff.data() : NULL,
+                                c.neox ? ROPE_NEOX : ROPE_NORM};
+        ops_rope(&p, cq.data(), n_tok, n_head, c.pos0);
+        ops_rope(&p, ck.data(), n_tok, n_kv, c.pos0);
+        std::vector<int32_t> pos_host = {(int32_t) c.pos0};
+        dbuf<int32_t> dpos(pos_host);
+        dbuf<float> dq(q), dk(k), dv(v), dff(ff), dqn(qn), dkn(kn);
+        size_t cache_n = (size_t) n_kv * n_ctx * hd;
+        dbuf<__half> dkc(cache_n), dvc(cache_n);
+        struct cuda_rope_kv_args a = {dq.p, dk.p, dv.p, dkc.p, dvc.p, n_tok, n_head, n_kv, hd, c.n_rot, n_ctx,
+                                      c.dev_pos ? -7 : c.pos0,   // -7 must be ignored
+                                      powf(10000.0f, -2.0f / (float) c.n_rot), 0.5f,
+                                      c.factors ? dff.p : NULL, c.neox, c.qk_norm ? dqn.p : NULL,
+                                      c.qk_norm ? dkn.p : NULL, 1e-6f, c.dev_pos ? dpos.p : NULL};
+        CHECK_OK(ckv_cuda_rope_kv(&a, 0));
+        char name[96];
+        snprintf(name, sizeof(name), "rope_kv %s hd=%d rot=%d pos0=%lld%s%s%s q", c.neox ? "neox" : "norm",
+                 hd, c.n_rot, (long long) c.pos0, c.factors ? " factors" : "", c.qk_norm ? " qk-norm" : "",
+                 c.dev_pos ? " (dev pos)" : "");
+        expect(name, rel_err(dq.get(), to_double(cq)), 1e-5);
+        // The cache rows pos0 .. pos0 + n_tok must hold f16(k rotated) and f16(v), bit for bit.
+        std::vector<__half> gk = dkc.get(), gv = dvc.get();
+        bool same = true;
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int h = 0; h < n_kv; h++)
+                for (int d = 0; d < hd; d++) {
+                    size_t dst = ((size_t) h * n_ctx + c.pos0 + t) * hd + d, src = (t * n_kv + h) * hd + d;
+                    ckv_fp16 ek = ckv_fp32_to_fp16(ck[src]), ev = ckv_fp32_to_fp16(v[src]);
+                    same &= memcmp(&gk[dst], &ek, 2) == 0 && memcmp(&gv[dst], &ev, 2) == 0;
+                }
+        name[strlen(name) - 1] = 0;
+        strncat(name, "kv store", sizeof(name) - strlen(name) - 1);
+        expect(name, same ? 0.0 : 1.0, 0.0);
+    }
+}
+
+static void test_glu(void) {
+    const int64_t n = 3 * 1536 + 7;
+    for (bool gelu : {false, true}) {
+        std::vector<float> g = rnd_vec(n, -6, 6), u = rnd_vec(n, -2, 2), cpu = g;
+        if (gelu) ops_gelu_mul(cpu.data(), u.data(), n);
+        else ops_silu_mul(cpu.data(), u.data(), n);
+        dbuf<float> dg(g), du(u);
+        CHECK_OK(ckv_cuda_glu(dg.p, du.p, n, gelu, 0));
+        expect(gelu ? "geglu (tanh)" : "swiglu", rel_err(dg.get(), to_double(cpu)), 1e-5);
+    }
+}
+
+// --- KV cache and attention ------------------------------------------------------------------
+
+// f64 softmax attention of one query over cache rows [lo, hi] (the formula of ops_attention).
+static void attend_ref(const std::vector<ckv_fp16> & kc, const std::vector<ckv_fp16> & vc, int n_ctx,
+                       int hd, int kvh, const float * q, int64_t lo, int64_t hi, float scale, double * out) {
+    std::vector<double> s(hi - lo + 1);
+    double mx = -INFINITY, sum = 0.0;
+    for (int64_t j = lo; j <= hi; j++) {
+        double d = 0.0;
+        for (int k = 0; k < hd; k++) d += (double) q[k] * ckv_fp16_to_fp32(kc[((size_t) kvh * n_ctx + j) * hd + k]);
+        s[j - lo] = d * scale;
+        mx = fmax(mx, s[j - lo]);
+    }
+    for (auto & e : s) { e = exp(e - mx); sum += e; }
+    for (int k = 0; k < hd; k++) {
+        double o = 0.0;
+        for (int64_t j = lo; j <= hi; j++) o += s[j - lo] * ckv_fp16_to_fp32(vc[((size_t) kvh * n_ctx + j) * hd + k]);
+        out[k] = o / sum;
+    }
+}
+
+// dev_pos: pos0 read from device memory and n_split fixed (the CUDA-graph decode path), so
+// splits may be empty.
+static void test_attention_case(int hd, int n_head, int n_head_kv, int64_t pos0, int64_t n_tok,
+                                int window, int n_split_wanted, bool dev_pos = false) {
+    const int n_ctx = (int) (pos0 + n_tok + 3);
+    const int kv_dim = n_head_kv * hd;
+    // Cache rows [0, pos0 + n_tok) hold f16(k), f16(v); the rows after them hold NaN.
+    std::vector<float> k = rnd_vec((pos0 + n_tok) * kv_dim), v = rnd_vec((pos0 + n_tok) * kv_dim);
+    std::vector<ckv_fp16> kc((size_t) n_head_kv * n_ctx * hd, 0x7E00), vc = kc;   // 0x7E00: NaN
+    for (int64_t t = 0; t < pos0 + n_tok; t++)
+        for (int h = 0; h < n_head_kv; h++)
+            for (int d = 0; d < hd; d++) {
+                size_t dst = ((size_t) h * n_ctx + t) * hd + d, src = t * kv_dim + h * hd + d;
+                kc[dst] = ckv_fp32_to_fp16(k[src]);
+                vc[dst] = ckv_fp32_to_fp16(v[src]);
+            }
+    dbuf<__half> dkc(kc.size()), dvc(vc.size());
+    CHECK_CUDA(cudaMemcpy(dkc.p, kc.data(), kc.size() * 2, cudaMemcpyHostToDevice));
+    CHECK_CUDA(cudaMemcpy(dvc.p, vc.data(), vc.size() * 2, cudaMemcpyHostToDevice));
+    char name[96];
+
+    std::vector<float> q = rnd_vec(n_tok * n_head * hd, -2, 2);
+    std::vector<double> ref(n_tok * n_head * hd);
+    float scale = 1.0f / sqrtf((float) hd);
+    for (int64_t t = 0; t < n_tok; t++)
+        for (int h = 0; h < n_head; h++) {
+            int64_t hi = pos0 + t, lo = window > 0 && hi - window + 1 > 0 ? hi - window + 1 : 0;
+            attend_ref(kc, vc, n_ctx, hd, h / (n_head / n_head_kv), &q[(t * n_head + h) * hd], lo, hi,
+                       scale, &ref[(t * n_head + h) * hd]);
+        }
+    int64_t cap = (int64_t) n_tok * n_head * n_split_wanted;
+    int64_t n_kv = window > 0 && pos0 + n_tok > window ? window : pos0 + n_tok;
+    int32_t n_split = n_split_wanted > 1 ? ckv_cuda_attention_splits(n_tok, n_head, n_kv, cap) : 1;
+    if (dev_pos) n_split = n_split_wanted;
+    std::vector<int32_t> pos_host = {(int32_t) pos0};
+    dbuf<int32_t> dpos(pos_host);
+    dbuf<float> dq(q), dout(ref.size()), dpart((size_t) cap * ckv_cuda_attention_partial_floats(hd));
+    struct cuda_attention_args a = {dq.p, dkc.p, dvc.p, dout.p, dpart.p, n_tok, dev_pos ? -1 : pos0,
+                                    n_ctx, n_head, n_head_kv, hd, window, n_split, scale,
+                                    dev_pos ? dpos.p : NULL};
+    CHECK_OK(ckv_cuda_attention(&a, 0));
+    snprintf(name, sizeof(name), "attention%s hd=%d gqa=%d n=%lld pos0=%lld%s w=%d splits=%d",
+             n_tok >= CKV_FLASH_MIN_TOKENS ? "(flash)" : "", hd,
+             n_head / n_head_kv, (long long) n_tok, (long long) pos0, dev_pos ? "(dev)" : "", window,
+             n_split);
+    expect(name, rel_err(dout.get(), ref), n_tok >= CKV_FLASH_MIN_TOKENS ? 2e-3 : 1e-4);
+}
+
+static void test_attention(void) {
+    test_attention_case(64, 9, 3, 0, 1, 0, 1);          // first token
+    test_attention_case(64, 9, 3, 1000, 1, 0, 8);       // SmolLM2 decode, split-K
+    test_attention_case(64, 14, 2, 4000, 1, 0, 64);     // qwen2 shape, many splits
+    test_attention_case(128, 32, 8, 2500, 1, 0, 16);    // Llama-3 shape
+    test_attention_case(128, 8, 8, 300, 1, 0, 4);       // GQA 1
+    test_attention_case(256, 4, 1, 700, 1, 512, 4);     // gemma3 sliding window, decode
+    test_attention_case(64, 9, 3, 0, 70, 0, 1);         // prefill from empty
+    test_attention_case(256, 4, 1, 600, 37, 512, 1);    // gemma3 window, prefill chunk
+    test_attention_case(64, 9, 3, 600, 33, 0, 2);       // prefill chunk with splits
+    test_attention_case(64, 9, 3, 100, 5, 0, 4);        // a few queries: decode kernel, per token
+    test_attention_case(64, 9, 3, 0, 200, 0, 1);        // flash: several tiles, partial last tile
+    test_attention_case(128, 32, 8, 100, 300, 0, 1);    // flash, Llama-3 shape, chunk after a prefix
+    test_attention_case(128, 8, 8, 0, 16, 0, 1);        // flash at its smallest chunk
+    test_attention_case(64, 14, 2, 50, 150, 64, 1);     // flash, window shorter than the chunk
+    test_attention_case(256, 4, 1, 1000, 130, 512, 1);  // flash, gemma3 window after a long prefix
+    test_attention_case(128, 32, 8, 20000, 1, 0, 400);  // split count capped: several tiles per split
+    test_attention_case(64, 9, 3, 5000, 1, 0, 128, true);  // graph decode, 79 of 128 splits active
+    test_attention_case(64, 9, 3, 3, 1, 0, 8, true);    // graph decode: empty splits
+    test_attention_case(256, 4, 1, 900, 1, 512, 16, true);  // graph decode, window
+}
+
+int main(void) {
+    if (ckv_cuda_device_count() == 0) {
+        printf("test-cuda-ops: skipped: %s\n", ckv_cuda_device_name());
+        return 77;
+    }
+    printf("test-cuda-ops on %s\n", ckv_cuda_device_name());
+    quants_init();
+    const uint32_t types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q4_0,
+                              GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q8_0,
+                              GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K};
+    for (uint32_t t : types) test_matmul_type(t);
+    test_quantize_q8();
+    for (uint32_t t : {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K})
+        test_fused_matmuls(t);
+    test_rmsnorm();
+    test_rope_kv();
+    test_glu();
+    test_attention();
+    printf("test-cuda-ops: %d failure(s)\n", g_failures);
+    return g_failures ? 1 : 0;
+}
