@@ -12,11 +12,21 @@ starts from it again (ckv_context_truncate), as llama-bench restores a saved sta
 llama.cpp runs as `llama-bench -m MODEL -t T -p 512 -n 64 -d 0,2048,4096 -r R -o json`, same
 model, same threads, built by bench/llama_cpp_build.py (or --llama-bench PATH).
 
-Prints a table and writes bench/results/YYYY-MM-DD_cpu-<cpu>_cpu.json (never overwritten).
+KV policies: --kv-policy NAME[:key=value,...] (repeatable) runs our decode under each policy in
+the same run, repetitions interleaved policy by policy so that a load change on the machine hits
+all of them alike; key=value pairs set struct ckv_kv_policy_params fields (budget,
+select_per_kv_head, n_sink, ...). Per policy and depth it records the depth prefill's time and
+the clustering time of the first decode step after it (clusterkv clusters lazily there), as a
+share of that prefill; with `full` among them, each policy's decode speed-up over it.
+
+Prints a table and writes bench/results/YYYY-MM-DD_cpu-<cpu>_cpu.json (never overwritten), or
+--out PATH.
 
 Example:
     python -m bench.cpu --threads 2 --reps 3          # from the repo root (or with the package installed)
     python -m bench.cpu --model /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf --skip-llama-cpp
+    python -m bench.cpu --skip-llama-cpp --n-prompt 0 --depths 2048,4096 --kv-policy full \
+        --kv-policy clusterkv --kv-policy clusterkv:select_per_kv_head=1   # KV decode speed-ups
 """
 import argparse
 import datetime
@@ -48,10 +58,29 @@ def _check(status: int, what: str) -> None:
                                             ffi.string(lib.ckv_last_error()).decode()))
 
 
+def parse_kv_policy(spec: str, budget: int) -> tuple:
+    """'NAME[:key=value,...]' -> (label, {field: value}) with the policy and budget fields set."""
+    name, _, rest = spec.partition(":")
+    if name not in KV_POLICIES:
+        raise ValueError("unknown KV policy %r in %r; valid: %s" % (name, spec, ", ".join(KV_POLICIES)))
+    fields = {"policy": name, "budget": budget}
+    valid = {f for f, _ in ffi.typeof("struct ckv_kv_policy_params").fields}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in valid or key == "policy":
+            raise ValueError("bad KV policy parameter %r in %r; valid keys: %s"
+                             % (item, spec, ", ".join(sorted(valid - {"policy"}))))
+        fields[key] = float(value) if key == "recent_ratio" else int(value)
+    if name == "full":
+        fields.pop("budget")
+    return spec, fields
+
+
 class Ours:
     """A loaded model; contexts are made per depth, as llama-bench sizes n_ctx per test."""
 
-    def __init__(self, path: str, threads: int, kv_policy: str = "full", kv_budget: int = 1024):
+    def __init__(self, path: str, threads: int, kv_policy: str = "full", kv_budget: int = 1024,
+                 kv_fields: dict = None):
         params = ffi.new("struct ckv_model_params *")
         lib.ckv_model_default_params(params)
         out = ffi.new("ckv_model **")
@@ -59,6 +88,7 @@ class Ours:
         self.model = out[0]
         self.threads = threads
         self.kv_policy, self.kv_budget = kv_policy, kv_budget
+        self.kv_fields = kv_fields or {"policy": kv_policy, "budget": kv_budget}
         self.n_vocab = lib.ckv_vocab_n_tokens(self.model)
         self.bos = lib.ckv_token_bos(self.model) if lib.ckv_vocab_add_bos(self.model) else -1
 
@@ -68,8 +98,9 @@ class Ours:
         params.n_ctx = n_ctx
         params.n_threads = self.threads
         params.kv_type = lib.CKV_KV_F16
-        params.kv_policy.policy = getattr(lib, "CKV_KV_POLICY_" + self.kv_policy.upper())
-        params.kv_policy.budget = self.kv_budget
+        for key, value in self.kv_fields.items():
+            setattr(params.kv_policy, key,
+                    getattr(lib, "CKV_KV_POLICY_" + value.upper()) if key == "policy" else value)
         out = ffi.new("ckv_context **")
         _check(lib.ckv_context_init(self.model, params, out), "ckv_context_init")
         return ffi.gc(out[0], lib.ckv_context_free)
@@ -94,40 +125,69 @@ class Ours:
                 "quant": max(types, key=types.get) if types else "?"}
 
 
-def time_test(ours: Ours, ctx, depth: int, n_prompt: int, n_gen: int, rng) -> float:
-    """One repetition from the depth prefill; returns the seconds of the timed part."""
+def time_test(ours: Ours, ctx, depth: int, n_prompt: int, n_gen: int, rng) -> tuple:
+    """One repetition from the depth prefill; returns the wall and process CPU seconds of the
+    timed part (CPU time counts every thread, spinning included)."""
     _check(lib.ckv_context_truncate(ctx, depth), "ckv_context_truncate")
+    tokens = ours.random_tokens(rng, n_prompt or n_gen)
+    t0, c0 = time.perf_counter(), time.process_time()
     if n_prompt:
-        tokens = ours.random_tokens(rng, n_prompt)
-        t0 = time.perf_counter()
         _check(lib.ckv_decode(ctx, tokens, n_prompt, False), "ckv_decode")
-        return time.perf_counter() - t0
-    tokens = ours.random_tokens(rng, n_gen)
-    t0 = time.perf_counter()
-    for i in range(n_gen):
+    for i in range(0 if n_prompt else n_gen):
         _check(lib.ckv_decode(ctx, tokens + i, 1, False), "ckv_decode")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def bench_ours(ours: Ours, tests: list, reps: int, seed: int = 1234) -> list:
-    rng = np.random.default_rng(seed)
-    results = []
+def kv_stats(ctx) -> dict:
+    st = ffi.new("struct ckv_kv_stats *")
+    lib.ckv_context_get_kv_stats(ctx, st)
+    return {"n_steps": st.n_steps, "t_cluster_ms": st.t_cluster_ms, "t_select_ms": st.t_select_ms,
+            "attended_share": st.n_attended / st.n_cached if st.n_cached else 1.0}
+
+
+def bench_ours(runs: list, tests: list, reps: int, seed: int = 1234) -> list:
+    """runs: one Ours per KV policy. Every test runs under each policy with the repetitions
+    interleaved (policy A, B, .., A, B, ..); each policy gets the same tokens. Returns per run
+    its result rows and, per depth, the prefill time and the first decode step's clustering."""
+    out = [{"results": [], "depth_prefill": {}} for _ in runs]
     for depth in sorted({d for _, _, d in tests}):
-        ctx_cache = {}
+        ctx_cache = [{} for _ in runs]
         for n_prompt, n_gen, d in [t for t in tests if t[2] == depth]:
             n_ctx = depth + n_prompt + n_gen
-            ctx = ctx_cache.get(n_ctx)
-            if ctx is None:
-                ctx = ctx_cache[n_ctx] = ours.context(n_ctx)
-                if depth:  # untimed prefill, reused by every repetition
-                    _check(lib.ckv_decode(ctx, ours.random_tokens(rng, depth), depth, False),
-                           "ckv_decode (depth prefill)")
-            secs = [time_test(ours, ctx, depth, n_prompt, n_gen, rng) for _ in range(reps + 1)][1:]
+            ctxs = []
+            for i, ours in enumerate(runs):
+                ctx = ctx_cache[i].get(n_ctx)
+                if ctx is None:
+                    ctx = ctx_cache[i][n_ctx] = ours.context(n_ctx)
+                    if depth:  # untimed prefill, reused by every repetition
+                        tokens = ours.random_tokens(np.random.default_rng(seed + depth), depth)
+                        t0 = time.perf_counter()
+                        _check(lib.ckv_decode(ctx, tokens, depth, False), "ckv_decode (depth prefill)")
+                        out[i]["depth_prefill"][depth] = {"prefill_ms": 1e3 * (time.perf_counter() - t0)}
+                ctxs.append(ctx)
+            secs = [[] for _ in runs]
+            for rep in range(reps + 1):  # repetition 0 is the warm-up, dropped
+                for i, (ours, ctx) in enumerate(zip(runs, ctxs)):
+                    lib.ckv_context_reset_kv_stats(ctx)
+                    rng = np.random.default_rng(seed + 7919 * rep + n_prompt)
+                    wall, cpu = time_test(ours, ctx, depth, n_prompt, n_gen, rng)
+                    first = out[i]["depth_prefill"].get(depth)
+                    if rep == 0 and n_gen and first is not None and "t_cluster_ms" not in first:
+                        first["t_cluster_ms"] = kv_stats(ctx)["t_cluster_ms"]  # clusters lazily
+                        first["cluster_share_of_prefill"] = first["t_cluster_ms"] / first["prefill_ms"]
+                    if rep:
+                        secs[i].append((wall, cpu))
             n = n_prompt or n_gen
-            results.append(summarise(n_prompt, n_gen, depth, [n / s for s in secs]))
-            print("  ours  %-14s %8.2f t/s" % (test_name(n_prompt, n_gen, depth),
-                                                results[-1]["tps_mean"]), file=sys.stderr)
-    return results
+            for i, ours in enumerate(runs):
+                res = summarise(n_prompt, n_gen, depth, [n / w for w, _ in secs[i]])
+                res["cpu_ms_per_token"] = statistics.median(1e3 * c / n for _, c in secs[i])
+                if n_gen:
+                    res["kv_stats_last_rep"] = kv_stats(ctxs[i])
+                out[i]["results"].append(res)
+                print("  ours  %-22s %-14s %8.2f t/s (median %.2f, cpu %.2f ms/tok)"
+                      % (ours.label, test_name(n_prompt, n_gen, depth), res["tps_mean"],
+                         res["tps_median"], res["cpu_ms_per_token"]), file=sys.stderr)
+    return out
 
 
 def summarise(n_prompt: int, n_gen: int, depth: int, tps: list) -> dict:
@@ -216,6 +276,35 @@ def print_table(rows: list) -> None:
         print("%-14s %22s %22s %7s" % (r["test"], cell(r["ours"]), cell(r["llama_cpp"]), ratio))
 
 
+def kv_report(runs: list, per_policy: list) -> list:
+    """Per policy: its fields, results, the depth prefills (with clustering share) and, when
+    `full` ran too, the decode speed-up over it (ratio of median tokens/s, same test)."""
+    full = next((p["results"] for r, p in zip(runs, per_policy) if r.kv_policy == "full"), None)
+    report = []
+    for ours, res in zip(runs, per_policy):
+        entry = {"label": ours.label, "params": ours.kv_fields, "results": res["results"],
+                 "depth_prefill": res["depth_prefill"]}
+        if full is not None:
+            base = {r["test"]: r for r in full}
+            entry["speedup_vs_full"] = {r["test"]: r["tps_median"] / base[r["test"]]["tps_median"]
+                                        for r in res["results"] if r["test"] in base}
+        report.append(entry)
+    return report
+
+
+def print_kv_table(report: list) -> None:
+    print("\n%-40s %-14s %10s %10s %9s %9s" % ("KV policy", "test", "median t/s", "cpu ms/tok",
+                                               "vs full", "cluster%"))
+    for entry in report:
+        for r in entry["results"]:
+            pre = entry["depth_prefill"].get(r["n_depth"], {})
+            share = pre.get("cluster_share_of_prefill")
+            print("%-40s %-14s %10.2f %10.2f %9s %9s" % (
+                entry["label"], r["test"], r["tps_median"], r["cpu_ms_per_token"],
+                "%.2fx" % entry["speedup_vs_full"][r["test"]] if "speedup_vs_full" in entry else "-",
+                "-" if share is None else "%.1f%%" % (100 * share)))
+
+
 def find_model(name: str) -> str:
     try:
         from clusterkv_local.models import model_path
@@ -237,16 +326,24 @@ def main(argv=None) -> int:
     ap.add_argument("--depths", default="0,2048,4096", help="comma-separated prefill depths")
     ap.add_argument("--llama-bench", help="llama-bench binary (default: build it with llama_cpp_build.py)")
     ap.add_argument("--skip-llama-cpp", action="store_true")
-    ap.add_argument("--kv-policy", default="full", choices=KV_POLICIES,
-                    help="KV policy of our decode steps (llama.cpp always runs dense)")
+    ap.add_argument("--kv-policy", action="append",
+                    help="KV policy of our decode steps, NAME[:key=value,...] (e.g. "
+                         "clusterkv:select_per_kv_head=1); repeat to compare policies in one run "
+                         "(default full; llama.cpp always runs dense)")
     ap.add_argument("--kv-budget", type=int, default=1024, help="positions per head and step")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
+    ap.add_argument("--out", help="result file (default: dated name in --out-dir)")
     args = ap.parse_args(argv)
     if args.reps < 3:
         ap.error("--reps must be >= 3")
     args.depths = [int(d) for d in args.depths.split(",")]
+    try:
+        kv_runs = [parse_kv_policy(spec, args.kv_budget) for spec in args.kv_policy or ["full"]]
+    except ValueError as exc:
+        ap.error(str(exc))
     model = args.model if args.model and os.path.isfile(args.model) else find_model(args.model or DEFAULT_MODEL)
-    tests = [(t[0], t[1], d) for d in args.depths for t in ((args.n_prompt, 0), (0, args.n_gen))]
+    tests = [(t[0], t[1], d) for d in args.depths for t in ((args.n_prompt, 0), (0, args.n_gen))
+             if t[0] or t[1]]
 
     load_before = os.getloadavg()[0]
     if load_before > 0.5 * (os.cpu_count() or 1):
@@ -258,8 +355,13 @@ def main(argv=None) -> int:
         llama, llama_about = bench_llama_cpp(exe, model, args)
         llama_about.update({k: build_info[k] for k in ("llama_cpp_python", "llama_cpp_commit", "amx")
                             if k in build_info})
-    ours = Ours(model, args.threads, args.kv_policy, args.kv_budget)
-    mine = bench_ours(ours, tests, args.reps)
+    runs = []
+    for label, fields in kv_runs:
+        runs.append(Ours(model, args.threads, fields["policy"], fields.get("budget", args.kv_budget),
+                         fields))
+        runs[-1].label = label
+    per_policy = bench_ours(runs, tests, args.reps)
+    ours, mine = runs[0], per_policy[0]["results"]
 
     by_test = {r["test"]: r for r in llama}
     rows = []
@@ -279,15 +381,18 @@ def main(argv=None) -> int:
                     "ckv_system_info": ffi.string(lib.ckv_system_info()).decode(),
                     "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]},
         "model": {"file": os.path.basename(model), "path": model, **info},
-        "kv": {"type": "f16", "policy": args.kv_policy,
-               **({"budget": args.kv_budget} if args.kv_policy != "full" else {})},
+        "kv": {"type": "f16", "policy": ours.kv_policy,
+               **({"budget": ours.kv_budget} if ours.kv_policy != "full" else {})},
+        "kv_policies": kv_report(runs, per_policy),
         "threads": args.threads, "reps": args.reps, "warmup_dropped": 1,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "llama_cpp": llama_about, "results": rows,
     }
     print_table(rows)
+    if len(runs) > 1:
+        print_kv_table(record["kv_policies"])
     os.makedirs(args.out_dir, exist_ok=True)
-    path = result_path(args.out_dir, cpu)
+    path = args.out or result_path(args.out_dir, cpu)
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     print("\nwritten to %s" % os.path.relpath(path, REPO))

@@ -30,6 +30,7 @@ _LAZY = {
     "ModelNotFoundError": "_internals",
     "CudaError": "_internals",
     "NotFoundError": "_internals",
+    "system_info": "_internals",
     "DEFAULT_MODEL": "models",
     "ModelFetchError": "models",
     "ChecksumError": "models",
@@ -40,7 +41,7 @@ __all__ = ["__version__"] + list(_LAZY)
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._internals import (ClusterKVError, ContextFullError, CudaError, InvalidArgumentError,
                              ModelFormatError, ModelIOError, ModelNotFoundError, NotFoundError,
-                             OutOfMemoryError, UnsupportedError)
+                             OutOfMemoryError, UnsupportedError, system_info)
     from .llama import LLAMA_DEFAULT_SEED, Llama, LogitsProcessorList, StoppingCriteriaList
     from .models import DEFAULT_MODEL, ChecksumError, ModelFetchError
 

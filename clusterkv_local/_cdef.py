@@ -162,6 +162,8 @@ struct ckv_kv_stats {
 };
 void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out);
 void ckv_context_reset_kv_stats(ckv_context * ctx);
+int32_t ckv_context_set_kv_policy(ckv_context * ctx,
+                                          const struct ckv_kv_policy_params * params);
 int32_t ckv_context_kv_n_clusters(const ckv_context * ctx, int32_t il, int32_t h,
                                           int32_t * out);
 int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h,

@@ -166,7 +166,10 @@ lib.ckv_log_set(_log_line, ffi.NULL)
 
 
 def system_info() -> str:
-    """What this build and this CPU can do, e.g. "CPU: AVX2=1 ... | CUDA: off"."""
+    """What this build and machine can do, e.g. "CPU: AVX2=1 ... | CUDA: not built".
+
+    The CUDA part is "not built", "no device" or device 0, e.g. "NVIDIA H200, 139.8 GiB, sm_90".
+    """
     return _cstr(lib.ckv_system_info())
 
 
@@ -374,7 +377,8 @@ KV_POLICY_FIELDS = {name: field.type.cname
 
 # Symbols a library with KV policies exports; an older build lacks them.
 _KV_POLICY_SYMBOLS = ("ckv_context_get_kv_stats", "ckv_context_reset_kv_stats",
-                      "ckv_context_kv_n_clusters", "ckv_context_kv_selection")
+                      "ckv_context_kv_n_clusters", "ckv_context_kv_selection",
+                      "ckv_context_set_kv_policy")
 
 
 def kv_policies_available() -> bool:
@@ -465,6 +469,17 @@ class _Context(_Handle):
 
     def truncate(self, n_keep: int) -> None:
         _check(lib.ckv_context_truncate(self._live(), n_keep))
+
+    def set_kv_policy(self, kv_policy: dict) -> None:
+        """Switches to kv_policy ({field: value} over the library's defaults), keeping the
+        cached positions; on an error the old policy stays (ckv_context_set_kv_policy)."""
+        _require_kv_policies()
+        params = ffi.new("struct ckv_context_params *")
+        lib.ckv_context_default_params(params)
+        for name, value in kv_policy.items():
+            setattr(params.kv_policy, name, value)
+        _check(lib.ckv_context_set_kv_policy(self._live(), ffi.addressof(params, "kv_policy")))
+        self.kv_policy = {name: getattr(params.kv_policy, name) for name in KV_POLICY_FIELDS}
 
     def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
         ids = ffi.new("ckv_token[]", [int(t) for t in tokens])

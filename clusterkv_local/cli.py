@@ -1,6 +1,7 @@
 """Command-line interface: `clusterkv-local` and `python -m clusterkv_local`.
 
     clusterkv-local run "Once upon a time" -n 64          # stream a completion
+    clusterkv-local run "Once upon a time" -ngl -1        # the whole model on the GPU (CUDA)
     clusterkv-local chat --system "Be brief."             # interactive chat, /exit to quit
     clusterkv-local info MODEL                            # metadata and tensor table of any GGUF
     clusterkv-local models                                # the registry, and what is cached
@@ -34,7 +35,7 @@ def _load(args: argparse.Namespace, **kwargs: Any):
     path = _model_file(args.model)
     from .llama import Llama
 
-    return Llama(path, n_ctx=args.ctx, n_threads=args.threads,
+    return Llama(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
                  seed=args.seed, verbose=args.verbose, **kwargs)
 
 
@@ -117,13 +118,13 @@ def _shorten(value: str, full: bool, width: int = 100) -> str:
     return value if full or len(value) <= width else value[:width - 3] + "..."
 
 
-def _support(path: str) -> str:
+def _support(path: str, n_gpu_layers: int) -> str:
     """Whether this runtime can run the model: a full (mmapped) load with a tiny context."""
     from .llama import Llama
     from ._internals import ClusterKVError
 
     try:
-        with Llama(path, n_ctx=16, n_batch=16, verbose=False):
+        with Llama(path, n_ctx=16, n_batch=16, n_gpu_layers=n_gpu_layers, verbose=False):
             return "yes"
     except ClusterKVError as e:
         return "no (%s)" % e
@@ -133,6 +134,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     """Metadata, tensor table and type counts of any GGUF, and whether it is supported."""
     path = _model_file(args.model)
     from .llama import Llama
+    from ._internals import system_info
 
     with Llama(path, metadata_only=True, verbose=False) as llm:
         metadata, tensors, info = llm.metadata, llm.tensors(), llm.model_info
@@ -154,7 +156,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         sizes[t.type_name] += t.size
     for type_name, n in counts.most_common():
         print("  %-6s %4d tensors %10.2f MiB" % (type_name, n, sizes[type_name] / 2**20))
-    print("\nsupported by this runtime: %s" % _support(path))
+    print("\nruntime: %s" % system_info())
+    where = " (n_gpu_layers = %d)" % args.n_gpu_layers if args.n_gpu_layers else ""
+    print("supported by this runtime%s: %s" % (where, _support(path, args.n_gpu_layers)))
     return 0
 
 
@@ -221,11 +225,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         settings.lengths = tuple(_int_list(args.lengths))
     if args.depths:
         settings.depths = tuple(float(x) for x in args.depths.split(","))
-    for name in ("tf_tokens", "prompt_format", "passkey_haystack", "haystack", "haystack_dir",
-                 "seed"):
+    for name in ("tf_tokens", "prompt_format", "passkey_haystack", "passkey_repeat", "haystack",
+                 "haystack_dir", "seed"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     settings.kv_policy_params = _kv_params(args.kv_param)
+    settings.extra_configs = tuple(args.extra)
+    if args.h2o_lengths:
+        settings.h2o_lengths = tuple(_int_list(args.h2o_lengths))
     out = args.out or "kv-eval-%s.json" % time.strftime("%Y%m%d-%H%M%S")
     if os.path.exists(out):
         return _error("%s exists; results are never overwritten" % out)
@@ -241,6 +248,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _add_gpu_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, metavar="N",
+                   help="layers on the GPU: 0 = CPU only (default), -1 = the whole model "
+                   "(needs a CUDA build and device; see `info` for what this build has)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None,
                    help="registry name or GGUF path (default: %s)" % models.DEFAULT_MODEL)
@@ -248,6 +261,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="max tokens to generate (<= 0: until the context is full)")
     p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    _add_gpu_arg(p)
     p.add_argument("--temp", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=0.95)
@@ -278,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="registry name or GGUF path")
     p.add_argument("--full", action="store_true", help="do not shorten long metadata values")
     p.add_argument("--no-tensors", action="store_true", help="omit the per-tensor table")
+    _add_gpu_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("models", help="list the model registry")
@@ -298,10 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tf-tokens", type=int, help="teacher-forced steps per length")
     p.add_argument("--prompt-format", choices=("completion", "chat"))
     p.add_argument("--passkey-haystack", choices=("filler", "essays"))
+    p.add_argument("--passkey-repeat", type=int, help="copies of the passkey sentence (3)")
     p.add_argument("--haystack", choices=("auto", "pg_essays", "synthetic"))
     p.add_argument("--haystack-dir", help="a local copy of the Paul Graham essays (verified)")
     p.add_argument("--kv-param", action="append", default=[], metavar="[POLICY.]KEY=VALUE",
                    help="a kv_policy_params entry, e.g. clusterkv.tokens_per_cluster=40")
+    p.add_argument("--extra", action="append", default=[], metavar="POLICY@BUDGET[:KEY=VALUE,..]",
+                   help="one more row, e.g. clusterkv@1024:select_per_kv_head=1")
+    p.add_argument("--h2o-lengths", help="h2o prefills each case itself: run it on these "
+                   "lengths only (default: all)")
     p.add_argument("--seed", type=int, help="seeds the keys and values of the needles")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--quick", action="store_true", help="a tiny run (CI smoke test)")

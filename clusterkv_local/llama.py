@@ -377,7 +377,12 @@ class Llama:
         a query head attends to per decode step) and `kv_policy_params` (the other fields of
         struct ckv_kv_policy_params, e.g. {"n_sink": 16, "tokens_per_cluster": 80}) choose how
         decode steps read the KV cache (prefill is always dense); see kv_stats().
-        Deviation: seed=0 is a real seed (llama-cpp-python turns 0 into "random").
+        `n_gpu_layers=-1` (or >= the layer count) runs the whole model on the GPU in a CUDA
+        build (clusterkv_local.system_info() says what the build has); no usable GPU raises
+        CudaError, a CPU-only build UnsupportedError.
+        Deviations: seed=0 is a real seed (llama-cpp-python turns 0 into "random");
+        0 < n_gpu_layers < n_layer raises UnsupportedError (no partial offload); on the GPU only
+        kv_policy "full" and an f16 KV cache run (UnsupportedError otherwise).
         """
         self.verbose = verbose
         self.model_path = os.fspath(model_path)
@@ -389,6 +394,7 @@ class Llama:
         n_ctx, n_batch, n_threads = _context_settings(n_ctx, n_batch, n_threads)
         kv_settings = kv_policy_settings(kv_policy, kv_budget, kv_policy_params)
         n_gpu_layers = _require_int("n_gpu_layers", n_gpu_layers, -1)
+        self._on_gpu = n_gpu_layers != 0 and not (vocab_only or metadata_only)
         self._logits_all = bool(logits_all)
         self.last_n_tokens_size = _require_int("last_n_tokens_size", last_n_tokens_size, 0)
         self.set_seed(seed)
@@ -449,8 +455,9 @@ class Llama:
                  info.size / 2**20, seconds), file=sys.stderr)
         if self._ctx is not None:
             print("clusterkv_local: n_ctx = %d (trained %d), n_batch = %d, n_threads = %d, "
-                  "chat format = %s | %s" % (self._n_ctx, info.n_ctx_train, self.n_batch,
-                                             self.n_threads, self.chat_format, system_info()),
+                  "chat format = %s, runs on the %s | %s"
+                  % (self._n_ctx, info.n_ctx_train, self.n_batch, self.n_threads,
+                     self.chat_format, "GPU" if self._on_gpu else "CPU", system_info()),
                   file=sys.stderr)
 
     @classmethod
@@ -577,6 +584,25 @@ class Llama:
         names = {v: k for k, v in KV_POLICIES.items()}
         settings["policy"] = names.get(settings["policy"], settings["policy"])
         return settings
+
+    def set_kv_policy(self, kv_policy: str, kv_budget: Optional[int] = None,
+                      kv_policy_params: Optional[Dict[str, Any]] = None) -> None:
+        """Switches the KV policy, keeping the evaluated tokens: the same arguments and checks
+        as the constructor's. Prefill is dense, so the cached prompt is then as if it had been
+        evaluated under the new policy, and one prefill can serve several policies. Switching
+        to "h2o" with tokens evaluated raises ValueError (h2o needs the prefill's attention
+        weights). kv_stats() start again from zero. On an error the old policy stays.
+
+        Example:
+            >>> llm.eval(prompt_tokens)
+            >>> llm.set_kv_policy("clusterkv", 1024, {"tokens_per_cluster": 80})
+            >>> llm.eval([next_token])   # a decode step through ClusterKV
+        """
+        settings = kv_policy_settings(kv_policy, kv_budget, kv_policy_params)
+        ctx = self._require_ctx()
+        if ctx.n_past() != self.n_tokens:
+            ctx.truncate(self.n_tokens)  # reset()/n_tokens trims lazily: apply it first
+        ctx.set_kv_policy(settings)
 
     def kv_stats(self) -> Dict[str, Any]:
         """What the KV policy did since the context began or reset_kv_stats().

@@ -6,8 +6,8 @@
 
 Data flow: haystack.py (essays or synthetic text) -> tasks.py (passkey / NIAH cases, token
 level) -> runner.py (each policy x budget: dense prefill, the query and answer as decode steps;
-teacher-forced continuations against the full-KV logits, metrics.py) -> report.py (table, JSON,
-markdown, PNG).
+teacher-forced continuations against the full-KV logits, metrics.py; one dense prefill per case
+shared by the policies through Llama.set_kv_policy) -> report.py (table, JSON, markdown, PNG).
 """
 import datetime
 import os
@@ -40,11 +40,15 @@ class EvalSettings:
     n_keys: int = 4                              # needles in niah_multi
     prompt_format: str = "completion"            # or "chat"
     passkey_haystack: str = "filler"             # "filler" (classic) or "essays"
+    passkey_repeat: int = 3                      # copies of the passkey sentence at the depth
     haystack: str = "auto"                       # auto | pg_essays | synthetic
     haystack_dir: Optional[str] = None           # a local essay folder (verified)
     n_threads: Optional[int] = None
     seed: int = 0
     kv_policy_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per policy
+    extra_configs: Sequence[str] = ()            # more rows, "clusterkv@1024:select_per_kv_head=1"
+    h2o_lengths: Optional[Sequence[int]] = None  # h2o prefills itself: only these lengths (None:
+                                                 # all); the other policies share one prefill
 
     def check(self) -> None:
         for p in self.policies:
@@ -61,6 +65,11 @@ class EvalSettings:
             raise ValueError("passkey_haystack must be filler or essays")
         if not self.lengths or min(self.lengths) < 64:
             raise ValueError("lengths must be >= 64 tokens, got %s" % list(self.lengths))
+        from .runner import parse_config
+        for text in self.extra_configs:
+            if parse_config(text).policy not in ALL_POLICIES:
+                raise ValueError("extra configuration %r: unknown policy; valid: %s"
+                                 % (text, ", ".join(ALL_POLICIES)))
 
 
 # Tiny run for CI and smoke tests (well under a minute on 2 cores).
@@ -94,7 +103,7 @@ def build_cases(kit: PromptKit, settings: EvalSettings, hay_tokens: List[int],
         for depth in settings.depths:
             if "passkey" in settings.tasks:
                 cases.append(passkey_case(kit, passkey_hay, length, depth, settings.seed,
-                                          settings.prompt_format))
+                                          settings.prompt_format, settings.passkey_repeat))
             if "niah" in settings.tasks:
                 cases.append(niah_case(kit, hay_tokens, length, depth, 1, settings.seed,
                                        settings.prompt_format))
@@ -142,15 +151,17 @@ def run_eval(settings: EvalSettings, log: Callable[[str], None] = lambda s: None
     log("haystack: %s (%s)" % (haystack.name, haystack.detail))
     n_new = settings.tf_tokens if "tf" in settings.tasks else 0
     n_ctx = max(settings.lengths) + max(n_new, 16) + 16
-    configs = runner.policy_configs(settings.policies, settings.budgets)
+    configs = runner.policy_configs(settings.policies, settings.budgets, settings.extra_configs)
     if not configs:
         raise ValueError("no configuration to run: give at least one policy")
 
-    with Llama(model_path, n_ctx=n_ctx, n_threads=settings.n_threads, verbose=False) as ref:
-        info = ref.model_info
+    start = time.perf_counter()
+    with Llama(model_path, n_ctx=n_ctx, n_threads=settings.n_threads, seed=0,
+               verbose=False) as llm:
+        info = llm.model_info
         if n_ctx > info.n_ctx_train:
             log("warning: n_ctx %d exceeds the model's trained %d" % (n_ctx, info.n_ctx_train))
-        kit = _prompt_kit(ref)
+        kit = _prompt_kit(llm)
         need = max(settings.lengths) + n_new + 64
         hay_tokens = _tokens_for(kit, haystack.text, need)
         filler_tokens = _tokens_for(kit, PASSKEY_FILLER * (need // 20 + 10), need)
@@ -158,24 +169,15 @@ def run_eval(settings: EvalSettings, log: Callable[[str], None] = lambda s: None
             raise ValueError("the %s haystack has only %d tokens, %d needed"
                              % (haystack.name, len(hay_tokens), need))
         cases = build_cases(kit, settings, hay_tokens, filler_tokens)
-        texts = []
-        if n_new:
-            log("full-KV reference for %d teacher-forced steps per length" % (n_new - 1))
-            texts = [runner.full_reference(ref, L, hay_tokens, n_new, kit.bos)
-                     for L in settings.lengths]
+        texts = [runner.teacher_text(L, hay_tokens, n_new, kit.bos)
+                 for L in settings.lengths] if n_new else []
         meta = {"model": {"name": info.name, "file": os.path.basename(model_path),
                           "arch": info.arch, "n_params": info.n_params,
                           "n_ctx_train": info.n_ctx_train},
                 "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                            "system_info": system_info(), "n_threads": ref.n_threads}}
-
-    runs = []
-    start = time.perf_counter()
-    for config in configs:
-        with runner.open_llama(model_path, config, n_ctx, settings.n_threads,
-                               settings.kv_policy_params) as llm:
-            runs.append(runner.run_config(llm, config, cases, texts, log))
-        log("%s done (%.0f s so far)" % (config.label, time.perf_counter() - start))
+                            "system_info": system_info(), "n_threads": llm.n_threads}}
+        runs = runner.run_configs(llm, configs, cases, texts, settings.kv_policy_params, log,
+                                  settings.h2o_lengths)
     return dict({"schema": 1, "bench": "kv-eval",
                  "date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "commit": _commit(), "haystack": haystack.name,

@@ -33,7 +33,8 @@ def table_rows(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         for task in TASKS:
             row[task] = _accuracy(run["cases"], task)
         ok = {_case_key(c) for c in run["cases"] if c["correct"]}
-        row["missed_vs_full"] = len(full_ok - ok) if full else None
+        ran = {_case_key(c) for c in run["cases"]}  # h2o may run on fewer lengths
+        row["missed_vs_full"] = len((full_ok & ran) - ok) if full and ran else None
         tf = run["teacher_forced"]
         for key in ("top1_agreement", "kl_mean", "kl_p99", "ppl", "ppl_full"):
             row[key] = float(np.mean([t[key] for t in tf])) if tf else None
@@ -55,6 +56,12 @@ def _acc(cell: Optional[Dict[str, Any]]) -> str:
     return "-" if cell is None else "%d/%d" % (cell["correct"], cell["total"])
 
 
+def _name(row: Dict[str, Any]) -> str:
+    """The policy with the row's own parameters, e.g. "clusterkv +select_per_kv_head=1"."""
+    extra = row["label"].partition("+")[2]
+    return row["policy"] + (" +" + extra.replace("+", " +") if extra else "")
+
+
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     head = ("| policy | budget | passkey | NIAH | NIAH multi | missed vs full | top-1 agree | "
             "KL mean | KL p99 | ppl (full) | density | select ms/step | decode ms/tok |")
@@ -62,7 +69,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     for r in rows:
         ppl = "-" if r["ppl"] is None else "%.2f (%.2f)" % (r["ppl"], r["ppl_full"])
         lines.append("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
-            r["policy"], "-" if r["budget"] is None else r["budget"], _acc(r["passkey"]),
+            _name(r), "-" if r["budget"] is None else r["budget"], _acc(r["passkey"]),
             _acc(r["niah"]), _acc(r["niah_multi"]), _fmt(r["missed_vs_full"], "d"),
             _fmt(r["top1_agreement"], ".3f"), _fmt(r["kl_mean"], ".4f"), _fmt(r["kl_p99"], ".3f"),
             ppl, _fmt(r["density"], ".3f"), _fmt(r["select_ms_per_step"], ".2f"),
@@ -82,6 +89,10 @@ def markdown_report(result: Dict[str, Any]) -> str:
                 result["haystack"], result["haystack_detail"], s["prompt_format"],
                 ", ".join(map(str, s["lengths"])), ", ".join(map(str, s["depths"])),
                 s["tf_tokens"]))
+    if s.get("h2o_lengths") and any(r["policy"] == "h2o" for r in result["table"]):
+        intro += ("h2o cannot take over a prefilled cache, so it prefills each case itself and "
+                  "was run on lengths %s only (its cells count those cases; its teacher-forced "
+                  "metrics average those lengths).\n\n" % ", ".join(map(str, s["h2o_lengths"])))
     return intro + markdown_table(result["table"])
 
 
@@ -121,12 +132,15 @@ def plot(rows: List[Dict[str, Any]], path: str) -> Optional[str]:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     full = next((r for r in rows if r["policy"] == "full"), None)
+    # one line per policy and its own parameters, in the same colour on every panel
+    names = list(dict.fromkeys(_name(r) for r in rows if r["policy"] != "full"))
     for ax, (key, title) in zip(axes.flat, _PLOTS):
-        for policy in dict.fromkeys(r["policy"] for r in rows if r["policy"] != "full"):
-            pts = [(r["budget"], _metric(r, key)) for r in rows if r["policy"] == policy
+        for i, name in enumerate(names):
+            pts = [(r["budget"], _metric(r, key)) for r in rows if _name(r) == name
                    and _metric(r, key) is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=policy)
+                ax.plot(*zip(*pts), marker="o", label=name, color="C%d" % (i % 10),
+                        linestyle="-" if "+" not in name else ":")
         if full is not None and _metric(full, key) is not None:
             ax.axhline(_metric(full, key), color="black", linestyle="--", label="full")
         ax.set_xscale("log", base=2)

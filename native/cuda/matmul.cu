@@ -93,28 +93,48 @@ struct mmv_jobs {
     int             n_jobs;
 };
 
+// Row `row` of the concatenated jobs. Only constant indices into j: a run-time index makes
+// the compiler copy the whole parameter struct to every thread's local memory, which cost
+// more memory traffic than the weights themselves in the q/k/v and output projections
+// (~130 bytes written and read per thread; measured with ncu, 2026-11-28).
+struct mmv_row {
+    const uint8_t * w;   // the row's weights
+    float *         y;   // its output element
+    const float *   bias;
+    bool            accumulate;
+};
+__device__ __forceinline__ mmv_row mmv_job_row(const struct mmv_jobs & j, int64_t row) {
+    mmv_row out = {j.w[0] + row * j.row_size[0], j.y[0] + row, j.bias[0] ? j.bias[0] + row : nullptr,
+                   j.accumulate[0]};
+#pragma unroll
+    for (int k = 1; k < 3; k++) {
+        row -= j.n_out[k - 1];
+        if (k < j.n_jobs && row >= 0) {
+            out = {j.w[k] + row * j.row_size[k], j.y[k] + row, j.bias[k] ? j.bias[k] + row : nullptr,
+                   j.accumulate[k]};
+        }
+    }
+    return out;
+}
+
 template <int T, bool NORM>
 static __global__ void __launch_bounds__(MMV_WARPS * CKV_WARP)
 mmv_kernel(struct mmv_jobs j, int64_t n_in, const float * __restrict__ x,
-           const float * __restrict__ norm_w, float eps) {
+           const float * __restrict__ norm_w, float eps, int64_t total_rows) {
     pdl_begin();
     extern __shared__ float4 mmv_smem[];
     const float * xin = mmv_input<NORM>(x, n_in, norm_w, eps, (float *) mmv_smem);
     int64_t row = (int64_t) blockIdx.x * MMV_WARPS + threadIdx.y;
-    int     job = 0;
-    while (job < j.n_jobs && row >= j.n_out[job]) {
-        row -= j.n_out[job++];
-    }
-    if (job >= j.n_jobs) {
+    if (row >= total_rows) {
         return;
     }
-    float sum = mmv_row_dot<T>(j.w[job] + row * j.row_size[job], n_in, xin);
+    mmv_row jr = mmv_job_row(j, row);
+    float sum = mmv_row_dot<T>(jr.w, n_in, xin);
     if (threadIdx.x == 0) {
-        float * y = j.y[job];
-        if (j.bias[job]) {
-            sum += j.bias[job][row];
+        if (jr.bias) {
+            sum += *jr.bias;
         }
-        y[row] = j.accumulate[job] ? y[row] + sum : sum;
+        *jr.y = jr.accumulate ? *jr.y + sum : sum;
     }
 }
 
@@ -357,6 +377,7 @@ __device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int6
                                           const cq8x * xq, float (&out)[R], int wr = 0) {
     int   lane = threadIdx.x % CKV_WARP, s = lane & 3;
     float acc[R];
+#pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
 #pragma unroll U
     for (int64_t c = wr * 8 + (lane >> 2); c < n_in / 32; c += 8 * W) {
@@ -366,6 +387,7 @@ __device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int6
 #pragma unroll
         for (int r = 0; r < R; r++) acc[r] += vdot_q8<T>(rows[r], c, s, xa, xc, ds);
     }
+#pragma unroll
     for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
 }
 
@@ -383,22 +405,21 @@ mmvq_kernel(struct mmv_jobs j, int64_t n_in, const float * __restrict__ x, const
     for (int64_t base = ((int64_t) blockIdx.x * MMVQ_WARPS + warp) * R; base < total_rows;
          base += (int64_t) gridDim.x * MMVQ_WARPS * R) {
         const uint8_t * rows[R];
-        int      job[R];
-        int64_t  row[R];
+        mmv_row jr[R];
+#pragma unroll
         for (int r = 0; r < R; r++) {   // a row past the end reads row 0 and is not written
-            row[r] = base + r < total_rows ? base + r : 0;
-            job[r] = 0;
-            while (row[r] >= j.n_out[job[r]]) row[r] -= j.n_out[job[r]++];
-            rows[r] = j.w[job[r]] + row[r] * j.row_size[job[r]];
+            jr[r] = mmv_job_row(j, base + r < total_rows ? base + r : 0);
+            rows[r] = jr[r].w;
         }
         float sum[R];
         mmvq_rows<T, R, U>(rows, n_in, xin, sum);
         if (threadIdx.x % CKV_WARP == 0) {
+#pragma unroll
             for (int r = 0; r < R; r++) {
-                if (base + r >= total_rows) break;
-                float * y = j.y[job[r]];
-                float   v = sum[r] + (j.bias[job[r]] ? j.bias[job[r]][row[r]] : 0.0f);
-                y[row[r]] = j.accumulate[job[r]] ? y[row[r]] + v : v;
+                if (base + r < total_rows) {
+                    float v = sum[r] + (jr[r].bias ? *jr[r].bias : 0.0f);
+                    *jr[r].y = jr[r].accumulate ? *jr[r].y + v : v;
+                }
             }
         }
     }
@@ -427,6 +448,7 @@ mmvq_glu_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu
     int     warp = threadIdx.x / CKV_WARP, lane = threadIdx.x % CKV_WARP;
     int64_t row0 = (int64_t) blockIdx.x * 32 + warp * R;
     const uint8_t * rows[2 * R];
+#pragma unroll
     for (int r = 0; r < R; r++) {   // rows past n_out (n_out % 32 != 0, yq NULL) read row 0
         int64_t rr = row0 + r < n_out ? row0 + r : 0;
         rows[r] = wg + rr * row_size;
@@ -436,6 +458,7 @@ mmvq_glu_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu
     mmvq_rows<T, 2 * R, (R >= 2 ? 2 : 4)>(rows, n_in, xin, sum);
     if (lane < R) {
         float v = 0.0f;
+#pragma unroll
         for (int r = 0; r < R; r++) v = lane == r ? glu_act(sum[r], sum[R + r], gelu) : v;
         outs[warp * R + lane] = v;
         if (row0 + lane < n_out) y[row0 + lane] = v;
@@ -456,10 +479,8 @@ mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq,
     __shared__ float part[MMVQ_WARPS];
     int     warp = threadIdx.x / CKV_WARP, wr = warp % W;
     int64_t row = (int64_t) blockIdx.x * (MMVQ_WARPS / W) + warp / W;
-    int64_t r = row < total_rows ? row : 0;   // a row past the end reads row 0, is not written
-    int     job = 0;
-    while (r >= j.n_out[job]) r -= j.n_out[job++];
-    const uint8_t * rows[1] = {j.w[job] + r * j.row_size[job]};
+    mmv_row jr = mmv_job_row(j, row < total_rows ? row : 0);   // a row past the end reads row 0
+    const uint8_t * rows[1] = {jr.w};
     float sum[1];
     mmvq_rows<T, 1, 4, W>(rows, n_in, xq, sum, wr);
     if constexpr (W > 1) {
@@ -470,9 +491,8 @@ mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq,
         }
     }
     if (threadIdx.x % CKV_WARP == 0 && wr == 0 && row < total_rows) {
-        float * y = j.y[job];
-        float   v = sum[0] + (j.bias[job] ? j.bias[job][r] : 0.0f);
-        y[r] = j.accumulate[job] ? y[r] + v : v;
+        float v = sum[0] + (jr.bias ? *jr.bias : 0.0f);
+        *jr.y = jr.accumulate ? *jr.y + v : v;
     }
 }
 
@@ -490,6 +510,7 @@ mmvq_glu_split_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restric
     int     warp = threadIdx.x / CKV_WARP, lane = threadIdx.x % CKV_WARP, wr = warp % W, grp = warp / W;
     int64_t row0 = (int64_t) blockIdx.x * 32 + grp * R;
     const uint8_t * rows[2 * R];
+#pragma unroll
     for (int r = 0; r < R; r++) {
         int64_t rr = row0 + r < n_out ? row0 + r : 0;
         rows[r] = wg + rr * row_size;
@@ -499,16 +520,19 @@ mmvq_glu_split_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restric
     mmvq_rows<T, 2 * R, 2, W>(rows, n_in, xq, sum, wr);
     if constexpr (W > 1) {
         if (lane == 0) {
+#pragma unroll
             for (int r = 0; r < 2 * R; r++) part[warp][r] = sum[r];
         }
         __syncthreads();
         if (wr == 0) {
             for (int k = 1; k < W; k++)
+#pragma unroll
                 for (int r = 0; r < 2 * R; r++) sum[r] += part[warp + k][r];
         }
     }
     if (wr == 0 && lane < R) {
         float v = 0.0f;
+#pragma unroll
         for (int r = 0; r < R; r++) v = lane == r ? glu_act(sum[r], sum[R + r], gelu) : v;
         outs[grp * R + lane] = v;
         if (row0 + lane < n_out) y[row0 + lane] = v;
@@ -562,7 +586,9 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
                                const cq8x * xq, const float * norm_w, float eps, cudaStream_t s) {
     read_mmvq_env();
     if (xq) {
-        int      W = g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8 ? g_split_w : 4;
+        // Warps per row: 2 measured best on the H200 (8B Q4_0 tg128: 2 -> 286, 4 -> 276, 8 -> 245
+        // tok/s; bench/results/2026-11-28_h200_gpu-3.json).
+        int      W = g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8 ? g_split_w : 2;
         unsigned grid = (unsigned) ((rows + MMVQ_WARPS / W - 1) / (MMVQ_WARPS / W));
         switch (W) {
             case 1: return launch_pdl(mmvq_split_kernel<T, 1>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
@@ -595,12 +621,14 @@ static cudaError_t launch_mmvq_glu(const uint8_t * wg, const uint8_t * wu, size_
                                    bool gelu, const float * norm_w, float eps, cudaStream_t s) {
     read_mmvq_env();
     if (xq) {
-        int      W = g_glu_w == 1 || g_glu_w == 2 || g_glu_w == 4 ? g_glu_w : 2;
+        // 4 warps per row group where that fits 64 registers (1024 threads) without spills.
+        constexpr int w_default = T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q8_0 || T == CT_Q4_K ? 4 : 2;
+        int      W = g_glu_w == 1 || g_glu_w == 2 || g_glu_w == 4 ? g_glu_w : w_default;
         unsigned grid = (unsigned) ((n_out + 31) / 32);
         switch (W) {
             case 1: return launch_pdl(mmvq_glu_split_kernel<T, 1>, grid, 8 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
-            case 4: return launch_pdl(mmvq_glu_split_kernel<T, 4>, grid, 32 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
-            default: return launch_pdl(mmvq_glu_split_kernel<T, 2>, grid, 16 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
+            case 2: return launch_pdl(mmvq_glu_split_kernel<T, 2>, grid, 16 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
+            default: return launch_pdl(mmvq_glu_split_kernel<T, 4>, grid, 32 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
         }
     }
     int      R = g_glu_rows == 1 || g_glu_rows == 2 || g_glu_rows == 4 ? g_glu_rows : 2;
@@ -791,8 +819,8 @@ static int32_t launch_gemv_jobs(const struct cuda_matmul_args * jobs, int n_jobs
             err = norm && !xq ? launch_mmvq<T, true>(j, n_in, rows, jobs[0].x, xq, norm, jobs[0].norm_eps, s)
                               : launch_mmvq<T, false>(j, n_in, rows, jobs[0].x, xq, NULL, 0.0f, s);
         } else {
-            err = norm ? launch_mmv(mmv_kernel<T, true>, true, n_in, rows, s, j, n_in, jobs[0].x, norm, jobs[0].norm_eps)
-                       : launch_mmv(mmv_kernel<T, false>, false, n_in, rows, s, j, n_in, jobs[0].x, norm, 0.0f);
+            err = norm ? launch_mmv(mmv_kernel<T, true>, true, n_in, rows, s, j, n_in, jobs[0].x, norm, jobs[0].norm_eps, rows)
+                       : launch_mmv(mmv_kernel<T, false>, false, n_in, rows, s, j, n_in, jobs[0].x, norm, 0.0f, rows);
         }
     });
     if (!known) {

@@ -61,8 +61,9 @@ CKV_API const char * ckv_status_name(int32_t status);
 // Library version string, e.g. "0.1.0".
 CKV_API const char * ckv_version(void);
 
-// What this build and this CPU can do, e.g.
-// "CPU: AVX2=1 FMA=1 F16C=1 AVX512=0 AVX512_VNNI=0 | CUDA: not built".
+// What this build and this machine can do, e.g.
+// "CPU: AVX2=1 FMA=1 F16C=1 AVX512=0 AVX512_VNNI=0 | CUDA: not built"; the CUDA part is
+// "not built", "no device" or device 0 as "NVIDIA H200, 139.8 GiB, sm_90".
 CKV_API const char * ckv_system_info(void);
 
 enum ckv_log_level {
@@ -88,7 +89,11 @@ typedef struct ckv_sampler ckv_sampler;
 // ---------------------------------------------------------------------------------------------
 
 struct ckv_model_params {
-    int32_t n_gpu_layers;  // layers to put on the GPU: 0 = CPU only, -1 = all
+    int32_t n_gpu_layers;  // layers to put on the GPU: 0 = CPU only (default); -1 or >= n_layer
+                           // = the whole model, and its contexts then run on the GPU (CUDA
+                           // builds). 0 < n < n_layer is CKV_ERR_UNSUPPORTED (no partial
+                           // offload); no usable device is CKV_ERR_CUDA; a build without CUDA
+                           // is CKV_ERR_UNSUPPORTED. Ignored with vocab_only / metadata_only.
     bool    use_mmap;      // map the file instead of reading it into memory (default true)
     bool    vocab_only;    // load metadata and tokenizer only: no forward pass possible
     bool    metadata_only; // parse metadata and the tensor table only, for any architecture
@@ -99,7 +104,9 @@ CKV_API void ckv_model_default_params(struct ckv_model_params * out);
 
 // Loads a GGUF file. On success *out owns the model; free it with ckv_model_free.
 // Returns CKV_ERR_IO (cannot open), CKV_ERR_FORMAT (malformed file), CKV_ERR_UNSUPPORTED
-// (architecture, tokenizer or tensor type not supported) or CKV_ERR_INVALID_ARG.
+// (architecture, tokenizer or tensor type not supported, on the GPU too), CKV_ERR_INVALID_ARG,
+// CKV_ERR_CUDA (n_gpu_layers != 0 without a usable device, or a failed copy) or CKV_ERR_OOM
+// (the weights do not fit in the GPU's free memory).
 CKV_API int32_t ckv_model_load(const char * path, const struct ckv_model_params * params,
                                ckv_model ** out);
 CKV_API void    ckv_model_free(ckv_model * model);
@@ -298,6 +305,21 @@ struct ckv_kv_stats {
 
 CKV_API void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out);
 CKV_API void ckv_context_reset_kv_stats(ckv_context * ctx);
+
+// Switches the KV policy of a context that may already hold a prompt (n_past > 0). Because
+// prefill is always dense, the result is the same as if the cached positions had been
+// evaluated under the new policy: its bookkeeping is rebuilt from the cache (quest's page
+// bounds now; clusterkv clusters lazily at the next decode step, as after a prefill). The new
+// policy's stats start at zero. Lets one prefill serve several policies (the eval harness).
+// params is validated as in ckv_context_init (n_dense_layers, budget, ...).
+//   CKV_OK
+//   CKV_ERR_INVALID_ARG - bad params, or h2o with n_past > 0 (h2o needs the prefill's attention
+//                         weights, which are gone: create the context with h2o instead)
+//   CKV_ERR_OOM         - out of memory
+//   CKV_ERR_UNSUPPORTED - a policy other than full on a GPU context (the GPU runs full only)
+// On any error the old policy stays in force, unchanged.
+CKV_API int32_t ckv_context_set_kv_policy(ckv_context * ctx,
+                                          const struct ckv_kv_policy_params * params);
 
 // Clusters held now by (layer il, KV head h): 0 for dense layers and other policies.
 // CKV_ERR_INVALID_ARG when il or h is out of range.

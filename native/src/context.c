@@ -1,10 +1,12 @@
 // context.c - ckv_context: creation (KV cache and every scratch buffer up front), ckv_decode
-// (validation, chunking into n_batch rows, logits rows), truncation and timings.
+// (validation, chunking into n_batch rows, logits rows), truncation and timings. A context of
+// a model with a GPU copy runs each chunk through the CUDA backend instead of forward.c.
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "../cuda/cuda-backend.h"
 #include "error.h"
 #include "forward.h"
 #include "quants.h"
@@ -122,6 +124,50 @@ static int32_t init_kv_policy(struct ckv_context * ctx) {
     return CKV_OK;
 }
 
+// Frees what init_kv_policy allocated and clears the fields (safe to call twice).
+static void free_kv_policy(struct ckv_context * ctx) {
+    kv_policy_free(&ctx->policy);
+    free(ctx->layer_compressed);
+    free(ctx->last_selected);
+    free(ctx->sel);
+    free(ctx->sel_n);
+    free(ctx->sel_pos);
+    free(ctx->att_weights);
+    ctx->layer_compressed = ctx->last_selected = NULL;
+    ctx->sel         = NULL;
+    ctx->sel_n       = ctx->sel_pos = NULL;
+    ctx->att_weights = NULL;
+}
+
+// The GPU runs the full policy only; ids out of range are left to kv_policy_init's message.
+static int32_t check_gpu_policy(const struct ckv_context * ctx, int32_t policy) {
+    if (ctx->model->gpu && policy > CKV_KV_POLICY_FULL && policy <= CKV_KV_POLICY_CLUSTERKV) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "kv_policy %s runs on the CPU path only (issue 6 brings "
+                        "it to the GPU); use n_gpu_layers=0", kv_policy_name(policy));
+    }
+    return CKV_OK;
+}
+
+// A GPU context: the device holds the f16 KV cache, the activations and the stream. The CPU
+// cache struct only describes the shape (the KV policy's bookkeeping reads it) and owns no
+// storage, and no CPU scratch or thread pool is made: nothing on the CPU reads them.
+static int32_t init_gpu(struct ckv_context * ctx) {
+    const struct hparams * hp = &ctx->model->hp;
+    int32_t st = check_gpu_policy(ctx, ctx->params.kv_policy.policy);
+    if (st == CKV_OK && ctx->params.kv_type != CKV_KV_F16) {
+        st = ckv_fail(CKV_ERR_UNSUPPORTED, "kv_type f32 runs on the CPU path only: the GPU keeps "
+                      "an f16 KV cache (use kv_type f16, or n_gpu_layers=0)");
+    }
+    if (st != CKV_OK) {
+        return st;
+    }
+    ctx->kv = (struct kv_cache) {.n_ctx = (int32_t) ctx->params.n_ctx, .n_layer = hp->n_layer,
+                                 .n_head_kv = hp->n_head_kv, .head_dim = hp->head_dim,
+                                 .type = GGML_TYPE_F16, .elt_size = sizeof(ckv_fp16)};
+    return ckv_cuda_context_create(ctx->model->gpu, (int32_t) ctx->params.n_ctx,
+                                   (int32_t) ctx->params.n_batch, &ctx->gpu);
+}
+
 int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
                          ckv_context ** out) {
     ckv_clear_error();
@@ -132,11 +178,12 @@ int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_param
     if (!model->can_forward) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "the model was loaded with vocab_only or metadata_only");
     }
-    if (model->hp.head_dim > MAX_HEAD_DIM) {
+    // Limits of the CPU attention; a GPU copy was already checked against the kernels' own.
+    if (!model->gpu && model->hp.head_dim > MAX_HEAD_DIM) {
         return ckv_fail(CKV_ERR_UNSUPPORTED, "head size %d is larger than %d", model->hp.head_dim,
                         MAX_HEAD_DIM);
     }
-    if (model->hp.n_head / model->hp.n_head_kv > OPS_ATTENTION_MAX_GROUP) {
+    if (!model->gpu && model->hp.n_head / model->hp.n_head_kv > OPS_ATTENTION_MAX_GROUP) {
         return ckv_fail(CKV_ERR_UNSUPPORTED, "%d query heads per KV head is more than the %d the CPU "
                         "attention supports", model->hp.n_head / model->hp.n_head_kv,
                         OPS_ATTENTION_MAX_GROUP);
@@ -148,15 +195,17 @@ int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_param
     ctx->model = model;
     const struct hparams * hp = &model->hp;
     int32_t st = resolve_params(model, params, &ctx->params);
-    if (st == CKV_OK) {
+    if (st == CKV_OK && model->gpu) {
+        st = init_gpu(ctx);
+    } else if (st == CKV_OK) {
         st = kv_cache_init(&ctx->kv, (int32_t) ctx->params.n_ctx, hp->n_layer, hp->n_head_kv,
                            hp->head_dim, (uint32_t) ctx->params.kv_type);
-    }
-    if (st == CKV_OK) {
-        st = threadpool_create(ctx->params.n_threads, &ctx->comp.pool);
-    }
-    if (st == CKV_OK) {
-        st = alloc_scratch(ctx);
+        if (st == CKV_OK) {
+            st = threadpool_create(ctx->params.n_threads, &ctx->comp.pool);
+        }
+        if (st == CKV_OK) {
+            st = alloc_scratch(ctx);
+        }
     }
     if (st == CKV_OK) {
         st = init_kv_policy(ctx);
@@ -173,13 +222,8 @@ void ckv_context_free(ckv_context * ctx) {
     if (!ctx) {
         return;
     }
-    kv_policy_free(&ctx->policy);
-    free(ctx->layer_compressed);
-    free(ctx->last_selected);
-    free(ctx->sel);
-    free(ctx->sel_n);
-    free(ctx->sel_pos);
-    free(ctx->att_weights);
+    free_kv_policy(ctx);
+    ckv_cuda_context_free(ctx->gpu);
     kv_cache_free(&ctx->kv);
     threadpool_free(ctx->comp.pool);
     float * bufs[] = {ctx->s.x, ctx->s.xb, ctx->s.xb2, ctx->s.q, ctx->s.k, ctx->s.v, ctx->s.att,
@@ -204,7 +248,8 @@ int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be >= 0 (0 = all cores), got %d", n_threads);
     }
     int32_t n = n_threads == 0 ? default_threads() : n_threads;
-    if (n == ctx->params.n_threads) {
+    if (n == ctx->params.n_threads || ctx->gpu) {
+        ctx->params.n_threads = n;  // a GPU context has no CPU workers to resize
         return CKV_OK;
     }
     if (ctx->params.kv_policy.policy == CKV_KV_POLICY_CLUSTERKV && n > ctx->policy_threads) {
@@ -278,6 +323,24 @@ static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
     return CKV_OK;
 }
 
+// forward_chunk's twin on the GPU: the same logits rows, the same bookkeeping of the last step
+// (every layer dense: the GPU runs the full policy only, whose decode steps are counted per
+// compressed layer as attend_dense counts them).
+static int32_t gpu_chunk(ckv_context * ctx, const ckv_token * tokens, int32_t n, int32_t pos0,
+                         int32_t first_output, bool decode_step, float * logits) {
+    int32_t st = ckv_cuda_decode(ctx->gpu, tokens, n, pos0, first_output, logits);
+    if (st != CKV_OK) {
+        return st;
+    }
+    ctx->last_pos = pos0 + n - 1;
+    for (int32_t il = 0; decode_step && il < ctx->model->hp.n_layer; il++) {
+        if (ctx->layer_compressed[il]) {
+            kv_policy_count_dense_step(&ctx->policy, pos0);
+        }
+    }
+    return CKV_OK;
+}
+
 int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens, bool all_logits) {
     ckv_clear_error();
     int32_t st = check_tokens(ctx, tokens, n_tokens);
@@ -289,13 +352,24 @@ int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens
     }
     double  t0      = now_ms();
     int64_t n_vocab = ctx->model->hp.n_vocab;
+    int32_t n_past0 = ctx->n_past;
     for (int32_t done = 0; done < n_tokens;) {
         int32_t n    = n_tokens - done < (int32_t) ctx->params.n_batch ? n_tokens - done
                                                                      : (int32_t) ctx->params.n_batch;
         bool    last = done + n == n_tokens;
         int64_t first_output = all_logits ? 0 : (last ? n - 1 : n);
         float * rows = ctx->logits + (all_logits ? (int64_t) done * n_vocab : 0);
-        forward_chunk(ctx, tokens + done, n, ctx->n_past, first_output, n_tokens == 1, rows);
+        if (ctx->gpu) {
+            st = gpu_chunk(ctx, tokens + done, n, ctx->n_past, (int32_t) first_output, n_tokens == 1, rows);
+        } else {
+            forward_chunk(ctx, tokens + done, n, ctx->n_past, first_output, n_tokens == 1, rows);
+        }
+        if (st != CKV_OK) {  // only the GPU can fail here: forget the chunks already run
+            ctx->n_past    = n_past0;
+            ctx->n_outputs = 0;
+            ctx->last_pos  = -1;
+            return st;
+        }
         ctx->n_past += n;
         done += n;
     }
@@ -390,5 +464,68 @@ int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h,
     for (int64_t i = 0; i < n; i++) {
         buf[i] = list ? list[i] : (int32_t) (first + i);
     }
+    return CKV_OK;
+}
+
+// --- switching the KV policy -----------------------------------------------------------------
+
+// Everything init_kv_policy sets up, moved out of a context so a switch can be undone.
+struct policy_parts {
+    struct ckv_kv_policy_params params;
+    struct kv_policy            policy;
+    bool *                      layer_compressed;
+    bool *                      last_selected;
+    struct kv_selection *       sel;
+    int32_t *                   sel_n;
+    int32_t *                   sel_pos;
+    float *                     att_weights;
+    int64_t                     last_pos;
+    int32_t                     policy_threads;
+};
+
+static void swap_policy_parts(struct ckv_context * ctx, struct policy_parts * p) {
+    struct policy_parts cur = {ctx->params.kv_policy, ctx->policy, ctx->layer_compressed,
+                               ctx->last_selected, ctx->sel, ctx->sel_n, ctx->sel_pos,
+                               ctx->att_weights, ctx->last_pos, ctx->policy_threads};
+    ctx->params.kv_policy = p->params;
+    ctx->policy           = p->policy;
+    ctx->layer_compressed = p->layer_compressed;
+    ctx->last_selected    = p->last_selected;
+    ctx->sel              = p->sel;
+    ctx->sel_n            = p->sel_n;
+    ctx->sel_pos          = p->sel_pos;
+    ctx->att_weights      = p->att_weights;
+    ctx->last_pos         = p->last_pos;
+    ctx->policy_threads   = p->policy_threads;
+    *p = cur;
+}
+
+int32_t ckv_context_set_kv_policy(ckv_context * ctx, const struct ckv_kv_policy_params * params) {
+    ckv_clear_error();
+    if (!ctx || !params) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_context_set_kv_policy: ctx and params must not be NULL");
+    }
+    if (check_gpu_policy(ctx, params->policy) != CKV_OK) {
+        return CKV_ERR_UNSUPPORTED;
+    }
+    if (params->policy == CKV_KV_POLICY_H2O && ctx->n_past > 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cannot switch to h2o with %d positions cached: h2o "
+                        "scores positions by the prefill's attention weights, which are not kept; "
+                        "create the context with kv_policy h2o (or truncate to 0 first)", ctx->n_past);
+    }
+    // Build the new policy in the context's fields, keeping the old one aside until it works.
+    struct policy_parts old = {.params = *params};
+    memset(&old.policy, 0, sizeof(old.policy));
+    swap_policy_parts(ctx, &old);
+    int32_t st = init_kv_policy(ctx);
+    if (st != CKV_OK) {
+        free_kv_policy(ctx);
+        swap_policy_parts(ctx, &old);  // the old policy is back, untouched
+        return st;
+    }
+    swap_policy_parts(ctx, &old);
+    free_kv_policy(ctx);
+    swap_policy_parts(ctx, &old);
+    kv_policy_rebuild(&ctx->policy, ctx->n_past);
     return CKV_OK;
 }

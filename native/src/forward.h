@@ -7,6 +7,8 @@
 #include "model.h"
 #include "ops.h"
 
+struct cuda_context;  // cuda-backend.h
+
 // Activations for up to n_batch tokens; allocated once per context.
 struct scratch {
     float * x;    // [n_batch][n_embd] residual stream
@@ -41,6 +43,9 @@ struct ckv_context {
     bool *                    last_selected;// [n_layer] the last step read sel[il] (else dense)
     int64_t                   last_pos;     // position of the last token evaluated; -1 = none
     int32_t                   policy_threads;  // n_threads when the policy was set up
+    // GPU (the model has a device copy): the device holds the KV cache and activations; kv
+    // then only describes the cache's shape, and s / comp hold nothing
+    struct cuda_context *     gpu;
 };
 
 // Runs tokens [0, n) at positions pos0 .. through every layer, appending to the KV cache, and

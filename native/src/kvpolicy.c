@@ -220,6 +220,12 @@ void kv_policy_truncate(struct kv_policy * p, int64_t n_keep) {
     }
 }
 
+void kv_policy_rebuild(struct kv_policy * p, int64_t n_past) {
+    for (int32_t il = 0; n_past > 0 && il < p->n_layer; il++) {
+        kv_policy_on_store(p, il, 0, n_past);
+    }
+}
+
 int32_t kv_policy_n_clusters(const struct kv_policy * p, int32_t il, int32_t kv_head) {
     return p->vt->n_clusters && p->layer_compressed[il] ? p->vt->n_clusters(p, il, kv_head) : 0;
 }

@@ -103,6 +103,12 @@ void    kv_policy_observe(struct kv_policy * p, int32_t il, const struct kv_sele
 void    kv_policy_observe_dense(struct kv_policy * p, int32_t il, int64_t n_pos,
                                 const float * weights);
 void    kv_policy_truncate(struct kv_policy * p, int64_t n_keep);
+// A fresh policy taking over a cache that holds n_past positions (ckv_context_set_kv_policy):
+// replays them as one stored prefill chunk. Quest rebuilds its page bounds; streaming and
+// clusterkv keep nothing per stored position (clusterkv clusters at the next decode step);
+// h2o cannot be rebuilt this way (it needs the prefill's attention weights) and is refused
+// by the caller when n_past > 0.
+void    kv_policy_rebuild(struct kv_policy * p, int64_t n_past);
 int32_t kv_policy_n_clusters(const struct kv_policy * p, int32_t il, int32_t kv_head);
 void    kv_policy_get_stats(const struct kv_policy * p, struct ckv_kv_stats * out);
 void    kv_policy_reset_stats(struct kv_policy * p);

@@ -1,11 +1,12 @@
-// model.c - the public model API: load (GGUF -> tokenizer -> architecture), metadata and
-// tensor inspection, and the vocabulary calls, which forward to tokenizer.c.
+// model.c - the public model API: load (GGUF -> tokenizer -> architecture -> optional GPU
+// copy), metadata and tensor inspection, and the vocabulary calls, which forward to tokenizer.c.
 #include "model.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "../cuda/cuda-backend.h"  // without CKV_HAVE_CUDA: cuda-none.c (never a device)
 #include "error.h"
 #include "quants.h"
 
@@ -15,10 +16,19 @@
 
 const char * ckv_version(void) { return CKV_VERSION_STRING; }
 
+// "NVIDIA H200, 139.8 GiB, sm_90", "no device" or "not built".
+static const char * cuda_summary(void) {
+#ifdef CKV_HAVE_CUDA
+    return ckv_cuda_device_count() > 0 ? ckv_cuda_device_name() : "no device";
+#else
+    return "not built";
+#endif
+}
+
 const char * ckv_system_info(void) {
-    static char info[256];
+    static char info[512];
     quants_init();
-    snprintf(info, sizeof(info), "CPU: %s | CUDA: not built", quants_cpu_features());
+    snprintf(info, sizeof(info), "CPU: %s | CUDA: %s", quants_cpu_features(), cuda_summary());
     return info;
 }
 
@@ -70,23 +80,60 @@ static int32_t load_parts(ckv_model * m, const char * path, const struct ckv_mod
     return st;
 }
 
+// Whether a GPU can be used at all, checked before the file is read: this build has the CUDA
+// backend and a device is usable.
+static int32_t check_gpu_request(int32_t n_gpu_layers) {
+#ifdef CKV_HAVE_CUDA
+    if (ckv_cuda_device_count() == 0) {
+        return ckv_fail(CKV_ERR_CUDA, "n_gpu_layers = %d asks for the GPU but no CUDA device is "
+                        "usable: %s (use n_gpu_layers = 0 for the CPU)", n_gpu_layers,
+                        ckv_cuda_device_name());
+    }
+    return CKV_OK;
+#else
+    return ckv_fail(CKV_ERR_UNSUPPORTED,
+                    "n_gpu_layers = %d asks for the GPU, but this library was built without "
+                    "the CUDA backend (use n_gpu_layers = 0)", n_gpu_layers);
+#endif
+}
+
+// Uploads the weights once the layer count is known. The backend runs whole models only, so
+// a request for some of the layers is refused rather than silently rounded either way.
+static int32_t attach_gpu(ckv_model * m, int32_t n_gpu_layers) {
+    if (n_gpu_layers > 0 && n_gpu_layers < m->hp.n_layer) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "n_gpu_layers = %d would put %d of the %d layers on "
+                        "the GPU, but partial offload is not supported: use n_gpu_layers = -1 "
+                        "(or >= %d) for the whole model on the GPU, or 0 for the CPU",
+                        n_gpu_layers, n_gpu_layers, m->hp.n_layer, m->hp.n_layer);
+    }
+    return ckv_cuda_model_create(m, &m->gpu);
+}
+
 int32_t ckv_model_load(const char * path, const struct ckv_model_params * params, ckv_model ** out) {
     ckv_clear_error();
     if (!path || !params || !out) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_model_load: path, params and out must not be NULL");
     }
     *out = NULL;
-    if (params->n_gpu_layers != 0) {
-        return ckv_fail(CKV_ERR_UNSUPPORTED,
-                        "n_gpu_layers = %d asks for the GPU, but this library was built without "
-                        "the CUDA backend (use n_gpu_layers = 0)", params->n_gpu_layers);
+    if (params->n_gpu_layers < -1) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_gpu_layers must be -1 (all), 0 (CPU only) or a "
+                        "layer count, got %d", params->n_gpu_layers);
+    }
+    // vocab_only / metadata_only load no weights, so there is nothing to put on a GPU.
+    bool    wants_gpu = params->n_gpu_layers != 0 && !params->vocab_only && !params->metadata_only;
+    int32_t st = wants_gpu ? check_gpu_request(params->n_gpu_layers) : CKV_OK;
+    if (st != CKV_OK) {
+        return st;
     }
     quants_init();
     ckv_model * m = calloc(1, sizeof(*m));
     if (!m) {
         return ckv_fail(CKV_ERR_OOM, "out of memory");
     }
-    int32_t st = load_parts(m, path, params);
+    st = load_parts(m, path, params);
+    if (st == CKV_OK && wants_gpu) {
+        st = attach_gpu(m, params->n_gpu_layers);
+    }
     if (st != CKV_OK) {
         ckv_model_free(m);
         return st;
@@ -99,6 +146,7 @@ void ckv_model_free(ckv_model * model) {
     if (!model) {
         return;
     }
+    ckv_cuda_model_free(model->gpu);  // before the file: the copy points at the mapped weights
     vocab_free(model->vocab);
     gguf_close(model->file);
     free(model->layers);

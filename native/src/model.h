@@ -59,6 +59,8 @@ struct hparams {
     int32_t swa_period;    // layer il is global when (il + 1) % swa_period == 0 (gemma3: 6)
 };
 
+struct cuda_model;  // cuda-backend.h
+
 struct ckv_model {
     struct gguf_file *     file;
     struct ckv_vocab *     vocab;       // NULL with metadata_only
@@ -71,6 +73,8 @@ struct ckv_model {
     struct weight          output;      // token_embd when tied
     const float *          rope_freqs;  // optional [n_rot/2] frequency divisors (Llama 3.1)
     struct layer_weights * layers;      // [n_layer]
+    struct cuda_model *    gpu;         // device copy of every weight (n_gpu_layers != 0), else
+                                        // NULL; contexts of the model then run on the GPU
 };
 
 // True if layer il uses the sliding window (and its own RoPE base).

@@ -186,6 +186,8 @@ enum {
     ATT_MAX_ROWS   = OPS_ATTENTION_MAX_GROUP,  // query rows of one task (>= one GQA group)
     ATT_CHUNK_MIN  = 256,  // decode: fewest positions per split-K task
     ATT_MAX_CHUNKS = 64,   // decode: most split-K tasks per query head
+    ATT_CACHE_FLOATS = 32768,  // decode over lists: f32 K+V rows cached per thread (x2), i.e.
+                               // 512 rows of head_dim 64, 256 KiB with the values: L2-resident
 };
 
 // llama.cpp converts Q to f16 before its K dot products; we keep Q in f32 (never less
@@ -196,12 +198,12 @@ static const bool att_q_as_f16 = false;
 struct att_kernels {
     // dst[i][0..d) = f16 rows base[pos[i]] as f32, for i < n
     void (*load_f16)(const ckv_fp16 * base, const int64_t * pos, int32_t n, int32_t d, float * dst);
-    // s[i] = q . k[i] for i < n (n a multiple of 4; rows of k are d floats apart)
-    void (*scores)(const float * q, const float * k, int32_t n, int32_t d, float * s);
+    // s[i] = q . k[i] for i < n (n a multiple of 4; k[i] points at row i: a tile or cached rows)
+    void (*scores)(const float * q, const float * const * k, int32_t n, int32_t d, float * s);
     // s[i] = exp(s[i] - m) for i < n; returns their sum (exp(-inf) = 0)
     float (*exp_sum)(float * s, int32_t n, float m);
-    // acc[0..d) += sum_i p[i] * v[i][0..d) for i < n
-    void (*accumulate)(float * acc, const float * p, const float * v, int32_t n, int32_t d);
+    // acc[0..d) += sum_i p[i] * v[i][0..d) for i < n, in order of i
+    void (*accumulate)(float * acc, const float * p, const float * const * v, int32_t n, int32_t d);
 };
 
 static void load_f16_scalar(const ckv_fp16 * base, const int64_t * pos, int32_t n, int32_t d,
@@ -211,9 +213,10 @@ static void load_f16_scalar(const ckv_fp16 * base, const int64_t * pos, int32_t 
     }
 }
 
-static void scores_scalar(const float * q, const float * k, int32_t n, int32_t d, float * s) {
+static void scores_scalar(const float * q, const float * const * k, int32_t n, int32_t d,
+                          float * s) {
     for (int32_t i = 0; i < n; i++) {
-        const float * ki  = k + (int64_t) i * d;
+        const float * ki  = k[i];
         float         sum = 0.0f;
         for (int32_t j = 0; j < d; j++) {
             sum += q[j] * ki[j];
@@ -231,9 +234,10 @@ static float exp_sum_scalar(float * s, int32_t n, float m) {
     return sum;
 }
 
-static void accumulate_scalar(float * acc, const float * p, const float * v, int32_t n, int32_t d) {
+static void accumulate_scalar(float * acc, const float * p, const float * const * v, int32_t n,
+                              int32_t d) {
     for (int32_t i = 0; i < n; i++) {
-        const float * vi = v + (int64_t) i * d;
+        const float * vi = v[i];
         for (int32_t j = 0; j < d; j++) {
             acc[j] += p[i] * vi[j];
         }
@@ -255,16 +259,17 @@ ATT_AVX2 static void load_f16_avx2(const ckv_fp16 * base, const int64_t * pos, i
     }
 }
 
-ATT_AVX2 static void scores_avx2(const float * q, const float * k, int32_t n, int32_t d, float * s) {
+ATT_AVX2 static void scores_avx2(const float * q, const float * const * k, int32_t n, int32_t d,
+                                 float * s) {
     for (int32_t i = 0; i < n; i += 4) {
-        const float * k0 = k + (int64_t) i * d;
+        const float *k0 = k[i], *k1 = k[i + 1], *k2 = k[i + 2], *k3 = k[i + 3];
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int32_t j = 0; j < d; j += 8) {
             __m256 qv = _mm256_loadu_ps(q + j);
             a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + j), a0);
-            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + d + j), a1);
-            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 2 * d + j), a2);
-            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + 3 * d + j), a3);
+            a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k1 + j), a1);
+            a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k2 + j), a2);
+            a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k3 + j), a3);
         }
         // one reduction tree for all four, so a score never depends on its neighbours
         __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
@@ -313,14 +318,14 @@ ATT_AVX2 static float exp_sum_avx2(float * s, int32_t n, float m) {
     return sum;
 }
 
-ATT_AVX2 static void accumulate_avx2(float * acc, const float * p, const float * v, int32_t n,
-                                     int32_t d) {
+ATT_AVX2 static void accumulate_avx2(float * acc, const float * p, const float * const * v,
+                                     int32_t n, int32_t d) {
     int32_t j = 0;
     for (; j + 32 <= d; j += 32) {  // 4 accumulators stay in registers over the whole tile
         __m256 a0 = _mm256_loadu_ps(acc + j), a1 = _mm256_loadu_ps(acc + j + 8);
         __m256 a2 = _mm256_loadu_ps(acc + j + 16), a3 = _mm256_loadu_ps(acc + j + 24);
         for (int32_t i = 0; i < n; i++) {
-            const float * vi = v + (int64_t) i * d + j;
+            const float * vi = v[i] + j;
             __m256        pi = _mm256_set1_ps(p[i]);
             a0 = _mm256_fmadd_ps(pi, _mm256_loadu_ps(vi), a0);
             a1 = _mm256_fmadd_ps(pi, _mm256_loadu_ps(vi + 8), a1);
@@ -335,7 +340,7 @@ ATT_AVX2 static void accumulate_avx2(float * acc, const float * p, const float *
     for (; j < d; j += 8) {
         __m256 a = _mm256_loadu_ps(acc + j);
         for (int32_t i = 0; i < n; i++) {
-            a = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), _mm256_loadu_ps(v + (int64_t) i * d + j), a);
+            a = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), _mm256_loadu_ps(v[i] + j), a);
         }
         _mm256_storeu_ps(acc + j, a);
     }
@@ -363,11 +368,27 @@ struct att_scratch {
     float * s;       // [ATT_TILE] scores, then probabilities, of one row
     float * state;   // [ATT_MAX_ROWS][d + 2] acc, m, l of prefill rows
     float * scores;  // [n_ctx] one row's scores (weight sums)
+    // Rows converted to f32 once and shared by the query heads of a GQA group that read
+    // different lists (see selected_group_task): direct-mapped by position, slot = pos mod
+    // cache_rows; tags are valid for one task only.
+    int32_t   cache_rows;  // a power of two >= 2 * ATT_TILE
+    int32_t * cache_tag;   // [cache_rows] position held by each slot, -1 = empty
+    float *   cache_k;     // [cache_rows][d]
+    float *   cache_v;     // [cache_rows][d]
 };
 
+static int32_t cache_rows_for(int32_t head_dim) {
+    int32_t n = 2 * ATT_TILE;
+    while (2 * n * head_dim <= ATT_CACHE_FLOATS) {
+        n *= 2;
+    }
+    return n;
+}
+
 int64_t ops_attention_thread_floats(int32_t head_dim, int64_t n_ctx) {
+    int64_t cache = (int64_t) cache_rows_for(head_dim) * (2 * head_dim + 1);  // rows + tags
     return (int64_t) ATT_MAX_ROWS * head_dim + 2 * (int64_t) ATT_TILE * head_dim + ATT_TILE +
-           (int64_t) ATT_MAX_ROWS * (head_dim + 2) + n_ctx;
+           (int64_t) ATT_MAX_ROWS * (head_dim + 2) + n_ctx + cache;
 }
 
 int64_t ops_attention_partial_floats(int32_t n_head, int32_t head_dim) {
@@ -382,7 +403,12 @@ static struct att_scratch att_scratch_of(const struct compute * c, int ith, int3
     w.v      = w.k + (int64_t) ATT_TILE * d;
     w.s      = w.v + (int64_t) ATT_TILE * d;
     w.state  = w.s + ATT_TILE;
-    w.scores = w.state + (int64_t) ATT_MAX_ROWS * (d + 2);
+    w.cache_rows = cache_rows_for(d);
+    w.cache_k    = w.state + (int64_t) ATT_MAX_ROWS * (d + 2);
+    w.cache_v    = w.cache_k + (int64_t) w.cache_rows * d;
+    w.cache_tag  = (int32_t *) (w.cache_v + (int64_t) w.cache_rows * d);  // floats' size and
+                                                                          // alignment
+    w.scores     = (float *) (w.cache_tag + w.cache_rows);
     return w;
 }
 
@@ -431,10 +457,18 @@ static void load_tile(const struct att_kernels * K, const struct kv_cache * kv, 
     }
 }
 
+// rows[i] = base + i * d for the ATT_TILE rows of a converted tile (the kernels take row
+// pointers so that cached rows can be read in place, see selected_group_task).
+static void tile_rows(const float * base, int32_t d, const float ** rows) {
+    for (int32_t i = 0; i < ATT_TILE; i++) {
+        rows[i] = base + (int64_t) i * d;
+    }
+}
+
 // Online-softmax update of one row with the tile's probabilities: the scores in w->s become
 // exp(s - m_new); acc and l are rescaled by exp(m_old - m_new) first.
-static void row_update(const struct att_kernels * K, float * state, float * s, const float * v,
-                       int32_t nt, int32_t d, float tile_max) {
+static void row_update(const struct att_kernels * K, float * state, float * s,
+                       const float * const * v, int32_t nt, int32_t d, float tile_max) {
     float m_old = state[d], m_new = tile_max > m_old ? tile_max : m_old;
     float corr  = expf(m_old - m_new);  // 0 on the first tile (m_old = -inf)
     float sum   = K->exp_sum(s, ATT_TILE, m_new);
@@ -449,10 +483,11 @@ static void row_update(const struct att_kernels * K, float * state, float * s, c
 }
 
 // Scores one row against the tile: s[i] = scale * q.k[i] for visible positions, else -inf.
-// Returns the tile's max score (-inf when nothing is visible).
+// Returns the tile's max score (-inf when nothing is visible). keys has ATT_TILE valid rows
+// (those past nt are read by the 4-row kernel, then masked).
 static float row_scores(const struct att_kernels * K, const struct att_rows * rows, int32_t r,
-                        const int64_t * pos, int32_t nt, const float * keys, int32_t d, float scale,
-                        float * s) {
+                        const int64_t * pos, int32_t nt, const float * const * keys, int32_t d,
+                        float scale, float * s) {
     K->scores(rows->q[r], keys, (nt + 3) & ~3, d, s);
     float max = -INFINITY;
     for (int32_t i = 0; i < ATT_TILE; i++) {
@@ -463,11 +498,30 @@ static float row_scores(const struct att_kernels * K, const struct att_rows * ro
     return max;
 }
 
+// Asks for the K and V rows of list[first .. first + n) to be brought into the cache: rows
+// read through a list are scattered, so the hardware prefetcher cannot guess them, and a
+// tile of 32 cold rows otherwise waits on memory row by row (profiled: the loads of a
+// ClusterKV step cost as much as a dense step's, for a quarter of the rows).
+static void prefetch_rows(const struct kv_cache * kv, const void * keys, const void * vals,
+                          const int32_t * list, int64_t first, int64_t end) {
+    size_t row_bytes = (size_t) kv->head_dim * kv->elt_size;
+    for (int64_t i = first; i < end; i++) {
+        size_t off = (size_t) list[i] * row_bytes;
+        for (size_t b = 0; b < row_bytes; b += 64) {  // 64-byte cache lines
+            __builtin_prefetch((const char *) keys + off + b);
+            __builtin_prefetch((const char *) vals + off + b);
+        }
+    }
+}
+
 static void attend_span(const struct att_kernels * K, const struct kv_cache * kv,
                         const struct att_span * sp, const struct att_rows * rows, float scale,
                         struct att_scratch * w) {
-    int32_t d = kv->head_dim;
-    int64_t pos[ATT_TILE];
+    int32_t       d = kv->head_dim;
+    int64_t       pos[ATT_TILE];
+    const float * krows[ATT_TILE], * vrows[ATT_TILE];
+    tile_rows(w->k, d, krows);
+    tile_rows(w->v, d, vrows);
     for (int64_t t0 = 0; t0 < sp->n; t0 += ATT_TILE) {
         int32_t nt = sp->n - t0 < ATT_TILE ? (int32_t) (sp->n - t0) : ATT_TILE;
         for (int32_t i = 0; i < nt; i++) {
@@ -479,7 +533,7 @@ static void attend_span(const struct att_kernels * K, const struct kv_cache * kv
             if (pos[0] > rows->hi[r] || pos[nt - 1] < rows->lo[r]) {
                 continue;  // the whole tile is outside this row's causal window
             }
-            float max = row_scores(K, rows, r, pos, nt, w->k, d, scale, w->s);
+            float max = row_scores(K, rows, r, pos, nt, krows, d, scale, w->s);
             if (rows->scores_out[r]) {
                 memcpy(rows->scores_out[r] + t0, w->s, (size_t) nt * sizeof(float));
             }
@@ -490,7 +544,7 @@ static void attend_span(const struct att_kernels * K, const struct kv_cache * kv
                 load_tile(K, kv, sp->vals, pos, nt, w->v);
                 have_v = true;
             }
-            row_update(K, rows->state[r], w->s, w->v, nt, d, max);
+            row_update(K, rows->state[r], w->s, vrows, nt, d, max);
         }
     }
 }
@@ -692,19 +746,144 @@ static void selected_task(const struct attention_region * r, struct att_scratch 
     attend_span(r->K, r->kv, &span, &rows, p->scale, w);
 }
 
+// Points krows/vrows at the f32 K and V rows of positions pos[0..nt) in the thread's row
+// cache, converting only the rows not there yet (the walk prefetched them). Returns false
+// when two positions of the tile map to the same slot: the caller then converts the tile.
+static bool cached_tile(const struct att_kernels * K, const struct kv_cache * kv,
+                        const void * keys, const void * vals, const int64_t * pos, int32_t nt,
+                        struct att_scratch * w, const float ** krows, const float ** vrows) {
+    int32_t d = kv->head_dim, mask = w->cache_rows - 1;
+    int64_t miss[ATT_TILE];
+    int32_t n_miss = 0;
+    for (int32_t i = 0; i < nt; i++) {
+        int32_t slot = (int32_t) (pos[i] & mask);
+        if (w->cache_tag[slot] != pos[i]) {
+            w->cache_tag[slot] = (int32_t) pos[i];
+            miss[n_miss++]     = pos[i];
+        }
+        krows[i] = w->cache_k + (int64_t) slot * d;
+        vrows[i] = w->cache_v + (int64_t) slot * d;
+    }
+    for (int32_t i = 0; i < nt; i++) {  // a later row of the tile took an earlier row's slot
+        if (w->cache_tag[pos[i] & mask] != pos[i]) {
+            for (int32_t j = 0; j < nt; j++) {
+                w->cache_tag[pos[j] & mask] = -1;
+            }
+            return false;
+        }
+    }
+    for (int32_t i = 0; i < n_miss; i++) {  // one row at a time: misses are not contiguous
+        float * kd = w->cache_k + (miss[i] & mask) * d;
+        float * vd = w->cache_v + (miss[i] & mask) * d;
+        load_tile(K, kv, keys, &miss[i], 1, kd);
+        load_tile(K, kv, vals, &miss[i], 1, vd);
+    }
+    for (int32_t i = nt; i < ATT_TILE; i++) {  // rows the 4-row kernel reads past nt: masked
+        krows[i] = krows[0];
+        vrows[i] = vrows[0];
+    }
+    return true;
+}
+
+// One query head's walk over its chunk of its own list inside a group task.
+struct head_walk {
+    const int32_t * list;
+    int64_t         first;   // chunk start in the list
+    int64_t         next;    // next entry to read
+    int64_t         end;
+    struct att_rows rows;    // one row: this head
+};
+
+// Task (KV head kvh, chunk ci of each query head's own list) when the heads of a GQA group read
+// different lists (clusterkv per query head, quest, h2o). Each head runs exactly the tiles
+// selected_task would (tiles of its own list from its chunk start, so the same floating-point
+// operations and a bit-identical result), but the lists overlap heavily, so a K/V row is
+// converted to f32 once, into the thread's row cache, and read in place by every head whose
+// list holds it. The head whose next tile starts lowest goes first: the heads then walk the
+// positions together and find each other's rows still cached.
+static void selected_group_task(const struct attention_region * r, struct att_scratch * w,
+                                int32_t kvh, int64_t ci) {
+    const struct attention_params * p = r->p;
+    int32_t          d = p->head_dim, g = group_size(p);
+    const void *     keys = kv_cache_k(r->kv, p->il, kvh), * vals = kv_cache_v(r->kv, p->il, kvh);
+    struct head_walk walk[ATT_MAX_ROWS];
+    for (int32_t i = 0; i < g; i++) {
+        int32_t           h  = kvh * g + i;
+        int64_t           n  = r->list_n[h], cs = chunk_size(n);
+        struct head_walk * hw = &walk[i];
+        hw->list  = r->list_pos + h * r->list_stride;
+        hw->first = hw->next = ci * cs;
+        hw->end   = hw->first < n ? (n - hw->first < cs ? n : hw->first + cs) : hw->first;
+        hw->rows  = (struct att_rows){.n = 1, .lo = {0}, .hi = {r->pos0}};
+        if (hw->next < hw->end) {
+            float * q = w->q + (int64_t) i * d;
+            prepare_q(r->q + (int64_t) h * d, q, d);
+            hw->rows.q[0]          = q;
+            hw->rows.state[0]      = partial_of(r->c, p, h, ci);
+            hw->rows.scores_out[0] = r->weights ? r->weights + h * r->list_stride + hw->first : NULL;
+            state_reset(hw->rows.state[0], d);
+        }
+        int64_t t1 = hw->next + ATT_TILE < hw->end ? hw->next + ATT_TILE : hw->end;
+        prefetch_rows(r->kv, keys, vals, hw->list, hw->next, t1);
+    }
+    memset(w->cache_tag, 0xff, (size_t) w->cache_rows * sizeof(int32_t));  // -1: empty
+    const float * krows[ATT_TILE], * vrows[ATT_TILE];
+    int64_t       pos[ATT_TILE];
+    for (;;) {
+        struct head_walk * hw = NULL;
+        for (int32_t i = 0; i < g; i++) {
+            if (walk[i].next < walk[i].end &&
+                (!hw || walk[i].list[walk[i].next] < hw->list[hw->next])) {
+                hw = &walk[i];
+            }
+        }
+        if (!hw) {
+            break;
+        }
+        int32_t nt = hw->end - hw->next < ATT_TILE ? (int32_t) (hw->end - hw->next) : ATT_TILE;
+        for (int32_t i = 0; i < nt; i++) {
+            pos[i] = hw->list[hw->next + i];
+        }
+        if (!cached_tile(r->K, r->kv, keys, vals, pos, nt, w, krows, vrows)) {
+            load_tile(r->K, r->kv, keys, pos, nt, w->k);
+            load_tile(r->K, r->kv, vals, pos, nt, w->v);
+            tile_rows(w->k, d, krows);
+            tile_rows(w->v, d, vrows);
+        }
+        float max = row_scores(r->K, &hw->rows, 0, pos, nt, krows, d, p->scale, w->s);
+        if (hw->rows.scores_out[0]) {
+            memcpy(hw->rows.scores_out[0] + (hw->next - hw->first), w->s, (size_t) nt * sizeof(float));
+        }
+        if (max != -INFINITY) {
+            row_update(r->K, hw->rows.state[0], w->s, vrows, nt, d, max);
+        }
+        hw->next += nt;
+        // this head's next tile comes after the other heads' current ones: time to arrive
+        int64_t t1 = hw->next + ATT_TILE < hw->end ? hw->next + ATT_TILE : hw->end;
+        prefetch_rows(r->kv, keys, vals, hw->list, hw->next, t1);
+    }
+}
+
 static void selected_worker(void * arg, int ith, int nth) {
     const struct attention_region * r = arg;
     struct att_scratch w = att_scratch_of(r->c, ith, r->p->head_dim);
     int32_t g    = group_size(r->p);
     int64_t task = 0;  // (rows, chunk) pairs in order, dealt round-robin
     for (int32_t kvh = 0; kvh < r->p->n_head_kv; kvh++) {
-        bool shared = group_shares_list(r, kvh);
+        bool    shared = group_shares_list(r, kvh);
+        int64_t nc_max = 0;  // chunks of the group's longest list
         for (int32_t h = kvh * g; h < (kvh + 1) * g; h += shared ? g : 1) {
             int64_t n = r->list_n[h], nc = (n + chunk_size(n) - 1) / chunk_size(n);
-            for (int64_t ci = 0; ci < nc; ci++, task++) {
-                if (task % nth == ith) {
-                    selected_task(r, &w, h, shared ? g : 1, ci);
-                }
+            nc_max = nc > nc_max ? nc : nc_max;
+        }
+        for (int64_t ci = 0; ci < nc_max; ci++, task++) {
+            if (task % nth != ith) {
+                continue;
+            }
+            if (shared) {
+                selected_task(r, &w, kvh * g, g, ci);
+            } else {
+                selected_group_task(r, &w, kvh, ci);
             }
         }
     }
@@ -753,6 +932,8 @@ static void weight_sum_head(const struct weight_sum_region * r, struct att_scrat
     const void * keys = kv_cache_k(r->kv, p->il, h / group_size(p));
     float *      sums = r->sums + h * r->stride;
     int64_t      pos[ATT_TILE];
+    const float * krows[ATT_TILE];
+    tile_rows(w->k, d, krows);
     for (int64_t t = 0; t < r->n_tokens; t++) {
         int64_t hi = r->pos0 + t, lo = window_lo(p, hi);
         prepare_q(r->q + (t * p->n_head + h) * d, w->q, d);
@@ -763,7 +944,7 @@ static void weight_sum_head(const struct weight_sum_region * r, struct att_scrat
                 pos[i] = t0 + i;
             }
             load_tile(r->K, r->kv, keys, pos, nt, w->k);
-            r->K->scores(w->q, w->k, (nt + 3) & ~3, d, w->s);
+            r->K->scores(w->q, krows, (nt + 3) & ~3, d, w->s);
             for (int32_t i = 0; i < nt; i++) {
                 float s = w->s[i] * p->scale;
                 w->scores[t0 - lo + i] = s;

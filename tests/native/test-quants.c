@@ -14,21 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int n_pass, n_fail;
+#include "check.h"
 
 enum { GGML_TYPE_IQ4_XS_FOR_TEST = 23 };  // sized by the traits table, no kernels
 
-#define CHECK(cond, ...)                                                   \
-    do {                                                                   \
-        if (cond) {                                                        \
-            n_pass++;                                                      \
-        } else {                                                           \
-            n_fail++;                                                      \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__);                    \
-            printf(__VA_ARGS__);                                           \
-            printf("\n");                                                  \
-        }                                                                  \
-    } while (0)
 
 // ---------------------------------------------------------------------------------------------
 // Random data

@@ -13,19 +13,7 @@
 #include "tokenizer.h"
 #include "unicode.h"
 
-static int n_pass, n_fail, n_skip;
-
-#define CHECK(cond, ...)                                \
-    do {                                                \
-        if (cond) {                                     \
-            n_pass++;                                   \
-        } else {                                        \
-            n_fail++;                                   \
-            printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-            printf(__VA_ARGS__);                        \
-            printf("\n");                               \
-        }                                               \
-    } while (0)
+#include "check.h"
 
 static void check_decode(const char * s, size_t n, uint32_t want_cpt, size_t want_len) {
     size_t         off = 0;

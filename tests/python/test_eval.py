@@ -86,7 +86,7 @@ def test_passkey_case_puts_the_needle_at_its_depth(depth):
     kit = _kit()
     hay = kit.tokenize(haystack.synthetic_text(20000, seed=1))
     case = tasks.passkey_case(kit, hay, 3000, depth, seed=5)
-    needle = kit.tokenize(tasks.PASSKEY_NEEDLE.format(key=case.answer))
+    needle = kit.tokenize(tasks.PASSKEY_NEEDLE.format(key=case.answer) * 3)
     assert len(case.context) + len(case.query) == 3000
     assert case.context[case.needle_at:case.needle_at + len(needle)] == needle
     offset = case.needle_at - case.hay_start
@@ -148,6 +148,25 @@ def test_step_fidelity_accumulates_the_same_numbers():
     assert s["ppl_full"] == pytest.approx(metrics.perplexity(ref, targets))
 
 
+# --- configurations ---
+
+def test_configurations_and_their_labels():
+    from clusterkv_local.eval import runner
+
+    configs = runner.policy_configs(["full", "quest", "clusterkv"], [256],
+                                    ["clusterkv@1024:select_per_kv_head=1,tokens_per_cluster=40"])
+    assert [c.label for c in configs] == [
+        "full", "quest@256", "clusterkv@256",
+        "clusterkv@1024+select_per_kv_head=1+tokens_per_cluster=40"]
+    assert runner.config_params(configs[-1], {"clusterkv": {"n_sink": 8}}) == {
+        "n_sink": 8, "select_per_kv_head": 1, "tokens_per_cluster": 40}
+    # B = 256 < 16 sinks + 320 tail: the interval drops to half the budget after the sinks
+    assert runner.config_params(configs[2], {}) == {"recluster_interval": 120}
+    for bad in ("clusterkv", "clusterkv@x", "clusterkv@64:select_per_kv_head"):
+        with pytest.raises(ValueError, match="POLICY@BUDGET|KEY=VALUE"):
+            runner.parse_config(bad)
+
+
 # --- end to end ---
 
 def test_quick_eval_end_to_end(tmp_path, default_model_path):
@@ -161,13 +180,19 @@ def test_quick_eval_end_to_end(tmp_path, default_model_path):
     cmd = [sys.executable, "-m", "clusterkv_local", "eval", "--quick", "--model",
            default_model_path, "--haystack", "synthetic", "--policies", policies,
            "-t", str(N_THREADS), "-o", str(out)]
+    extra = kv_policies_available()
+    if extra:  # one more row; h2o (its own prefill) on the one length there is
+        cmd += ["--extra", "clusterkv@64:select_per_kv_head=1", "--h2o-lengths", "192"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["haystack"] == "synthetic"
     labels = [row["label"] for row in result["table"]]
-    assert labels[0] == "full" and len(labels) == len(policies.split(","))
+    assert labels[0] == "full" and len(labels) == len(policies.split(",")) + extra
+    if extra:
+        assert labels[-1] == "clusterkv@64+select_per_kv_head=1"
+        assert result["runs"][-1]["kv_policy"]["select_per_kv_head"] == 1
     full = result["table"][0]
     assert full["top1_agreement"] == 1.0 and full["kl_mean"] == 0.0
     for row in result["table"]:
@@ -175,4 +200,7 @@ def test_quick_eval_end_to_end(tmp_path, default_model_path):
         assert 0.0 <= row["top1_agreement"] <= 1.0 and row["kl_mean"] >= 0.0
     for run_ in result["runs"]:
         assert run_["teacher_forced"][0]["n_positions"] == 7
-    assert "| full | - |" in (tmp_path / "quick.md").read_text()
+    report = (tmp_path / "quick.md").read_text()
+    assert "| full | - |" in report
+    if extra:
+        assert "| clusterkv +select_per_kv_head=1 | 64 |" in report

@@ -1,0 +1,39 @@
+// cuda-none.c - the CUDA backend's entry points (native/cuda/cuda-backend.h) in a build without
+// it: there is never a device, so model.c refuses n_gpu_layers != 0 before anything here could
+// create a GPU copy, and context.c never sees one. Keeps model.c and context.c free of #ifdefs.
+#include "../cuda/cuda-backend.h"
+#include "error.h"
+
+#ifndef CKV_HAVE_CUDA
+
+int32_t ckv_cuda_device_count(void) { return 0; }
+
+const char * ckv_cuda_device_name(void) {
+    return "no CUDA device (this library was built without the CUDA backend)";
+}
+
+int32_t ckv_cuda_model_create(const struct ckv_model * m, struct cuda_model ** out) {
+    (void) m;
+    *out = NULL;
+    return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
+}
+
+void     ckv_cuda_model_free(struct cuda_model * gm) { (void) gm; }
+uint64_t ckv_cuda_model_size(const struct cuda_model * gm) { (void) gm; return 0; }
+
+int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
+                                struct cuda_context ** out) {
+    (void) gm, (void) n_ctx, (void) n_batch;
+    *out = NULL;
+    return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
+}
+
+void ckv_cuda_context_free(struct cuda_context * gc) { (void) gc; }
+
+int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
+                        int32_t first_output, float * logits_host) {
+    (void) gc, (void) tokens, (void) n, (void) pos0, (void) first_output, (void) logits_host;
+    return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
+}
+
+#endif  // CKV_HAVE_CUDA
