@@ -53,6 +53,10 @@ def _print_speed(llm, elapsed: float) -> None:
     print("\nprompt: %d tokens, %s | decode: %d tokens, %s | %.2f s"
           % (t["prompt_tokens"], rate(t["prompt_tokens"], t["prompt_ms"]), t["decode_tokens"],
              rate(t["decode_tokens"], t["decode_ms"]), elapsed), file=sys.stderr)
+    # pip hides the build's output, so this is where a new user sees which backends were built.
+    from ._internals import system_info
+
+    print("runtime: %s" % system_info(), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
