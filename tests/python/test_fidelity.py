@@ -41,13 +41,13 @@ their GGUF is found. A summary (max KL, arg-max agreement, greedy match) is prin
 and written to $CLUSTERKV_FIDELITY_JSON (default: <tmp>/clusterkv_fidelity.json).
 """
 import glob
-import hashlib
 import json
 import os
 import tempfile
 
 import numpy as np
 import pytest
+from clusterkv_local.models import sha256_file
 from conftest import model_folders
 
 from clusterkv_local._ffi import ffi, lib
@@ -91,14 +91,6 @@ def find_model(name: str, filename: str, fetch: bool):
         if folder and os.path.isfile(os.path.join(folder, filename)):
             return os.path.join(folder, filename)
     return None
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _error() -> str:
@@ -162,7 +154,7 @@ def get_runtime(runtimes, model: str):
             if model in ALWAYS_RUN:
                 pytest.fail("%s not found and could not be fetched" % meta["model"]["file"])
             pytest.skip("%s not found" % meta["model"]["file"])
-        if _sha256(path) != meta["model"]["sha256"]:
+        if sha256_file(path) != meta["model"]["sha256"]:
             pytest.fail("%s is not the file the fixture was recorded from (sha256 differs)" % path)
         runtimes[model] = Runtime(path, meta)
     return runtimes[model]

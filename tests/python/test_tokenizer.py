@@ -21,12 +21,12 @@ Every model file must have the sha256 its fixture was recorded from.
 import base64
 import functools
 import glob
-import hashlib
 import importlib.util
 import json
 import os
 
 import pytest
+from clusterkv_local.models import sha256_file
 from conftest import model_folders
 
 from conftest import require_native
@@ -58,21 +58,12 @@ def fixture_id(path: str) -> str:
     return os.path.basename(path)[len("tokenizer_"):-len(".json")]
 
 
-def model_dirs() -> list:
-    return model_folders()
-
-
-@functools.lru_cache(maxsize=None)
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# Hashing a model once per test run is enough.
+sha256 = functools.lru_cache(maxsize=None)(sha256_file)
 
 
 def find_model(file: str, sha: str) -> str:
-    for d in model_dirs():
+    for d in model_folders():
         path = os.path.join(d, file)
         if os.path.exists(path) and sha256(path) == sha:
             return path
@@ -82,7 +73,7 @@ def find_model(file: str, sha: str) -> str:
         path = models.model_path(models.DEFAULT_MODEL)
         assert sha256(path) == sha, "%s is not the model the fixtures were recorded from" % path
         return path
-    pytest.skip("%s not found in %s" % (file, model_dirs()))
+    pytest.skip("%s not found in %s" % (file, model_folders()))
 
 
 def recorder():
