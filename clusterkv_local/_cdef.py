@@ -129,6 +129,7 @@ struct ckv_context_params {
     int32_t n_threads;
     int32_t kv_type;
     struct ckv_kv_policy_params kv_policy;
+    int32_t f32_activations;
 };
 void ckv_context_default_params(struct ckv_context_params * out);
 int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,

@@ -429,7 +429,8 @@ class _Context(_Handle):
     _kind = "context"
 
     def __init__(self, model: _Model, *, n_ctx: int = 512, n_batch: int = 512,
-                 n_threads: int = 0, kv_type: int = 1, kv_policy: Optional[dict] = None):
+                 n_threads: int = 0, kv_type: int = 1, kv_policy: Optional[dict] = None,
+                 f32_activations: bool = False):
         """kv_policy: {field of struct ckv_kv_policy_params: value}, applied over the
         library's defaults (None: the defaults, i.e. the full policy)."""
         params = ffi.new("struct ckv_context_params *")
@@ -438,6 +439,7 @@ class _Context(_Handle):
         params.n_batch = n_batch
         params.n_threads = n_threads
         params.kv_type = kv_type
+        params.f32_activations = 1 if f32_activations else 0
         if kv_policy and kv_policy.get("policy", lib.CKV_KV_POLICY_FULL) != lib.CKV_KV_POLICY_FULL:
             _require_kv_policies()
         for name, value in (kv_policy or {}).items():

@@ -233,6 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  "haystack_dir", "seed"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
+    settings.f32_activations = args.f32_activations
     settings.kv_policy_params = _kv_params(args.kv_param)
     settings.extra_configs = tuple(args.extra)
     if args.h2o_lengths:
@@ -327,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h2o-lengths", help="h2o prefills each case itself: run it on these "
                    "lengths only (default: all)")
     p.add_argument("--seed", type=int, help="seeds the keys and values of the needles")
+    p.add_argument("--f32-activations", action="store_true",
+                   help="matmuls on f32 activations (no 8-bit rounding noise; slower)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     p.add_argument("--quick", action="store_true", help="a tiny run (CI smoke test)")
     p.add_argument("-o", "--out", help="JSON path (.md and .png beside it); default "

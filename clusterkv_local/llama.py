@@ -368,7 +368,8 @@ class Llama:
                  type_k: Any = None, type_v: Any = None, verbose: bool = True,
                  metadata_only: bool = False, kv_policy: str = "full",
                  kv_budget: Optional[int] = None,
-                 kv_policy_params: Optional[Dict[str, Any]] = None, **kwargs: Any):
+                 kv_policy_params: Optional[Dict[str, Any]] = None,
+                 f32_activations: bool = False, **kwargs: Any):
         """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
 
         Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
@@ -377,6 +378,9 @@ class Llama:
         a query head attends to per decode step) and `kv_policy_params` (the other fields of
         struct ckv_kv_policy_params, e.g. {"n_sink": 16, "tokens_per_cluster": 80}) choose how
         decode steps read the KV cache (prefill is always dense); see kv_stats().
+        `f32_activations=True` multiplies f32 activations by dequantised weights instead of
+        quantising activations to 8 bits (slower; a low-noise reference for comparing KV
+        policies or precisions, CPU only).
         `n_gpu_layers=-1` (or >= the layer count) runs the whole model on the GPU in a CUDA
         build (clusterkv_local.system_info() says what the build has); no usable GPU raises
         CudaError, a CPU-only build UnsupportedError.
@@ -409,8 +413,10 @@ class Llama:
                 self._n_ctx = n_ctx or self._info.n_ctx_train
                 self.n_batch, self.n_threads = n_batch, n_threads
             else:
+                if not isinstance(f32_activations, bool):
+                    raise TypeError("f32_activations must be a bool, got %r" % (f32_activations,))
                 self._load_context(n_ctx, n_batch, n_threads, _kv_type(type_k, type_v),
-                                   kv_settings)
+                                   kv_settings, f32_activations)
             self._chat = None if metadata_only else resolve_chat_format(chat_format,
                                                                          self.metadata)
         except BaseException:
@@ -438,11 +444,12 @@ class Llama:
                 _warn_unimplemented(name, value)
 
     def _load_context(self, n_ctx: int, n_batch: int, n_threads: int, kv_type: int,
-                      kv_settings: Dict[str, Any]) -> None:
+                      kv_settings: Dict[str, Any], f32_activations: bool = False) -> None:
         if n_ctx > 0:
             n_batch = min(n_ctx, n_batch)
         self._ctx = _Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                             kv_type=kv_type, kv_policy=kv_settings)
+                             kv_type=kv_type, kv_policy=kv_settings,
+                             f32_activations=f32_activations)
         self._n_ctx = self._ctx.n_ctx()
         self.n_batch = self._ctx.n_batch()
         self.n_threads = self._ctx.n_threads()

@@ -44,6 +44,9 @@ class EvalSettings:
     haystack: str = "auto"                       # auto | pg_essays | synthetic
     haystack_dir: Optional[str] = None           # a local essay folder (verified)
     n_threads: Optional[int] = None
+    f32_activations: bool = False                # matmuls without 8-bit activations: removes
+                                                 # the rounding noise that any tiny change of
+                                                 # attention triggers (see Llama); slower
     seed: int = 0
     kv_policy_params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # per policy
     extra_configs: Sequence[str] = ()            # more rows, "clusterkv@1024:select_per_kv_head=1"
@@ -157,7 +160,7 @@ def run_eval(settings: EvalSettings, log: Callable[[str], None] = lambda s: None
 
     start = time.perf_counter()
     with Llama(model_path, n_ctx=n_ctx, n_threads=settings.n_threads, seed=0,
-               verbose=False) as llm:
+               verbose=False, f32_activations=settings.f32_activations) as llm:
         info = llm.model_info
         if n_ctx > info.n_ctx_train:
             log("warning: n_ctx %d exceeds the model's trained %d" % (n_ctx, info.n_ctx_train))

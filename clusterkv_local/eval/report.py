@@ -89,6 +89,11 @@ def markdown_report(result: Dict[str, Any]) -> str:
                 result["haystack"], result["haystack_detail"], s["prompt_format"],
                 ", ".join(map(str, s["lengths"])), ", ".join(map(str, s["depths"])),
                 s["tf_tokens"]))
+    intro += ("Matmuls: %s.\n\n" % ("f32 activations (no 8-bit activation rounding: the "
+                                      "metrics show the KV policy's own effect)"
+                                      if s.get("f32_activations") else
+                                      "8-bit activations as llama.cpp (the default; its rounding "
+                                      "noise alone costs a few points of top-1 agreement)"))
     if s.get("h2o_lengths") and any(r["policy"] == "h2o" for r in result["table"]):
         intro += ("h2o cannot take over a prefilled cache, so it prefills each case itself and "
                   "was run on lengths %s only (its cells count those cases; its teacher-forced "

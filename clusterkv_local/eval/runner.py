@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
-from .._internals import kv_policy_defaults
 from ..llama import Llama
 from . import tasks as _tasks
 from .metrics import StepFidelity
@@ -70,17 +69,10 @@ def parse_config(text: str) -> PolicyConfig:
 
 def config_params(config: PolicyConfig,
                   params_by_policy: Dict[str, Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The kv_policy_params of a configuration. ClusterKV always attends its sinks and its
-    unclustered recent tail (up to recluster_interval positions), so the library requires
-    budget >= n_sink + recluster_interval; below that (B = 256 with the default 16 + 320) the
-    interval is lowered to half the budget left after the sinks, unless it was given."""
+    """The kv_policy_params of a configuration: the policy's entries of params_by_policy,
+    then the configuration's own extras."""
     params = dict(params_by_policy.get(config.policy) or {})
     params.update(config.extra)
-    if config.policy == "clusterkv" and "recluster_interval" not in params:
-        defaults = kv_policy_defaults()
-        n_sink = params.get("n_sink", defaults["n_sink"])
-        if config.budget < n_sink + defaults["recluster_interval"]:
-            params["recluster_interval"] = max(1, (config.budget - n_sink) // 2)
     return params or None
 
 

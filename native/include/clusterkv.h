@@ -222,8 +222,10 @@ enum ckv_kv_policy {
 struct ckv_kv_policy_params {
     int32_t  policy;              // enum ckv_kv_policy; default CKV_KV_POLICY_FULL
     int32_t  budget;              // max positions one query head attends to per step in a
-                                  // compressed layer, sinks and recent positions included;
-                                  // default 1024
+                                  // compressed layer, sinks and recent positions included
+                                  // (clusterkv: sinks + selected clusters; its unclustered
+                                  // recent tail, < recluster_interval positions, comes on top,
+                                  // as in the paper); default 1024
     int32_t  n_sink;              // first positions always attended, never clustered; default 16
     int32_t  n_dense_layers;      // first layers kept dense; default 2
     int32_t  page_size;           // quest: positions per page; default 16
@@ -247,6 +249,11 @@ struct ckv_context_params {
     int32_t  n_threads;   // worker threads; 0 = number of physical cores (at least 1)
     int32_t  kv_type;     // enum ckv_kv_type; default CKV_KV_F16
     struct ckv_kv_policy_params kv_policy;  // default: full
+    int32_t  f32_activations;  // 1: matmuls multiply f32 activations by dequantised weights
+                               // instead of quantising activations to 8 bits as llama.cpp does.
+                               // Slower, but free of the 8-bit rounding that turns any tiny
+                               // change (KV precision, a KV policy) into noise in the logits:
+                               // a low-noise reference for fidelity measurements. CPU only.
 };
 
 CKV_API void ckv_context_default_params(struct ckv_context_params * out);

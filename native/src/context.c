@@ -50,6 +50,10 @@ static int32_t resolve_params(const struct ckv_model * m, const struct ckv_conte
     if (out->n_threads == 0) {
         out->n_threads = default_threads();
     }
+    if (out->f32_activations != 0 && out->f32_activations != 1) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "f32_activations must be 0 or 1, got %d",
+                        out->f32_activations);
+    }
     if (out->kv_type != CKV_KV_F16 && out->kv_type != CKV_KV_F32) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "kv_type must be CKV_KV_F16 (1) or CKV_KV_F32 (0), got %d",
                         out->kv_type);
@@ -80,6 +84,14 @@ static int32_t alloc_scratch(struct ckv_context * ctx) {
         c->act_q[i] = malloc(c->act_q_row * (size_t) nb);
     }
     c->att_scores   = calloc((size_t) c->att_stride * (size_t) ctx->params.n_threads, sizeof(float));
+    c->f32_activations = ctx->params.f32_activations != 0;
+    if (c->f32_activations) {
+        c->w_rows_stride = ops_matmul_thread_floats(max_in);
+        c->w_rows = malloc((size_t) c->w_rows_stride * (size_t) ctx->params.n_threads * sizeof(float));
+        if (!c->w_rows) {
+            return ckv_fail(CKV_ERR_OOM, "out of memory for f32_activations weight rows");
+        }
+    }
     c->att_partials = calloc((size_t) ops_attention_partial_floats(hp->n_head, hp->head_dim),
                              sizeof(float));
     if (!c->act_q[0] || !c->act_q[1] || !c->att_scores || !c->att_partials) {
@@ -107,7 +119,7 @@ static int32_t init_kv_policy(struct ckv_context * ctx) {
         return st;
     }
     ctx->policy_threads = ctx->params.n_threads;
-    int64_t cap = kp->budget < (int32_t) ctx->params.n_ctx ? kp->budget : (int32_t) ctx->params.n_ctx;
+    int64_t cap = kv_policy_max_list(kp, ctx->params.n_ctx);
     ctx->sel     = calloc((size_t) hp->n_layer, sizeof(*ctx->sel));
     ctx->sel_n   = calloc((size_t) hp->n_layer * hp->n_head, sizeof(int32_t));
     ctx->sel_pos = malloc(sizeof(int32_t) * (size_t) hp->n_layer * hp->n_head * (size_t) cap);
@@ -154,6 +166,10 @@ static int32_t check_gpu_policy(const struct ckv_context * ctx, int32_t policy) 
 static int32_t init_gpu(struct ckv_context * ctx) {
     const struct hparams * hp = &ctx->model->hp;
     int32_t st = check_gpu_policy(ctx, ctx->params.kv_policy.policy);
+    if (st == CKV_OK && ctx->params.f32_activations) {
+        st = ckv_fail(CKV_ERR_UNSUPPORTED, "f32_activations runs on the CPU path only "
+                      "(use n_gpu_layers=0)");
+    }
     if (st == CKV_OK && ctx->params.kv_type != CKV_KV_F16) {
         st = ckv_fail(CKV_ERR_UNSUPPORTED, "kv_type f32 runs on the CPU path only: the GPU keeps "
                       "an f16 KV cache (use kv_type f16, or n_gpu_layers=0)");
@@ -234,6 +250,7 @@ void ckv_context_free(ckv_context * ctx) {
     }
     free(ctx->comp.act_q[0]);
     free(ctx->comp.act_q[1]);
+    free(ctx->comp.w_rows);
     free(ctx);
 }
 

@@ -89,6 +89,10 @@ struct kv_policy;
 void clusterkv_get_view(const struct kv_policy * p, int32_t il, int32_t g,
                         struct clusterkv_view * out);
 
+// The k-means seed the policy uses for the span starting at `start` of (layer il, KV head g):
+// distinct and reproducible per (seed, il, g, start); the GPU twin draws the same init with it.
+uint64_t clusterkv_span_seed(uint32_t seed, int32_t il, int32_t g, int32_t start);
+
 #if defined(CKV_HAVE_X86_KERNELS)
 // AVX2 + FMA assignment of rows [row0, row1) (kmeans-avx2.c); same contract as the scalar
 // assign in kmeans.c. Returns the number of labels that changed.

@@ -141,6 +141,14 @@ void kv_policy_free(struct kv_policy * p) {
     p->state     = NULL;
 }
 
+int64_t kv_policy_max_list(const struct ckv_kv_policy_params * params, int64_t n_ctx) {
+    int64_t n = params->budget;
+    if (params->policy == CKV_KV_POLICY_CLUSTERKV) {
+        n += params->recluster_interval;
+    }
+    return n < n_ctx ? n : n_ctx;
+}
+
 const char * kv_policy_name(int32_t policy) {
     return policy >= 0 && policy <= CKV_KV_POLICY_CLUSTERKV ? policy_names[policy] : "unknown";
 }

@@ -27,7 +27,8 @@
 //     adds the rest of the call's wall time to t_select_ms.
 //
 // Invariants every policy keeps (tests check them through ckv_context_kv_selection):
-//   - every list holds distinct positions <= pos, at most budget of them;
+//   - every list holds distinct positions <= pos, at most kv_policy_max_list of them (the
+//     budget; clusterkv attends its recent tail on top);
 //   - the n_sink first positions and the current position are always in it (h2o: until evicted
 //     sinks are never evicted either);
 //   - positions are never written, only chosen.
@@ -44,7 +45,7 @@
 // One layer's selection: per query head a list of positions (capacity cap each).
 struct kv_selection {
     int32_t   n_head;
-    int32_t   cap;        // = budget
+    int32_t   cap;        // = kv_policy_max_list
     int32_t * n;          // [n_head] positions in each list
     int32_t * pos;        // [n_head][cap]
 };
@@ -94,6 +95,10 @@ void    kv_policy_free(struct kv_policy * p);
 
 // What forward.c and context.c call (see the list of changes at the top).
 const char * kv_policy_name(int32_t policy);   // "full" .. "clusterkv", "unknown"
+
+// The longest list the policy can emit per query head in a context of n_ctx positions: the
+// budget, plus for clusterkv its unclustered recent tail (up to recluster_interval positions).
+int64_t kv_policy_max_list(const struct ckv_kv_policy_params * params, int64_t n_ctx);
 void    kv_policy_on_store(struct kv_policy * p, int32_t il, int64_t pos0, int64_t n);
 void    kv_policy_select(struct kv_policy * p, int32_t il, int64_t pos, const float * q,
                          struct kv_selection * out);

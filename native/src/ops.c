@@ -93,6 +93,7 @@ void ops_rope(const struct rope_params * p, float * x, int64_t n_tokens, int32_t
 // --- matmul ----------------------------------------------------------------------------------
 
 struct matmul_region {
+    const struct compute *    c;
     const struct matmul_job * jobs;
     int                       n_jobs;
     int64_t                   n_rows;    // rows of all jobs together
@@ -122,8 +123,37 @@ static void matmul_rows(const struct matmul_region * r, const struct matmul_job 
     }
 }
 
+int64_t ops_matmul_thread_floats(int64_t max_in) { return ROW_BLOCK * max_in; }
+
+// The f32_activations variant: a block of weight rows dequantised once into the thread's
+// w_rows, then every (f32) token row dotted with them in f32.
+static void matmul_rows_f32(const struct matmul_region * r, const struct matmul_job * job,
+                            const uint8_t * act, int64_t r0, int64_t r1, float * w_rows) {
+    const struct weight *           w      = job->w;
+    const struct ggml_type_traits * tt     = ggml_type_traits_get(w->type);
+    ggml_vec_dot_fn                 dot_f32 = ggml_type_traits_get(GGML_TYPE_F32)->vec_dot;
+    int64_t                         n      = w->ne[0];
+    for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
+        int64_t re = rb + ROW_BLOCK < r1 ? rb + ROW_BLOCK : r1;
+        for (int64_t row = rb; row < re; row++) {
+            tt->dequantize_row((const uint8_t *) w->data + row * w->row_size,
+                               w_rows + (row - rb) * n, n);
+        }
+        for (int64_t t = 0; t < r->n_tokens; t++) {
+            const uint8_t * xt = act + t * r->act_row;
+            float *         yt = job->y + t * job->ldy;
+            for (int64_t row = rb; row < re; row++) {
+                float v = dot_f32(n, w_rows + (row - rb) * n, xt);
+                yt[row] = job->bias ? v + job->bias[row] : v;
+            }
+        }
+    }
+}
+
 static void matmul_worker(void * arg, int ith, int nth) {
     const struct matmul_region * r = arg;
+    float * w_rows = r->c->f32_activations ? r->c->w_rows + (int64_t) ith * r->c->w_rows_stride
+                                           : NULL;
     int64_t begin, end;
     threadpool_split(r->n_rows, ith, nth, &begin, &end);
     int64_t offset = 0;  // first global row of job j
@@ -131,7 +161,9 @@ static void matmul_worker(void * arg, int ith, int nth) {
         int64_t rows = r->jobs[j].w->ne[1];
         int64_t lo = begin > offset ? begin : offset;
         int64_t hi = end < offset + rows ? end : offset + rows;
-        if (lo < hi) {
+        if (lo < hi && w_rows) {
+            matmul_rows_f32(r, &r->jobs[j], r->act[j], lo - offset, hi - offset, w_rows);
+        } else if (lo < hi) {
             matmul_rows(r, &r->jobs[j], r->act[j], lo - offset, hi - offset);
         }
         offset += rows;
@@ -143,7 +175,8 @@ static void quantise_inputs(struct compute * c, struct matmul_region * r, const 
     int64_t n_in = r->jobs[0].w->ne[0];
     c->act_q_type[0] = c->act_q_type[1] = GGML_TYPE_COUNT_MAX;
     for (int j = 0; j < r->n_jobs; j++) {
-        uint32_t type = ggml_type_traits_get(r->jobs[j].w->type)->vec_dot_type;
+        uint32_t type = c->f32_activations ? GGML_TYPE_F32
+                                           : ggml_type_traits_get(r->jobs[j].w->type)->vec_dot_type;
         int slot = c->act_q_type[0] == type ? 0 : c->act_q_type[1] == type ? 1 : -1;
         if (slot < 0) {
             slot = c->act_q_type[0] == GGML_TYPE_COUNT_MAX ? 0 : 1;
@@ -159,7 +192,7 @@ static void quantise_inputs(struct compute * c, struct matmul_region * r, const 
 
 void ops_matmul(struct compute * c, const struct matmul_job * jobs, int n_jobs, const float * x,
                 int64_t n_tokens) {
-    struct matmul_region r = {.jobs = jobs, .n_jobs = n_jobs, .n_tokens = n_tokens};
+    struct matmul_region r = {.c = c, .jobs = jobs, .n_jobs = n_jobs, .n_tokens = n_tokens};
     for (int j = 0; j < n_jobs; j++) {
         r.n_rows += jobs[j].w->ne[1];
     }

@@ -20,6 +20,9 @@ struct compute {
     float *             att_scores;   // [n_threads][att_stride] attention scratch per thread
     int64_t             att_stride;   // = ops_attention_thread_floats(head_dim, n_ctx)
     float *             att_partials; // [ops_attention_partial_floats] decode split-K states
+    bool                f32_activations; // matmuls on dequantised weight rows and f32 inputs
+    float *             w_rows;       // [n_threads][w_rows_stride] dequantised rows (if so)
+    int64_t             w_rows_stride;
 };
 
 // y[t][i] = x[t][i] / rms(x[t]) * w[i]; y may alias x.
@@ -34,7 +37,11 @@ struct matmul_job {
 };
 
 // Runs every job over the same input x [n_tokens][n_in] in one parallel region. All jobs must
-// take n_in inputs. The input is quantised once per activation type the weights need.
+// take n_in inputs. The input is quantised once per activation type the weights need (or, with
+// c->f32_activations, kept in f32 while each thread dequantises blocks of weight rows).
+// Floats of w_rows one thread needs for f32_activations matmuls of up to max_in inputs.
+int64_t ops_matmul_thread_floats(int64_t max_in);
+
 void ops_matmul(struct compute * c, const struct matmul_job * jobs, int n_jobs, const float * x,
                 int64_t n_tokens);
 

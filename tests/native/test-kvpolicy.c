@@ -271,7 +271,7 @@ static int32_t quest_expected(const struct kv_cache * kv, int32_t il, int32_t kv
 }
 
 static void check_quest(struct kv_policy * p, struct kv_cache * kv, int64_t pos, const char * when) {
-    int32_t n_head = p->n_head, cap = p->params.budget;
+    int32_t n_head = p->n_head, cap = (int32_t) kv_policy_max_list(&p->params, p->kv->n_ctx);
     int32_t * n = malloc(sizeof(int32_t) * n_head), * lists = malloc(sizeof(int32_t) * n_head * cap);
     int32_t * want = malloc(sizeof(int32_t) * (pos + 1));
     float *   q = malloc(sizeof(float) * n_head * kv->head_dim);

@@ -1,0 +1,120 @@
+// clusterkv-ops.cuh - the ClusterKV building blocks on the GPU (issue 6, internal): batched
+// cosine k-means with the CSR cluster index, budgeted cluster selection, and the sparse
+// flash-decode that reads K/V through per-head position lists. Each launcher mirrors a CPU twin
+// (named per launcher) on device pointers; tests/native/test-cuda-clusterkv.cu compares every
+// pair. As in cuda-ops.cuh, launchers check shapes, launch on the given stream and return a
+// ckv_status; they never synchronise. Scratch is passed in, sized by the *_scratch_bytes
+// helpers, so nothing is allocated per call.
+#ifndef CKV_CLUSTERKV_OPS_CUH
+#define CKV_CLUSTERKV_OPS_CUH
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stddef.h>
+#include <stdint.h>
+
+// --- batched cosine k-means -------------------------------------------------------------------
+//
+// n_problems independent problems of the same shape (every (layer, KV head) of one span): rows
+// x[p][i] (i < n, d values) are clustered into k clusters exactly as kmeans_cosine_run does
+// (kmeans.h): centroids start as rows init_rows[p][0..k); assign = argmax_j x . c_j / |c_j|
+// (lowest j on ties; the normalised table is built like the CPU's, f64 norm); then up to
+// max_iter times: update (c_j = mean of the raw member rows, summed in f64 in ascending row
+// order, so identical to the CPU's for identical labels; an empty cluster keeps c_j), assign,
+// and stop once no label changed. Each problem stops on its own (a device flag per problem),
+// and the launch sequence never waits for the host.
+//
+// Outputs per problem, as append_clusters (kvpolicy-clusterkv.c) writes them: centroids [k][d],
+// sizes [k], offsets [k] (= pos_base + start of the cluster in positions), positions [n] (= start
+// + row, grouped by cluster, ascending inside a cluster), labels [n], n_iter (updates run).
+// Twin: kmeans_cosine_run + append_clusters.
+struct cuda_kmeans_args {
+    const void *    x;              // rows of problem p at x + p * x_stride (elements), f16 or f32
+    bool            x_f16;
+    int64_t         x_stride;       // elements between problems (KV cache: n_ctx * head_dim)
+    int32_t         n_problems;
+    int32_t         n;              // rows per problem, >= 1
+    int32_t         d;              // values per row, 32 .. 256, a multiple of 32
+    int32_t         k;              // clusters per problem, 1 <= k <= n
+    int32_t         max_iter;       // >= 1
+    const int32_t * init_rows;      // device [n_problems][k] (kmeans_init_rows, host-computed)
+    float *         centroids;      // out, problem p at centroids + p * cent_stride, [k][d]
+    int64_t         cent_stride;    // floats
+    int32_t *       sizes;          // out, problem p at sizes + p * csr_stride, [k]
+    int32_t *       offsets;        // out, likewise
+    int64_t         csr_stride;     // int32s
+    int32_t *       positions;      // out, problem p at positions + p * pos_stride, [n]
+    int64_t         pos_stride;     // int32s
+    int32_t         start;          // position of row 0 (added to positions)
+    int32_t         pos_base;       // added to offsets
+    int32_t *       labels;         // out [n_problems][n] (also the working labels)
+    int32_t *       n_iter;         // out [n_problems], or NULL
+    void *          scratch;        // ckv_cuda_kmeans_scratch_bytes(n_problems, n, k, d)
+};
+size_t  ckv_cuda_kmeans_scratch_bytes(int32_t n_problems, int32_t n, int32_t k, int32_t d);
+int32_t ckv_cuda_kmeans(const struct cuda_kmeans_args * a, cudaStream_t s);
+
+// --- cluster selection --------------------------------------------------------------------------
+//
+// One decode step of one compressed layer, as clusterkv_select / select_list do it once the
+// layer is clustered (kvpolicy-clusterkv.c): for query head h (KV head g = h / group) the list
+// is the sinks [0, min(n_sink, pos + 1)), then the clustered positions [n_sink, end) chosen by
+// cluster_select (kmeans.c) on scores q_h . centroid (f32) with budget `room` (clusters whole
+// in descending score, ties to the lower index, NaN as -inf, the last one cut to its first
+// members), in ascending order, then the tail [end, pos]. The caller derives room from its
+// budget rule (select_list's), so that rule lives in one place. With per_kv_head the group's
+// summed query (summed in head order, f32) ranks once and all its heads get that list.
+// The order is found by a weighted radix select on the 64-bit rank key (score bits, index):
+// exact for any number of clusters. Twin: clusterkv_select (+ cluster_select).
+struct cuda_select_args {
+    const float *   q;              // device [n_head][d]
+    const float *   centroids;      // KV head g at centroids + g * cent_stride, [n_clusters][d]
+    int64_t         cent_stride;
+    const int32_t * sizes;          // KV head g at sizes + g * csr_stride
+    const int32_t * offsets;
+    int64_t         csr_stride;
+    const int32_t * positions;      // KV head g at positions + g * pos_stride
+    int64_t         pos_stride;
+    int32_t         n_head, n_head_kv, d;
+    int32_t         n_clusters;     // per KV head (>= 0)
+    int32_t         n_sink;
+    int32_t         end;            // [n_sink, end) is clustered
+    int32_t         pos;            // the current position (end <= pos)
+    int32_t         room;           // positions to take from the clusters, >= 0
+    bool            per_kv_head;
+    int32_t *       list_pos;       // out [n_head][list_stride]
+    int32_t *       list_n;         // out [n_head]
+    int64_t         list_stride;    // >= sinks + min(room, end - n_sink) + tail
+    float *         scores;         // out [n_lists][n_clusters] or NULL (n_lists = n_head, or
+                                    // n_head_kv with per_kv_head)
+    int32_t *       chosen;         // out [n_lists][n_clusters] cluster_select's order, or NULL
+    int32_t *       n_chosen;       // out [n_lists], with chosen
+};
+int32_t ckv_cuda_select(const struct cuda_select_args * a, cudaStream_t s);
+
+// --- sparse flash-decode ------------------------------------------------------------------------
+//
+// out[h] = softmax_j(scale q[h] . K[g][j]) . V[g][j] over the positions j of list h (g = h /
+// group), read in place from one layer of the f16 cache ([n_head_kv][n_ctx][head_dim]), f32
+// accumulation. Each list is cut into n_split contiguous chunks (blocks) merged with the online
+// softmax rule; an empty list gives zeros. Twin: ops_attention_selected.
+struct cuda_sparse_attention_args {
+    const float *   q;              // [n_head][head_dim]
+    const __half *  k_cache;        // one layer
+    const __half *  v_cache;
+    int32_t         n_ctx;
+    const int32_t * list_pos;       // [n_head][list_stride], positions < n_ctx
+    const int32_t * list_n;         // [n_head] (device)
+    int64_t         list_stride;
+    int32_t         max_list;       // >= every list_n: sizes the chunks
+    float *         out;            // [n_head][head_dim]
+    float *         partial;        // [n_head][n_split][head_dim + 4] (n_split > 1)
+    int32_t         n_head, n_head_kv, head_dim;   // head_dim 64, 128 or 256
+    int32_t         n_split;        // >= 1
+    float           scale;
+};
+// A split count that fills the GPU for lists of up to max_list positions.
+int32_t ckv_cuda_sparse_attention_splits(int32_t n_head, int32_t max_list);
+int32_t ckv_cuda_sparse_attention(const struct cuda_sparse_attention_args * a, cudaStream_t s);
+
+#endif  // CKV_CLUSTERKV_OPS_CUH

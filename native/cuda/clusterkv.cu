@@ -1,0 +1,802 @@
+// clusterkv.cu - ClusterKV's GPU building blocks (issue 6): batched cosine k-means with the CSR
+// cluster index, exact budgeted cluster selection, sparse flash-decode over position lists.
+// Contracts and CPU twins are in clusterkv-ops.cuh; the why of each kernel is next to it.
+#include <float.h>
+#include <math.h>
+
+#include "clusterkv-ops.cuh"
+#include "common.cuh"
+
+static __host__ __device__ int32_t ceil_div(int64_t a, int64_t b) {
+    return (int32_t) ((a + b - 1) / b);
+}
+
+__device__ __forceinline__ float load_elt(const void * x, bool f16, int64_t i) {
+    return f16 ? __half2float(((const __half *) x)[i]) : ((const float *) x)[i];
+}
+
+// =============================================================================================
+// k-means
+// =============================================================================================
+//
+// One iteration is a fixed launch sequence over all problems: counting sort of the rows by label
+// (per-chunk histograms, a per-problem scan, a stable warp-serial scatter), the update as a
+// segmented reduction over each cluster's rows in ascending row order (f64, the CPU's order, so
+// the centroids are bit-identical for identical labels), the normalised centroid table, and the
+// fused assignment (register-tiled dot products with a running argmax; no n x k matrix). A
+// problem whose last assignment changed nothing is marked inactive on the device and every
+// later kernel returns at once for it, so the host launches max_iter iterations without waiting.
+
+enum {
+    KM_CHUNK      = 1024,  // rows per counting-sort chunk
+    KM_BM         = 64,    // assignment: rows per block
+    KM_XS         = KM_BM + 4,  // assignment: padded shared row (keeps float4 alignment)
+    KM_BN         = 64,    // assignment: centroids per tile
+    KM_BK         = 32,    // assignment: dims per centroid tile load
+    KM_THREADS    = 256,
+    KM_SCAN_THREADS = 1024,
+};
+
+// Scratch carved out of cuda_kmeans_args.scratch.
+struct km_scratch {
+    float *   cn;          // [P][d][k_pad] normalised centroids, transposed (columns >= k zero)
+    int32_t * chunk_base;  // [P][n_chunks][k] per-chunk histogram, then write cursors
+    int32_t * sizes;       // [P][k] this sort's cluster sizes
+    int32_t * offsets;     // [P][k]
+    int32_t * order;       // [P][n] rows grouped by label, ascending inside a label
+    int32_t * changed;     // [P] labels changed by the last assignment
+    int32_t * active;      // [P] 1 while the problem iterates
+    int32_t * iters;       // [P] updates run
+};
+
+static size_t align256(size_t x) {
+    return (x + 255) & ~(size_t) 255;
+}
+
+static size_t km_layout(int32_t P, int32_t n, int32_t k, int32_t d, char * base, km_scratch * s) {
+    int64_t k_pad = (int64_t) ceil_div(k, KM_BN) * KM_BN, n_chunks = ceil_div(n, KM_CHUNK);
+    size_t  sizes[8] = {
+        (size_t) P * k_pad * d * sizeof(float), (size_t) P * n_chunks * k * sizeof(int32_t),
+        (size_t) P * k * sizeof(int32_t),       (size_t) P * k * sizeof(int32_t),
+        (size_t) P * n * sizeof(int32_t),       (size_t) P * sizeof(int32_t),
+        (size_t) P * sizeof(int32_t),           (size_t) P * sizeof(int32_t)};
+    void ** ptrs[8] = {(void **) &s->cn, (void **) &s->chunk_base, (void **) &s->sizes,
+                       (void **) &s->offsets, (void **) &s->order, (void **) &s->changed,
+                       (void **) &s->active, (void **) &s->iters};
+    size_t off = 0;
+    for (int i = 0; i < 8; i++) {
+        if (base) *ptrs[i] = base + off;
+        off += align256(sizes[i]);
+    }
+    return off;
+}
+
+size_t ckv_cuda_kmeans_scratch_bytes(int32_t n_problems, int32_t n, int32_t k, int32_t d) {
+    km_scratch s;
+    return km_layout(n_problems, n, k, d, nullptr, &s);
+}
+
+// Centroids from the init rows; labels -1; every problem active.
+static __global__ void km_init_kernel(cuda_kmeans_args a, km_scratch s) {
+    int p = blockIdx.y;
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < (int64_t) a.k * a.d;
+         i += (int64_t) gridDim.x * blockDim.x) {
+        int j = (int) (i / a.d), t = (int) (i % a.d);
+        int64_t row = a.init_rows[(int64_t) p * a.k + j];
+        a.centroids[p * a.cent_stride + i] = load_elt(a.x, a.x_f16, p * a.x_stride + row * a.d + t);
+    }
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < a.n;
+         i += (int64_t) gridDim.x * blockDim.x) {
+        a.labels[(int64_t) p * a.n + i] = -1;
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        s.changed[p] = 0;
+        s.active[p]  = 1;
+        s.iters[p]   = 0;
+    }
+}
+
+// cn_j = c_j * (float) (1 / sqrt(sum c_j[t]^2 in f64)), a zero centroid staying zero: the CPU's
+// normalise_centroids operation for operation (one thread per centroid, the same summation
+// order), so both assignments see the same table. Stored transposed, [d][k_pad], so the
+// assignment's tile loads are coalesced (the CPU's AVX2 path uses the same layout).
+static __global__ void km_normalise_kernel(cuda_kmeans_args a, km_scratch s, bool only_active) {
+    int p = blockIdx.y, k_pad = ceil_div(a.k, KM_BN) * KM_BN;
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if ((only_active && !s.active[p]) || j >= k_pad) return;
+    float * cn = s.cn + (int64_t) p * a.d * k_pad + j;
+    if (j >= a.k) {
+        for (int t = 0; t < a.d; t++) cn[(int64_t) t * k_pad] = 0.0f;
+        return;
+    }
+    const float * c = a.centroids + p * a.cent_stride + (int64_t) j * a.d;
+    double ss = 0.0;
+    for (int t = 0; t < a.d; t++) ss += (double) c[t] * c[t];
+    float inv = ss > 0.0 ? (float) (1.0 / sqrt(ss)) : 0.0f;
+    for (int t = 0; t < a.d; t++) cn[(int64_t) t * k_pad] = c[t] * inv;
+}
+
+// Running argmax merge: the higher score, and on equal scores the lower centroid index.
+__device__ __forceinline__ void argmax_merge(float & best, int & bj, float ob, int oj) {
+    if (ob > best || (ob == best && oj < bj)) {
+        best = ob;
+        bj   = oj;
+    }
+}
+
+// Fused assignment: block = KM_BM rows of problem blockIdx.y, all of whose d values sit in
+// shared memory (transposed, f32, rows padded to KM_XS floats); centroid tiles of KM_BN x KM_BK stream through. Thread (ty,
+// tx) of a 16 x 16 grid owns rows 4 ty .. 4 ty + 3 and centroids 4 tx .. 4 tx + 3 of each tile,
+// keeps a running argmax per row over its centroids (ascending j, strict >, as the CPU), and the
+// 16 threads of a row group merge theirs with shuffles at the end.
+template <bool F16>
+static __global__ void __launch_bounds__(KM_THREADS) km_assign_kernel(cuda_kmeans_args a, km_scratch s,
+                                                                      bool only_active) {
+    int p = blockIdx.y;
+    if (only_active && !s.active[p]) return;
+    extern __shared__ __align__(16) float km_smem[];
+    float * xs = km_smem;                          // [d][KM_XS]
+    float * cs = km_smem + (int64_t) a.d * KM_XS;  // [KM_BK][KM_BN]
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, d = a.d;
+    const int64_t row0 = (int64_t) blockIdx.x * KM_BM;
+    const int k_pad = ceil_div(a.k, KM_BN) * KM_BN;
+    for (int i = tid; i < KM_BM * d; i += KM_THREADS) {
+        int r = i / d, t = i % d;
+        int64_t row = row0 + r;
+        xs[t * KM_XS + r] = row < a.n ? load_elt(a.x, F16, p * a.x_stride + row * d + t) : 0.0f;
+    }
+    float best[4];
+    int   bj[4];
+    for (int r = 0; r < 4; r++) {
+        best[r] = -INFINITY;
+        bj[r]   = 0;
+    }
+    const float * cn = s.cn + (int64_t) p * d * k_pad;
+    for (int j0 = 0; j0 < a.k; j0 += KM_BN) {
+        float acc[4][4] = {};
+        for (int t0 = 0; t0 < d; t0 += KM_BK) {
+            __syncthreads();   // cs (and, first time, xs) ready / free
+            for (int i = tid; i < KM_BK * KM_BN; i += KM_THREADS) {
+                int tt = i / KM_BN, jj = i % KM_BN;
+                cs[tt * KM_BN + jj] = cn[(int64_t) (t0 + tt) * k_pad + j0 + jj];
+            }
+            __syncthreads();
+#pragma unroll 8
+            for (int tt = 0; tt < KM_BK; tt++) {
+                float4 xv = *(const float4 *) &xs[(t0 + tt) * KM_XS + 4 * ty];
+                float4 cv = *(const float4 *) &cs[tt * KM_BN + 4 * tx];
+                float xr[4] = {xv.x, xv.y, xv.z, xv.w}, cr[4] = {cv.x, cv.y, cv.z, cv.w};
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) acc[r][c] = fmaf(xr[r], cr[c], acc[r][c]);
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            int j = j0 + 4 * tx + c;
+            if (j < a.k) {
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    if (acc[r][c] > best[r]) {
+                        best[r] = acc[r][c];
+                        bj[r]   = j;
+                    }
+                }
+            }
+        }
+    }
+    int changed = 0;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        for (int o = 8; o > 0; o >>= 1) {   // the 16 lanes of this row group
+            float ob = __shfl_xor_sync(0xffffffffu, best[r], o);
+            int   oj = __shfl_xor_sync(0xffffffffu, bj[r], o);
+            argmax_merge(best[r], bj[r], ob, oj);
+        }
+        int64_t row = row0 + 4 * ty + r;
+        if (tx == 0 && row < a.n) {
+            int32_t * lab = a.labels + (int64_t) p * a.n + row;
+            changed += *lab != bj[r];
+            *lab = bj[r];
+        }
+    }
+    changed = __reduce_add_sync(0xffffffffu, changed);
+    if ((tid % CKV_WARP) == 0 && changed) atomicAdd(&s.changed[p], changed);
+}
+
+// Counting sort, pass 1: the histogram of labels over each chunk of KM_CHUNK rows.
+static __global__ void km_chunk_hist_kernel(cuda_kmeans_args a, km_scratch s, bool only_active) {
+    int p = blockIdx.y, ch = blockIdx.x, n_chunks = gridDim.x;
+    if (only_active && !s.active[p]) return;
+    extern __shared__ int32_t hist[];   // [k]
+    for (int c = threadIdx.x; c < a.k; c += blockDim.x) hist[c] = 0;
+    __syncthreads();
+    int64_t r0 = (int64_t) ch * KM_CHUNK, r1 = min((int64_t) a.n, r0 + KM_CHUNK);
+    for (int64_t r = r0 + threadIdx.x; r < r1; r += blockDim.x) atomicAdd(&hist[a.labels[(int64_t) p * a.n + r]], 1);
+    __syncthreads();
+    int32_t * out = s.chunk_base + ((int64_t) p * n_chunks + ch) * a.k;
+    for (int c = threadIdx.x; c < a.k; c += blockDim.x) out[c] = hist[c];
+}
+
+// Exclusive scan of v over the block (blockDim a multiple of 32): returns this thread's
+// prefix and sets *total to the sum of all v.
+__device__ int32_t block_exclusive_scan(int32_t v, int32_t * total) {
+    __shared__ int32_t warp_pre[CKV_WARP + 1];
+    int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP, n_warps = blockDim.x / CKV_WARP;
+    int32_t incl = v;
+    for (int o = 1; o < CKV_WARP; o <<= 1) {
+        int32_t y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    if (lane == CKV_WARP - 1) warp_pre[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int32_t w = lane < n_warps ? warp_pre[lane] : 0, wi = w;
+        for (int o = 1; o < CKV_WARP; o <<= 1) {
+            int32_t y = __shfl_up_sync(0xffffffffu, wi, o);
+            if (lane >= o) wi += y;
+        }
+        warp_pre[lane] = wi - w;
+        if (lane == CKV_WARP - 1) warp_pre[CKV_WARP] = wi;
+    }
+    __syncthreads();
+    int32_t prefix = warp_pre[warp] + incl - v;
+    *total = warp_pre[CKV_WARP];
+    __syncthreads();   // warp_pre is free for the next call
+    return prefix;
+}
+
+// Counting sort, pass 2 (one block per problem): sizes, cluster offsets (exclusive scan of the
+// sizes) and each chunk's write cursor per cluster (offset + the counts of earlier chunks).
+static __global__ void __launch_bounds__(KM_SCAN_THREADS) km_scan_kernel(cuda_kmeans_args a, km_scratch s,
+                                                                         int n_chunks, bool only_active) {
+    int p = blockIdx.x;
+    if (only_active && !s.active[p]) return;
+    int32_t * base  = s.chunk_base + (int64_t) p * n_chunks * a.k;
+    int32_t * sizes = s.sizes + (int64_t) p * a.k, * offs = s.offsets + (int64_t) p * a.k;
+    // Thread t owns clusters [c0, c1): a contiguous range, so one block scan orders them all.
+    int per = ceil_div(a.k, blockDim.x), c0 = min(a.k, (int) threadIdx.x * per), c1 = min(a.k, c0 + per);
+    int32_t mine = 0;
+    for (int c = c0; c < c1; c++) {
+        int32_t run = 0;
+        for (int ch = 0; ch < n_chunks; ch++) {
+            int32_t v = base[(int64_t) ch * a.k + c];
+            base[(int64_t) ch * a.k + c] = run;
+            run += v;
+        }
+        sizes[c] = run;
+        mine += run;
+    }
+    int32_t total, pre = block_exclusive_scan(mine, &total);
+    for (int c = c0; c < c1; c++) {
+        offs[c] = pre;
+        for (int ch = 0; ch < n_chunks; ch++) base[(int64_t) ch * a.k + c] += pre;
+        pre += sizes[c];
+    }
+}
+
+// Counting sort, pass 3: one warp per chunk walks its rows in order, 32 at a time; lanes with
+// the same label (__match_any_sync) take consecutive slots in lane order, so the sort is stable.
+static __global__ void km_scatter_kernel(cuda_kmeans_args a, km_scratch s, int n_chunks, bool only_active) {
+    int p = blockIdx.y, ch = blockIdx.x * (blockDim.x / CKV_WARP) + threadIdx.x / CKV_WARP;
+    int lane = threadIdx.x % CKV_WARP;
+    if ((only_active && !s.active[p]) || ch >= n_chunks) return;
+    int32_t * cursor = s.chunk_base + ((int64_t) p * n_chunks + ch) * a.k;
+    int32_t * order  = s.order + (int64_t) p * a.n;
+    const int32_t * labels = a.labels + (int64_t) p * a.n;
+    int64_t r0 = (int64_t) ch * KM_CHUNK, r1 = min((int64_t) a.n, r0 + KM_CHUNK);
+    for (int64_t g = r0; g < r1; g += CKV_WARP) {
+        int64_t  r     = g + lane;
+        bool     valid = r < r1;
+        int      lab   = valid ? labels[r] : -1 - lane;   // distinct dummies past the end
+        unsigned peers = __match_any_sync(0xffffffffu, lab);
+        int      rank  = __popc(peers & ((1u << lane) - 1));
+        int32_t  at    = valid ? cursor[lab] : 0;
+        __syncwarp();
+        if (valid) {
+            order[at + rank] = (int32_t) r;
+            if (lane == 31 - __clz(peers)) cursor[lab] = at + __popc(peers);   // highest peer
+        }
+        __syncwarp();
+    }
+}
+
+// Update: one warp per cluster sums its member rows in ascending row order in f64 (lane l holds
+// dims l, l + 32, ...), then c = (float) (sum / size); an empty cluster keeps its centroid.
+template <bool F16>
+static __global__ void km_update_kernel(cuda_kmeans_args a, km_scratch s) {
+    int p = blockIdx.y, j = blockIdx.x * (blockDim.x / CKV_WARP) + threadIdx.x / CKV_WARP;
+    int lane = threadIdx.x % CKV_WARP;
+    if (!s.active[p] || j >= a.k) return;
+    int32_t size = s.sizes[(int64_t) p * a.k + j];
+    if (size == 0) return;
+    const int32_t * mem = s.order + (int64_t) p * a.n + s.offsets[(int64_t) p * a.k + j];
+    const int nd = a.d / CKV_WARP;   // <= 8
+    double acc[8] = {};
+    int64_t xb = p * a.x_stride;
+    int m = 0;
+    for (; m + 4 <= size; m += 4) {   // four rows' loads in flight, added in row order
+        float v[4][8];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int64_t row = mem[m + u];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (i < nd) v[u][i] = load_elt(a.x, F16, xb + row * a.d + lane + 32 * i);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (i < nd) acc[i] += (double) v[u][i];
+    }
+    for (; m < size; m++) {
+        int64_t row = mem[m];
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            if (i < nd) acc[i] += (double) load_elt(a.x, F16, xb + row * a.d + lane + 32 * i);
+    }
+    float * c = a.centroids + p * a.cent_stride + (int64_t) j * a.d;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        if (i < nd) c[lane + 32 * i] = (float) (acc[i] / size);
+}
+
+// After iteration `it`'s assignment (it < 0: the initial one, whose changes do not count):
+// a problem whose labels did not change stops; the counter is reset for the next assignment.
+static __global__ void km_step_kernel(km_scratch s, int P, int it) {
+    int p = blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= P) return;
+    if (it >= 0 && s.active[p]) {
+        s.iters[p] = it + 1;
+        if (s.changed[p] == 0) s.active[p] = 0;
+    }
+    s.changed[p] = 0;
+}
+
+// The final sort's CSR into the caller's arrays (offsets + pos_base, positions + start).
+static __global__ void km_finish_kernel(cuda_kmeans_args a, km_scratch s) {
+    int p = blockIdx.y;
+    for (int64_t i = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; i < a.n; i += (int64_t) gridDim.x * blockDim.x)
+        a.positions[p * a.pos_stride + i] = a.start + s.order[(int64_t) p * a.n + i];
+    for (int64_t c = blockIdx.x * (int64_t) blockDim.x + threadIdx.x; c < a.k; c += (int64_t) gridDim.x * blockDim.x) {
+        a.sizes[p * a.csr_stride + c]   = s.sizes[(int64_t) p * a.k + c];
+        a.offsets[p * a.csr_stride + c] = a.pos_base + s.offsets[(int64_t) p * a.k + c];
+    }
+    if (blockIdx.x == 0 && threadIdx.x == 0 && a.n_iter) a.n_iter[p] = s.iters[p];
+}
+
+int32_t ckv_cuda_kmeans(const struct cuda_kmeans_args * ap, cudaStream_t st) {
+    const cuda_kmeans_args & a = *ap;
+    if (a.n_problems < 1 || a.n < 1 || a.d < 32 || a.d > 256 || a.d % 32 != 0 || a.k < 1 ||
+        a.k > a.n || a.max_iter < 1 || !a.x || !a.init_rows || !a.centroids || !a.sizes ||
+        !a.offsets || !a.positions || !a.labels || !a.scratch) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda kmeans: bad arguments (P %d, n %d, d %d, k %d, "
+                        "max_iter %d; d must be a multiple of 32 in [32, 256], 1 <= k <= n)",
+                        a.n_problems, a.n, a.d, a.k, a.max_iter);
+    }
+    size_t hist_smem = (size_t) a.k * sizeof(int32_t);
+    size_t asg_smem  = ((size_t) a.d * KM_XS + KM_BK * KM_BN) * sizeof(float);
+    if (hist_smem > 200 * 1024) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda kmeans: k = %d clusters per span (at most %d)",
+                        a.k, 200 * 1024 / 4);
+    }
+    km_scratch s;
+    km_layout(a.n_problems, a.n, a.k, a.d, (char *) a.scratch, &s);
+    CKV_CUDA_CHECK(cudaFuncSetAttribute(km_chunk_hist_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) hist_smem));
+    auto assign = a.x_f16 ? km_assign_kernel<true> : km_assign_kernel<false>;
+    auto update = a.x_f16 ? km_update_kernel<true> : km_update_kernel<false>;
+    CKV_CUDA_CHECK(cudaFuncSetAttribute(assign, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) asg_smem));
+    int  k_pad = ceil_div(a.k, KM_BN) * KM_BN, P = a.n_problems;
+    dim3 g_norm(ceil_div(k_pad, 128), P), g_asg(ceil_div(a.n, KM_BM), P), g_upd(ceil_div(a.k, 8), P);
+    int  n_chunks = ceil_div(a.n, KM_CHUNK);
+    int64_t init_items = (int64_t) a.k * a.d > a.n ? (int64_t) a.k * a.d : a.n;
+    km_init_kernel<<<dim3(min(ceil_div(init_items, 256), 1024), P), 256, 0, st>>>(a, s);
+    km_normalise_kernel<<<g_norm, 128, 0, st>>>(a, s, false);
+    assign<<<g_asg, KM_THREADS, asg_smem, st>>>(a, s, false);
+    km_step_kernel<<<ceil_div(P, 128), 128, 0, st>>>(s, P, -1);
+    for (int it = 0; it < a.max_iter; it++) {
+        km_chunk_hist_kernel<<<dim3(n_chunks, P), 256, hist_smem, st>>>(a, s, true);
+        km_scan_kernel<<<P, KM_SCAN_THREADS, 0, st>>>(a, s, n_chunks, true);
+        km_scatter_kernel<<<dim3(ceil_div(n_chunks, 4), P), 4 * CKV_WARP, 0, st>>>(a, s, n_chunks, true);
+        update<<<g_upd, 8 * CKV_WARP, 0, st>>>(a, s);
+        km_normalise_kernel<<<g_norm, 128, 0, st>>>(a, s, true);
+        assign<<<g_asg, KM_THREADS, asg_smem, st>>>(a, s, true);
+        km_step_kernel<<<ceil_div(P, 128), 128, 0, st>>>(s, P, it);
+    }
+    km_chunk_hist_kernel<<<dim3(n_chunks, P), 256, hist_smem, st>>>(a, s, false);
+    km_scan_kernel<<<P, KM_SCAN_THREADS, 0, st>>>(a, s, n_chunks, false);
+    km_scatter_kernel<<<dim3(ceil_div(n_chunks, 4), P), 4 * CKV_WARP, 0, st>>>(a, s, n_chunks, false);
+    km_finish_kernel<<<dim3(ceil_div(a.n, 256), P), 256, 0, st>>>(a, s);
+    CKV_CUDA_CHECK(cudaGetLastError());
+    return CKV_OK;
+}
+
+// =============================================================================================
+// Selection
+// =============================================================================================
+//
+// One block per list (a query head, or a KV head with per_kv_head). Scores are one warp per
+// cluster (f32, lane-strided products, shuffle sum). The clusters cluster_select would take are
+// exactly those whose rank key is >= T, where T is the largest key whose clusters of key >= T
+// hold at least `room` positions (the walk stops right after taking T): T is found by a radix
+// select over the 64-bit keys, 8 bits at a time, with histograms weighted by cluster size. The
+// members of every taken cluster (the first `room - taken before T` of T's) are marked in a
+// bitmap over the clustered span, which is read back in ascending order: the CPU's list.
+
+enum { SEL_THREADS = 512 };
+
+// The CPU's rank_key (kmeans.c): monotone score bits above the inverted index, so a higher key
+// is a higher score and, among equal scores, a lower index; NaN ranks as -inf, -0 as +0.
+__device__ __forceinline__ uint64_t sel_rank_key(float score, int32_t c) {
+    float s = isnan(score) ? -INFINITY : (score == 0.0f ? 0.0f : score);
+    uint32_t u = __float_as_uint(s);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((uint64_t) u << 32) | (uint32_t) (UINT32_MAX - (uint32_t) c);
+}
+
+struct sel_plan {   // what the radix select decided for one list
+    uint64_t threshold;   // clusters with key >= threshold are taken
+    int32_t  cut;         // positions taken from the threshold cluster (all of them if >= size)
+};
+
+// Largest key T with (sum of sizes of keys >= T) >= room, by MSB-first radix select; with
+// room > total every cluster is taken. Called by the whole block.
+__device__ sel_plan sel_threshold(const uint64_t * keys, const int32_t * sizes, int32_t n, int32_t room,
+                                  int32_t total) {
+    __shared__ int32_t hist[256];
+    __shared__ uint64_t prefix_s;
+    __shared__ int32_t  need_s;
+    if (room > total) return {0, INT32_MAX};
+    uint64_t prefix = 0;
+    int32_t  need   = room;
+    for (int shift = 56; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        uint64_t hi_mask = shift == 56 ? 0 : ~0ull << (shift + 8);
+        for (int c = threadIdx.x; c < n; c += blockDim.x) {
+            uint64_t key = keys[c];
+            if ((key & hi_mask) == prefix && sizes[c] > 0) atomicAdd(&hist[(key >> shift) & 255], sizes[c]);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {   // highest digit whose cumulative weight from the top reaches need
+            int32_t acc = 0;
+            int digit = 0;
+            for (int dgt = 255; dgt >= 0; dgt--) {
+                if (acc + hist[dgt] >= need) {
+                    digit = dgt;
+                    break;
+                }
+                acc += hist[dgt];
+            }
+            prefix_s = prefix | ((uint64_t) digit << shift);
+            need_s   = need - acc;
+        }
+        __syncthreads();
+        prefix = prefix_s;
+        need   = need_s;
+        __syncthreads();
+    }
+    return {prefix, need};
+}
+
+static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_args a) {
+    pdl_begin();
+    extern __shared__ __align__(16) unsigned char sel_smem[];
+    const int d = a.d, group = a.n_head / a.n_head_kv, list = blockIdx.x;
+    const int g = a.per_kv_head ? list : list / group;
+    const int h_first = a.per_kv_head ? g * group : list, n_out = a.per_kv_head ? group : 1;
+    const int n = a.n_clusters, lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP;
+    const int n_warps = blockDim.x / CKV_WARP;
+    const int32_t clustered = a.end - a.n_sink, n_words = ceil_div(clustered > 0 ? clustered : 0, 64);
+    float *    qs     = (float *) sel_smem;                      // [d]
+    uint64_t * keys   = (uint64_t *) (sel_smem + 4 * 256);       // [n]
+    uint64_t * marked = keys + n;                                // [n_words]
+    __shared__ int32_t total_s;
+
+    // The query: one head's, or the group's sum in head order (the CPU's q_sum).
+    for (int t = threadIdx.x; t < d; t += blockDim.x) {
+        float v = 0.0f;
+        for (int i = 0; i < (a.per_kv_head ? group : 1); i++) v += a.q[(int64_t) (h_first + i) * d + t];
+        qs[t] = v;
+    }
+    if (threadIdx.x == 0) total_s = 0;
+    for (int w = threadIdx.x; w < n_words; w += blockDim.x) marked[w] = 0;
+    __syncthreads();
+
+    const float *   cent  = a.centroids + g * a.cent_stride;
+    const int32_t * sizes = a.sizes + g * a.csr_stride, * offs = a.offsets + g * a.csr_stride;
+    const int32_t * mem   = a.positions + g * a.pos_stride;
+    int32_t my_total = 0;
+    for (int c = warp; c < n; c += n_warps) {
+        const float * row = cent + (int64_t) c * d;
+        float s = 0.0f;
+        for (int t = lane; t < d; t += CKV_WARP) s = fmaf(qs[t], row[t], s);
+        s = warp_sum(s);
+        if (lane == 0) {
+            keys[c] = sel_rank_key(s, c);
+            my_total += sizes[c];
+            if (a.scores) a.scores[(int64_t) list * n + c] = s;
+        }
+    }
+    if (lane == 0 && my_total) atomicAdd(&total_s, my_total);
+    __syncthreads();
+
+    const int32_t n_cached = a.pos + 1;
+    const int32_t sinks = min(n_cached, a.n_sink), tail = n_cached > a.end ? n_cached - a.end : 0;
+    const int32_t room  = a.room;
+    sel_plan plan = room > 0 ? sel_threshold(keys, sizes, n, room, total_s) : sel_plan{UINT64_MAX, 0};
+    const bool none = room == 0 || n == 0;
+
+    // Mark the taken clusters' members: one warp per cluster, lanes over its members.
+    for (int c = warp; c < n && !none; c += n_warps) {
+        uint64_t key = keys[c];
+        if (key < plan.threshold) continue;
+        int32_t take = key == plan.threshold ? min(sizes[c], plan.cut) : sizes[c];
+        for (int32_t m = lane; m < take; m += CKV_WARP) {
+            int32_t bit = mem[offs[c] + m] - a.n_sink;
+            atomicOr((unsigned long long *) &marked[bit >> 6], 1ull << (bit & 63));
+        }
+    }
+    __syncthreads();
+
+    // Emit sinks, the marked positions in ascending order, then the tail, to every head served.
+    int per = ceil_div(n_words, blockDim.x), w0 = min(n_words, (int) threadIdx.x * per), w1 = min(n_words, w0 + per);
+    int32_t mine = 0;
+    for (int w = w0; w < w1; w++) mine += __popcll(marked[w]);
+    int32_t n_sel, at = block_exclusive_scan(mine, &n_sel);
+    for (int o = 0; o < n_out; o++) {
+        int32_t * out = a.list_pos + (int64_t) (h_first + o) * a.list_stride;
+        for (int i = threadIdx.x; i < sinks; i += blockDim.x) out[i] = i;
+        int32_t k = sinks + at;
+        for (int w = w0; w < w1; w++) {
+            uint64_t bits = marked[w];
+            while (bits) {
+                out[k++] = a.n_sink + w * 64 + __ffsll((long long) bits) - 1;
+                bits &= bits - 1;
+            }
+        }
+        for (int i = threadIdx.x; i < tail; i += blockDim.x) out[sinks + n_sel + i] = n_cached - tail + i;
+        if (threadIdx.x == 0) a.list_n[h_first + o] = sinks + n_sel + tail;
+    }
+
+    // cluster_select's order (tests): taken cluster i goes to slot #{taken j with a higher key}.
+    if (a.chosen) {
+        int32_t * chosen = a.chosen + (int64_t) list * n;
+        int32_t n_taken = 0;
+        for (int c = threadIdx.x; c < n && !none; c += blockDim.x) {
+            if (keys[c] < plan.threshold) continue;
+            int32_t rank = 0;
+            for (int j = 0; j < n; j++) rank += keys[j] >= plan.threshold && keys[j] > keys[c];
+            chosen[rank] = c;
+            n_taken++;
+        }
+        for (int o = 16; o > 0; o >>= 1) n_taken += __shfl_xor_sync(0xffffffffu, n_taken, o);
+        __syncthreads();
+        if (threadIdx.x == 0) total_s = 0;
+        __syncthreads();
+        if (lane == 0 && n_taken) atomicAdd(&total_s, n_taken);
+        __syncthreads();
+        if (threadIdx.x == 0) a.n_chosen[list] = total_s;
+    }
+}
+
+static size_t select_smem_bytes(const cuda_select_args & a) {
+    int64_t clustered = a.end - a.n_sink > 0 ? a.end - a.n_sink : 0;
+    return 4 * 256 + 8 * ((size_t) a.n_clusters + (size_t) ceil_div(clustered, 64));
+}
+
+int32_t ckv_cuda_select(const struct cuda_select_args * ap, cudaStream_t st) {
+    const cuda_select_args & a = *ap;
+    int64_t longest = (int64_t) min(a.pos + 1, a.n_sink) + min(a.room, a.end - a.n_sink) + (a.pos + 1 - a.end);
+    if (a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 || a.d < 1 || a.d > 256 || a.n_clusters < 0 ||
+        a.n_sink < 0 || a.end < a.n_sink || a.pos < a.end || a.room < 0 || a.list_stride < longest ||
+        !a.q || !a.list_pos || !a.list_n || (a.chosen && !a.n_chosen) ||
+        (a.n_clusters > 0 && (!a.centroids || !a.sizes || !a.offsets || !a.positions))) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda select: bad arguments (n_head %d, n_head_kv %d, d %d, "
+                        "%d clusters, sinks %d, end %d, pos %d, room %d, list_stride %lld)", a.n_head,
+                        a.n_head_kv, a.d, a.n_clusters, a.n_sink, a.end, a.pos, a.room, (long long) a.list_stride);
+    }
+    size_t smem = select_smem_bytes(a);
+    if (smem > 200 * 1024) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda select: %d clusters over %d positions need %zu bytes "
+                        "of shared memory", a.n_clusters, a.end - a.n_sink, smem);
+    }
+    CKV_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
+    int n_lists = a.per_kv_head ? a.n_head_kv : a.n_head;
+    CKV_CUDA_CHECK(launch_pdl(select_kernel, dim3(n_lists), dim3(SEL_THREADS), smem, st, a));
+    return CKV_OK;
+}
+
+// =============================================================================================
+// Sparse flash-decode
+// =============================================================================================
+//
+// Block (query head h, split) walks its chunk of list h in tiles of SP_TILE positions. All loads
+// of a tile are issued first as 16-byte loads through the position list (two threads per K
+// row, HD / 8 threads per V row), then the pairs' dot products give the scores, warp 0 updates
+// the running max / sum, and every thread accumulates p * V for its positions and 8 dims; the
+// position groups are summed through shared memory at the end. Splits write (acc, m, l) and a
+// second kernel merges them (the online-softmax rule), as the dense decode path does.
+
+enum { SP_THREADS = 128, SP_TILE = 64, SP_MAX_SPLITS = 64 };
+
+__device__ __forceinline__ void sp_half8(uint4 raw, float f[8]) {
+    const __half2 * h = (const __half2 *) &raw;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        float2 v = __half22float2(h[e]);
+        f[2 * e] = v.x;
+        f[2 * e + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ void sp_chunk(const cuda_sparse_attention_args & a, int split, int32_t n_list,
+                                         int32_t * j0, int32_t * j1) {
+    int32_t chunk = ceil_div(ceil_div(a.max_list, a.n_split), SP_TILE) * SP_TILE;
+    *j0 = min(n_list, split * chunk);
+    *j1 = min(n_list, *j0 + chunk);
+}
+
+template <int HD>
+static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_sparse_attention_args a) {
+    pdl_begin();
+    constexpr int NCG = HD / 8, PG = SP_THREADS / NCG, VPOS = SP_TILE / PG;
+    static_assert(SP_THREADS == 2 * SP_TILE && SP_THREADS % NCG == 0 && SP_TILE % PG == 0, "layout");
+    __shared__ __align__(16) float qs[HD];
+    __shared__ float sc[SP_TILE];
+    __shared__ int32_t ps[SP_TILE];
+    __shared__ float m_s, l_s, corr_s;
+    __shared__ __align__(16) float red[PG][HD];
+    const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x, lane = tid % CKV_WARP;
+    const int kvh = h / (a.n_head / a.n_head_kv);
+    const int32_t n_list = a.list_n[h];
+    int32_t j0, j1;
+    sp_chunk(a, split, n_list, &j0, &j1);
+    const int32_t * list = a.list_pos + (int64_t) h * a.list_stride;
+    const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
+    const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
+    for (int i = tid; i < HD; i += SP_THREADS) qs[i] = a.q[(int64_t) h * HD + i];
+    if (tid == 0) {
+        m_s = -INFINITY;
+        l_s = 0.0f;
+    }
+    float acc[8] = {};
+    const int cg = tid % NCG, pg = tid / NCG;
+    for (int32_t tile = j0; tile < j1; tile += SP_TILE) {
+        const int n_pos = min(SP_TILE, j1 - tile);
+        __syncthreads();   // ps / sc of the previous tile are consumed (first time: qs ready)
+        if (tid < SP_TILE) ps[tid] = tid < n_pos ? list[tile + tid] : 0;
+        __syncthreads();
+        const int p = tid >> 1, half = tid & 1;
+        uint4 kraw[HD / 16], vraw[VPOS];
+        const uint4 * kr = (const uint4 *) (kbase + (size_t) ps[p] * HD + half * (HD / 2));
+#pragma unroll
+        for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int k = 0; k < VPOS; k++) {
+            int vp = pg + PG * k;
+            vraw[k] = vp < n_pos ? ((const uint4 *) (vbase + (size_t) ps[vp] * HD))[cg] : make_uint4(0, 0, 0, 0);
+        }
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < HD / 16; i++) {
+            float kf[8];
+            sp_half8(kraw[i], kf);
+            const float * qq = &qs[half * (HD / 2) + 8 * i];
+#pragma unroll
+            for (int e = 0; e < 8; e++) dot = fmaf(qq[e], kf[e], dot);
+        }
+        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+        if (half == 0) sc[p] = p < n_pos ? dot * a.scale : -INFINITY;
+        __syncthreads();
+        if (tid < CKV_WARP) {   // online softmax over the tile, one warp
+            float s0 = sc[lane], s1 = sc[lane + 32];
+            float m_old = m_s, m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+            float p0 = 0.0f, p1 = 0.0f, corr = 1.0f;
+            if (m_new != -INFINITY) {
+                p0 = expf(s0 - m_new);
+                p1 = expf(s1 - m_new);
+                corr = expf(m_old - m_new);
+            }
+            float sum = warp_sum(p0 + p1);
+            sc[lane] = p0;
+            sc[lane + 32] = p1;
+            __syncwarp();
+            if (lane == 0) {
+                l_s = l_s * corr + sum;
+                m_s = m_new;
+                corr_s = corr;
+            }
+        }
+        __syncthreads();
+        const float corr = corr_s;
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] *= corr;
+#pragma unroll
+        for (int k = 0; k < VPOS; k++) {
+            float vf[8];
+            sp_half8(vraw[k], vf);
+            const float w = sc[pg + PG * k];   // 0 past n_pos, where v is 0 too
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
+        }
+    }
+    __syncthreads();
+    *(float4 *) &red[pg][8 * cg]     = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    *(float4 *) &red[pg][8 * cg + 4] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    __syncthreads();
+    for (int dd = tid; dd < HD; dd += SP_THREADS) {
+        float o = 0.0f;
+        for (int k = 0; k < PG; k++) o += red[k][dd];
+        if (a.n_split == 1) {
+            a.out[(int64_t) h * HD + dd] = l_s > 0.0f ? o / l_s : 0.0f;
+        } else {
+            float * slot = a.partial + ((int64_t) h * a.n_split + split) * (HD + 4);
+            slot[dd] = o;
+            if (dd == 0) {
+                slot[HD]     = m_s;
+                slot[HD + 1] = l_s;
+            }
+        }
+    }
+}
+
+// out[h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits that saw positions.
+static __global__ void sparse_merge_kernel(cuda_sparse_attention_args a) {
+    pdl_begin();
+    const int h = blockIdx.x, hd = a.head_dim;
+    const float * part = a.partial + (int64_t) h * a.n_split * (hd + 4);
+    float M = -INFINITY;
+    for (int sp = 0; sp < a.n_split; sp++) M = fmaxf(M, part[sp * (hd + 4) + hd]);
+    float L = 0.0f;
+    for (int sp = 0; sp < a.n_split; sp++) {
+        float m = part[sp * (hd + 4) + hd];
+        if (m != -INFINITY) L += part[sp * (hd + 4) + hd + 1] * expf(m - M);
+    }
+    for (int dd = threadIdx.x; dd < hd; dd += blockDim.x) {
+        float o = 0.0f;
+        for (int sp = 0; sp < a.n_split; sp++) {
+            float m = part[sp * (hd + 4) + hd];
+            if (m != -INFINITY) o += part[sp * (hd + 4) + dd] * expf(m - M);
+        }
+        a.out[(int64_t) h * hd + dd] = L > 0.0f ? o / L : 0.0f;
+    }
+}
+
+int32_t ckv_cuda_sparse_attention_splits(int32_t n_head, int32_t max_list) {
+    // About two blocks per multiprocessor of an H100/H200 (132), chunks of whole tiles.
+    int32_t want = ceil_div(264, n_head > 0 ? n_head : 1);
+    int32_t tiles = ceil_div(max_list > 0 ? max_list : 1, SP_TILE);
+    want = want < tiles ? want : tiles;
+    want = want < SP_MAX_SPLITS ? want : SP_MAX_SPLITS;
+    return want < 1 ? 1 : want;
+}
+
+template <int HD> static cudaError_t launch_sparse(const cuda_sparse_attention_args & a, cudaStream_t st) {
+    cudaError_t e = launch_pdl(sparse_decode_kernel<HD>, dim3(a.n_head, a.n_split), dim3(SP_THREADS), 0, st, a);
+    if (e == cudaSuccess && a.n_split > 1) e = launch_pdl(sparse_merge_kernel, dim3(a.n_head), dim3(HD), 0, st, a);
+    return e;
+}
+
+int32_t ckv_cuda_sparse_attention(const struct cuda_sparse_attention_args * ap, cudaStream_t st) {
+    const cuda_sparse_attention_args & a = *ap;
+    if (a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 || a.n_split < 1 || a.max_list < 0 ||
+        a.list_stride < a.max_list || (a.n_split > 1 && !a.partial) || !a.q || !a.out || !a.list_pos ||
+        !a.list_n) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda sparse attention: bad shape (n_head %d, n_head_kv %d, "
+                        "n_split %d, max_list %d)", a.n_head, a.n_head_kv, a.n_split, a.max_list);
+    }
+    cudaError_t err;
+    switch (a.head_dim) {
+        case 64:  err = launch_sparse<64>(a, st); break;
+        case 128: err = launch_sparse<128>(a, st); break;
+        case 256: err = launch_sparse<256>(a, st); break;
+        default:
+            return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda sparse attention: head_dim %d (supported: 64, 128, 256)",
+                            a.head_dim);
+    }
+    CKV_CUDA_CHECK(err);
+    return CKV_OK;
+}
