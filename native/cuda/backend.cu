@@ -60,6 +60,14 @@ extern "C" const char * ckv_cuda_device_name(void) {
     return name;
 }
 
+#define TRY_OK(call)              \
+    do {                          \
+        int32_t st_ = (call);     \
+        if (st_ != CKV_OK) {      \
+            return st_;           \
+        }                         \
+    } while (0)
+
 static size_t align256(size_t n) { return (n + 255) & ~(size_t) 255; }
 
 static size_t weight_bytes(const struct weight * w) {
@@ -106,6 +114,29 @@ static int32_t check_model(const struct ckv_model * m) {
         return ckv_fail(CKV_ERR_UNSUPPORTED, "CUDA backend: n_embd %d and n_ff %d must be multiples "
                         "of 32", hp->n_embd, hp->n_ff);
     }
+    return CKV_OK;
+}
+
+// Q4_0 matrices of the layers (and an untied output head) to the GPU's regrouped layout, which
+// the decode GEMV reads with 16-byte loads (ckv_cuda_weight_repack); the embedding table stays
+// as in the file. CKV_REPACK=0 keeps the file layout (for comparison).
+static int32_t regroup_weights(struct cuda_model * gm) {
+    const char * env = getenv("CKV_REPACK");
+    if (env && strcmp(env, "0") == 0) {
+        return CKV_OK;
+    }
+    for (int il = 0; il < gm->hp.n_layer; il++) {
+        struct cuda_layer *  G = &gm->layers[il];
+        struct cuda_weight * mats[] = {&G->attn_q, &G->attn_k, &G->attn_v, &G->attn_output,
+                                       &G->ffn_gate, &G->ffn_up, &G->ffn_down};
+        for (struct cuda_weight * w : mats) {
+            if (w->data) TRY_OK(ckv_cuda_weight_repack(w, 0));
+        }
+    }
+    if (gm->output.data && gm->output.data != gm->token_embd.data) {
+        TRY_OK(ckv_cuda_weight_repack(&gm->output, 0));
+    }
+    CKV_CUDA_CHECK(cudaDeviceSynchronize());
     return CKV_OK;
 }
 
@@ -174,6 +205,11 @@ extern "C" int32_t ckv_cuda_model_create(const struct ckv_model * m, struct cuda
         ckv_cuda_model_free(gm);
         return ckv_fail(CKV_ERR_CUDA, "copying the weights to the GPU failed: %s", cudaGetErrorString(err));
     }
+    st = regroup_weights(gm);
+    if (st != CKV_OK) {
+        ckv_cuda_model_free(gm);
+        return st;
+    }
     *out = gm;
     return CKV_OK;
 }
@@ -216,6 +252,7 @@ struct cuda_context {
     int32_t *       h_step;       // pinned [2]: token, position
     float *         h_logits;     // pinned [n_vocab]
     bool            use_graph;    // CKV_CUDA_GRAPH=0 turns graphs off (for comparison)
+    struct cuda_gemm_ws blas;     // prefill GEMMs through cuBLAS (handle NULL: WMMA kernel)
     cudaGraphExec_t decode_graph; // NULL until the first one-token decode
 };
 
@@ -272,6 +309,18 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
     if (err == cudaSuccess) err = cudaMallocHost(&gc->h_logits, sizeof(float) * hp->n_vocab);
     const char * env = getenv("CKV_CUDA_GRAPH");
     gc->use_graph = !(env && strcmp(env, "0") == 0);
+    // cuBLAS scratch: the chunk's activations in f16 plus 128 MiB of f16 weight rows per slice.
+    // Optional: without it (no cuBLAS, CKV_CUBLAS=0, or no room) prefill uses the WMMA kernel.
+    const char * blas_env = getenv("CKV_CUBLAS");
+    if (err == cudaSuccess && ckv_cuda_have_cublas() && n_batch >= CKV_BLAS_MIN_TOKENS &&
+        !(blas_env && strcmp(blas_env, "0") == 0)) {
+        int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
+        widest = widest > hp->n_embd ? widest : hp->n_embd;
+        size_t bytes = ((size_t) n_batch * widest * sizeof(__half) + 255) / 256 * 256 + ((size_t) 128 << 20);
+        if (ckv_cuda_gemm_ws_create(&gc->blas, bytes) != CKV_OK) {
+            gc->blas = {};   // not fatal: the WMMA kernel serves
+        }
+    }
     if (err != cudaSuccess) {
         ckv_cuda_context_free(gc);
         return ckv_fail(CKV_ERR_CUDA, "creating the CUDA stream or pinned buffers failed: %s",
@@ -292,6 +341,7 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
     if (gc->decode_graph) {
         cudaGraphExecDestroy(gc->decode_graph);
     }
+    ckv_cuda_gemm_ws_free(&gc->blas);
     void * ptrs[] = {gc->k_cache, gc->v_cache, gc->tokens, gc->x, gc->xb, gc->xb2, gc->q, gc->att,
                      gc->k, gc->v, gc->hb, gc->hb2, gc->hq, gc->xq, gc->logits, gc->partial, gc->d_pos};
     for (void * p : ptrs) cudaFree(p);
@@ -312,7 +362,7 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
 
 static int32_t matmul(struct cuda_context * gc, const struct cuda_weight * w, const float * x,
                       float * y, const float * bias, int64_t n, bool accumulate) {
-    struct cuda_matmul_args a = {w, x, y, w->n_out, bias, n, accumulate, NULL, 0.0f};
+    struct cuda_matmul_args a = {w, x, y, w->n_out, bias, n, accumulate, NULL, 0.0f, NULL, &gc->blas};
     return ckv_cuda_matmul(&a, gc->stream);
 }
 
@@ -335,9 +385,9 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
     }
     const float * in = gc->xb;
     struct cuda_matmul_args qkv[3] = {
-        {&L->attn_q, in, gc->q, L->attn_q.n_out, L->attn_q_bias, n, false, NULL, 0.0f, xq},
-        {&L->attn_k, in, gc->k, L->attn_k.n_out, L->attn_k_bias, n, false, NULL, 0.0f, xq},
-        {&L->attn_v, in, gc->v, L->attn_v.n_out, L->attn_v_bias, n, false, NULL, 0.0f, xq},
+        {&L->attn_q, in, gc->q, L->attn_q.n_out, L->attn_q_bias, n, false, NULL, 0.0f, xq, &gc->blas},
+        {&L->attn_k, in, gc->k, L->attn_k.n_out, L->attn_k_bias, n, false, NULL, 0.0f, xq, &gc->blas},
+        {&L->attn_v, in, gc->v, L->attn_v.n_out, L->attn_v_bias, n, false, NULL, 0.0f, xq, &gc->blas},
     };
     TRY(ckv_cuda_matmul_multi(qkv, 3, s));
     float base = swa ? hp->rope_base_swa : hp->rope_base;
@@ -358,13 +408,10 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
                                      gc->partial, n, pos0, gc->n_ctx, hp->n_head, hp->n_head_kv,
                                      hp->head_dim, window,
                                      ckv_cuda_attention_splits(n, hp->n_head, n_kv, gc->partial_cap),
-                                     hp->attn_scale, pos_dev};
+                                     hp->attn_scale, pos_dev, (void *) xq};   // xq: att quantised
     TRY(ckv_cuda_attention(&at, s));
-    if (xq) {
-        TRY(ckv_cuda_quantize_q8(gc->att, gc->xq, (int64_t) hp->n_head * hp->head_dim, s));
-    }
     struct cuda_matmul_args o = {&L->attn_output, gc->att, gemma ? gc->xb2 : gc->x, L->attn_output.n_out,
-                                 NULL, n, !gemma, NULL, 0.0f, xq};
+                                 NULL, n, !gemma, NULL, 0.0f, xq, &gc->blas};
     TRY(ckv_cuda_matmul(&o, s));
     if (gemma) {  // x += norm(out(att)): the norm sits between the projection and the residual
         return ckv_cuda_rmsnorm(gc->x, gc->xb2, L->post_attention_norm, n, hp->n_embd, hp->rms_eps, true, s);
@@ -388,9 +435,10 @@ static int32_t ffn_block(struct cuda_context * gc, int il, int64_t n) {
         TRY(ckv_cuda_rmsnorm(gc->xb, gc->x, L->ffn_norm, n, hp->n_embd, hp->rms_eps, false, s));
     }
     TRY(ckv_cuda_matmul_glu(&L->ffn_gate, &L->ffn_up, gc->xb, gc->hb, gc->hb2, n, gemma, NULL, 0.0f, xq,
-                            hq, s));
+                            hq, s, &gc->blas));
     float * out = gemma ? gc->xb2 : gc->x;
-    struct cuda_matmul_args down = {&L->ffn_down, gc->hb, out, L->ffn_down.n_out, NULL, n, !gemma, NULL, 0.0f, hq};
+    struct cuda_matmul_args down = {&L->ffn_down, gc->hb, out, L->ffn_down.n_out, NULL, n, !gemma, NULL, 0.0f, hq,
+                                    &gc->blas};
     TRY(ckv_cuda_matmul(&down, s));
     if (gemma) {
         return ckv_cuda_rmsnorm(gc->x, gc->xb2, L->post_ffw_norm, n, hp->n_embd, hp->rms_eps, true, s);

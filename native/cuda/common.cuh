@@ -34,7 +34,19 @@ extern "C" {
 enum cuda_ggml_type {
     CT_F32 = 0, CT_F16 = 1, CT_Q4_0 = 2, CT_Q4_1 = 3, CT_Q5_0 = 6, CT_Q5_1 = 7, CT_Q8_0 = 8,
     CT_Q4_K = 12, CT_Q5_K = 13, CT_Q6_K = 14, CT_BF16 = 30,
+    // Backend-internal layout, never in a file: q4_0 rows regrouped at upload (ckv_cuda_weight_
+    // repack) so that each group of 8 blocks (256 values, 144 bytes, the q4_0 row size of 256
+    // values) holds the 8 fp16 scales first (16 bytes) and then the 8 x 16 quant bytes. A lane
+    // then reads a whole block's quants with one 16-byte load; ggml's 18-byte blocks allow
+    // only 2-byte loads. Rows need n_in % 256 == 0 and 16-byte aligned starts.
+    CT_Q4_0_X8 = 1002,
+    // The same for q6_K (ckv_cuda_weight_repack; n_in % 2048 == 0): groups of 8 super-blocks
+    // (1680 bytes) hold the 8 ql arrays, then the 8 qh arrays, the 8 scale arrays and the 8
+    // fp16 d, so a lane reads 16 bytes of ql and of qh with one load each (a q6_K block is
+    // 210 bytes, 2-byte aligned).
+    CT_Q6_K_X8 = 1014,
 };
+template <int T> __host__ __device__ constexpr bool is_regrouped() { return T == CT_Q4_0_X8 || T == CT_Q6_K_X8; }
 
 // Block layouts, byte for byte as in ggml-common.h (they are copied from the GGUF image).
 struct cq4_0 { __half d; uint8_t qs[16]; };
@@ -42,6 +54,8 @@ struct cq4_1 { __half d, m; uint8_t qs[16]; };
 struct cq5_0 { __half d; uint8_t qh[4]; uint8_t qs[16]; };
 struct cq5_1 { __half d, m; uint8_t qh[4]; uint8_t qs[16]; };
 struct cq8_0 { __half d; int8_t qs[32]; };
+enum { X8_GROUP_BYTES = 144, X8_SCALES_BYTES = 16 };   // CT_Q4_0_X8: one group of 8 blocks
+enum { Q6X_GROUP_BYTES = 1680, Q6X_QH = 1024, Q6X_SC = 1536, Q6X_D = 1664 };   // CT_Q6_K_X8
 struct cq4_K { __half d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
 struct cq5_K { __half d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
 struct cq6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; __half d; };
@@ -55,11 +69,14 @@ struct cq8x { float2 ds; int8_t qs[32]; };
 static_assert(sizeof(cq8x) == 40, "block size");
 
 // Value offsets inside a 32-value chunk of the two float4 groups of lane part s.
+template <int T> __host__ __device__ constexpr bool nibble_split_chunks() {   // byte i holds values i and i + 16
+    return T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q5_0 || T == CT_Q5_1 || T == CT_Q4_0_X8;
+}
 template <int T> __device__ __forceinline__ int chunk_off0(int s) {
-    return (T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q5_0 || T == CT_Q5_1) ? 4 * s : 8 * s;
+    return nibble_split_chunks<T>() ? 4 * s : 8 * s;
 }
 template <int T> __device__ __forceinline__ int chunk_off1(int s) {
-    return (T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q5_0 || T == CT_Q5_1) ? 16 + 4 * s : 8 * s + 4;
+    return nibble_split_chunks<T>() ? 16 + 4 * s : 8 * s + 4;
 }
 
 __device__ __forceinline__ uint32_t load_u32_unaligned(const uint8_t * p) {
@@ -96,6 +113,16 @@ __device__ __forceinline__ void dequant8(const uint8_t * row, int64_t c, int s, 
     } else if constexpr (T == CT_BF16) {
         const uint16_t * p = (const uint16_t *) row + c * 32 + 8 * s;
         for (int i = 0; i < 8; i++) out[i] = __uint_as_float((uint32_t) p[i] << 16);
+    } else if constexpr (T == CT_Q4_0_X8) {
+        const uint8_t * g = row + (c >> 3) * X8_GROUP_BYTES;
+        int      j = (int) (c & 7);
+        uint32_t q4 = *(const uint32_t *) (g + X8_SCALES_BYTES + 16 * j + 4 * s);
+        float    d = __half2float(((const __half *) g)[j]);
+        for (int i = 0; i < 4; i++) {
+            uint32_t q = (q4 >> (8 * i)) & 0xFF;
+            out[i]     = (float) ((int) (q & 0xF) - 8) * d;
+            out[4 + i] = (float) ((int) (q >> 4) - 8) * d;
+        }
     } else if constexpr (T == CT_Q4_0 || T == CT_Q4_1) {
         // The lane's 4 quant bytes in one or two loads: qs is 4-byte aligned in a q4_1 block
         // (20 bytes) and 2-byte aligned in a q4_0 block (18 bytes) of a 2-aligned row.
@@ -175,13 +202,24 @@ __device__ __forceinline__ void dequant8(const uint8_t * row, int64_t c, int s, 
             }
             out[i] = dl * (float) v - ml;
         }
-    } else if constexpr (T == CT_Q6_K) {
+    } else if constexpr (T == CT_Q6_K || T == CT_Q6_K_X8) {
         // sub-block j of block c/8: half h = j/4 and group g = j%4 of dequantize_row_q6_K.
-        const cq6_K * b = (const cq6_K *) row + (c >> 3);
+        const uint8_t *qlb, *qhb;
+        const int8_t * scales;
+        __half         dh;
+        if constexpr (T == CT_Q6_K) {
+            const cq6_K * b = (const cq6_K *) row + (c >> 3);
+            qlb = b->ql; qhb = b->qh; scales = b->scales; dh = b->d;
+        } else {
+            const uint8_t * grp = row + (c >> 6) * Q6X_GROUP_BYTES;
+            int sb = (int) ((c >> 3) & 7);
+            qlb = grp + 128 * sb; qhb = grp + Q6X_QH + 64 * sb;
+            scales = (const int8_t *) (grp + Q6X_SC + 16 * sb); dh = ((const __half *) (grp + Q6X_D))[sb];
+        }
         int j = (int) (c & 7), h = j >> 2, g = j & 3;
-        const uint8_t * ql = b->ql + 64 * h + (g & 1) * 32;
-        const uint8_t * qh = b->qh + 32 * h;
-        float dl = __half2float(b->d) * (float) b->scales[8 * h + 2 * g + (s >> 1)];
+        const uint8_t * ql = qlb + 64 * h + (g & 1) * 32;
+        const uint8_t * qh = qhb + 32 * h;
+        float dl = __half2float(dh) * (float) scales[8 * h + 2 * g + (s >> 1)];
         int lshift = (g >> 1) * 4, hshift = 2 * g;
         for (int i = 0; i < 8; i++) {
             int l = 8 * s + i;
@@ -198,6 +236,7 @@ template <typename Fn> bool dispatch_type(uint32_t type, Fn && fn) {
         case CT_F16:  fn.template operator()<CT_F16>();  return true;
         case CT_BF16: fn.template operator()<CT_BF16>(); return true;
         case CT_Q4_0: fn.template operator()<CT_Q4_0>(); return true;
+        case CT_Q4_0_X8: fn.template operator()<CT_Q4_0_X8>(); return true;
         case CT_Q4_1: fn.template operator()<CT_Q4_1>(); return true;
         case CT_Q5_0: fn.template operator()<CT_Q5_0>(); return true;
         case CT_Q5_1: fn.template operator()<CT_Q5_1>(); return true;
@@ -205,6 +244,7 @@ template <typename Fn> bool dispatch_type(uint32_t type, Fn && fn) {
         case CT_Q4_K: fn.template operator()<CT_Q4_K>(); return true;
         case CT_Q5_K: fn.template operator()<CT_Q5_K>(); return true;
         case CT_Q6_K: fn.template operator()<CT_Q6_K>(); return true;
+        case CT_Q6_K_X8: fn.template operator()<CT_Q6_K_X8>(); return true;
         default: return false;
     }
 }
@@ -256,6 +296,20 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+
+// Quantises 32 values (one per lane) into *dst (the formula of quantize_row_q8_1_ref, scale and
+// sum kept in f32).
+__device__ __forceinline__ void quantize_chunk_warp(float v, struct cq8x * dst) {
+    int   lane = threadIdx.x % CKV_WARP;
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int   q = __float2int_rn(v * id);
+    int   sum = __reduce_add_sync(0xffffffffu, q);
+    dst->qs[lane] = (int8_t) q;
+    if (lane == 0) {
+        dst->ds = make_float2(d, (float) sum * d);
+    }
 }
 
 #endif  // CKV_CUDA_COMMON_CUH

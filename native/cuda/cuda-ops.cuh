@@ -19,6 +19,28 @@ struct cuda_weight {
     size_t       row_size;  // bytes per row
 };
 
+// Regroups a Q4_0 or Q6_K matrix in place into the GPU's CT_Q4_0_X8 / CT_Q6_K_X8 layout
+// (common.cuh: 16-byte quant loads for the GEMV) when it applies (n_in % 256 == 0 for q4_0,
+// % 2048 for q6_K; 16-byte aligned data) and sets w->type; other matrices are left as they are. Every op reads either layout; the op tests
+// compare the regrouped matrix with the CPU twin on the original q4_0 bytes.
+int32_t ckv_cuda_weight_repack(struct cuda_weight * w, cudaStream_t s);
+
+// cuBLAS workspace of a context for the prefill GEMM. In builds with cuBLAS (CKV_HAVE_CUBLAS)
+// a matmul of CKV_BLAS_MIN_TOKENS or more tokens given one dequantises its weight matrix to
+// f16 in slices of rows that fit `bytes` (next to the f16 activations) and multiplies each
+// slice with cublasGemmEx (f32 accumulation); without cuBLAS, or handle NULL, the WMMA kernel
+// runs. Create before use (allocates), free with the context.
+enum { CKV_BLAS_MIN_TOKENS = 32 };
+struct cuda_gemm_ws {
+    void * handle;    // cublasHandle_t, or NULL
+    void * scratch;   // device, `bytes`
+    size_t bytes;
+};
+bool    ckv_cuda_have_cublas(void);
+// No cuBLAS in the build: ws zeroed and CKV_OK (callers then simply get the WMMA path).
+int32_t ckv_cuda_gemm_ws_create(struct cuda_gemm_ws * ws, size_t bytes);
+void    ckv_cuda_gemm_ws_free(struct cuda_gemm_ws * ws);
+
 // y[t][r] (=|+=) dot(W row r, x[t]) + bias[r] for t < n_tokens. Twin: ops_matmul (+ ops_add).
 struct cuda_matmul_args {
     const struct cuda_weight * w;
@@ -32,9 +54,13 @@ struct cuda_matmul_args {
     float         norm_eps;   // n_tokens == 1 only (twin: ops_rmsnorm before ops_matmul)
     const void *  xq;         // NULL, or x already quantised (cq8x [n_in / 32], ckv_cuda_quantize_q8;
                               // n_tokens == 1): the int8 GEMV reads it instead of quantising x
+    const struct cuda_gemm_ws * ws;  // NULL, or the cuBLAS workspace for n_tokens > 1 (see above)
 };
-// n_tokens == 1: GEMV with the dequantisation fused; otherwise tensor-core GEMM on f16 tiles.
+// n_tokens == 1: GEMV with the dequantisation fused; otherwise tensor-core GEMM on f16 tiles
+// (or cuBLAS, see cuda_gemm_ws).
 int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s);
+// The cuBLAS path of ckv_cuda_matmul (blas.cu; a->ws->handle set, n_tokens > 1).
+int32_t ckv_cuda_gemm_blas(const struct cuda_matmul_args * a, cudaStream_t s);
 
 // Several matmuls over the same input (q, k, v): one launch for a single token when the weights
 // share type and n_in (no accumulate), else one ckv_cuda_matmul each. Twin: ops_matmul.
@@ -49,12 +75,13 @@ int32_t ckv_cuda_matmul_multi(const struct cuda_matmul_args * jobs, int n_jobs, 
 int32_t ckv_cuda_matmul_glu(const struct cuda_weight * gate, const struct cuda_weight * up,
                             const float * x, float * y, float * up_out, int64_t n_tokens, bool gelu,
                             const float * norm_w, float norm_eps, const void * xq, void * yq,
-                            cudaStream_t s);
-// (xq: as in cuda_matmul_args, the quantised x, norm_w then NULL.)
+                            cudaStream_t s, const struct cuda_gemm_ws * ws = NULL);
+// (xq: as in cuda_matmul_args, the quantised x, norm_w then NULL; ws: the prefill matmuls'.)
 
 // y = x / rms(x) * w (y may be NULL; w NULL: y = x) and yq = y quantised as ckv_cuda_quantize_q8,
 // one row of n (% 32 == 0) values, one launch: the decode step's input of the int8 GEMVs.
-// Twins: ops_rmsnorm, quantize_row_q8_1_ref.
+// y must not alias x (blocks read all of x while others write y). Twins: ops_rmsnorm,
+// quantize_row_q8_1_ref.
 int32_t ckv_cuda_rmsnorm_quantize_q8(float * y, void * yq, const float * x, const float * w, int64_t n,
                                      float eps, cudaStream_t s);
 
@@ -121,6 +148,10 @@ struct cuda_attention_args {
     int32_t        n_split;   // >= 1
     float          scale;
     const int32_t * pos_dev;  // device copy of pos0 that overrides it when set (graph replay)
+    void *         out_q;     // NULL, or out also quantised (cq8x [n_tokens][n_head * head_dim / 32],
+                              // as ckv_cuda_quantize_q8): the out-projection's int8 GEMV input,
+                              // without a launch of its own. Decode kernel only (n_tokens <
+                              // CKV_FLASH_MIN_TOKENS). Twin: quantize_row_q8_1_ref.
 };
 int32_t ckv_cuda_attention(const struct cuda_attention_args * a, cudaStream_t s);
 

@@ -3,13 +3,15 @@
 //
 // Decode (one token): GEMV, optionally with the preceding RMSNorm fused (the block normalises x
 // first). Quantised weights: int8 GEMV on activations quantised to 8 bits per 32 values (as the
-// CPU's vec_dot does; ggml's mmvq), one warp per row (two for the output head). F32 / F16 /
-// BF16 weights: f32 GEMV on f32 activations, one warp per row. f32 accumulation throughout.
+// CPU's vec_dot does; ggml's mmvq). q4_0 and q6_K matrices are regrouped at upload (q4_0x8,
+// q6_Kx8 in common.cuh) so that a lane reads 16 weight bytes per load. F32 / F16 / BF16
+// weights: f32 GEMV on f32 activations, one warp per row. f32 accumulation throughout.
 //
-// Prefill (n_tokens > 1): 64 x 64 output tiles (weight rows x tokens) per 128-thread block; each
-// 32-wide k step dequantises the weight tile to f16 in shared memory, converts the activations
-// to f16, and 4 warps multiply with WMMA 16x16x16 (f32 accumulators). f16 activations keep
-// 11 bits of mantissa, more than the CPU's 8-bit activation quantisation.
+// Prefill (n_tokens > 1): cuBLAS on f16 operands where the build has it (blas.cu); otherwise
+// 64 x 64 output tiles (weight rows x tokens) per 128-thread block; each 32-wide k step
+// dequantises the weight tile to f16 in shared memory, converts the activations to f16, and 4
+// warps multiply with WMMA 16x16x16 (f32 accumulators). f16 activations keep 11 bits of
+// mantissa, more than the CPU's 8-bit activation quantisation.
 #include <mma.h>
 #include <stdlib.h>
 
@@ -218,7 +220,21 @@ __device__ __forceinline__ void scale_min_k4_words(int j, const uint32_t * w, fl
 
 template <int T> constexpr bool has_q8_gemv() {
     return T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q5_0 || T == CT_Q5_1 || T == CT_Q8_0 ||
-           T == CT_Q4_K || T == CT_Q5_K || T == CT_Q6_K;
+           T == CT_Q4_K || T == CT_Q5_K || T == CT_Q6_K || T == CT_Q4_0_X8 || T == CT_Q6_K_X8;
+}
+
+// 16 weight bytes that are read once: skip L1, which then keeps the activations every warp
+// of the SM reads.
+__device__ __forceinline__ uint4 ld_stream_u4(const void * p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ float ld_stream_half(const void * p) {
+    unsigned short h;
+    asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(h) : "l"(p));
+    return __half2float(__ushort_as_half(h));
 }
 
 // Lane part s of chunk c of a row times the activation ints xa (values off0..off0+3 of the
@@ -296,20 +312,6 @@ __device__ __forceinline__ float vdot_q8(const uint8_t * __restrict__ row, int64
     return A * (ds.x * (float) sumi) + B * ds.y;
 }
 
-// Quantises 32 values (one per lane) into *dst (the formula of quantize_row_q8_1_ref, scale and
-// sum kept in f32).
-__device__ __forceinline__ void quantize_chunk_warp(float v, struct cq8x * dst) {
-    int   lane = threadIdx.x % CKV_WARP;
-    float amax = warp_max(fabsf(v));
-    float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
-    int   q = __float2int_rn(v * id);
-    int   sum = __reduce_add_sync(0xffffffffu, q);
-    dst->qs[lane] = (int8_t) q;
-    if (lane == 0) {
-        dst->ds = make_float2(d, (float) sum * d);
-    }
-}
-
 enum { MMVQ_WARPS = 8, MMVQ_THREADS = MMVQ_WARPS * CKV_WARP };
 
 // Sum over the block's warps (blockDim.x threads in one dimension); every thread gets it.
@@ -372,9 +374,102 @@ __device__ __forceinline__ const cq8x * mmvq_input(const float * __restrict__ x,
 // that R * U steps' weight loads are in flight together. Every lane gets the sums.
 // With W > 1, W warps share each row: warp part wr takes chunks 8 wr .. 8 wr + 7 of every
 // 8 W, and the caller adds the W partial sums.
-template <int T, int R, int U, int W = 1>
-__device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int64_t n_in,
-                                          const cq8x * xq, float (&out)[R], int wr = 0) {
+//
+// CT_Q4_0_X8 (regrouped q4_0, common.cuh): lane l takes whole blocks wr * 32 + l + 32 W i, one
+// 16-byte load of quants and one scale each, so a warp step reads 4 whole groups (576
+// contiguous bytes) with 2 load instructions per lane instead of 8 steps of 3 small loads.
+// Nibbles are used unsigned and the -8 offset comes from the activation block's sum:
+// sum((q - 8) x) = sum(q x) - 8 sum(x), with d_x * sum(x_q) = ds.y.
+template <int R, int U, int W>
+__device__ __forceinline__ void mmvq_rows_x8(const uint8_t * const (&rows)[R], int64_t n_in,
+                                             const cq8x * xq, float (&out)[R], int wr) {
+    int   lane = threadIdx.x % CKV_WARP;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    const int64_t n_blocks = n_in / 32;
+#pragma unroll U
+    for (int64_t c = wr * CKV_WARP + lane; c < n_blocks; c += CKV_WARP * W) {
+        const cq8x * xb = xq + c;
+        float2 ds = xb->ds;
+        int2   x01 = ((const int2 *) xb->qs)[0], x23 = ((const int2 *) xb->qs)[1];
+        int2   x45 = ((const int2 *) xb->qs)[2], x67 = ((const int2 *) xb->qs)[3];
+        int64_t goff = (c >> 3) * X8_GROUP_BYTES;
+        int     j = (int) (c & 7);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const uint8_t * g = rows[r] + goff;
+            uint4 q = ld_stream_u4(g + X8_SCALES_BYTES + 16 * j);
+            float d = ld_stream_half(g + 2 * j);
+            const uint32_t m = 0x0F0F0F0Fu;
+            int sumi = __dp4a((int) (q.x & m), x01.x, 0);
+            sumi = __dp4a((int) (q.y & m), x01.y, sumi);
+            sumi = __dp4a((int) (q.z & m), x23.x, sumi);
+            sumi = __dp4a((int) (q.w & m), x23.y, sumi);
+            sumi = __dp4a((int) (q.x >> 4 & m), x45.x, sumi);
+            sumi = __dp4a((int) (q.y >> 4 & m), x45.y, sumi);
+            sumi = __dp4a((int) (q.z >> 4 & m), x67.x, sumi);
+            sumi = __dp4a((int) (q.w >> 4 & m), x67.y, sumi);
+            acc[r] += d * (ds.x * (float) sumi - 8.0f * ds.y);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
+}
+
+// CT_Q6_K_X8 (regrouped q6_K): 8 lanes per super-block, lane part p = 4 h + m reads 16
+// bytes of ql (bytes 16 m .. of half h) and the 16 matching qh bytes, i.e. the values
+// base .. base + 15 (low nibbles) and base + 64 .. base + 79 (high nibbles) with
+// base = 128 h + 32 (m / 2) + 16 (m % 2), each 16 under one scale (dequantize_row_q6_K's
+// value order). Those are halves of activation blocks base / 32 and base / 32 + 2.
+template <int R, int U, int W>
+__device__ __forceinline__ void mmvq_rows_q6x8(const uint8_t * const (&rows)[R], int64_t n_in,
+                                               const cq8x * xq, float (&out)[R], int wr) {
+    int   lane = threadIdx.x % CKV_WARP;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    const int64_t n_units = n_in / 32;
+#pragma unroll U
+    for (int64_t u = wr * CKV_WARP + lane; u < n_units; u += CKV_WARP * W) {
+        int64_t sbi = u >> 3;
+        int     p = (int) (u & 7), h = p >> 2, m = p & 3, half16 = 16 * (m & 1);
+        int     base = 128 * h + 32 * (m >> 1) + half16;
+        const cq8x * xlo = xq + sbi * 8 + (base >> 5), * xhi = xlo + 2;
+        int2  xl0 = *(const int2 *) (xlo->qs + half16), xl1 = *(const int2 *) (xlo->qs + half16 + 8);
+        int2  xh0 = *(const int2 *) (xhi->qs + half16), xh1 = *(const int2 *) (xhi->qs + half16 + 8);
+        float dlo = xlo->ds.x, dhi = xhi->ds.x;
+        int   shift = 2 * (m >> 1);
+        int64_t goff = (sbi >> 3) * Q6X_GROUP_BYTES;
+        int     sb = (int) (sbi & 7);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const uint8_t * g = rows[r] + goff;
+            uint4 ql = ld_stream_u4(g + 128 * sb + 64 * h + 16 * m);
+            uint4 qh = ld_stream_u4(g + Q6X_QH + 64 * sb + 32 * h + half16);
+            const int8_t * sc = (const int8_t *) (g + Q6X_SC + 16 * sb);
+            float slo = (float) sc[base >> 4], shi = (float) sc[(base >> 4) + 4];
+            float d = __half2float(((const __half *) (g + Q6X_D))[sb]);
+            const uint32_t q[4] = {ql.x, ql.y, ql.z, ql.w}, hb[4] = {qh.x, qh.y, qh.z, qh.w};
+            const int xl[4] = {xl0.x, xl0.y, xl1.x, xl1.y}, xh[4] = {xh0.x, xh0.y, xh1.x, xh1.y};
+            int sumlo = 0, sumhi = 0;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                int lo = sub_bytes((q[k] & 0x0F0F0F0Fu) | (hb[k] >> shift & 0x03030303u) << 4, 0x20202020u);
+                int hi = sub_bytes((q[k] >> 4 & 0x0F0F0F0Fu) | (hb[k] >> (shift + 4) & 0x03030303u) << 4, 0x20202020u);
+                sumlo = __dp4a(lo, xl[k], sumlo);
+                sumhi = __dp4a(hi, xh[k], sumhi);
+            }
+            acc[r] += d * (slo * dlo * (float) sumlo + shi * dhi * (float) sumhi);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
+}
+
+template <int T, int R, int U, int W>
+__device__ __forceinline__ void mmvq_rows_parts(const uint8_t * const (&rows)[R], int64_t n_in,
+                                                const cq8x * xq, float (&out)[R], int wr) {
     int   lane = threadIdx.x % CKV_WARP, s = lane & 3;
     float acc[R];
 #pragma unroll
@@ -389,6 +484,18 @@ __device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int6
     }
 #pragma unroll
     for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
+}
+
+template <int T, int R, int U, int W = 1>
+__device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int64_t n_in,
+                                          const cq8x * xq, float (&out)[R], int wr = 0) {
+    if constexpr (T == CT_Q4_0_X8) {
+        mmvq_rows_x8<R, U, W>(rows, n_in, xq, out, wr);
+    } else if constexpr (T == CT_Q6_K_X8) {
+        mmvq_rows_q6x8<R, U, W>(rows, n_in, xq, out, wr);
+    } else {
+        mmvq_rows_parts<T, R, U, W>(rows, n_in, xq, out, wr);
+    }
 }
 
 // The int8 twin of mmv_kernel: each warp takes R consecutive rows of the concatenated jobs;
@@ -455,7 +562,7 @@ mmvq_glu_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu
         rows[R + r] = wu + rr * row_size;
     }
     float sum[2 * R];
-    mmvq_rows<T, 2 * R, (R >= 2 ? 2 : 4)>(rows, n_in, xin, sum);
+    mmvq_rows<T, 2 * R, (is_regrouped<T>() ? 1 : R >= 2 ? 2 : 4)>(rows, n_in, xin, sum);
     if (lane < R) {
         float v = 0.0f;
 #pragma unroll
@@ -469,30 +576,45 @@ mmvq_glu_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu
     }
 }
 
-// The decode path's GEMV (input quantised beforehand, xq): W warps per row, so a block has a
-// whole row's loads in flight at once (one warp per row left each warp with a single step of
-// loads in flight: ~1 TB/s); no prologue. Block: 8 warps = 8 / W rows, R = 1.
-template <int T, int W>
+// The decode path's GEMV (input quantised beforehand, xq): W warps per row group of R rows,
+// so a block has a whole row's loads in flight at once (one warp per row left each warp with a
+// single step of loads in flight: ~1 TB/s); no prologue. Block: 8 warps = 8 / W row groups.
+template <int T, int W, int R = 1>
 static __global__ void __launch_bounds__(MMVQ_THREADS)
 mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq, int64_t total_rows) {
     pdl_begin();
-    __shared__ float part[MMVQ_WARPS];
+    __shared__ float part[MMVQ_WARPS][R];
     int     warp = threadIdx.x / CKV_WARP, wr = warp % W;
-    int64_t row = (int64_t) blockIdx.x * (MMVQ_WARPS / W) + warp / W;
-    mmv_row jr = mmv_job_row(j, row < total_rows ? row : 0);   // a row past the end reads row 0
-    const uint8_t * rows[1] = {jr.w};
-    float sum[1];
-    mmvq_rows<T, 1, 4, W>(rows, n_in, xq, sum, wr);
+    int64_t row0 = ((int64_t) blockIdx.x * (MMVQ_WARPS / W) + warp / W) * R;
+    mmv_row jr[R];
+    const uint8_t * rows[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {   // a row past the end reads row 0 and is not written
+        jr[r] = mmv_job_row(j, row0 + r < total_rows ? row0 + r : 0);
+        rows[r] = jr[r].w;
+    }
+    float sum[R];
+    mmvq_rows<T, R, (R == 1 ? 4 : 2), W>(rows, n_in, xq, sum, wr);
     if constexpr (W > 1) {
-        if (threadIdx.x % CKV_WARP == 0) part[warp] = sum[0];
+        if (threadIdx.x % CKV_WARP == 0) {
+#pragma unroll
+            for (int r = 0; r < R; r++) part[warp][r] = sum[r];
+        }
         __syncthreads();
         if (wr == 0) {
-            for (int k = 1; k < W; k++) sum[0] += part[warp + k];
+            for (int k = 1; k < W; k++)
+#pragma unroll
+                for (int r = 0; r < R; r++) sum[r] += part[warp + k][r];
         }
     }
-    if (threadIdx.x % CKV_WARP == 0 && wr == 0 && row < total_rows) {
-        float v = sum[0] + (jr.bias ? *jr.bias : 0.0f);
-        *jr.y = jr.accumulate ? *jr.y + v : v;
+    if (threadIdx.x % CKV_WARP == 0 && wr == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            if (row0 + r < total_rows) {
+                float v = sum[r] + (jr[r].bias ? *jr[r].bias : 0.0f);
+                *jr[r].y = jr[r].accumulate ? *jr[r].y + v : v;
+            }
+        }
     }
 }
 
@@ -517,7 +639,7 @@ mmvq_glu_split_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restric
         rows[R + r] = wu + rr * row_size;
     }
     float sum[2 * R];
-    mmvq_rows<T, 2 * R, 2, W>(rows, n_in, xq, sum, wr);
+    mmvq_rows<T, 2 * R, (is_regrouped<T>() ? 1 : 2), W>(rows, n_in, xq, sum, wr);
     if constexpr (W > 1) {
         if (lane == 0) {
 #pragma unroll
@@ -589,6 +711,33 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
         // Warps per row: 2 measured best on the H200 (8B Q4_0 tg128: 2 -> 286, 4 -> 276, 8 -> 245
         // tok/s; bench/results/2026-11-28_h200_gpu-3.json).
         int      W = g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8 ? g_split_w : 2;
+        if constexpr (is_regrouped<T>()) {
+            // Regrouped q4_0 / q6_K: a lane's step is 32 values, so rows are 4x shorter in steps;
+            // R rows per warp group keep R loads in flight per lane (CKV_MMVQ_ROWS, default 2).
+            // Default W: the fewest warps per row group that give ~4096 warps (a full wave at
+            // 32 warps per SM), while every lane still has a block of each row.
+            int R = g_mmvq_rows == 1 || g_mmvq_rows == 2 || g_mmvq_rows == 4 ? g_mmvq_rows : 2;
+            W = 1;
+            while (W < 8 && rows / R * W < 4096 && n_in / 32 >= 2 * CKV_WARP * W) W *= 2;
+            if (g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8) W = g_split_w;
+            int64_t  per_block = (int64_t) (MMVQ_WARPS / W) * R;
+            unsigned grid = (unsigned) ((rows + per_block - 1) / per_block);
+            auto go = [&](auto kern) { return launch_pdl(kern, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows); };
+            switch (W * 10 + R) {
+                case 11: return go(mmvq_split_kernel<T, 1, 1>);
+                case 12: return go(mmvq_split_kernel<T, 1, 2>);
+                case 14: return go(mmvq_split_kernel<T, 1, 4>);
+                case 21: return go(mmvq_split_kernel<T, 2, 1>);
+                case 22: return go(mmvq_split_kernel<T, 2, 2>);
+                case 24: return go(mmvq_split_kernel<T, 2, 4>);
+                case 41: return go(mmvq_split_kernel<T, 4, 1>);
+                case 42: return go(mmvq_split_kernel<T, 4, 2>);
+                case 44: return go(mmvq_split_kernel<T, 4, 4>);
+                case 81: return go(mmvq_split_kernel<T, 8, 1>);
+                case 82: return go(mmvq_split_kernel<T, 8, 2>);
+                default: return go(mmvq_split_kernel<T, 8, 4>);
+            }
+        }
         unsigned grid = (unsigned) ((rows + MMVQ_WARPS / W - 1) / (MMVQ_WARPS / W));
         switch (W) {
             case 1: return launch_pdl(mmvq_split_kernel<T, 1>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
@@ -622,7 +771,9 @@ static cudaError_t launch_mmvq_glu(const uint8_t * wg, const uint8_t * wu, size_
     read_mmvq_env();
     if (xq) {
         // 4 warps per row group where that fits 64 registers (1024 threads) without spills.
-        constexpr int w_default = T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q8_0 || T == CT_Q4_K ? 4 : 2;
+        // Regrouped types: 1 (8B q4_0 tg128 on the H200: 1 -> 413, 2 -> 402, 4 -> 372 tok/s;
+        // 2026-11-29_h200_gpu-1.json); the others as measured before.
+        constexpr int w_default = is_regrouped<T>() ? 1 : T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q8_0 || T == CT_Q4_K ? 4 : 2;
         int      W = g_glu_w == 1 || g_glu_w == 2 || g_glu_w == 4 ? g_glu_w : w_default;
         unsigned grid = (unsigned) ((n_out + 31) / 32);
         switch (W) {
@@ -655,25 +806,33 @@ static __global__ void quantize_q8_kernel(const float * __restrict__ x, cq8x * x
     }
 }
 
-// One block: y = x / rms(x) * w (ops_rmsnorm's formula; y = x without w) and its cq8x blocks.
-enum { NQ_THREADS = 1024 };
+// y = x / rms(x) * w (ops_rmsnorm's formula; y = x without w) and its cq8x blocks. Every
+// block sums the squares of the whole row (n floats from L2, a few KB) and quantises its own
+// NQ_WARPS chunks, one per warp: 16 blocks for n = 4096 instead of one block walking all 128
+// chunks (6.3 us per launch in ncu, 2 launches per layer). Each warp's chunk and weights are
+// loaded before the reduction, so their latency overlaps it.
+enum { NQ_WARPS = 8, NQ_THREADS = NQ_WARPS * CKV_WARP };
 static __global__ void __launch_bounds__(NQ_THREADS)
 norm_quantize_kernel(float * __restrict__ y, cq8x * yq, const float * __restrict__ x,
                      const float * __restrict__ w, int64_t n, float eps) {
     pdl_begin();
-    float scale = 1.0f;
+    int     lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP;
+    int64_t c = (int64_t) blockIdx.x * NQ_WARPS + warp;
+    bool    mine = c < n / 32;
+    float   v = mine ? x[c * 32 + lane] : 0.0f;
+    float   g = mine && w ? w[c * 32 + lane] : 1.0f;
+    float   scale = 1.0f;
     if (w) {
         float sum = 0.0f;
+#pragma unroll 4
         for (int64_t i = threadIdx.x; i < n / 4; i += NQ_THREADS) {
-            float4 v = ((const float4 *) x)[i];
-            sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            float4 t = ((const float4 *) x)[i];
+            sum += t.x * t.x + t.y * t.y + t.z * t.z + t.w * t.w;
         }
         scale = 1.0f / sqrtf(mmvq_block_sum(sum) / (float) n + eps);
     }
-    int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP;
-    for (int64_t c = warp; c < n / 32; c += NQ_THREADS / CKV_WARP) {
-        float v = x[c * 32 + lane];
-        if (w) v = v * scale * w[c * 32 + lane];
+    if (mine) {
+        if (w) v = v * scale * g;
         if (y) y[c * 32 + lane] = v;
         quantize_chunk_warp(v, yq + c);
     }
@@ -685,7 +844,8 @@ int32_t ckv_cuda_rmsnorm_quantize_q8(float * y, void * yq, const float * x, cons
         return ckv_fail(CKV_ERR_INVALID_ARG, "cuda rmsnorm_quantize_q8: n %lld is not a positive multiple "
                         "of 32", (long long) n);
     }
-    CKV_CUDA_CHECK(launch_pdl(norm_quantize_kernel, 1, NQ_THREADS, 0, s, y, (cq8x *) yq, x, w, n, eps));
+    unsigned grid = (unsigned) ((n / 32 + NQ_WARPS - 1) / NQ_WARPS);
+    CKV_CUDA_CHECK(launch_pdl(norm_quantize_kernel, grid, NQ_THREADS, 0, s, y, (cq8x *) yq, x, w, n, eps));
     return CKV_OK;
 }
 
@@ -696,6 +856,55 @@ int32_t ckv_cuda_quantize_q8(const float * x, void * xq, int64_t n, cudaStream_t
     }
     int64_t blocks = n / 32;
     CKV_CUDA_CHECK(launch_pdl(quantize_q8_kernel, (unsigned) ((blocks + 7) / 8), 256, 0, s, x, (cq8x *) xq, blocks));
+    return CKV_OK;
+}
+
+// --- weight regrouping (CT_Q4_0_X8, CT_Q6_K_X8) -------------------------------------------------
+
+enum { RP_THREADS = 256, RP_SMEM_HALVES = 8 * Q6X_GROUP_BYTES / 2 };
+
+// Source 2-byte word of output word k of a group (see the layouts in common.cuh).
+template <int T> __device__ __forceinline__ int regroup_src(int k) {
+    if constexpr (T == CT_Q4_0) {   // q4_0 block = 9 words: the scale, then 8 words of quants
+        return k < 8 ? k * 9 : ((k - 8) / 8) * 9 + 1 + (k - 8) % 8;
+    } else {                        // q6_K block = 105 words: ql 64, qh 32, scales 8, d 1
+        if (k < 512) return (k / 64) * 105 + k % 64;
+        if (k < 768) return ((k - 512) / 32) * 105 + 64 + (k - 512) % 32;
+        if (k < 832) return ((k - 768) / 8) * 105 + 96 + (k - 768) % 8;
+        return (k - 832) * 105 + 104;
+    }
+}
+
+// In place: each block moves whole groups to shared memory as 2-byte words and writes them
+// back regrouped. Blocks touch disjoint bytes, so no block reads what another rewrites.
+template <int T>
+static __global__ void __launch_bounds__(RP_THREADS) regroup_kernel(uint16_t * data, int64_t n_groups) {
+    constexpr int HALVES = (T == CT_Q4_0 ? X8_GROUP_BYTES : Q6X_GROUP_BYTES) / 2;
+    constexpr int GROUPS = RP_SMEM_HALVES / HALVES;
+    __shared__ uint16_t tile[GROUPS * HALVES];
+    int64_t g0 = (int64_t) blockIdx.x * GROUPS;
+    int64_t n  = (n_groups - g0 < GROUPS ? n_groups - g0 : GROUPS) * HALVES;
+    uint16_t * base = data + g0 * HALVES;
+    for (int64_t i = threadIdx.x; i < n; i += RP_THREADS) tile[i] = base[i];
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n; i += RP_THREADS) {
+        base[i] = tile[(i / HALVES) * HALVES + regroup_src<T>((int) (i % HALVES))];
+    }
+}
+
+int32_t ckv_cuda_weight_repack(struct cuda_weight * w, cudaStream_t s) {
+    bool q4 = w->type == CT_Q4_0 && w->n_in % 256 == 0 && w->row_size == (size_t) w->n_in / 32 * sizeof(cq4_0);
+    bool q6 = w->type == CT_Q6_K && w->n_in % 2048 == 0 && w->row_size == (size_t) w->n_in / 256 * sizeof(cq6_K);
+    if ((!q4 && !q6) || ((uintptr_t) w->data & 15) != 0) {
+        return CKV_OK;
+    }
+    int64_t n_groups = w->n_out * (w->n_in / (q4 ? 256 : 2048));
+    int     group_bytes = q4 ? (int) X8_GROUP_BYTES : (int) Q6X_GROUP_BYTES;
+    int     per_block = RP_SMEM_HALVES / (group_bytes / 2);
+    unsigned grid = (unsigned) ((n_groups + per_block - 1) / per_block);
+    CKV_CUDA_CHECK(q4 ? launch_pdl(regroup_kernel<CT_Q4_0>, grid, RP_THREADS, 0, s, (uint16_t *) w->data, n_groups)
+                      : launch_pdl(regroup_kernel<CT_Q6_K>, grid, RP_THREADS, 0, s, (uint16_t *) w->data, n_groups));
+    w->type = q4 ? CT_Q4_0_X8 : CT_Q6_K_X8;
     return CKV_OK;
 }
 
@@ -838,6 +1047,9 @@ int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s) {
     if (a->n_tokens == 1) {
         return launch_gemv_jobs(a, 1, s);
     }
+    if (a->ws && a->ws->handle && a->n_tokens >= CKV_BLAS_MIN_TOKENS) {
+        return ckv_cuda_gemm_blas(a, s);
+    }
     const struct cuda_weight * w = a->w;
     const uint8_t * wd = (const uint8_t *) w->data;
     cudaError_t err = cudaSuccess;
@@ -880,9 +1092,9 @@ int32_t ckv_cuda_matmul_multi(const struct cuda_matmul_args * jobs, int n_jobs, 
 int32_t ckv_cuda_matmul_glu(const struct cuda_weight * gate, const struct cuda_weight * up,
                             const float * x, float * y, float * up_out, int64_t n_tokens, bool gelu,
                             const float * norm_w, float norm_eps, const void * xq, void * yq,
-                            cudaStream_t s) {
-    struct cuda_matmul_args g = {gate, x, y, gate->n_out, NULL, n_tokens, false, norm_w, norm_eps, xq};
-    struct cuda_matmul_args u = {up, x, up_out, up->n_out, NULL, n_tokens, false, norm_w, norm_eps, xq};
+                            cudaStream_t s, const struct cuda_gemm_ws * ws) {
+    struct cuda_matmul_args g = {gate, x, y, gate->n_out, NULL, n_tokens, false, norm_w, norm_eps, xq, ws};
+    struct cuda_matmul_args u = {up, x, up_out, up->n_out, NULL, n_tokens, false, norm_w, norm_eps, xq, ws};
     int32_t st = check_matmul(&g);
     if (st == CKV_OK) st = check_matmul(&u);
     if (st != CKV_OK) {

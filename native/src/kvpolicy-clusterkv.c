@@ -59,6 +59,16 @@ struct ckv_layer_state {
     struct ckv_head_state * heads;          // [n_head_kv]; NULL for dense layers
 };
 
+// One thread's selection scratch (selection runs on the thread pool, one list per task).
+struct select_scratch {
+    float *    scores;   // [max_clusters]
+    int32_t *  chosen;   // [max_clusters]
+    uint64_t * heap;     // [max_clusters] cluster_select scratch
+    float *    q_sum;    // [head_dim] the group's summed query
+    uint64_t * marked;   // [max_pos / 64 + 1] selected positions, bit (p - n_sink); all zero
+                         // between selections
+};
+
 struct clusterkv_state {
     int32_t                  max_pos;       // n_ctx - n_sink: positions that can be clustered
     int32_t                  max_spans;
@@ -68,12 +78,8 @@ struct clusterkv_state {
     float *                  keys;     // [max_pos][head_dim] f32 one head's span, converted
     int32_t *                labels;   // [max_pos]
     int32_t *                cursor;   // [max_clusters] counting-sort write positions
-    float *                  scores;   // [max_clusters]
-    int32_t *                chosen;   // [max_clusters]
-    uint64_t *               heap;     // [max_clusters] selection scratch
-    float *                  q_sum;    // [head_dim] the group's summed query
-    uint64_t *               marked;   // [max_pos / 64 + 1] selected positions, bit (p - n_sink);
-                                       // all zero between selections
+    int32_t                  n_scratch;  // threads of the pool (1 without one)
+    struct select_scratch *  scratch;    // [n_scratch]
 };
 
 static double now_ms(void) {
@@ -181,7 +187,7 @@ static void emit_range(int32_t * out, int32_t * n, int32_t a, int32_t b) {
 
 // The clustered positions chosen for query q (at most room of them), appended in ascending
 // order: the chosen clusters' members are marked in the bitmap, which is read back and cleared.
-static void emit_selected(const struct kv_policy * p, struct clusterkv_state * st,
+static void emit_selected(const struct kv_policy * p, struct select_scratch * st,
                           const struct ckv_layer_state * L, const struct ckv_head_state * H,
                           const float * q, int32_t room, int32_t * out, int32_t * n) {
     const int32_t n_sink = p->params.n_sink;
@@ -210,7 +216,7 @@ static void emit_selected(const struct kv_policy * p, struct clusterkv_state * s
 }
 
 // The list of one query (or KV-head group) at position pos: sinks, chosen clusters, tail.
-static int32_t select_list(const struct kv_policy * p, struct clusterkv_state * st,
+static int32_t select_list(const struct kv_policy * p, struct select_scratch * st,
                            const struct ckv_layer_state * L, const struct ckv_head_state * H,
                            const float * q, int64_t pos, int32_t * out) {
     const int32_t n_sink    = p->params.n_sink;
@@ -231,6 +237,57 @@ static int32_t select_list(const struct kv_policy * p, struct clusterkv_state * 
     return n;
 }
 
+// The selection of one layer at one step, split over the pool: a task is one query head, or
+// with select_per_kv_head one KV head (its list is then copied to the group's other heads).
+struct select_region {
+    struct kv_policy *             p;
+    const struct ckv_layer_state * L;
+    const float *                  q;
+    int64_t                        pos;
+    struct kv_selection *          out;
+};
+
+static void select_kv_head(const struct select_region * r, struct select_scratch * st, int32_t g) {
+    const struct kv_policy * p     = r->p;
+    const int32_t            d     = p->head_dim;
+    const int32_t            group = p->n_head / p->n_head_kv;
+    memset(st->q_sum, 0, (size_t) d * sizeof(float));
+    for (int32_t h = g * group; h < (g + 1) * group; h++) {
+        for (int32_t t = 0; t < d; t++) {
+            st->q_sum[t] += r->q[(size_t) h * d + t];
+        }
+    }
+    int32_t * first = r->out->pos + (size_t) g * group * r->out->cap;
+    int32_t   n     = select_list(p, st, r->L, &r->L->heads[g], st->q_sum, r->pos, first);
+    for (int32_t h = g * group; h < (g + 1) * group; h++) {
+        if (h != g * group) {
+            memcpy(r->out->pos + (size_t) h * r->out->cap, first, (size_t) n * sizeof(int32_t));
+        }
+        r->out->n[h] = n;
+    }
+}
+
+static void select_worker(void * arg, int ith, int nth) {
+    const struct select_region * r  = arg;
+    const struct kv_policy *     p  = r->p;
+    struct clusterkv_state *     cs = p->state;
+    struct select_scratch *      st = &cs->scratch[ith];
+    const int32_t group = p->n_head / p->n_head_kv;
+    const bool    per_kv = p->params.select_per_kv_head != 0;
+    int64_t       first, last;
+    threadpool_split(per_kv ? p->n_head_kv : p->n_head, ith, nth, &first, &last);
+    for (int64_t t = first; t < last; t++) {
+        if (per_kv) {
+            select_kv_head(r, st, (int32_t) t);
+        } else {
+            int32_t h = (int32_t) t;
+            r->out->n[h] = select_list(p, st, r->L, &r->L->heads[h / group],
+                                       r->q + (size_t) h * p->head_dim, r->pos,
+                                       r->out->pos + (size_t) h * r->out->cap);
+        }
+    }
+}
+
 static void clusterkv_select(struct kv_policy * p, int32_t il, int64_t pos, const float * q,
                              struct kv_selection * out) {
     struct clusterkv_state * st = p->state;
@@ -240,32 +297,12 @@ static void clusterkv_select(struct kv_policy * p, int32_t il, int64_t pos, cons
         cluster_span(p, il, L->end, (int32_t) pos);
         p->stats.t_cluster_ms += now_ms() - t0;
     }
-    double        t0    = now_ms();
-    const int32_t d     = p->head_dim;
-    const int32_t group = p->n_head / p->n_head_kv;
-    for (int32_t g = 0; g < p->n_head_kv; g++) {
-        const struct ckv_head_state * H = &L->heads[g];
-        if (p->params.select_per_kv_head) {
-            memset(st->q_sum, 0, (size_t) d * sizeof(float));
-            for (int32_t h = g * group; h < (g + 1) * group; h++) {
-                for (int32_t t = 0; t < d; t++) {
-                    st->q_sum[t] += q[(size_t) h * d + t];
-                }
-            }
-            int32_t * first = out->pos + (size_t) g * group * out->cap;
-            int32_t   n     = select_list(p, st, L, H, st->q_sum, pos, first);
-            for (int32_t h = g * group; h < (g + 1) * group; h++) {
-                if (h != g * group) {
-                    memcpy(out->pos + (size_t) h * out->cap, first, (size_t) n * sizeof(int32_t));
-                }
-                out->n[h] = n;
-            }
-        } else {
-            for (int32_t h = g * group; h < (g + 1) * group; h++) {
-                out->n[h] = select_list(p, st, L, H, q + (size_t) h * d, pos,
-                                        out->pos + (size_t) h * out->cap);
-            }
-        }
+    double               t0 = now_ms();
+    struct select_region r  = {.p = p, .L = L, .q = q, .pos = pos, .out = out};
+    if (p->pool) {
+        threadpool_run(p->pool, select_worker, &r);
+    } else {
+        select_worker(&r, 0, 1);
     }
     p->stats.t_select_ms += now_ms() - t0;
 }
@@ -334,11 +371,14 @@ static void clusterkv_free(struct kv_policy * p) {
     free(st->keys);
     free(st->labels);
     free(st->cursor);
-    free(st->scores);
-    free(st->chosen);
-    free(st->heap);
-    free(st->q_sum);
-    free(st->marked);
+    for (int32_t i = 0; st->scratch && i < st->n_scratch; i++) {
+        free(st->scratch[i].scores);
+        free(st->scratch[i].chosen);
+        free(st->scratch[i].heap);
+        free(st->scratch[i].q_sum);
+        free(st->scratch[i].marked);
+    }
+    free(st->scratch);
     free(st);
     p->state = NULL;
 }
@@ -413,16 +453,23 @@ static int32_t alloc_state(struct kv_policy * p, struct clusterkv_state * st) {
     st->keys            = malloc((size_t) n_pos * d * sizeof(float));
     st->labels          = malloc((size_t) n_pos * sizeof(int32_t));
     st->cursor          = malloc((size_t) st->max_clusters * sizeof(int32_t));
-    st->scores          = malloc((size_t) st->max_clusters * sizeof(float));
-    st->chosen          = malloc((size_t) st->max_clusters * sizeof(int32_t));
-    st->heap            = malloc((size_t) st->max_clusters * sizeof(uint64_t));
-    st->q_sum           = malloc((size_t) d * sizeof(float));
-    st->marked          = calloc((size_t) n_pos / 64 + 1, sizeof(uint64_t));
-    if (!st->layers || !st->keys || !st->labels || !st->cursor || !st->scores || !st->chosen ||
-        !st->heap || !st->q_sum || !st->marked) {
+    int32_t n_threads   = p->pool ? threadpool_n_threads(p->pool) : 1;
+    st->n_scratch       = n_threads;
+    st->scratch         = calloc((size_t) n_threads, sizeof(*st->scratch));
+    if (!st->layers || !st->keys || !st->labels || !st->cursor || !st->scratch) {
         return CKV_ERR_OOM;
     }
-    int32_t n_threads = p->pool ? threadpool_n_threads(p->pool) : 1;
+    for (int32_t i = 0; i < n_threads; i++) {
+        struct select_scratch * s = &st->scratch[i];
+        s->scores = malloc((size_t) st->max_clusters * sizeof(float));
+        s->chosen = malloc((size_t) st->max_clusters * sizeof(int32_t));
+        s->heap   = malloc((size_t) st->max_clusters * sizeof(uint64_t));
+        s->q_sum  = malloc((size_t) d * sizeof(float));
+        s->marked = calloc((size_t) n_pos / 64 + 1, sizeof(uint64_t));
+        if (!s->scores || !s->chosen || !s->heap || !s->q_sum || !s->marked) {
+            return CKV_ERR_OOM;
+        }
+    }
     if (kmeans_work_init(&st->work, n_pos, k_max, d, n_threads) != CKV_OK) {
         return CKV_ERR_OOM;
     }

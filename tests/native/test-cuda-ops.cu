@@ -17,11 +17,15 @@
 //   quantize_q8 vs the CPU's     0     same formula; qs bit for bit with quantize_row_q8_1_ref
 //   rmsnorm_quantize_q8          1e-5 (y, as rmsnorm), 1e-4 (dequantised yq vs the CPU's
 //                                      ops_rmsnorm + quantiser: the ulp flips above)
-//   GEMM vs f64 reference        2e-3  operands rounded to f16 (2^-11 relative each)
+//   GEMM vs f64 reference        2e-3  operands rounded to f16 (2^-11 relative each); the same
+//                                      for the cuBLAS path (f16 operands, f32 accumulation)
+// q4_0 and q6_K also run regrouped to the GPU's q4_0x8 / q6_Kx8 layouts (ckv_cuda_weight_
+// repack), against the same references of the file's bytes.
 //   matmul vs CPU vec_dot        3e-2  the CPU rounds activations to 8 bits (q8_0/q8_1/q8_K)
 //   GEMV with fused rmsnorm      1e-5  as the GEMV, against the CPU's ops_rmsnorm output
 //   rmsnorm, rope_kv, glu        1e-5  same formulas; expf/tanhf/cosf differ by an ulp or two
-//   kv store (inside rope_kv)    0     both round to nearest even
+//   kv store (inside rope_kv)    0     v: both round to nearest even; k: one f16 step (the
+//                                      rotation's f32 result may differ by an ulp)
 //   attention vs f64 reference   1e-4  decode kernel: f32 online softmax over <= 4096 positions
 //   flash prefill vs f64         2e-3  q and the probabilities rounded to f16 for the mma
 // Unwritten KV cache rows hold NaN, so a kernel that reads past the visible range fails.
@@ -203,16 +207,44 @@ static void test_quantize_q8(void) {
         snprintf(name, sizeof(name), "quantize_q8 n=%lld (bad blocks)", (long long) n);
         expect(name, q8_mismatch(dq.get(), quantize_q8_ref(x.data(), n).blocks), 0.0);
     }
+    // The norm + quantiser over several blocks of 8 chunks, the last one partial: y against
+    // ops_rmsnorm, yq bit for bit the CPU quantiser's blocks of the GPU's own y.
+    const int64_t n = 4096 + 96;
+    std::vector<float> x = rnd_vec(n, -3.0f, 3.0f), nw = rnd_vec(n, 0.5f, 1.5f), yref(n);
+    ops_rmsnorm(yref.data(), x.data(), nw.data(), 1, n, 1e-5f);
+    dbuf<float> dx(x), dnw(nw), dy(n);
+    dbuf<cq8x> dq(n / 32);
+    CHECK_OK(ckv_cuda_rmsnorm_quantize_q8(dy.p, dq.p, dx.p, dnw.p, n, 1e-5f, 0));
+    std::vector<float> y = dy.get();
+    expect("rmsnorm_quantize_q8 n=4192 y", rel_err(y, to_double(yref)), 1e-5);
+    expect("rmsnorm_quantize_q8 n=4192 yq (bad blocks)", q8_mismatch(dq.get(), quantize_q8_ref(y.data(), n).blocks), 0.0);
 }
 
-static void test_matmul_type(uint32_t type) {
-    const int64_t n_in = 768, n_out = 67;
+// The GPU-only weight layout of a q4_0 matrix (ckv_cuda_weight_repack) under test: the CPU
+// references below stay those of the file's q4_0 bytes.
+static void regroup(struct cuda_weight * cw) {
+    uint32_t before = cw->type;
+    CHECK_OK(ckv_cuda_weight_repack(cw, 0));
+    if (cw->type == before) {
+        printf("FAIL  %s matrix (n_in %lld) was not regrouped\n", ggml_type_name(before), (long long) cw->n_in);
+        g_failures++;
+    }
+}
+static const char * type_label(uint32_t type, bool regrouped) {
+    return !regrouped ? ggml_type_name(type) : type == GGML_TYPE_Q4_0 ? "q4_0x8" : "q6_Kx8";
+}
+
+// n_in: 768 (3 x 256, a q4_0x8 row of 3 groups); regrouped q6_K needs a multiple of 2048.
+static void test_matmul_type(uint32_t type, bool regrouped = false, int64_t n_in = 768) {
+    const int64_t n_out = 67;
     size_t row_size;
     std::vector<uint8_t> w = random_weights(type, n_in, n_out, &row_size);
     std::vector<float> deq(n_in * n_out);
     for (int64_t r = 0; r < n_out; r++) dequantize_row(type, &w[r * row_size], &deq[r * n_in], n_in);
     dbuf<uint8_t> dw(w);
     struct cuda_weight cw = {dw.p, type, n_in, n_out, row_size};
+    if (regrouped) regroup(&cw);
+    const char * tname = type_label(type, regrouped);
     std::vector<float> bias = rnd_vec(n_out);
     dbuf<float> dbias(bias);
     char name[64];
@@ -248,23 +280,39 @@ static void test_matmul_type(uint32_t type) {
         CHECK_OK(ckv_cuda_matmul(&b, 0));
         std::vector<float> got = dy.get();
         double bound = n_tok == 1 ? 1e-5 : 2e-3;
-        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld vs f64%s", ggml_type_name(type), (long long) n_tok,
+        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld vs f64%s", tname, (long long) n_tok,
                  int8 ? " on q8(x)" : "");
         expect(name, rel_err(got, ref), bound);
         if (int8) {
-            snprintf(name, sizeof(name), "matmul %-5s n=1   vs f64 on f32 x", ggml_type_name(type));
+            snprintf(name, sizeof(name), "matmul %-5s n=1   vs f64 on f32 x", tname);
             expect(name, rel_err(got, ref_f32), 1e-2);
             // The same product from a pre-quantised input (the down projection's path).
             dbuf<cq8x> dxq(xq8.blocks);
             dbuf<float> dy2(n_out);
             struct cuda_matmul_args c = {&cw, dx.p, dy2.p, n_out, dbias.p, 1, false, NULL, 0.0f, dxq.p};
             CHECK_OK(ckv_cuda_matmul(&c, 0));
-            snprintf(name, sizeof(name), "matmul %-5s n=1   from q8 input", ggml_type_name(type));
+            snprintf(name, sizeof(name), "matmul %-5s n=1   from q8 input", tname);
             expect(name, rel_err(dy2.get(), ref), 1e-5);
         }
-        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld accumulate", ggml_type_name(type), (long long) n_tok);
+        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld accumulate", tname, (long long) n_tok);
         expect(name, rel_err(dacc.get(), ref_acc), bound);
-        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld vs CPU vec_dot", ggml_type_name(type), (long long) n_tok);
+        if (n_tok >= CKV_BLAS_MIN_TOKENS && ckv_cuda_have_cublas()) {
+            // cuBLAS path with a scratch of 32 weight rows: 3 slices, the last one partial.
+            struct cuda_gemm_ws ws;
+            size_t x_bytes = ((size_t) (n_tok * n_in) * 2 + 255) / 256 * 256;
+            CHECK_OK(ckv_cuda_gemm_ws_create(&ws, x_bytes + 32 * n_in * 2));
+            dbuf<float> dyb(n_tok * n_out), daccb(y0);
+            struct cuda_matmul_args ab = {&cw, dx.p, dyb.p, n_out, dbias.p, n_tok, false, NULL, 0.0f, NULL, &ws};
+            CHECK_OK(ckv_cuda_matmul(&ab, 0));
+            struct cuda_matmul_args bb = {&cw, dx.p, daccb.p, n_out, NULL, n_tok, true, NULL, 0.0f, NULL, &ws};
+            CHECK_OK(ckv_cuda_matmul(&bb, 0));
+            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld cuBLAS vs f64", tname, (long long) n_tok);
+            expect(name, rel_err(dyb.get(), ref), 2e-3);
+            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld cuBLAS accumulate", tname, (long long) n_tok);
+            expect(name, rel_err(daccb.get(), ref_acc), 2e-3);
+            ckv_cuda_gemm_ws_free(&ws);
+        }
+        snprintf(name, sizeof(name), "matmul %-5s n=%-3lld vs CPU vec_dot", tname, (long long) n_tok);
         expect(name, rel_err(got, to_double(cpu)), 3e-2);
     }
 
@@ -276,13 +324,14 @@ static void test_matmul_type(uint32_t type) {
     std::vector<double> ref;
     for (int32_t t : tokens)
         for (int64_t k = 0; k < n_in; k++) ref.push_back(0.5 * deq[t * n_in + k]);
-    snprintf(name, sizeof(name), "embed  %-5s", ggml_type_name(type));
+    snprintf(name, sizeof(name), "embed  %-5s", tname);
     expect(name, rel_err(dx.get(), ref), 1e-6);
 }
 
 // The fused one-token paths against the f64 reference of separate matmuls (+ activation).
-static void test_fused_matmuls(uint32_t type) {
-    const int64_t n_in = 512, n_out[3] = {67, 35, 35};
+static void test_fused_matmuls(uint32_t type, bool regrouped = false, int64_t n_in = 512) {
+    const char * tname = type_label(type, regrouped);
+    const int64_t n_out[3] = {67, 35, 35};
     std::vector<std::vector<uint8_t>> w(3);
     std::vector<std::vector<float>> deq(3);
     std::vector<dbuf<uint8_t> *> dw;
@@ -294,6 +343,7 @@ static void test_fused_matmuls(uint32_t type) {
         for (int64_t r = 0; r < n_out[i]; r++) dequantize_row(type, &w[i][r * rs], &deq[i][r * n_in], n_in);
         dw.push_back(new dbuf<uint8_t>(w[i]));
         cw[i] = {dw[i]->p, type, n_in, n_out[i], rs};
+        if (regrouped) regroup(&cw[i]);
     }
     std::vector<float> x = rnd_vec(n_in), bias = rnd_vec(67);
     std::vector<float> xv = quantize_q8_ref(x.data(), n_in).values;   // what the int8 GEMV multiplies
@@ -311,7 +361,7 @@ static void test_fused_matmuls(uint32_t type) {
     for (int64_t r = 0; r < 67; r++) r0.push_back(dot(0, r) + bias[r]);
     for (int64_t r = 0; r < 35; r++) { r1.push_back(dot(1, r)); r2.push_back(dot(2, r)); }
     char name[64];
-    snprintf(name, sizeof(name), "matmul_multi %-5s (q, k, v)", ggml_type_name(type));
+    snprintf(name, sizeof(name), "matmul_multi %-5s (q, k, v)", tname);
     double e = fmax(rel_err(y0.get(), r0), fmax(rel_err(y1.get(), r1), rel_err(y2.get(), r2)));
     expect(name, e, 1e-5);
     for (bool gelu : {false, true}) {
@@ -321,7 +371,7 @@ static void test_fused_matmuls(uint32_t type) {
         else ops_silu_mul(gate.data(), upv.data(), 35);
         dbuf<float> y(35);
         CHECK_OK(ckv_cuda_matmul_glu(&cw[1], &cw[2], dx.p, y.p, up.p, 1, gelu, NULL, 0.0f, NULL, NULL, 0));
-        snprintf(name, sizeof(name), "matmul_glu %-5s %s", ggml_type_name(type), gelu ? "gelu" : "silu");
+        snprintf(name, sizeof(name), "matmul_glu %-5s %s", tname, gelu ? "gelu" : "silu");
         expect(name, rel_err(y.get(), to_double(gate)), 1e-5);
     }
 
@@ -344,13 +394,13 @@ static void test_fused_matmuls(uint32_t type) {
     std::vector<float> y0_host = zacc.get();
     for (int64_t r = 0; r < 67; r++) n0.push_back(dotn(0, r) + bias[r]);
     for (int64_t r = 0; r < 35; r++) { n1.push_back(dotn(1, r)); n2.push_back(dotn(2, r)); }
-    snprintf(name, sizeof(name), "matmul_multi %-5s + fused rmsnorm", ggml_type_name(type));
+    snprintf(name, sizeof(name), "matmul_multi %-5s + fused rmsnorm", tname);
     e = fmax(rel_err(z0.get(), n0), fmax(rel_err(z1.get(), n1), rel_err(z2.get(), n2)));
     expect(name, e, 1e-4);
     struct cuda_matmul_args acc1 = {&cw[0], dx.p, zacc.p, 67, NULL, 1, true, dnw.p, 1e-6f};
     CHECK_OK(ckv_cuda_matmul(&acc1, 0));
     for (int64_t r = 0; r < 67; r++) nacc.push_back(y0_host[r] + dotn(0, r));
-    snprintf(name, sizeof(name), "matmul %-5s + fused rmsnorm, accumulate", ggml_type_name(type));
+    snprintf(name, sizeof(name), "matmul %-5s + fused rmsnorm, accumulate", tname);
     expect(name, rel_err(zacc.get(), nacc), 1e-4);
     {
         std::vector<float> gate(35), upv(35);
@@ -358,7 +408,7 @@ static void test_fused_matmuls(uint32_t type) {
         ops_silu_mul(gate.data(), upv.data(), 35);
         dbuf<float> y(35);
         CHECK_OK(ckv_cuda_matmul_glu(&cw[1], &cw[2], dx.p, y.p, up.p, 1, false, dnw.p, 1e-6f, NULL, NULL, 0));
-        snprintf(name, sizeof(name), "matmul_glu %-5s silu + fused rmsnorm", ggml_type_name(type));
+        snprintf(name, sizeof(name), "matmul_glu %-5s silu + fused rmsnorm", tname);
         expect(name, rel_err(y.get(), to_double(gate)), 1e-4);
     }
     
@@ -375,6 +425,10 @@ static void test_fused_matmuls(uint32_t type) {
         }
         dbuf<uint8_t> dwg(wg), dwu(wu);
         struct cuda_weight cg = {dwg.p, type, n_in, n_ff, rs}, cu = {dwu.p, type, n_in, n_ff, rs};
+        if (regrouped) {
+            regroup(&cg);
+            regroup(&cu);
+        }
         dbuf<float> y(n_ff), upb(n_ff);
         dbuf<cq8x> yq(n_ff / 32);
         CHECK_OK(ckv_cuda_matmul_glu(&cg, &cu, dx.p, y.p, upb.p, 1, false, dnw.p, 1e-6f, NULL, yq.p, 0));
@@ -390,9 +444,9 @@ static void test_fused_matmuls(uint32_t type) {
         }
         ops_silu_mul(gate.data(), upv.data(), n_ff);
         std::vector<float> ygpu = y.get();
-        snprintf(name, sizeof(name), "matmul_glu %-5s n_ff=96 + quantised out", ggml_type_name(type));
+        snprintf(name, sizeof(name), "matmul_glu %-5s n_ff=96 + quantised out", tname);
         expect(name, rel_err(ygpu, to_double(gate)), 1e-4);
-        snprintf(name, sizeof(name), "matmul_glu %-5s yq vs CPU quantiser", ggml_type_name(type));
+        snprintf(name, sizeof(name), "matmul_glu %-5s yq vs CPU quantiser", tname);
         expect(name, q8_mismatch(yq.get(), quantize_q8_ref(ygpu.data(), n_ff).blocks), 0.0);
         // The decode path: norm + quantisation in one launch, then the GLU on that input.
         dbuf<float> xb(n_in), y2(n_ff);
@@ -407,10 +461,10 @@ static void test_fused_matmuls(uint32_t type) {
             for (int i = 0; i < 32; i++) gv.push_back((float) b.qs[i] * b.ds.x);
         expect(name, rel_err(gv, to_double(xn)), 1e-4);
         CHECK_OK(ckv_cuda_matmul_glu(&cg, &cu, xb.p, y2.p, upb.p, 1, false, NULL, 0.0f, xq.p, yq2.p, 0));
-        snprintf(name, sizeof(name), "matmul_glu %-5s from q8 input", ggml_type_name(type));
+        snprintf(name, sizeof(name), "matmul_glu %-5s from q8 input", tname);
         expect(name, rel_err(y2.get(), to_double(gate)), 1e-4);
         std::vector<float> y2h = y2.get();
-        snprintf(name, sizeof(name), "matmul_glu %-5s from q8 input, yq", ggml_type_name(type));
+        snprintf(name, sizeof(name), "matmul_glu %-5s from q8 input, yq", tname);
         expect(name, q8_mismatch(yq2.get(), quantize_q8_ref(y2h.data(), n_ff).blocks), 0.0);
     }
 for (auto * p : dw) delete p;
@@ -473,15 +527,19 @@ static void test_rope_kv(void) {
                  hd, c.n_rot, (long long) c.pos0, c.factors ? " factors" : "", c.qk_norm ? " qk-norm" : "",
                  c.dev_pos ? " (dev pos)" : "");
         expect(name, rel_err(dq.get(), to_double(cq)), 1e-5);
-        // The cache rows pos0 .. pos0 + n_tok must hold f16(k rotated) and f16(v), bit for bit.
+        // The cache rows pos0 .. pos0 + n_tok must hold f16(v) bit for bit and f16(k rotated)
+        // within one f16 step: the GPU's rotated k may differ from the CPU's by an f32 ulp
+        // (cosf / sinf), which can move it across an f16 rounding boundary.
         std::vector<__half> gk = dkc.get(), gv = dvc.get();
         bool same = true;
         for (int64_t t = 0; t < n_tok; t++)
             for (int h = 0; h < n_kv; h++)
                 for (int d = 0; d < hd; d++) {
                     size_t dst = ((size_t) h * n_ctx + c.pos0 + t) * hd + d, src = (t * n_kv + h) * hd + d;
-                    ckv_fp16 ek = ckv_fp32_to_fp16(ck[src]), ev = ckv_fp32_to_fp16(v[src]);
-                    same &= memcmp(&gk[dst], &ek, 2) == 0 && memcmp(&gv[dst], &ev, 2) == 0;
+                    ckv_fp16 ek = ckv_fp32_to_fp16(ck[src]), ev = ckv_fp32_to_fp16(v[src]), gkb;
+                    memcpy(&gkb, &gk[dst], 2);
+                    int step = abs((int) gkb - (int) ek);   // same sign: adjacent f16 values differ by 1
+                    same &= (step <= 1 && ((gkb ^ ek) & 0x8000) == 0) && memcmp(&gv[dst], &ev, 2) == 0;
                 }
         name[strlen(name) - 1] = 0;
         strncat(name, "kv store", sizeof(name) - strlen(name) - 1);
@@ -559,15 +617,25 @@ static void test_attention_case(int hd, int n_head, int n_head_kv, int64_t pos0,
     std::vector<int32_t> pos_host = {(int32_t) pos0};
     dbuf<int32_t> dpos(pos_host);
     dbuf<float> dq(q), dout(ref.size()), dpart((size_t) cap * ckv_cuda_attention_partial_floats(hd));
+    // The decode kernel also writes its output quantised (out_q), checked bit for bit against
+    // the CPU quantiser of the GPU's own output.
+    bool decode = n_tok < CKV_FLASH_MIN_TOKENS;
+    dbuf<cq8x> dq8(decode ? n_tok * n_head * hd / 32 : 1);
     struct cuda_attention_args a = {dq.p, dkc.p, dvc.p, dout.p, dpart.p, n_tok, dev_pos ? -1 : pos0,
                                     n_ctx, n_head, n_head_kv, hd, window, n_split, scale,
-                                    dev_pos ? dpos.p : NULL};
+                                    dev_pos ? dpos.p : NULL, decode ? dq8.p : NULL};
     CHECK_OK(ckv_cuda_attention(&a, 0));
     snprintf(name, sizeof(name), "attention%s hd=%d gqa=%d n=%lld pos0=%lld%s w=%d splits=%d",
              n_tok >= CKV_FLASH_MIN_TOKENS ? "(flash)" : "", hd,
              n_head / n_head_kv, (long long) n_tok, (long long) pos0, dev_pos ? "(dev)" : "", window,
              n_split);
-    expect(name, rel_err(dout.get(), ref), n_tok >= CKV_FLASH_MIN_TOKENS ? 2e-3 : 1e-4);
+    std::vector<float> got = dout.get();
+    expect(name, rel_err(got, ref), n_tok >= CKV_FLASH_MIN_TOKENS ? 2e-3 : 1e-4);
+    if (decode) {
+        snprintf(name, sizeof(name), "attention hd=%d n=%lld splits=%d out_q (bad blocks)", hd, (long long) n_tok,
+                 n_split);
+        expect(name, q8_mismatch(dq8.get(), quantize_q8_ref(got.data(), (int64_t) got.size()).blocks), 0.0);
+    }
 }
 
 static void test_attention(void) {
@@ -602,10 +670,15 @@ int main(void) {
     const uint32_t types[] = {GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_BF16, GGML_TYPE_Q4_0,
                               GGML_TYPE_Q4_1, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1, GGML_TYPE_Q8_0,
                               GGML_TYPE_Q4_K, GGML_TYPE_Q5_K, GGML_TYPE_Q6_K};
+    printf("cuBLAS GEMM path: %s\n", ckv_cuda_have_cublas() ? "built" : "not in this build");
     for (uint32_t t : types) test_matmul_type(t);
+    test_matmul_type(GGML_TYPE_Q4_0, true);
+    test_matmul_type(GGML_TYPE_Q6_K, true, 2048);
     test_quantize_q8();
     for (uint32_t t : {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K})
         test_fused_matmuls(t);
+    test_fused_matmuls(GGML_TYPE_Q4_0, true);
+    test_fused_matmuls(GGML_TYPE_Q6_K, true, 2048);
     test_rmsnorm();
     test_rope_kv();
     test_glu();
