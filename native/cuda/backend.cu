@@ -352,14 +352,6 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
 
 // --- forward ---------------------------------------------------------------------------------
 
-#define TRY(call)                 \
-    do {                          \
-        int32_t st_ = (call);     \
-        if (st_ != CKV_OK) {      \
-            return st_;           \
-        }                         \
-    } while (0)
-
 static int32_t matmul(struct cuda_context * gc, const struct cuda_weight * w, const float * x,
                       float * y, const float * bias, int64_t n, bool accumulate) {
     struct cuda_matmul_args a = {w, x, y, w->n_out, bias, n, accumulate, NULL, 0.0f, NULL, &gc->blas};
@@ -379,9 +371,9 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
     // chunk normalises into xb for the GEMM.
     const void * xq = n == 1 ? gc->xq : NULL;
     if (xq) {
-        TRY(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, gc->x, L->attn_norm, hp->n_embd, hp->rms_eps, s));
+        TRY_OK(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, gc->x, L->attn_norm, hp->n_embd, hp->rms_eps, s));
     } else {
-        TRY(ckv_cuda_rmsnorm(gc->xb, gc->x, L->attn_norm, n, hp->n_embd, hp->rms_eps, false, s));
+        TRY_OK(ckv_cuda_rmsnorm(gc->xb, gc->x, L->attn_norm, n, hp->n_embd, hp->rms_eps, false, s));
     }
     const float * in = gc->xb;
     struct cuda_matmul_args qkv[3] = {
@@ -389,7 +381,7 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
         {&L->attn_k, in, gc->k, L->attn_k.n_out, L->attn_k_bias, n, false, NULL, 0.0f, xq, &gc->blas},
         {&L->attn_v, in, gc->v, L->attn_v.n_out, L->attn_v_bias, n, false, NULL, 0.0f, xq, &gc->blas},
     };
-    TRY(ckv_cuda_matmul_multi(qkv, 3, s));
+    TRY_OK(ckv_cuda_matmul_multi(qkv, 3, s));
     float base = swa ? hp->rope_base_swa : hp->rope_base;
     struct cuda_rope_kv_args rk = {gc->q, gc->k, gc->v, gc->k_cache + layer_off, gc->v_cache + layer_off,
                                    n, hp->n_head, hp->n_head_kv, hp->head_dim, hp->n_rot, gc->n_ctx, pos0,
@@ -397,7 +389,7 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
                                    gc->gm->rope_freqs, hp->rope_mode == ROPE_NEOX,
                                    gemma ? L->attn_q_norm : NULL, gemma ? L->attn_k_norm : NULL,
                                    hp->rms_eps, pos_dev};
-    TRY(ckv_cuda_rope_kv(&rk, s));
+    TRY_OK(ckv_cuda_rope_kv(&rk, s));
 
     int32_t window = swa ? hp->n_swa : 0;
     int64_t n_kv = pos_dev ? gc->n_ctx : pos0 + n;  // a graph serves every position up to n_ctx
@@ -409,10 +401,10 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
                                      hp->head_dim, window,
                                      ckv_cuda_attention_splits(n, hp->n_head, n_kv, gc->partial_cap),
                                      hp->attn_scale, pos_dev, (void *) xq};   // xq: att quantised
-    TRY(ckv_cuda_attention(&at, s));
+    TRY_OK(ckv_cuda_attention(&at, s));
     struct cuda_matmul_args o = {&L->attn_output, gc->att, gemma ? gc->xb2 : gc->x, L->attn_output.n_out,
                                  NULL, n, !gemma, NULL, 0.0f, xq, &gc->blas};
-    TRY(ckv_cuda_matmul(&o, s));
+    TRY_OK(ckv_cuda_matmul(&o, s));
     if (gemma) {  // x += norm(out(att)): the norm sits between the projection and the residual
         return ckv_cuda_rmsnorm(gc->x, gc->xb2, L->post_attention_norm, n, hp->n_embd, hp->rms_eps, true, s);
     }
@@ -430,16 +422,16 @@ static int32_t ffn_block(struct cuda_context * gc, int il, int64_t n) {
     const void * xq = n == 1 ? gc->xq : NULL;
     void *       hq = n == 1 ? gc->hq : NULL;
     if (xq) {
-        TRY(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, gc->x, L->ffn_norm, hp->n_embd, hp->rms_eps, s));
+        TRY_OK(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, gc->x, L->ffn_norm, hp->n_embd, hp->rms_eps, s));
     } else {
-        TRY(ckv_cuda_rmsnorm(gc->xb, gc->x, L->ffn_norm, n, hp->n_embd, hp->rms_eps, false, s));
+        TRY_OK(ckv_cuda_rmsnorm(gc->xb, gc->x, L->ffn_norm, n, hp->n_embd, hp->rms_eps, false, s));
     }
-    TRY(ckv_cuda_matmul_glu(&L->ffn_gate, &L->ffn_up, gc->xb, gc->hb, gc->hb2, n, gemma, NULL, 0.0f, xq,
+    TRY_OK(ckv_cuda_matmul_glu(&L->ffn_gate, &L->ffn_up, gc->xb, gc->hb, gc->hb2, n, gemma, NULL, 0.0f, xq,
                             hq, s, &gc->blas));
     float * out = gemma ? gc->xb2 : gc->x;
     struct cuda_matmul_args down = {&L->ffn_down, gc->hb, out, L->ffn_down.n_out, NULL, n, !gemma, NULL, 0.0f, hq,
                                     &gc->blas};
-    TRY(ckv_cuda_matmul(&down, s));
+    TRY_OK(ckv_cuda_matmul(&down, s));
     if (gemma) {
         return ckv_cuda_rmsnorm(gc->x, gc->xb2, L->post_ffw_norm, n, hp->n_embd, hp->rms_eps, true, s);
     }
@@ -453,15 +445,15 @@ static int32_t output_head(struct cuda_context * gc, int64_t first, int64_t n, f
         int64_t rows = n - r0 < LOGITS_ROWS ? n - r0 : LOGITS_ROWS;
         const float * xr = gc->x + r0 * hp->n_embd;
         if (rows == 1) {   // the final norm and the quantisation in one launch, then the GEMV
-            TRY(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, xr, gc->gm->output_norm, hp->n_embd, hp->rms_eps,
+            TRY_OK(ckv_cuda_rmsnorm_quantize_q8(gc->xb, gc->xq, xr, gc->gm->output_norm, hp->n_embd, hp->rms_eps,
                                              gc->stream));
             struct cuda_matmul_args a = {&gc->gm->output, gc->xb, gc->logits, hp->n_vocab, NULL, 1, false,
                                          NULL, 0.0f, gc->xq};
-            TRY(ckv_cuda_matmul(&a, gc->stream));
+            TRY_OK(ckv_cuda_matmul(&a, gc->stream));
         } else {
-            TRY(ckv_cuda_rmsnorm(gc->xb, xr, gc->gm->output_norm, rows, hp->n_embd, hp->rms_eps, false,
+            TRY_OK(ckv_cuda_rmsnorm(gc->xb, xr, gc->gm->output_norm, rows, hp->n_embd, hp->rms_eps, false,
                                  gc->stream));
-            TRY(matmul(gc, &gc->gm->output, gc->xb, gc->logits, NULL, rows, false));
+            TRY_OK(matmul(gc, &gc->gm->output, gc->xb, gc->logits, NULL, rows, false));
         }
         CKV_CUDA_CHECK(cudaMemcpyAsync(logits_host + (r0 - first) * hp->n_vocab, gc->logits,
                                        sizeof(float) * rows * hp->n_vocab, cudaMemcpyDeviceToHost,
@@ -474,13 +466,13 @@ static int32_t output_head(struct cuda_context * gc, int64_t first, int64_t n, f
 static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
                               int32_t first_output, float * logits_out) {
     const struct hparams * hp = &gc->gm->hp;
-    TRY(ckv_cuda_embed(&gc->gm->token_embd, gc->tokens, n, hp->embd_scale, gc->x, gc->stream));
+    TRY_OK(ckv_cuda_embed(&gc->gm->token_embd, gc->tokens, n, hp->embd_scale, gc->x, gc->stream));
     for (int il = 0; il < hp->n_layer; il++) {
-        TRY(attention_block(gc, il, n, pos0, pos_dev));
-        TRY(ffn_block(gc, il, n));
+        TRY_OK(attention_block(gc, il, n, pos0, pos_dev));
+        TRY_OK(ffn_block(gc, il, n));
     }
     if (first_output < n) {
-        TRY(output_head(gc, first_output, n, logits_out));
+        TRY_OK(output_head(gc, first_output, n, logits_out));
     }
     return CKV_OK;
 }
@@ -515,7 +507,7 @@ static int32_t capture_decode_graph(struct cuda_context * gc) {
 
 static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t pos, float * logits_host) {
     if (!gc->decode_graph) {
-        TRY(capture_decode_graph(gc));
+        TRY_OK(capture_decode_graph(gc));
     }
     gc->h_step[0] = token;
     gc->h_step[1] = pos;

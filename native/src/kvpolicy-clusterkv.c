@@ -386,6 +386,7 @@ static void clusterkv_free(struct kv_policy * p) {
 static const struct kv_policy_vtable clusterkv_vtable = {
     .name          = "clusterkv",
     .wants_weights = false,
+    .emits_ascending = true,  // sinks, then the clustered span read back from a bitmap, then the tail
     .on_store      = NULL,  // nothing to do per stored token: clustering waits for select()
     .select        = clusterkv_select,
     .observe       = NULL,

@@ -195,7 +195,9 @@ void kv_policy_select(struct kv_policy * p, int32_t il, int64_t pos, const float
     double t0 = now_ms(), own0 = p->stats.t_cluster_ms + p->stats.t_select_ms;
     p->vt->select(p, il, pos, q, out);
     for (int32_t h = 0; h < out->n_head; h++) {
-        out->n[h] = sort_list(p->sort_bits, out->pos + (size_t) h * out->cap, out->n[h], pos);
+        if (!p->vt->emits_ascending) {
+            out->n[h] = sort_list(p->sort_bits, out->pos + (size_t) h * out->cap, out->n[h], pos);
+        }
         p->stats.n_attended += out->n[h];
     }
     p->stats.n_cached += (int64_t) out->n_head * (pos + 1);

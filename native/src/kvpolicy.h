@@ -20,9 +20,9 @@
 //   - vtable entries other than select may be NULL (nothing to do);
 //   - struct kv_policy gained sort_bits (scratch of kv_policy_select);
 //   - the kv_policy_* wrappers below are what forward.c / context.c call: they skip dense
-//     layers, put every list in ascending position order (attention streams K/V forward and
-//     all-positions lists reproduce `full` bit for bit) and keep n_attended/n_cached (context.c
-//     counts n_steps);
+//     layers, put every list in ascending position order unless the policy declares
+//     emits_ascending (attention streams K/V forward and all-positions lists reproduce `full`
+//     bit for bit) and keep n_attended/n_cached (context.c counts n_steps);
 //   - timing: a policy may add to stats.t_cluster_ms / t_select_ms itself; kv_policy_select
 //     adds the rest of the call's wall time to t_select_ms.
 //
@@ -55,6 +55,7 @@ struct kv_policy;
 struct kv_policy_vtable {
     const char * name;
     bool         wants_weights;
+    bool         emits_ascending;  // select() writes ascending, distinct lists (no sort pass)
     void (*on_store)(struct kv_policy * p, int32_t il, int64_t pos0, int64_t n);
     void (*select)(struct kv_policy * p, int32_t il, int64_t pos, const float * q,
                    struct kv_selection * out);

@@ -34,6 +34,7 @@
 
 #include "clusterkv-ops.cuh"
 #include "cuda-backend.h"
+#include "cuda-check.cuh"
 #include "cuda-ops.cuh"
 
 extern "C" {
@@ -59,43 +60,6 @@ static float rnd_normal(void) {
     float u = rnd_uniform(1e-7f, 1.0f), v = rnd_uniform(0.0f, 1.0f);
     return sqrtf(-2.0f * logf(u)) * cosf(6.2831853f * v);
 }
-
-#define CHECK_CUDA(call)                                                                  \
-    do {                                                                                  \
-        cudaError_t e_ = (call);                                                          \
-        if (e_ != cudaSuccess) {                                                          \
-            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
-#define CHECK_OK(call)                                                                            \
-    do {                                                                                          \
-        int32_t st_ = (call);                                                                     \
-        if (st_ != CKV_OK) {                                                                      \
-            fprintf(stderr, "%s:%d: status %d: %s\n", __FILE__, __LINE__, st_, ckv_last_error()); \
-            exit(1);                                                                              \
-        }                                                                                         \
-    } while (0)
-
-// Device buffer, poisoned with 0xFF bytes (NaN / -1), filled from / read back to host vectors.
-template <typename T> struct dbuf {
-    T *    p = nullptr;
-    size_t n = 0;
-    explicit dbuf(size_t count) : n(count) {
-        CHECK_CUDA(cudaMalloc(&p, count * sizeof(T) + 16));
-        CHECK_CUDA(cudaMemset(p, 0xFF, count * sizeof(T)));
-    }
-    dbuf(const std::vector<T> & h) : dbuf(h.size()) {
-        CHECK_CUDA(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    }
-    std::vector<T> get() const {
-        std::vector<T> h(n);
-        CHECK_CUDA(cudaDeviceSynchronize());
-        CHECK_CUDA(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-        return h;
-    }
-    ~dbuf() { cudaFree(p); }
-};
 
 static void expect(bool ok, const char * fmt, ...) __attribute__((format(printf, 2, 3)));
 static void expect(bool ok, const char * fmt, ...) {
@@ -154,6 +118,7 @@ static void csr_from_labels(const int32_t * labels, int n, int k, int32_t start,
 
 // A CSR the host can index safely: sizes >= 0 summing to n, offsets their exclusive scan plus
 // base, positions a permutation of [start, start + n).
+
 static bool csr_valid(const int32_t * sizes, const int32_t * offsets, const int32_t * positions, int k, int n,
                       int32_t start, int32_t base) {
     int64_t total = 0;
@@ -176,6 +141,55 @@ struct km_result {
     std::vector<int32_t> labels, sizes, offsets, positions, n_iter;
 };
 
+// The first k rows of clusterkv_span_seed's permutation for problem p = (layer il0 + p / G, KV
+// head p % G), span start n_sink: the init the CPU policy draws, for P problems at once.
+static std::vector<int32_t> policy_init_rows(uint32_t seed, int il0, int G, int P, int n, int k,
+                                             int n_sink) {
+    std::vector<int32_t> init((size_t) P * k), perm(n);
+    for (int p = 0; p < P; p++) {
+        kmeans_init_rows(clusterkv_span_seed(seed, il0 + p / G, p % G, n_sink), n, k, perm.data());
+        std::copy(perm.begin(), perm.begin() + k, init.begin() + (size_t) p * k);
+    }
+    return init;
+}
+
+// One batched GPU k-means over P problems of n rows, f16 or f32 (problem p at x + p * x_stride
+// elements), with compact outputs (problem p's clusters at p * k, its positions at p * n,
+// `start` added to positions); `a` points at them.
+struct gpu_kmeans_run {
+    dbuf<int32_t>    init, sizes, offsets, positions, labels, n_iter;
+    dbuf<float>      centroids;
+    dbuf<char>       scratch;
+    cuda_kmeans_args a = {};
+    gpu_kmeans_run(const void * x, bool x_f16, int64_t x_stride, int P, int n, int d, int k,
+                   int start, int max_iter, const std::vector<int32_t> & init_rows)
+        : init(init_rows), sizes((size_t) P * k), offsets((size_t) P * k), positions((size_t) P * n),
+          labels((size_t) P * n), n_iter(P), centroids((size_t) P * k * d),
+          scratch(ckv_cuda_kmeans_scratch_bytes(P, n, k, d)) {
+        a.x           = x;
+        a.x_f16       = x_f16;
+        a.x_stride    = x_stride;
+        a.n_problems  = P;
+        a.n           = n;
+        a.d           = d;
+        a.k           = k;
+        a.max_iter    = max_iter;
+        a.init_rows   = init.p;
+        a.centroids   = centroids.p;
+        a.cent_stride = (int64_t) k * d;
+        a.sizes       = sizes.p;
+        a.offsets     = offsets.p;
+        a.csr_stride  = k;
+        a.positions   = positions.p;
+        a.pos_stride  = n;
+        a.start       = start;
+        a.pos_base    = 0;
+        a.labels      = labels.p;
+        a.n_iter      = n_iter.p;
+        a.scratch     = scratch.p;
+    }
+};
+
 // GPU k-means over P problems stored either contiguously (f32) or in f16 with a stride.
 static km_result gpu_kmeans(const std::vector<float> & x, bool f16, int P, int n, int d, int k, int max_iter,
                             const std::vector<int32_t> & init_rows, int64_t x_stride, float * ms = nullptr) {
@@ -188,44 +202,21 @@ static km_result gpu_kmeans(const std::vector<float> & x, bool f16, int P, int n
     } else {
         CHECK_CUDA(cudaMemcpy(dxf.p, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
     }
-    dbuf<int32_t> dinit(init_rows), dsizes((size_t) P * k), doffs((size_t) P * k), dpos((size_t) P * n),
-        dlab((size_t) P * n), diter(P);
-    dbuf<float> dcent((size_t) P * k * d);
-    dbuf<char> scratch(ckv_cuda_kmeans_scratch_bytes(P, n, k, d));
-    cuda_kmeans_args a = {};
-    a.x = f16 ? (const void *) dxh.p : (const void *) dxf.p;
-    a.x_f16 = f16;
-    a.x_stride = x_stride;
-    a.n_problems = P;
-    a.n = n;
-    a.d = d;
-    a.k = k;
-    a.max_iter = max_iter;
-    a.init_rows = dinit.p;
-    a.centroids = dcent.p;
-    a.cent_stride = (int64_t) k * d;
-    a.sizes = dsizes.p;
-    a.offsets = doffs.p;
-    a.csr_stride = k;
-    a.positions = dpos.p;
-    a.pos_stride = n;
-    a.start = 0;
-    a.pos_base = 0;
-    a.labels = dlab.p;
-    a.n_iter = diter.p;
-    a.scratch = scratch.p;
+    gpu_kmeans_run km(f16 ? (const void *) dxh.p : (const void *) dxf.p, f16, x_stride, P, n, d, k, 0,
+                      max_iter, init_rows);
     cudaEvent_t e0, e1;
     CHECK_CUDA(cudaEventCreate(&e0));
     CHECK_CUDA(cudaEventCreate(&e1));
     CHECK_CUDA(cudaEventRecord(e0));
-    CHECK_OK(ckv_cuda_kmeans(&a, 0));
+    CHECK_OK(ckv_cuda_kmeans(&km.a, 0));
     CHECK_CUDA(cudaEventRecord(e1));
     CHECK_CUDA(cudaEventSynchronize(e1));
     CHECK_CUDA(cudaGetLastError());
     if (ms) CHECK_CUDA(cudaEventElapsedTime(ms, e0, e1));
     cudaEventDestroy(e0);
     cudaEventDestroy(e1);
-    return {dcent.get(), dlab.get(), dsizes.get(), doffs.get(), dpos.get(), diter.get()};
+    return {km.centroids.get(), km.labels.get(), km.sizes.get(), km.offsets.get(), km.positions.get(),
+            km.n_iter.get()};
 }
 
 // One k-means case: P problems of rows from make_keys, CPU (ckv_kmeans_cosine on the rows as the
@@ -528,7 +519,7 @@ static void test_policy_twin(bool per_kv_head) {
     std::vector<float> q((size_t) n_layer * H * d);
     for (auto & e : q) e = rnd_normal();
     // Lists get room for the tail on top of the budget too (whichever budget rule the policy has).
-    const int cap = kp.budget + kp.recluster_interval;
+    const int cap = (int) kv_policy_max_list(&kp, n_ctx);
     std::vector<int32_t> cpu_n((size_t) n_layer * H), cpu_pos((size_t) n_layer * H * cap);
     for (int il = 2; il < n_layer; il++) {
         struct kv_selection sel = {H, cap, &cpu_n[(size_t) il * H], &cpu_pos[(size_t) il * H * cap]};
@@ -540,39 +531,11 @@ static void test_policy_twin(bool per_kv_head) {
     const int P = (n_layer - 2) * G;
     dbuf<__half> dk((size_t) n_layer * G * n_ctx * d);
     CHECK_CUDA(cudaMemcpy(dk.p, kv.k, (size_t) n_layer * G * n_ctx * d * 2, cudaMemcpyHostToDevice));
-    std::vector<int32_t> init((size_t) P * kc), perm(n);
-    for (int p = 0; p < P; p++) {
-        int il = 2 + p / G, g = p % G;
-        kmeans_init_rows(clusterkv_span_seed(kp.seed, il, g, n_sink), n, kc, perm.data());
-        std::copy(perm.begin(), perm.begin() + kc, init.begin() + (size_t) p * kc);
-    }
-    dbuf<int32_t> dinit(init), dsz((size_t) P * kc), dof((size_t) P * kc), dps((size_t) P * n), dlab((size_t) P * n);
-    dbuf<float> dcent((size_t) P * kc * d);
-    dbuf<char> scratch(ckv_cuda_kmeans_scratch_bytes(P, n, kc, d));
-    cuda_kmeans_args a = {};
-    a.x = dk.p + ((size_t) 2 * G * n_ctx + n_sink) * d;
-    a.x_f16 = true;
-    a.x_stride = (int64_t) n_ctx * d;
-    a.n_problems = P;
-    a.n = n;
-    a.d = d;
-    a.k = kc;
-    a.max_iter = kp.kmeans_iters;
-    a.init_rows = dinit.p;
-    a.centroids = dcent.p;
-    a.cent_stride = (int64_t) kc * d;
-    a.sizes = dsz.p;
-    a.offsets = dof.p;
-    a.csr_stride = kc;
-    a.positions = dps.p;
-    a.pos_stride = n;
-    a.start = n_sink;
-    a.pos_base = 0;
-    a.labels = dlab.p;
-    a.scratch = scratch.p;
-    CHECK_OK(ckv_cuda_kmeans(&a, 0));
-    std::vector<float> gcent = dcent.get();
-    std::vector<int32_t> gsz = dsz.get(), gof = dof.get(), gps = dps.get();
+    gpu_kmeans_run km(dk.p + ((size_t) 2 * G * n_ctx + n_sink) * d, true, (int64_t) n_ctx * d, P, n, d, kc,
+                      n_sink, kp.kmeans_iters, policy_init_rows(kp.seed, 2, G, P, n, kc, n_sink));
+    CHECK_OK(ckv_cuda_kmeans(&km.a, 0));
+    std::vector<float> gcent = km.centroids.get();
+    std::vector<int32_t> gsz = km.sizes.get(), gof = km.offsets.get(), gps = km.positions.get();
     // Identical CSR is the expected outcome; a row whose two best cosines are within an ulp may
     // flip (f32 sums in another order), so positions are compared by cluster too (>= 99.9%), and
     // lists only where the KV head's clusters are identical.
@@ -613,12 +576,12 @@ static void test_policy_twin(bool per_kv_head) {
         int p0 = (il - 2) * G;
         cuda_select_args s = {};
         s.q = dq.p + (size_t) il * H * d;
-        s.centroids = dcent.p + (size_t) p0 * kc * d;
+        s.centroids = km.centroids.p + (size_t) p0 * kc * d;
         s.cent_stride = (int64_t) kc * d;
-        s.sizes = dsz.p + (size_t) p0 * kc;
-        s.offsets = dof.p + (size_t) p0 * kc;
+        s.sizes = km.sizes.p + (size_t) p0 * kc;
+        s.offsets = km.offsets.p + (size_t) p0 * kc;
         s.csr_stride = kc;
-        s.positions = dps.p + (size_t) p0 * n;
+        s.positions = km.positions.p + (size_t) p0 * n;
         s.pos_stride = n;
         s.n_head = H;
         s.n_head_kv = G;
@@ -845,38 +808,13 @@ static void bench(void) {
         for (size_t i = 0; i < rows.size(); i++) kh[(size_t) g * n_ctx * d + i] = __float2half_rn(rows[i]);
     }
     dbuf<__half> dk(kh), dv(kh);
-    std::vector<int32_t> init((size_t) G * k), perm(n);
-    for (int g = 0; g < G; g++) {
-        kmeans_init_rows(clusterkv_span_seed(0, 2, g, n_sink), n, k, perm.data());
-        std::copy(perm.begin(), perm.begin() + k, init.begin() + (size_t) g * k);
-    }
-    dbuf<int32_t> dinit(init), dsz((size_t) G * k), dof((size_t) G * k), dps((size_t) G * n), dlab((size_t) G * n), dit(G);
-    dbuf<float> dcent((size_t) G * k * d);
-    dbuf<char> scratch(ckv_cuda_kmeans_scratch_bytes(G, n, k, d));
-    cuda_kmeans_args a = {};
-    a.x = dk.p + (size_t) n_sink * d;
-    a.x_f16 = true;
-    a.x_stride = (int64_t) n_ctx * d;
-    a.n_problems = G;
-    a.n = n;
-    a.d = d;
-    a.k = k;
-    a.init_rows = dinit.p;
-    a.centroids = dcent.p;
-    a.cent_stride = (int64_t) k * d;
-    a.sizes = dsz.p;
-    a.offsets = dof.p;
-    a.csr_stride = k;
-    a.positions = dps.p;
-    a.pos_stride = n;
-    a.start = n_sink;
-    a.labels = dlab.p;
-    a.n_iter = dit.p;
-    a.scratch = scratch.p;
+    const std::vector<int32_t> init = policy_init_rows(0, 2, G, G, n, k, n_sink);
+    gpu_kmeans_run km(dk.p + (size_t) n_sink * d, true, (int64_t) n_ctx * d, G, n, d, k, n_sink, 20, init);
+    cuda_kmeans_args & a = km.a;
     for (int max_iter : {1, 20}) {
         a.max_iter = max_iter;
         float ms = time_ms([&] { CHECK_OK(ckv_cuda_kmeans(&a, 0)); }, 5);
-        std::vector<int32_t> it = dit.get();
+        std::vector<int32_t> it = km.n_iter.get();
         double mean_it = 0;
         for (int x : it) mean_it += x / (double) G;
         printf("  kmeans  max_iter=%2d  structured keys: %8.3f ms  (mean n_iter %.1f)\n", max_iter, ms, mean_it);
@@ -888,23 +826,9 @@ static void bench(void) {
             CHECK_CUDA(cudaMemcpy(dk8.p + (size_t) r * G * n_ctx * d, dk.p, kh.size() * 2, cudaMemcpyDeviceToDevice));
         std::vector<int32_t> init8((size_t) P8 * k);
         for (int r = 0; r < P8 / G; r++) std::copy(init.begin(), init.end(), init8.begin() + (size_t) r * G * k);
-        dbuf<int32_t> dinit8(init8), dsz8((size_t) P8 * k), dof8((size_t) P8 * k), dps8((size_t) P8 * n),
-            dlab8((size_t) P8 * n), dit8(P8);
-        dbuf<float> dcent8((size_t) P8 * k * d);
-        dbuf<char> scratch8(ckv_cuda_kmeans_scratch_bytes(P8, n, k, d));
-        cuda_kmeans_args a8 = a;
-        a8.x = dk8.p + (size_t) n_sink * d;
-        a8.n_problems = P8;
-        a8.init_rows = dinit8.p;
-        a8.centroids = dcent8.p;
-        a8.sizes = dsz8.p;
-        a8.offsets = dof8.p;
-        a8.positions = dps8.p;
-        a8.labels = dlab8.p;
-        a8.n_iter = dit8.p;
-        a8.scratch = scratch8.p;
-        a8.max_iter = 20;
-        float ms = time_ms([&] { CHECK_OK(ckv_cuda_kmeans(&a8, 0)); }, 3);
+        gpu_kmeans_run km8(dk8.p + (size_t) n_sink * d, true, (int64_t) n_ctx * d, P8, n, d, k, n_sink,
+                           20, init8);
+        float ms = time_ms([&] { CHECK_OK(ckv_cuda_kmeans(&km8.a, 0)); }, 3);
         printf("  kmeans  max_iter=20  64 problems (8 layers) in one call: %8.3f ms\n", ms);
     }
     {   // unstructured keys: every iteration runs
@@ -914,7 +838,7 @@ static void bench(void) {
         a.x = dn.p + (size_t) n_sink * d;
         a.max_iter = 20;
         float ms = time_ms([&] { CHECK_OK(ckv_cuda_kmeans(&a, 0)); }, 3);
-        std::vector<int32_t> it = dit.get();
+        std::vector<int32_t> it = km.n_iter.get();
         printf("  kmeans  max_iter=20  uniform noise:   %8.3f ms  (n_iter of head 0: %d)\n", ms, it[0]);
         a.x = dk.p + (size_t) n_sink * d;
         a.max_iter = 20;
@@ -925,16 +849,17 @@ static void bench(void) {
     for (auto & e : q) e = rnd_normal();
     dbuf<float> dq(q);
     const int pos = L + 100;
-    dbuf<int32_t> dlist((size_t) H * budget), dn(H);
+    const int list_cap = budget + (pos + 1 - L);   // the tail comes on top of the budget
+    dbuf<int32_t> dlist((size_t) H * list_cap), dn(H);
     for (int per_kv = 0; per_kv < 2; per_kv++) {
         cuda_select_args s = {};
         s.q = dq.p;
-        s.centroids = dcent.p;
+        s.centroids = km.centroids.p;
         s.cent_stride = (int64_t) k * d;
-        s.sizes = dsz.p;
-        s.offsets = dof.p;
+        s.sizes = km.sizes.p;
+        s.offsets = km.offsets.p;
         s.csr_stride = k;
-        s.positions = dps.p;
+        s.positions = km.positions.p;
         s.pos_stride = n;
         s.n_head = H;
         s.n_head_kv = G;
@@ -943,11 +868,11 @@ static void bench(void) {
         s.n_sink = n_sink;
         s.end = L;
         s.pos = pos;
-        s.room = budget - n_sink - (pos + 1 - L);   // B = 2048 in all: sinks + clusters + tail
+        s.room = budget - n_sink;   // kvpolicy-clusterkv.c's rule: B = sinks + clusters
         s.per_kv_head = per_kv;
         s.list_pos = dlist.p;
         s.list_n = dn.p;
-        s.list_stride = budget;
+        s.list_stride = list_cap;
         float ms = time_ms([&] { CHECK_OK(ckv_cuda_select(&s, 0)); }, 50);
         printf("  select  %-7s 32 heads, %d clusters:        %8.4f ms\n", per_kv ? "per-kv" : "per-q", k, ms);
     }
@@ -957,7 +882,7 @@ static void bench(void) {
     float scale = 1.0f / sqrtf((float) d);
     int n_split = ckv_cuda_sparse_attention_splits(H, max_list);
     dbuf<float> dout((size_t) H * d), dpart((size_t) H * 128 * (d + 4));
-    cuda_sparse_attention_args sa = {dq.p, dk.p, dv.p, n_ctx, dlist.p, dn.p, budget, max_list, dout.p, dpart.p,
+    cuda_sparse_attention_args sa = {dq.p, dk.p, dv.p, n_ctx, dlist.p, dn.p, list_cap, max_list, dout.p, dpart.p,
                                      H, G, d, n_split, scale};
     float ms_sparse = time_ms([&] { CHECK_OK(ckv_cuda_sparse_attention(&sa, 0)); }, 100);
     int64_t cap = (int64_t) H * 128;

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cuda-backend.h"
+#include "cuda-check.cuh"
 #include "cuda-ops.cuh"
 
 extern "C" {
@@ -63,43 +64,6 @@ static std::vector<float> rnd_vec(size_t n, float lo = -1.0f, float hi = 1.0f) {
     for (auto & x : v) x = rnd_uniform(lo, hi);
     return v;
 }
-
-#define CHECK_CUDA(call)                                                                  \
-    do {                                                                                  \
-        cudaError_t e_ = (call);                                                          \
-        if (e_ != cudaSuccess) {                                                          \
-            fprintf(stderr, "%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-            exit(1);                                                                      \
-        }                                                                                 \
-    } while (0)
-#define CHECK_OK(call)                                                                       \
-    do {                                                                                     \
-        int32_t st_ = (call);                                                                \
-        if (st_ != CKV_OK) {                                                                 \
-            fprintf(stderr, "%s:%d: status %d: %s\n", __FILE__, __LINE__, st_, ckv_last_error()); \
-            exit(1);                                                                         \
-        }                                                                                    \
-    } while (0)
-
-// Device buffer filled from / read back to host vectors; poisoned with NaN bytes (0xFF).
-template <typename T> struct dbuf {
-    T *    p = nullptr;
-    size_t n = 0;
-    explicit dbuf(size_t count) : n(count) {
-        CHECK_CUDA(cudaMalloc(&p, count * sizeof(T) + 16));
-        CHECK_CUDA(cudaMemset(p, 0xFF, count * sizeof(T)));
-    }
-    dbuf(const std::vector<T> & h) : dbuf(h.size()) {
-        CHECK_CUDA(cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-    }
-    std::vector<T> get() const {
-        std::vector<T> h(n);
-        CHECK_CUDA(cudaDeviceSynchronize());
-        CHECK_CUDA(cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
-        return h;
-    }
-    ~dbuf() { cudaFree(p); }
-};
 
 static double rel_err(const std::vector<float> & got, const std::vector<double> & ref) {
     double num = 0.0, den = 0.0;
