@@ -375,7 +375,8 @@ class Llama:
         Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
         any architecture; no tokenizer, no evaluation); `type_k`/`type_v` also take "f16"/"f32";
         `kv_policy` ("full", "streaming", "quest", "h2o", "clusterkv"), `kv_budget` (positions
-        a query head attends to per decode step) and `kv_policy_params` (the other fields of
+        a query head attends to per decode step; clusterkv reads its unclustered recent tail,
+        under recluster_interval positions, on top) and `kv_policy_params` (the other fields of
         struct ckv_kv_policy_params, e.g. {"n_sink": 16, "tokens_per_cluster": 80}) choose how
         decode steps read the KV cache (prefill is always dense); see kv_stats().
         `f32_activations=True` multiplies f32 activations by dequantised weights instead of
