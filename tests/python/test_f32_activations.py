@@ -100,11 +100,12 @@ def test_f32_activations_match_an_f64_forward(default_model_path):
     exact = _logits(default_model_path, ids, f32_activations=True)
     quantised = _logits(default_model_path, ids)
     kl_exact, kl_quantised = _kl_rows(ref, exact), _kl_rows(ref, quantised)
+    # measured 2026-11-29 (AVX-512): relative error 1.0e-6, KL max 9e-12; the 8-bit path 7e-3
     assert (exact.argmax(-1) == ref.argmax(-1)).all()
-    assert np.abs(exact - ref).max() < 2e-3 * np.abs(ref).max()
-    assert kl_exact.max() < 1e-6, kl_exact.max()
-    # the 8-bit path is measurably further from the exact product: the flag took effect
-    assert kl_quantised.mean() > 20 * kl_exact.mean(), (kl_quantised.mean(), kl_exact.mean())
+    assert np.abs(exact - ref).max() < 1e-4 * np.abs(ref).max()
+    assert kl_exact.max() < 1e-9, kl_exact.max()
+    # the 8-bit path is far from the exact product: the flag changes what the matmuls do
+    assert kl_quantised.mean() > 1e-4, kl_quantised.mean()
 
 
 def test_f32_activations_decode_matches_prefill(default_model_path):
