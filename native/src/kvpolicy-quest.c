@@ -86,6 +86,20 @@ static void quest_truncate(struct kv_policy * p, int64_t n_keep) {
 
 enum { BOUND_LANES = 8 };
 
+// Adds dims [i, d) to their lanes, then sums lane 0..7 in order: the end both kernels share.
+static float page_bound_finish(float * lane, const float * q, const float * mn, const float * mx,
+                               int32_t i, int32_t d) {
+    for (; i < d; i++) {
+        float a = q[i] * mn[i], b = q[i] * mx[i];
+        lane[i % BOUND_LANES] += a > b ? a : b;
+    }
+    float sum = 0.0f;
+    for (int32_t l = 0; l < BOUND_LANES; l++) {
+        sum += lane[l];
+    }
+    return sum;
+}
+
 // Summed in BOUND_LANES interleaved partial sums (lane i % 8), then lane 0..7 in order: a fixed
 // order the compiler can vectorise without reassociating (tests/native/test-kvpolicy.c sums the
 // same way).
@@ -98,15 +112,7 @@ static float page_bound_scalar(const float * q, const float * mn, const float * 
             lane[l] += a > b ? a : b;
         }
     }
-    for (; i < d; i++) {
-        float a = q[i] * mn[i], b = q[i] * mx[i];
-        lane[i % BOUND_LANES] += a > b ? a : b;
-    }
-    float sum = 0.0f;
-    for (int32_t l = 0; l < BOUND_LANES; l++) {
-        sum += lane[l];
-    }
-    return sum;
+    return page_bound_finish(lane, q, mn, mx, i, d);
 }
 
 #if defined(CKV_HAVE_X86_KERNELS) && (defined(__GNUC__) || defined(__clang__))
@@ -124,15 +130,7 @@ __attribute__((target("avx2"))) static float page_bound_avx2(const float * q, co
     }
     float lane[BOUND_LANES];
     _mm256_storeu_ps(lane, acc);
-    for (; i < d; i++) {
-        float a = q[i] * mn[i], b = q[i] * mx[i];
-        lane[i % BOUND_LANES] += a > b ? a : b;
-    }
-    float sum = 0.0f;
-    for (int32_t l = 0; l < BOUND_LANES; l++) {
-        sum += lane[l];
-    }
-    return sum;
+    return page_bound_finish(lane, q, mn, mx, i, d);
 }
 #endif
 

@@ -113,27 +113,26 @@ def _compare(ref: np.ndarray, other: np.ndarray):
     return _kl_rows(ref, other), ref.argmax(-1) == other.argmax(-1)
 
 
-def _run_case(cpu, gpu, tokens, n_steps):
-    """Prompt rows, then n_steps teacher-forced decode steps (both fed the CPU's arg-max).
-    Returns (cpu rows, gpu rows, index of the first decode row)."""
-    for llm in (cpu, gpu):
+def _run_case(cpu, others, tokens, n_steps):
+    """Prompt rows, then n_steps teacher-forced decode steps, every context fed the CPU's
+    arg-max. Returns (cpu rows, [rows of each of others], index of the first decode row)."""
+    for llm in (cpu, *others):
         llm.reset()
         llm.eval(tokens)
     for _ in range(n_steps):
         nxt = int(cpu.scores[cpu.n_tokens - 1].argmax())
-        cpu.eval([nxt])
-        gpu.eval([nxt])
+        for llm in (cpu, *others):
+            llm.eval([nxt])
     n = cpu.n_tokens
-    assert gpu.n_tokens == n
-    return np.array(cpu.scores[:n]), np.array(gpu.scores[:n]), len(tokens) - 1
+    assert all(llm.n_tokens == n for llm in others)
+    return np.array(cpu.scores[:n]), [np.array(llm.scores[:n]) for llm in others], len(tokens) - 1
 
 
 def test_fixture_prompts_match_cpu(pair, cpu_f32_kv):
     cpu, gpu = pair
     rows, agree, floor_agree, report = 0, 0, 0, []
     for name, tokens in _fixture_cases():
-        c, g, first_decode = _run_case(cpu, gpu, tokens, DECODE_STEPS[name])
-        _, f, _ = _run_case(cpu, cpu_f32_kv, tokens, DECODE_STEPS[name])
+        c, (g, f), first_decode = _run_case(cpu, [gpu, cpu_f32_kv], tokens, DECODE_STEPS[name])
         kl, same = _compare(c, g)
         floor_kl, floor_same = _compare(c, f)
         rows += len(same)
