@@ -2,6 +2,7 @@
 // (issue 5; bench/gpu.py runs it next to llama-bench and compares).
 //
 //   bench-cuda MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...]
+//              [--kv-policy full|clusterkv] [--kv-budget B] [--per-kv-head 0|1]
 //
 // As llama-bench: random token ids, f16 KV cache, one untimed warm-up, then R timed
 // repetitions; ppN = one N-token prompt from an empty cache (U tokens per forward call, logits
@@ -9,6 +10,13 @@
 // host, greedy argmax) after D positions were prefilled untimed. A depth prefill of more than
 // 4096 positions runs once and is also reported as pp<D> (one sample, no warm-up): the prompt
 // of the same length from an empty cache, so a 32k test is not paid twice.
+//
+// With --kv-policy clusterkv (issue 6) the tg tests decode under ClusterKV at budget B (the
+// library's other defaults: 16 sinks, 2 dense layers, 80 tokens per cluster, re-clustering
+// every 320 tokens): the first, untimed decode clusters the prompt (its time is reported as
+// cluster_prompt_ms, next to the prefill's), and after the timed repetitions one more run of
+// recluster_interval + 1 steps crosses a re-clustering and reports its tokens/s with the span's
+// clustering time (tg_with_span_ts, cluster_span_ms).
 //
 // Prints one JSON object: the device, the weight bytes one decode step reads (every matrix
 // but the embedding table) and the KV bytes per cached position, and per test the samples in
@@ -55,15 +63,18 @@ static int parse_list(const char * s, int * out) {
 }
 
 struct bench {
-    const struct cuda_model * gm;
-    int                       n_vocab, ubatch;
-    float *                   logits;   // [n_vocab]
-    int32_t *                 tokens;   // [ubatch] random ids
-    bool                      first_test;
+    const struct cuda_model *   gm;
+    int                         n_vocab, ubatch;
+    float *                     logits;   // [n_vocab]
+    int32_t *                   tokens;   // [ubatch] random ids
+    bool                        first_test;
+    struct ckv_kv_policy_params kv;       // the tg tests' policy
+    bool *                      layer_compressed;
 };
 
+// Fields after the samples (extra: "" or ", \"key\": value, ...").
 static void print_test(struct bench * b, const char * name, int n_prompt, int n_gen, int depth,
-                       const double * ts, int n) {
+                       const double * ts, int n, const char * extra) {
     double mean = 0.0, sd = 0.0;
     for (int i = 0; i < n; i++) mean += ts[i] / n;
     for (int i = 0; i < n; i++) sd += (ts[i] - mean) * (ts[i] - mean) / (n > 1 ? n - 1 : 1);
@@ -71,7 +82,7 @@ static void print_test(struct bench * b, const char * name, int n_prompt, int n_
            "\"stddev_ts\": %.3f, \"samples_ts\": [", b->first_test ? "" : ",", name, n_prompt, n_gen,
            depth, mean, sqrt(sd));
     for (int i = 0; i < n; i++) printf("%s%.3f", i ? ", " : "", ts[i]);
-    printf("]}");
+    printf("]%s}", extra);
     fflush(stdout);
     b->first_test = false;
 }
@@ -81,7 +92,7 @@ static double prefill(struct bench * b, struct cuda_context * gc, int n) {
     double t0 = now_s();
     for (int pos = 0; pos < n; pos += b->ubatch) {
         int chunk = n - pos < b->ubatch ? n - pos : b->ubatch;
-        CHECK(ckv_cuda_decode(gc, b->tokens, chunk, pos, pos + chunk < n ? chunk : chunk - 1, b->logits));
+        CHECK(ckv_cuda_decode(gc, b->tokens, chunk, pos, pos + chunk < n ? chunk : chunk - 1, b->logits, false));
     }
     return now_s() - t0;
 }
@@ -91,7 +102,7 @@ static double generate(struct bench * b, struct cuda_context * gc, int depth, in
     int32_t tok = b->tokens[0];
     double  t0 = now_s();
     for (int i = 0; i < n_gen; i++) {
-        CHECK(ckv_cuda_decode(gc, &tok, 1, depth + i, 0, b->logits));
+        CHECK(ckv_cuda_decode(gc, &tok, 1, depth + i, 0, b->logits, true));
         int best = 0;
         for (int v = 1; v < b->n_vocab; v++) best = b->logits[v] > b->logits[best] ? v : best;
         tok = best;
@@ -107,26 +118,43 @@ static void bench_pp(struct bench * b, int n_prompt, int reps) {
     for (int r = 0; r < reps; r++) ts[r] = n_prompt / prefill(b, gc, n_prompt);
     char name[32];
     snprintf(name, sizeof(name), "pp%d", n_prompt);
-    print_test(b, name, n_prompt, 0, 0, ts, reps);
+    print_test(b, name, n_prompt, 0, 0, ts, reps, "");
     ckv_cuda_context_free(gc);
 }
 
+static double cluster_ms(struct cuda_context * gc) {
+    struct ckv_kv_stats st = {};
+    CHECK(ckv_cuda_kv_stats(gc, &st));
+    return st.t_cluster_ms;
+}
+
 static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
+    const bool policy = b->kv.policy != CKV_KV_POLICY_FULL;
+    const int  span_run = policy ? b->kv.recluster_interval + 1 : 0;
     struct cuda_context * gc = NULL;
-    CHECK(ckv_cuda_context_create(b->gm, depth + n_gen + 1, b->ubatch, &gc));
+    CHECK(ckv_cuda_context_create(b->gm, depth + (n_gen > span_run ? n_gen : span_run) + 1, b->ubatch, &gc));
+    if (policy) CHECK(ckv_cuda_set_kv_policy(gc, &b->kv, b->layer_compressed));
     double fill = depth > 0 ? prefill(b, gc, depth) : 0.0;
-    if (depth > 4096) {
+    if (depth > 4096 && !policy) {
         double ts = depth / fill;
         char   name[32];
         snprintf(name, sizeof(name), "pp%d", depth);
-        print_test(b, name, depth, 0, 0, &ts, 1);
+        print_test(b, name, depth, 0, 0, &ts, 1, "");
     }
-    generate(b, gc, depth, 1);   // warm-up (captures the decode graph)
+    generate(b, gc, depth, 1);   // warm-up (captures the decode graph; clusterkv: clusters the prompt)
+    double prompt_ms = policy ? cluster_ms(gc) : 0.0;
     double ts[MAX_REPS];
     for (int r = 0; r < reps; r++) ts[r] = n_gen / generate(b, gc, depth, n_gen);
-    char name[48];
+    char name[48], extra[256] = "";
     snprintf(name, sizeof(name), "tg%d", n_gen);
-    print_test(b, name, 0, n_gen, depth, ts, reps);
+    if (policy) {
+        double span_ts = span_run / generate(b, gc, depth, span_run);
+        snprintf(extra, sizeof(extra), ", \"kv_policy\": \"clusterkv\", \"kv_budget\": %d, \"per_kv_head\": %d, "
+                 "\"prefill_ms\": %.1f, \"cluster_prompt_ms\": %.2f, \"tg_with_span_n\": %d, "
+                 "\"tg_with_span_ts\": %.2f, \"cluster_span_ms\": %.3f", b->kv.budget, b->kv.select_per_kv_head,
+                 fill * 1e3, prompt_ms, span_run, span_ts, cluster_ms(gc) - prompt_ms);
+    }
+    print_test(b, name, 0, n_gen, depth, ts, reps, extra);
     ckv_cuda_context_free(gc);
 }
 
@@ -134,16 +162,23 @@ static uint64_t matrix_bytes(const struct weight * w) { return w->data ? (uint64
 
 int main(int argc, char ** argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|clusterkv] [--kv-budget B] [--per-kv-head 0|1]\n", argv[0]);
         return 2;
     }
     int reps = 3, ubatch = 512, n_tg = 128, pp[MAX_LIST] = {512}, n_pp = 1, depths[MAX_LIST] = {0}, n_depths = 1;
+    struct ckv_context_params cp;
+    ckv_context_default_params(&cp);
+    struct ckv_kv_policy_params kv = cp.kv_policy;
     for (int i = 2; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--reps")) reps = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--ubatch")) ubatch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--pp")) n_pp = parse_list(argv[i + 1], pp);
         else if (!strcmp(argv[i], "--tg")) n_tg = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--depths")) n_depths = parse_list(argv[i + 1], depths);
+        else if (!strcmp(argv[i], "--kv-budget")) kv.budget = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--per-kv-head")) kv.select_per_kv_head = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--kv-policy") && !strcmp(argv[i + 1], "clusterkv")) kv.policy = CKV_KV_POLICY_CLUSTERKV;
+        else if (!strcmp(argv[i], "--kv-policy") && !strcmp(argv[i + 1], "full")) kv.policy = CKV_KV_POLICY_FULL;
         else {
             fprintf(stderr, "unknown option %s\n", argv[i]);
             return 2;
@@ -176,15 +211,21 @@ int main(int argc, char ** argv) {
     }
     uint64_t kv_bytes_per_pos = 2ull * m->hp.n_layer * m->hp.n_head_kv * m->hp.head_dim * 2;   // K + V, f16
 
-    struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true};
+    // The layers a policy compresses, as context.c chooses them.
+    bool * compressed = (bool *) calloc((size_t) m->hp.n_layer, sizeof(bool));
+    for (int il = 0; il < m->hp.n_layer; il++) {
+        compressed[il] = il >= kv.n_dense_layers && !hparams_is_swa_layer(&m->hp, il);
+    }
+    struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true, kv, compressed};
     b.logits = (float *) malloc(sizeof(float) * b.n_vocab);
     b.tokens = (int32_t *) malloc(sizeof(int32_t) * ubatch);
     srand(42);
     for (int i = 0; i < ubatch; i++) b.tokens[i] = rand() % b.n_vocab;
 
-    printf("{\"device\": \"%s\", \"model\": \"%s\", \"load_s\": %.2f, \"gpu_weight_bytes\": %llu,\n"
+    printf("{\"device\": \"%s\", \"model\": \"%s\", \"kv_policy\": \"%s\", \"load_s\": %.2f, \"gpu_weight_bytes\": %llu,\n"
            " \"decode_weight_bytes\": %llu, \"kv_bytes_per_position\": %llu, \"ubatch\": %d, \"reps\": %d,\n"
-           " \"tests\": [", ckv_cuda_device_name(), argv[1], load_s,
+           " \"tests\": [", ckv_cuda_device_name(), argv[1],
+           kv.policy == CKV_KV_POLICY_CLUSTERKV ? "clusterkv" : "full", load_s,
            (unsigned long long) ckv_cuda_model_size(gm), (unsigned long long) step_bytes,
            (unsigned long long) kv_bytes_per_pos, ubatch, reps);
     for (int i = 0; i < n_pp; i++) bench_pp(&b, pp[i], reps);
@@ -192,6 +233,7 @@ int main(int argc, char ** argv) {
     printf("\n]}\n");
     free(b.logits);
     free(b.tokens);
+    free(compressed);
     ckv_cuda_model_free(gm);
     ckv_model_free(model);
     return 0;

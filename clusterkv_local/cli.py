@@ -220,6 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = kv_eval.EvalSettings(**kv_eval.QUICK) if args.quick else kv_eval.EvalSettings()
     settings.model = args.model
     settings.n_threads = args.threads
+    settings.n_gpu_layers = args.n_gpu_layers
     for name in ("policies", "tasks"):
         if getattr(args, name):
             setattr(settings, name, tuple(x.strip() for x in getattr(args, name).split(",")))
@@ -331,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--f32-activations", action="store_true",
                    help="matmuls on f32 activations (no 8-bit rounding noise; slower)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
+    _add_gpu_arg(p)
     p.add_argument("--quick", action="store_true", help="a tiny run (CI smoke test)")
     p.add_argument("-o", "--out", help="JSON path (.md and .png beside it); default "
                    "kv-eval-<time>.json")

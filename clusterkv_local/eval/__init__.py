@@ -44,6 +44,8 @@ class EvalSettings:
     haystack: str = "auto"                       # auto | pg_essays | synthetic
     haystack_dir: Optional[str] = None           # a local essay folder (verified)
     n_threads: Optional[int] = None
+    n_gpu_layers: int = 0                        # -1: the whole model on the GPU (full and
+                                                 # clusterkv run there; the others refuse)
     f32_activations: bool = False                # matmuls without 8-bit activations: removes
                                                  # the rounding noise that any tiny change of
                                                  # attention triggers (see Llama); slower
@@ -160,7 +162,8 @@ def run_eval(settings: EvalSettings, log: Callable[[str], None] = lambda s: None
 
     start = time.perf_counter()
     with Llama(model_path, n_ctx=n_ctx, n_threads=settings.n_threads, seed=0,
-               verbose=False, f32_activations=settings.f32_activations) as llm:
+               verbose=False, f32_activations=settings.f32_activations,
+               n_gpu_layers=settings.n_gpu_layers) as llm:
         info = llm.model_info
         if n_ctx > info.n_ctx_train:
             log("warning: n_ctx %d exceeds the model's trained %d" % (n_ctx, info.n_ctx_train))

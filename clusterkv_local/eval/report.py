@@ -94,6 +94,9 @@ def markdown_report(result: Dict[str, Any]) -> str:
                                       if s.get("f32_activations") else
                                       "8-bit activations as llama.cpp (the default; its rounding "
                                       "noise alone costs a few points of top-1 agreement)"))
+    if s.get("n_gpu_layers"):
+        intro += "Backend: the GPU (n_gpu_layers %d; %s).\n\n" % (
+            s["n_gpu_layers"], result.get("machine", {}).get("system_info", "?"))
     if s.get("h2o_lengths") and any(r["policy"] == "h2o" for r in result["table"]):
         intro += ("h2o cannot take over a prefilled cache, so it prefills each case itself and "
                   "was run on lengths %s only (its cells count those cases; its teacher-forced "

@@ -10,6 +10,7 @@
 #include "common.cuh"
 #include "cuda-backend.h"
 #include "cuda-ops.cuh"
+#include "kvpolicy.cuh"
 
 extern "C" {
 #include "model.h"
@@ -59,14 +60,6 @@ extern "C" const char * ckv_cuda_device_name(void) {
     }
     return name;
 }
-
-#define TRY_OK(call)              \
-    do {                          \
-        int32_t st_ = (call);     \
-        if (st_ != CKV_OK) {      \
-            return st_;           \
-        }                         \
-    } while (0)
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t) 255; }
 
@@ -254,6 +247,11 @@ struct cuda_context {
     bool            use_graph;    // CKV_CUDA_GRAPH=0 turns graphs off (for comparison)
     struct cuda_gemm_ws blas;     // prefill GEMMs through cuBLAS (handle NULL: WMMA kernel)
     cudaGraphExec_t decode_graph; // NULL until the first one-token decode
+    // The KV policy of decode steps (NULL: full). The graph bakes its cluster layout in, so it
+    // is re-captured when cuda_kv_policy_layout moves past graph_layout.
+    struct cuda_kv_policy * policy;
+    uint64_t        graph_layout;
+    bool            decode_step;  // the running forward is a decode step (policy applies)
 };
 
 extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
@@ -341,6 +339,7 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
     if (gc->decode_graph) {
         cudaGraphExecDestroy(gc->decode_graph);
     }
+    cuda_kv_policy_free(gc->policy);
     ckv_cuda_gemm_ws_free(&gc->blas);
     void * ptrs[] = {gc->k_cache, gc->v_cache, gc->tokens, gc->x, gc->xb, gc->xb2, gc->q, gc->att,
                      gc->k, gc->v, gc->hb, gc->hb2, gc->hq, gc->xq, gc->logits, gc->partial, gc->d_pos};
@@ -356,6 +355,25 @@ static int32_t matmul(struct cuda_context * gc, const struct cuda_weight * w, co
                       float * y, const float * bias, int64_t n, bool accumulate) {
     struct cuda_matmul_args a = {w, x, y, w->n_out, bias, n, accumulate, NULL, 0.0f, NULL, &gc->blas};
     return ckv_cuda_matmul(&a, gc->stream);
+}
+
+// Attention of layer il over every cached position (or its window) into gc->att, also
+// quantised into xq when it is not NULL.
+static int32_t dense_attention(struct cuda_context * gc, int il, int64_t n, int64_t pos0,
+                               const int32_t * pos_dev, const void * xq) {
+    const struct hparams * hp = &gc->gm->hp;
+    size_t  layer_off = (size_t) il * hp->n_head_kv * gc->n_ctx * hp->head_dim;
+    int32_t window = hparams_is_swa_layer(hp, il) ? hp->n_swa : 0;
+    int64_t n_kv = pos_dev ? gc->n_ctx : pos0 + n;  // a graph serves every position up to n_ctx
+    if (window > 0 && n_kv > window) {
+        n_kv = window;  // no query of the chunk sees more positions than the window
+    }
+    struct cuda_attention_args at = {gc->q, gc->k_cache + layer_off, gc->v_cache + layer_off, gc->att,
+                                     gc->partial, n, pos0, gc->n_ctx, hp->n_head, hp->n_head_kv,
+                                     hp->head_dim, window,
+                                     ckv_cuda_attention_splits(n, hp->n_head, n_kv, gc->partial_cap),
+                                     hp->attn_scale, pos_dev, (void *) xq};   // xq: att quantised
+    return ckv_cuda_attention(&at, gc->stream);
 }
 
 // pos_dev != NULL: the position lives in device memory (graph capture) and pos0 is unused.
@@ -391,17 +409,16 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
                                    hp->rms_eps, pos_dev};
     TRY_OK(ckv_cuda_rope_kv(&rk, s));
 
-    int32_t window = swa ? hp->n_swa : 0;
-    int64_t n_kv = pos_dev ? gc->n_ctx : pos0 + n;  // a graph serves every position up to n_ctx
-    if (window > 0 && n_kv > window) {
-        n_kv = window;  // no query of the chunk sees more positions than the window
+    if (gc->decode_step && gc->policy && cuda_kv_policy_sparse(gc->policy, il)) {
+        // The KV policy's positions only; then att quantised for the out-projection's GEMV.
+        struct cuda_policy_attend_args pa = {il, gc->q, gc->k_cache + layer_off, gc->v_cache + layer_off,
+                                             (int32_t) pos0, pos_dev, gc->att, gc->partial, gc->partial_cap,
+                                             hp->attn_scale};
+        TRY_OK(cuda_kv_policy_attend(gc->policy, &pa, s));
+        TRY_OK(ckv_cuda_quantize_q8(gc->att, gc->xq, (int64_t) hp->n_head * hp->head_dim, s));
+    } else {
+        TRY_OK(dense_attention(gc, il, n, pos0, pos_dev, xq));
     }
-    struct cuda_attention_args at = {gc->q, gc->k_cache + layer_off, gc->v_cache + layer_off, gc->att,
-                                     gc->partial, n, pos0, gc->n_ctx, hp->n_head, hp->n_head_kv,
-                                     hp->head_dim, window,
-                                     ckv_cuda_attention_splits(n, hp->n_head, n_kv, gc->partial_cap),
-                                     hp->attn_scale, pos_dev, (void *) xq};   // xq: att quantised
-    TRY_OK(ckv_cuda_attention(&at, s));
     struct cuda_matmul_args o = {&L->attn_output, gc->att, gemma ? gc->xb2 : gc->x, L->attn_output.n_out,
                                  NULL, n, !gemma, NULL, 0.0f, xq, &gc->blas};
     TRY_OK(ckv_cuda_matmul(&o, s));
@@ -506,8 +523,14 @@ static int32_t capture_decode_graph(struct cuda_context * gc) {
 }
 
 static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t pos, float * logits_host) {
+    uint64_t layout = gc->policy ? cuda_kv_policy_layout(gc->policy) : 0;
+    if (gc->decode_graph && layout != gc->graph_layout) {   // new clusters: new lists to attend
+        cudaGraphExecDestroy(gc->decode_graph);
+        gc->decode_graph = NULL;
+    }
     if (!gc->decode_graph) {
         TRY_OK(capture_decode_graph(gc));
+        gc->graph_layout = layout;
     }
     gc->h_step[0] = token;
     gc->h_step[1] = pos;
@@ -519,7 +542,9 @@ static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t
 
 static int32_t forward(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
                        int32_t first_output, float * logits_host) {
-    if (n == 1 && first_output == 0 && gc->use_graph) {
+    // The graph is a decode step's (with the policy's lists); a one-token prefill chunk under a
+    // policy runs dense, outside it.
+    if (n == 1 && first_output == 0 && gc->use_graph && (gc->decode_step || !gc->policy)) {
         return decode_one_graph(gc, tokens[0], pos0, logits_host);
     }
     CKV_CUDA_CHECK(cudaMemcpyAsync(gc->tokens, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice,
@@ -528,7 +553,8 @@ static int32_t forward(struct cuda_context * gc, const int32_t * tokens, int32_t
 }
 
 extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n,
-                                   int32_t pos0, int32_t first_output, float * logits_host) {
+                                   int32_t pos0, int32_t first_output, float * logits_host,
+                                   bool decode_step) {
     if (!tokens || n < 1 || n > gc->n_batch || pos0 < 0 || first_output < 0 ||
         (first_output < n && !logits_host)) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_cuda_decode: need 1 <= n (%d) <= n_batch (%d), "
@@ -545,10 +571,62 @@ extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tok
                             tokens[i], i, gc->gm->hp.n_vocab);
         }
     }
-    int32_t st = forward(gc, tokens, n, pos0, first_output, logits_host);
+    gc->decode_step = decode_step && n == 1;
+    int32_t st = gc->policy ? cuda_kv_policy_prepare(gc->policy, gc->k_cache, pos0, gc->decode_step, gc->stream)
+                            : CKV_OK;
+    if (st == CKV_OK) {
+        st = forward(gc, tokens, n, pos0, first_output, logits_host);
+    }
     cudaError_t err = cudaStreamSynchronize(gc->stream);  // also surfaces asynchronous kernel faults
     if (st == CKV_OK && err != cudaSuccess) {
         return ckv_fail(CKV_ERR_CUDA, "CUDA forward pass failed: %s", cudaGetErrorString(err));
     }
+    if (st == CKV_OK && gc->policy) {
+        cuda_kv_policy_count_step(gc->policy, pos0, gc->decode_step);
+    }
     return st;
+}
+
+// --- KV policy -------------------------------------------------------------------------------
+
+extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
+                                          const bool * layer_compressed) {
+    struct cuda_kv_policy * next = NULL;
+    if (params->policy != CKV_KV_POLICY_FULL) {
+        TRY_OK(cuda_kv_policy_create(params, layer_compressed, &gc->gm->hp, gc->n_ctx, &next));
+    }
+    CKV_CUDA_CHECK(cudaStreamSynchronize(gc->stream));   // nothing in flight reads the old state
+    cuda_kv_policy_free(gc->policy);
+    gc->policy = next;
+    if (gc->decode_graph) {   // it attends through the old policy's buffers
+        cudaGraphExecDestroy(gc->decode_graph);
+        gc->decode_graph = NULL;
+    }
+    return CKV_OK;
+}
+
+extern "C" bool ckv_cuda_has_kv_policy(const struct cuda_context * gc) { return gc->policy != NULL; }
+
+extern "C" void ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep) {
+    if (gc->policy) {
+        cuda_kv_policy_truncate(gc->policy, n_keep);
+    }
+}
+
+extern "C" int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out) {
+    return gc->policy ? cuda_kv_policy_stats(gc->policy, out, gc->stream) : CKV_OK;
+}
+
+extern "C" int32_t ckv_cuda_kv_reset_stats(struct cuda_context * gc) {
+    return gc->policy ? cuda_kv_policy_reset_stats(gc->policy, gc->stream) : CKV_OK;
+}
+
+extern "C" int32_t ckv_cuda_kv_n_clusters(const struct cuda_context * gc, int32_t il) {
+    return gc->policy ? cuda_kv_policy_n_clusters(gc->policy, il) : 0;
+}
+
+extern "C" int32_t ckv_cuda_kv_selection(struct cuda_context * gc, int32_t il, int32_t h, int32_t * buf,
+                                         int32_t cap, int32_t * n, bool * sparse) {
+    *sparse = false;
+    return gc->policy ? cuda_kv_policy_selection(gc->policy, il, h, buf, cap, n, sparse, gc->stream) : CKV_OK;
 }

@@ -89,6 +89,10 @@ struct cuda_select_args {
                                     // n_head_kv with per_kv_head)
     int32_t *       chosen;         // out [n_lists][n_clusters] cluster_select's order, or NULL
     int32_t *       n_chosen;       // out [n_lists], with chosen
+    // Decode graphs: the position is read from *pos_dev at run time, and `pos` above is then only
+    // the largest position the launch may see (it sizes the argument check). NULL: use pos.
+    const int32_t * pos_dev;
+    unsigned long long * n_attended;  // += every list's length (stats), or NULL
 };
 int32_t ckv_cuda_select(const struct cuda_select_args * a, cudaStream_t s);
 

@@ -442,40 +442,71 @@ struct sel_plan {   // what the radix select decided for one list
 };
 
 // Largest key T with (sum of sizes of keys >= T) >= room, by MSB-first radix select; with
-// room > total every cluster is taken. Called by the whole block.
+// room > total every cluster is taken. Called by the whole block. Each pass histograms the next
+// 8 bits of the keys under the prefix fixed so far (weighted by size, and counted); warp 0 finds
+// the digit where the weight from the top reaches `need` with a suffix scan over its lanes (8
+// digits each). Once that digit holds a single cluster, its key is T and the passes stop: with
+// distinct scores this happens after two or three of the eight.
 __device__ sel_plan sel_threshold(const uint64_t * keys, const int32_t * sizes, int32_t n, int32_t room,
                                   int32_t total) {
-    __shared__ int32_t hist[256];
+    __shared__ int32_t hist[256], count[256];
     __shared__ uint64_t prefix_s;
-    __shared__ int32_t  need_s;
+    __shared__ int32_t  need_s, unique_s;
     if (room > total) return {0, INT32_MAX};
     uint64_t prefix = 0;
     int32_t  need   = room;
     for (int shift = 56; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = count[i] = 0;
         __syncthreads();
-        uint64_t hi_mask = shift == 56 ? 0 : ~0ull << (shift + 8);
+        const uint64_t hi_mask = shift == 56 ? 0 : ~0ull << (shift + 8);
         for (int c = threadIdx.x; c < n; c += blockDim.x) {
             uint64_t key = keys[c];
-            if ((key & hi_mask) == prefix && sizes[c] > 0) atomicAdd(&hist[(key >> shift) & 255], sizes[c]);
+            if ((key & hi_mask) == prefix && sizes[c] > 0) {
+                atomicAdd(&hist[(key >> shift) & 255], sizes[c]);
+                atomicAdd(&count[(key >> shift) & 255], 1);
+            }
         }
         __syncthreads();
-        if (threadIdx.x == 0) {   // highest digit whose cumulative weight from the top reaches need
-            int32_t acc = 0;
-            int digit = 0;
-            for (int dgt = 255; dgt >= 0; dgt--) {
-                if (acc + hist[dgt] >= need) {
-                    digit = dgt;
-                    break;
-                }
-                acc += hist[dgt];
+        if (threadIdx.x < CKV_WARP) {   // highest digit whose cumulative weight from the top reaches need
+            const int lane = threadIdx.x;
+            int32_t h[8], mine = 0;
+#pragma unroll
+            for (int j = 0; j < 8; j++) mine += h[j] = hist[lane * 8 + j];
+            int32_t above_incl = mine;   // weight of this lane's digits and every higher lane's
+#pragma unroll
+            for (int o = 1; o < CKV_WARP; o <<= 1) {
+                int32_t v = __shfl_down_sync(0xffffffffu, above_incl, o);
+                if (lane + o < CKV_WARP) above_incl += v;
             }
-            prefix_s = prefix | ((uint64_t) digit << shift);
-            need_s   = need - acc;
+            // The weight under the prefix is >= need, so lane 0 always qualifies.
+            unsigned reach = __ballot_sync(0xffffffffu, above_incl >= need);
+            if (lane == 31 - __clz(reach)) {
+                int32_t acc = above_incl - mine, digit = lane * 8;
+                for (int j = 7; j >= 0; j--) {
+                    if (acc + h[j] >= need) {
+                        digit = lane * 8 + j;
+                        break;
+                    }
+                    acc += h[j];
+                }
+                prefix_s = prefix | ((uint64_t) digit << shift);
+                need_s   = need - acc;
+                unique_s = count[digit] == 1;
+            }
         }
         __syncthreads();
         prefix = prefix_s;
         need   = need_s;
+        if (unique_s) {   // the one cluster under the new prefix: its whole key is T
+            __syncthreads();   // every thread has read prefix_s before it is overwritten
+            const uint64_t mask = ~0ull << shift;
+            for (int c = threadIdx.x; c < n; c += blockDim.x) {
+                if ((keys[c] & mask) == prefix && sizes[c] > 0) prefix_s = keys[c];
+            }
+            __syncthreads();
+            prefix = prefix_s;
+            break;
+        }
         __syncthreads();
     }
     return {prefix, need};
@@ -523,7 +554,7 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     if (lane == 0 && my_total) atomicAdd(&total_s, my_total);
     __syncthreads();
 
-    const int32_t n_cached = a.pos + 1;
+    const int32_t n_cached = (a.pos_dev ? *a.pos_dev : a.pos) + 1;
     const int32_t sinks = min(n_cached, a.n_sink), tail = n_cached > a.end ? n_cached - a.end : 0;
     const int32_t room  = a.room;
     sel_plan plan = room > 0 ? sel_threshold(keys, sizes, n, room, total_s) : sel_plan{UINT64_MAX, 0};
@@ -560,6 +591,7 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
         for (int i = threadIdx.x; i < tail; i += blockDim.x) out[sinks + n_sel + i] = n_cached - tail + i;
         if (threadIdx.x == 0) a.list_n[h_first + o] = sinks + n_sel + tail;
     }
+    if (threadIdx.x == 0 && a.n_attended) atomicAdd(a.n_attended, (unsigned long long) n_out * (sinks + n_sel + tail));
 
     // cluster_select's order (tests): taken cluster i goes to slot #{taken j with a higher key}.
     if (a.chosen) {

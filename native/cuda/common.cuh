@@ -28,6 +28,15 @@ extern "C" {
         }                                                                                      \
     } while (0)
 
+// Returns a failed ckv_status (already recorded by ckv_fail) from the enclosing function.
+#define TRY_OK(call)              \
+    do {                          \
+        int32_t st_ = (call);     \
+        if (st_ != CKV_OK) {      \
+            return st_;           \
+        }                         \
+    } while (0)
+
 #define CKV_WARP 32
 
 // ggml type ids (the same numbers as quants.h; repeated so CUDA files need no C-only header).

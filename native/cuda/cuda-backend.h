@@ -9,6 +9,7 @@
 #ifndef CKV_CUDA_BACKEND_H
 #define CKV_CUDA_BACKEND_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #ifdef __cplusplus
@@ -16,6 +17,8 @@ extern "C" {
 #endif
 
 struct ckv_model;
+struct ckv_kv_policy_params;
+struct ckv_kv_stats;
 struct cuda_model;
 struct cuda_context;
 
@@ -43,10 +46,31 @@ void    ckv_cuda_context_free(struct cuda_context * gc);   // accepts NULL
 // values to the cache (positions >= pos0 are overwritten, so truncation is just a smaller pos0),
 // and copies the logits of tokens [first_output, n) to logits_host ((n - first_output) rows of
 // n_vocab floats; nothing when first_output >= n). Returns when the logits are on the host.
+// decode_step (with n == 1): the KV policy applies, as ckv_decode's one-token calls on the CPU;
+// everything else (prefill) attends densely.
 // CKV_ERR_INVALID_ARG for n < 1 or n > n_batch or a token outside the vocabulary,
 // CKV_ERR_CTX_FULL for pos0 + n > n_ctx, CKV_ERR_CUDA if a kernel or copy fails.
 int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
-                        int32_t first_output, float * logits_host);
+                        int32_t first_output, float * logits_host, bool decode_step);
+
+// The KV policy of decode steps: full (the default) or clusterkv, params validated by the caller
+// (kv_policy_init_params_only), layer_compressed[n_layer] as context.c computes it. The
+// clusters are built lazily, at the next decode step (as the CPU policy does after a prefill).
+// CKV_ERR_UNSUPPORTED for the other policies, CKV_ERR_OOM; on error the old policy stays.
+int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
+                               const bool * layer_compressed);
+bool    ckv_cuda_has_kv_policy(const struct cuda_context * gc);   // a policy other than full
+void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep);  // positions >= n_keep dropped
+// With a policy: n_attended, n_cached, t_cluster_ms and n_clusters of out are the GPU's (the
+// caller keeps n_steps); t_select_ms is 0 (selection runs inside the decode graph). Without one,
+// out is left as it is.
+int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out);
+int32_t ckv_cuda_kv_reset_stats(struct cuda_context * gc);
+int32_t ckv_cuda_kv_n_clusters(const struct cuda_context * gc, int32_t il);   // per KV head
+// The last decode step's positions for (layer il, query head h): *sparse false when that layer
+// attended densely; else *n positions into buf (CKV_ERR_BUFFER_TOO_SMALL when cap < *n).
+int32_t ckv_cuda_kv_selection(struct cuda_context * gc, int32_t il, int32_t h, int32_t * buf, int32_t cap,
+                              int32_t * n, bool * sparse);
 
 #ifdef __cplusplus
 }

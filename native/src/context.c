@@ -113,6 +113,11 @@ static int32_t init_kv_policy(struct ckv_context * ctx) {
     for (int32_t il = 0; il < hp->n_layer; il++) {
         ctx->layer_compressed[il] = il >= kp->n_dense_layers && !hparams_is_swa_layer(hp, il);
     }
+    if (ctx->gpu) {  // the backend runs the policy; the host keeps its params and n_steps
+        int32_t st = kv_policy_init_params_only(&ctx->policy, kp, &ctx->kv, hp->n_head,
+                                                ctx->layer_compressed);
+        return st == CKV_OK ? ckv_cuda_set_kv_policy(ctx->gpu, kp, ctx->layer_compressed) : st;
+    }
     int32_t st = kv_policy_init(&ctx->policy, kp, &ctx->kv, ctx->comp.pool, hp->n_head,
                                 ctx->layer_compressed);
     if (st != CKV_OK || !ctx->policy.vt->select) {
@@ -151,11 +156,11 @@ static void free_kv_policy(struct ckv_context * ctx) {
     ctx->att_weights = NULL;
 }
 
-// The GPU runs the full policy only; ids out of range are left to kv_policy_init's message.
+// The GPU runs full and clusterkv; ids out of range are left to kv_policy_init's message.
 static int32_t check_gpu_policy(const struct ckv_context * ctx, int32_t policy) {
-    if (ctx->model->gpu && policy > CKV_KV_POLICY_FULL && policy <= CKV_KV_POLICY_CLUSTERKV) {
-        return ckv_fail(CKV_ERR_UNSUPPORTED, "kv_policy %s runs on the CPU path only (issue 6 brings "
-                        "it to the GPU); use n_gpu_layers=0", kv_policy_name(policy));
+    if (ctx->model->gpu && policy > CKV_KV_POLICY_FULL && policy < CKV_KV_POLICY_CLUSTERKV) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "kv_policy %s runs on the CPU path only (the GPU runs "
+                        "full and clusterkv); use n_gpu_layers=0", kv_policy_name(policy));
     }
     return CKV_OK;
 }
@@ -299,6 +304,9 @@ int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep) {
     ctx->n_outputs = 0;
     ctx->last_pos  = -1;      // the last step's lists may name dropped positions
     kv_policy_truncate(&ctx->policy, n_keep);
+    if (ctx->gpu) {
+        ckv_cuda_kv_truncate(ctx->gpu, n_keep);
+    }
     return CKV_OK;
 }
 
@@ -341,16 +349,17 @@ static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
 }
 
 // forward_chunk's twin on the GPU: the same logits rows, the same bookkeeping of the last step
-// (every layer dense: the GPU runs the full policy only, whose decode steps are counted per
-// compressed layer as attend_dense counts them).
+// (a GPU policy counts its own steps; under full they are counted per compressed layer as
+// attend_dense counts them).
 static int32_t gpu_chunk(ckv_context * ctx, const ckv_token * tokens, int32_t n, int32_t pos0,
                          int32_t first_output, bool decode_step, float * logits) {
-    int32_t st = ckv_cuda_decode(ctx->gpu, tokens, n, pos0, first_output, logits);
+    int32_t st = ckv_cuda_decode(ctx->gpu, tokens, n, pos0, first_output, logits, decode_step);
     if (st != CKV_OK) {
         return st;
     }
     ctx->last_pos = pos0 + n - 1;
-    for (int32_t il = 0; decode_step && il < ctx->model->hp.n_layer; il++) {
+    bool counted = ckv_cuda_has_kv_policy(ctx->gpu);
+    for (int32_t il = 0; decode_step && !counted && il < ctx->model->hp.n_layer; il++) {
         if (ctx->layer_compressed[il]) {
             kv_policy_count_dense_step(&ctx->policy, pos0);
         }
@@ -423,9 +432,17 @@ void ckv_context_reset_timings(ckv_context * ctx) { memset(&ctx->timings, 0, siz
 
 void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out) {
     kv_policy_get_stats(&ctx->policy, out);
+    if (ctx->gpu) {  // a device fault here surfaces at the next decode
+        ckv_cuda_kv_stats(ctx->gpu, out);
+    }
 }
 
-void ckv_context_reset_kv_stats(ckv_context * ctx) { kv_policy_reset_stats(&ctx->policy); }
+void ckv_context_reset_kv_stats(ckv_context * ctx) {
+    kv_policy_reset_stats(&ctx->policy);
+    if (ctx->gpu) {
+        ckv_cuda_kv_reset_stats(ctx->gpu);
+    }
+}
 
 static int32_t check_layer_head(const ckv_context * ctx, int32_t il, int32_t h, int32_t n_heads,
                                 const char * what) {
@@ -446,7 +463,7 @@ int32_t ckv_context_kv_n_clusters(const ckv_context * ctx, int32_t il, int32_t h
         st = ckv_fail(CKV_ERR_INVALID_ARG, "ckv_context_kv_n_clusters: out must not be NULL");
     }
     if (st == CKV_OK) {
-        *out = kv_policy_n_clusters(&ctx->policy, il, h);
+        *out = ctx->gpu ? ckv_cuda_kv_n_clusters(ctx->gpu, il) : kv_policy_n_clusters(&ctx->policy, il, h);
     }
     return st;
 }
@@ -461,6 +478,17 @@ int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h,
     if (ctx->last_pos < 0) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "no decode has run since the context was created or "
                         "truncated");
+    }
+    if (ctx->gpu) {
+        bool    sparse = false;
+        int32_t n_gpu  = 0;
+        st = ckv_cuda_kv_selection(ctx->gpu, il, h, buf, cap, &n_gpu, &sparse);
+        if (sparse || st != CKV_OK) {
+            if (n_needed && sparse) {
+                *n_needed = n_gpu;
+            }
+            return st;
+        }
     }
     const int32_t * list = NULL;
     int64_t first = 0, n = ctx->last_pos + 1;  // dense: every causal position (or the window)

@@ -31,9 +31,32 @@ int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int
 void ckv_cuda_context_free(struct cuda_context * gc) { (void) gc; }
 
 int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
-                        int32_t first_output, float * logits_host) {
+                        int32_t first_output, float * logits_host, bool decode_step) {
     (void) gc, (void) tokens, (void) n, (void) pos0, (void) first_output, (void) logits_host;
+    (void) decode_step;
     return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
+}
+
+// No GPU context can exist in this build, so nothing below is ever reached with one.
+int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
+                               const bool * layer_compressed) {
+    (void) gc, (void) params, (void) layer_compressed;
+    return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
+}
+
+bool    ckv_cuda_has_kv_policy(const struct cuda_context * gc) { (void) gc; return false; }
+void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep) { (void) gc, (void) n_keep; }
+int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out) {
+    (void) gc, (void) out;
+    return CKV_OK;
+}
+int32_t ckv_cuda_kv_reset_stats(struct cuda_context * gc) { (void) gc; return CKV_OK; }
+int32_t ckv_cuda_kv_n_clusters(const struct cuda_context * gc, int32_t il) { (void) gc, (void) il; return 0; }
+int32_t ckv_cuda_kv_selection(struct cuda_context * gc, int32_t il, int32_t h, int32_t * buf, int32_t cap,
+                              int32_t * n, bool * sparse) {
+    (void) gc, (void) il, (void) h, (void) buf, (void) cap, (void) n;
+    *sparse = false;
+    return CKV_OK;
 }
 
 #endif  // CKV_HAVE_CUDA

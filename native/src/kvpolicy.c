@@ -132,6 +132,32 @@ int32_t kv_policy_init(struct kv_policy * p, const struct ckv_kv_policy_params *
     return st;
 }
 
+int32_t kv_policy_init_params_only(struct kv_policy * p, const struct ckv_kv_policy_params * params,
+                                   const struct kv_cache * kv, int32_t n_head,
+                                   const bool * layer_compressed) {
+    memset(p, 0, sizeof(*p));
+    int32_t st = check_ranges(params, kv->n_layer);
+    if (st == CKV_OK) {
+        st = check_budget(params);
+    }
+    if (st == CKV_OK && (kv->n_head_kv < 1 || n_head % kv->n_head_kv != 0)) {
+        st = ckv_fail(CKV_ERR_INVALID_ARG, "%s: n_head (%d) must be a multiple of n_head_kv (%d)",
+                      policy_names[params->policy], n_head, kv->n_head_kv);
+    }
+    if (st != CKV_OK) {
+        return st;
+    }
+    p->vt               = &full_vtable;
+    p->params           = *params;
+    p->kv               = kv;
+    p->n_layer          = kv->n_layer;
+    p->n_head           = n_head;
+    p->n_head_kv        = kv->n_head_kv;
+    p->head_dim         = kv->head_dim;
+    p->layer_compressed = layer_compressed;
+    return CKV_OK;
+}
+
 void kv_policy_free(struct kv_policy * p) {
     if (p->vt && p->vt->free_state && p->state) {
         p->vt->free_state(p);

@@ -93,6 +93,11 @@ int32_t kv_policy_init(struct kv_policy * p, const struct ckv_kv_policy_params *
                        const struct kv_cache * kv, struct threadpool * pool, int32_t n_head,
                        const bool * layer_compressed);
 void    kv_policy_free(struct kv_policy * p);
+// The same validation, but the policy runs elsewhere (the GPU backend): p keeps the params and
+// the step statistics and behaves as `full` (no state, select == NULL).
+int32_t kv_policy_init_params_only(struct kv_policy * p, const struct ckv_kv_policy_params * params,
+                                   const struct kv_cache * kv, int32_t n_head,
+                                   const bool * layer_compressed);
 
 // What forward.c and context.c call (see the list of changes at the top).
 const char * kv_policy_name(int32_t policy);   // "full" .. "clusterkv", "unknown"

@@ -85,14 +85,14 @@ static int bench_depth(const struct cuda_model * gm, int n_vocab, int depth, int
     double t0 = now_ms();
     for (int pos = 0; pos < depth; pos += N_BATCH) {
         int n = depth - pos < N_BATCH ? depth - pos : N_BATCH;
-        CHECK(ckv_cuda_decode(gc, tokens, n, pos, n, logits));   // no logits rows
+        CHECK(ckv_cuda_decode(gc, tokens, n, pos, n, logits, false));   // no logits rows
     }
     double fill = now_ms() - t0;
     ckv_token tok = tokens[0];
-    CHECK(ckv_cuda_decode(gc, &tok, 1, depth, 0, logits));   // warm-up (graph capture)
+    CHECK(ckv_cuda_decode(gc, &tok, 1, depth, 0, logits, true));   // warm-up (graph capture)
     t0 = now_ms();
     for (int i = 1; i <= n_decode; i++) {
-        CHECK(ckv_cuda_decode(gc, &tok, 1, depth + i, 0, logits));
+        CHECK(ckv_cuda_decode(gc, &tok, 1, depth + i, 0, logits, true));
         tok = argmax(logits, n_vocab);
     }
     double tg = now_ms() - t0;
@@ -105,16 +105,16 @@ static int bench_depth(const struct cuda_model * gm, int n_vocab, int depth, int
 static int bench(struct cuda_context * gc, int n_vocab, int n_decode, float * logits) {
     ckv_token tokens[N_BATCH];
     for (int i = 0; i < N_BATCH; i++) tokens[i] = (ckv_token) ((i * 7919) % n_vocab);
-    CHECK(ckv_cuda_decode(gc, tokens, N_BATCH, 0, N_BATCH - 1, logits));  // warm-up
+    CHECK(ckv_cuda_decode(gc, tokens, N_BATCH, 0, N_BATCH - 1, logits, false));  // warm-up
     double t0 = now_ms();
-    CHECK(ckv_cuda_decode(gc, tokens, N_BATCH, 0, N_BATCH - 1, logits));
+    CHECK(ckv_cuda_decode(gc, tokens, N_BATCH, 0, N_BATCH - 1, logits, false));
     double pp = now_ms() - t0;
     ckv_token tok = tokens[0];
     int pos = 0;
-    CHECK(ckv_cuda_decode(gc, &tok, 1, pos++, 0, logits));  // warm-up
+    CHECK(ckv_cuda_decode(gc, &tok, 1, pos++, 0, logits, true));  // warm-up
     t0 = now_ms();
     for (int i = 0; i < n_decode && pos < N_CTX; i++) {
-        CHECK(ckv_cuda_decode(gc, &tok, 1, pos++, 0, logits));
+        CHECK(ckv_cuda_decode(gc, &tok, 1, pos++, 0, logits, true));
         tok = argmax(logits, n_vocab);
     }
     double tg = now_ms() - t0;
@@ -174,7 +174,7 @@ int main(int argc, char ** argv) {
     struct agreement a = {0, 0, 0.0, 0.0}, floor = {0, 0, 0.0, 0.0};
     CHECK(ckv_decode(ctx, tokens, n_prompt, true));
     CHECK(ckv_decode(ctx32, tokens, n_prompt, true));
-    CHECK(ckv_cuda_decode(gc, tokens, n_prompt, 0, 0, gpu));
+    CHECK(ckv_cuda_decode(gc, tokens, n_prompt, 0, 0, gpu, false));
     for (int i = 0; i < n_prompt; i++) {
         compare_row(&a, ckv_get_logits(ctx, i), gpu + (size_t) i * n_vocab, n_vocab);
         compare_row(&floor, ckv_get_logits(ctx, i), ckv_get_logits(ctx32, i), n_vocab);
@@ -187,7 +187,7 @@ int main(int argc, char ** argv) {
         printf(" %d", next);
         CHECK(ckv_decode(ctx, &next, 1, false));
         CHECK(ckv_decode(ctx32, &next, 1, false));
-        CHECK(ckv_cuda_decode(gc, &next, 1, pos++, 0, gpu));
+        CHECK(ckv_cuda_decode(gc, &next, 1, pos++, 0, gpu, true));
         compare_row(&a, ckv_get_logits(ctx, -1), gpu, n_vocab);
         compare_row(&floor, ckv_get_logits(ctx, -1), ckv_get_logits(ctx32, -1), n_vocab);
     }

@@ -108,6 +108,14 @@ def cpu_f32_kv(gpu_model_path):
         yield llm
 
 
+def _gap_noise(ref: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Per row, how far other moves the gap between ref's two best logits."""
+    r = np.arange(len(ref))
+    top2 = np.argsort(ref, axis=-1)[:, -2:]
+    gap = lambda x: x[r, top2[:, 1]] - x[r, top2[:, 0]]  # noqa: E731
+    return np.abs(gap(ref) - gap(other))
+
+
 def _compare(ref: np.ndarray, other: np.ndarray):
     """(KL rows, top-1 agreement rows) of other against ref."""
     return _kl_rows(ref, other), ref.argmax(-1) == other.argmax(-1)
@@ -143,11 +151,15 @@ def test_fixture_prompts_match_cpu(pair, cpu_f32_kv):
                          floor_kl.mean(), kl.max()))
         assert kl.mean() <= max(5e-3, 2 * floor_kl.mean()), report[-1]
         # greedy continuation: the decode rows (from the last prompt row on) agree, except at
-        # near ties
+        # near ties: a CPU top-2 margin under NEAR_TIE, or under the most the f32-KV run moves
+        # that gap on these rows (the floor's own noise: on "code" it flips at the very step
+        # and margin, 0.143, where the GPU did; its gaps move by up to 0.445 there)
+        tie = max(NEAR_TIE, _gap_noise(c[first_decode:], f[first_decode:]).max())
         for step in np.nonzero(~same[first_decode:])[0]:
             margin = _margin(c[first_decode + step])
-            assert margin < NEAR_TIE, ("%s: the GPU's greedy continuation leaves the CPU's at "
-                                       "step %d, CPU top-2 margin %.3f logits" % (name, step, margin))
+            assert margin < tie, ("%s: the GPU's greedy continuation leaves the CPU's at step %d, "
+                                  "CPU top-2 margin %.3f logits (near-tie bound %.3f)"
+                                  % (name, step, margin, tie))
     print("\n".join(["GPU vs CPU (%s):" % gpu.model_path] + report), file=sys.stderr)
     assert agree / rows >= min(0.995, floor_agree / rows - 0.05), report
 
@@ -238,7 +250,7 @@ def test_chunked_prefill_matches_one_chunk(gpu_model_path):
 def test_gpu_refuses_other_kv_policies_and_partial_offload(gpu_model_path):
     from clusterkv_local import Llama, UnsupportedError
 
-    for policy in ("clusterkv", "quest"):
+    for policy in ("streaming", "quest"):
         with pytest.raises(UnsupportedError, match="kv_policy %s runs on the CPU path only"
                            % policy):
             Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, kv_policy=policy, verbose=False)
@@ -253,43 +265,99 @@ def test_gpu_refuses_other_kv_policies_and_partial_offload(gpu_model_path):
     cp = ffi.new("struct ckv_context_params *")
     lib.ckv_context_default_params(cp)
     kp = ffi.new("struct ckv_kv_policy_params *", cp.kv_policy)
-    kp.policy = lib.CKV_KV_POLICY_CLUSTERKV
+    kp.policy = lib.CKV_KV_POLICY_QUEST
     with Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, verbose=False) as llm:
         assert lib.ckv_context_set_kv_policy(llm._ctx.ptr, kp) == lib.CKV_ERR_UNSUPPORTED
-        assert "kv_policy clusterkv runs on the CPU path only" in last_error()
+        assert "kv_policy quest runs on the CPU path only" in last_error()
         assert llm.kv_policy["policy"] == "full"
-    assert "sm_" in _system_info().split("CUDA:", 1)[1]
 
 
-# --- without a GPU: a clear error, never a crash (this runs on CPU-only machines and CI) ------
+# ClusterKV on the GPU: the long fixture prompt (1600 tokens) at budget 256 with a 64-token
+# re-clustering interval, so every compressed layer attends through lists, and the decode steps
+# cluster two more spans on the device.
+CKV_GPU = dict(kv_policy="clusterkv", kv_budget=256, kv_policy_params={"recluster_interval": 64})
+CKV_STEPS = 96
 
 
-def test_gpu_request_without_a_device_raises(request):
-    if _has_gpu():
-        pytest.skip("a CUDA device is present")
-    from clusterkv_local import CudaError, Llama, UnsupportedError
+@pytest.fixture(scope="module")
+def clusterkv_runs(gpu_model_path):
+    """Teacher-forced rows of CPU and GPU, each under clusterkv and full, and of the CPU under
+    clusterkv with an f32 KV cache (the floor), all fed the CPU clusterkv context's arg-max;
+    the contexts stay open for their stats and lists."""
+    from clusterkv_local import Llama
 
-    default_model_path = request.getfixturevalue("default_model_path")
-    with pytest.raises((CudaError, UnsupportedError)) as info:
-        Llama(default_model_path, n_gpu_layers=-1, verbose=False)
-    message = str(info.value)
-    assert "n_gpu_layers = -1" in message and "n_gpu_layers = 0" in message
-    assert ("built without the CUDA backend" in message) == ("not built" in _system_info())
-    # vocab_only loads no weights: nothing to put on a GPU, so it still works
-    with Llama(default_model_path, n_gpu_layers=-1, vocab_only=True, verbose=False) as llm:
-        assert llm.tokenize(b"hi")
+    tokens = dict(_fixture_cases())["long"]
+    kw = dict(n_ctx=N_CTX, n_threads=N_THREADS, logits_all=True, verbose=False)
+    llms = [Llama(gpu_model_path, n_gpu_layers=ngl, **kw, **policy)
+            for policy in (CKV_GPU, {}) for ngl in (0, -1)]
+    llms.append(Llama(gpu_model_path, n_gpu_layers=0, type_k="f32", type_v="f32", **kw, **CKV_GPU))
+    ref, others, first = _run_case(llms[0], llms[1:], tokens, CKV_STEPS)
+    rows = [r[first + 1:] for r in [ref] + others]   # decode rows only: prefill is dense
+    yield llms, rows
+    for llm in llms:
+        llm.close()
 
 
-def test_cli_gpu_request_without_a_device_is_an_error(request, capsys):
-    if _has_gpu():
-        pytest.skip("a CUDA device is present")
-    from clusterkv_local.cli import main
+def test_clusterkv_gpu_logits_follow_the_cpu_policy(clusterkv_runs):
+    """GPU clusterkv vs CPU clusterkv. k-means turns last-bit differences of the keys into
+    other clusters now and then, so the floor is the CPU policy against itself with an f32 KV
+    cache (the same kind of difference, same rows). Both paths must also really be sparse:
+    their logits leave full's by about as much."""
+    _, (cpu_ckv, gpu_ckv, cpu_full, gpu_full, cpu_ckv_f32) = clusterkv_runs
+    kl_ckv, top_ckv = _compare(cpu_ckv, gpu_ckv)
+    kl_floor, top_floor = _compare(cpu_ckv, cpu_ckv_f32)
+    loss_cpu, loss_gpu = _kl_rows(cpu_full, cpu_ckv).mean(), _kl_rows(gpu_full, gpu_ckv).mean()
+    print("\nclusterkv GPU vs CPU: KL mean %.2e top-1 %.3f; CPU f32 KV floor: KL mean %.2e top-1 "
+          "%.3f; policy loss (KL vs full) CPU %.2e GPU %.2e" % (kl_ckv.mean(), top_ckv.mean(),
+          kl_floor.mean(), top_floor.mean(), loss_cpu, loss_gpu), file=sys.stderr)
+    assert kl_ckv.mean() <= max(5e-3, 2 * kl_floor.mean())
+    assert top_ckv.mean() >= min(0.995, top_floor.mean() - 0.05)
+    assert loss_cpu > 0 and loss_gpu > 0
+    assert 0.25 * loss_cpu <= loss_gpu <= 4 * loss_cpu
 
-    default_model_path = request.getfixturevalue("default_model_path")
-    status = main(["run", "hi", "-m", default_model_path, "-n", "1", "-c", "64",
-                   "--n-gpu-layers", "-1"])
-    err = capsys.readouterr().err
-    assert status == 1 and "clusterkv-local: error:" in err and "n_gpu_layers = -1" in err
-    assert main(["info", default_model_path, "--no-tensors"]) == 0
-    out = capsys.readouterr().out
-    assert "runtime: CPU: " in out and "| CUDA: " in out
+
+def test_clusterkv_gpu_lists_and_stats_match_the_cpu_policy(clusterkv_runs):
+    """Same spans, same cluster counts, same list lengths (they depend on the budget rule only),
+    lists that keep the sinks and the tail and mostly agree with the CPU's choice of clusters."""
+    (cpu_ckv, gpu_ckv, _, _, cpu_ckv_f32), _ = clusterkv_runs
+    s_cpu, s_gpu = cpu_ckv.kv_stats(), gpu_ckv.kv_stats()
+    assert s_gpu["clusters"] == s_cpu["clusters"]
+    assert s_gpu["n_clusters"] == s_cpu["n_clusters"] > 0
+    for key in ("n_steps", "n_attended", "n_cached"):
+        assert s_gpu[key] == s_cpu[key], key
+    assert s_gpu["t_cluster_ms"] > 0
+    n_layer = len(s_gpu["clusters"])
+    pos = gpu_ckv.n_tokens - 1
+    assert gpu_ckv.kv_selection(0, 0).tolist() == list(range(pos + 1))   # a dense layer
+    overlaps, floor = [], []
+    for layer in (2, n_layer // 2, n_layer - 1):
+        for head in (0, 4, 8):
+            g, c = gpu_ckv.kv_selection(layer, head), cpu_ckv.kv_selection(layer, head)
+            f = cpu_ckv_f32.kv_selection(layer, head)
+            assert len(g) == len(c) < pos + 1
+            assert np.all(np.diff(g) > 0) and g[-1] == pos
+            assert g[:16].tolist() == list(range(16))
+            overlaps.append(len(np.intersect1d(g, c)) / len(c))
+            floor.append(len(np.intersect1d(f, c)) / len(c))
+    print("\nGPU/CPU list overlap: min %.3f mean %.3f (CPU f32 KV: min %.3f mean %.3f)"
+          % (min(overlaps), np.mean(overlaps), min(floor), np.mean(floor)), file=sys.stderr)
+    assert np.mean(overlaps) >= min(0.95, np.mean(floor) - 0.05)
+
+
+def test_clusterkv_gpu_budget_over_context_is_full(gpu_model_path):
+    """A budget holding every position gives the full policy's logits bit for bit."""
+    from clusterkv_local import Llama
+
+    tokens = dict(_fixture_cases())["long"]
+    rows = []
+    for policy in ({}, dict(kv_policy="clusterkv", kv_budget=N_CTX,
+                            kv_policy_params={"recluster_interval": 64})):
+        with Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=N_CTX, verbose=False, **policy) as llm:
+            llm.eval(tokens)
+            for t in (42, 43, 44):
+                llm.eval([t])
+                rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+            if policy:
+                assert llm.kv_stats()["n_clusters"] > 0
+    full, ckv = np.array(rows[:3]), np.array(rows[3:])
+    assert np.array_equal(full, ckv)
