@@ -386,8 +386,8 @@ class Llama:
         build (clusterkv_local.system_info() says what the build has); no usable GPU raises
         CudaError, a CPU-only build UnsupportedError.
         Deviations: seed=0 is a real seed (llama-cpp-python turns 0 into "random");
-        0 < n_gpu_layers < n_layer raises UnsupportedError (no partial offload); on the GPU only
-        kv_policy "full" and an f16 KV cache run (UnsupportedError otherwise).
+        0 < n_gpu_layers < n_layer raises UnsupportedError (no partial offload); on the GPU
+        kv_policy "full" and "clusterkv" and an f16 KV cache run (UnsupportedError otherwise).
         """
         self.verbose = verbose
         self.model_path = os.fspath(model_path)

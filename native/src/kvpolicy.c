@@ -95,9 +95,9 @@ static const struct kv_policy_vtable full_vtable = {.name = "full"};
 
 // --- lifetime ------------------------------------------------------------------------------------
 
-int32_t kv_policy_init(struct kv_policy * p, const struct ckv_kv_policy_params * params,
-                       const struct kv_cache * kv, struct threadpool * pool, int32_t n_head,
-                       const bool * layer_compressed) {
+// Validates params and fills p as the `full` policy of this shape (no state yet).
+static int32_t init_common(struct kv_policy * p, const struct ckv_kv_policy_params * params,
+                           const struct kv_cache * kv, int32_t n_head, const bool * layer_compressed) {
     memset(p, 0, sizeof(*p));
     int32_t st = check_ranges(params, kv->n_layer);
     if (st == CKV_OK) {
@@ -109,13 +109,23 @@ int32_t kv_policy_init(struct kv_policy * p, const struct ckv_kv_policy_params *
     p->vt               = &full_vtable;
     p->params           = *params;
     p->kv               = kv;
-    p->pool             = pool;
     p->n_layer          = kv->n_layer;
     p->n_head           = n_head;
     p->n_head_kv        = kv->n_head_kv;
     p->head_dim         = kv->head_dim;
     p->layer_compressed = layer_compressed;
-    p->sort_bits        = calloc(((size_t) kv->n_ctx + 63) / 64, sizeof(uint64_t));
+    return CKV_OK;
+}
+
+int32_t kv_policy_init(struct kv_policy * p, const struct ckv_kv_policy_params * params,
+                       const struct kv_cache * kv, struct threadpool * pool, int32_t n_head,
+                       const bool * layer_compressed) {
+    int32_t st = init_common(p, params, kv, n_head, layer_compressed);
+    if (st != CKV_OK) {
+        return st;
+    }
+    p->pool      = pool;
+    p->sort_bits = calloc(((size_t) kv->n_ctx + 63) / 64, sizeof(uint64_t));
     if (!p->sort_bits) {
         return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy");
     }
@@ -135,27 +145,12 @@ int32_t kv_policy_init(struct kv_policy * p, const struct ckv_kv_policy_params *
 int32_t kv_policy_init_params_only(struct kv_policy * p, const struct ckv_kv_policy_params * params,
                                    const struct kv_cache * kv, int32_t n_head,
                                    const bool * layer_compressed) {
-    memset(p, 0, sizeof(*p));
-    int32_t st = check_ranges(params, kv->n_layer);
-    if (st == CKV_OK) {
-        st = check_budget(params);
-    }
+    int32_t st = init_common(p, params, kv, n_head, layer_compressed);
     if (st == CKV_OK && (kv->n_head_kv < 1 || n_head % kv->n_head_kv != 0)) {
         st = ckv_fail(CKV_ERR_INVALID_ARG, "%s: n_head (%d) must be a multiple of n_head_kv (%d)",
                       policy_names[params->policy], n_head, kv->n_head_kv);
     }
-    if (st != CKV_OK) {
-        return st;
-    }
-    p->vt               = &full_vtable;
-    p->params           = *params;
-    p->kv               = kv;
-    p->n_layer          = kv->n_layer;
-    p->n_head           = n_head;
-    p->n_head_kv        = kv->n_head_kv;
-    p->head_dim         = kv->head_dim;
-    p->layer_compressed = layer_compressed;
-    return CKV_OK;
+    return st;
 }
 
 void kv_policy_free(struct kv_policy * p) {
