@@ -130,6 +130,7 @@ struct ckv_context_params {
     int32_t kv_type;
     struct ckv_kv_policy_params kv_policy;
     int32_t f32_activations;
+    uint32_t n_seq_max;
 };
 void ckv_context_default_params(struct ckv_context_params * out);
 int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
@@ -139,10 +140,17 @@ uint32_t ckv_context_n_ctx(const ckv_context * ctx);
 uint32_t ckv_context_n_batch(const ckv_context * ctx);
 int32_t ckv_context_n_threads(const ckv_context * ctx);
 int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads);
+int32_t ckv_context_n_seq_max(const ckv_context * ctx);
 int32_t ckv_context_n_past(const ckv_context * ctx);
+int32_t ckv_context_n_past_seq(const ckv_context * ctx, int32_t seq);
 int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep);
+int32_t ckv_context_truncate_seq(ckv_context * ctx, int32_t seq, int32_t n_keep);
 int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens,
                            bool all_logits);
+int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens,
+                               int32_t n_tokens, bool all_logits);
+int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int32_t * seqs,
+                                 int32_t n);
 int32_t ckv_get_n_outputs(const ckv_context * ctx);
 const float * ckv_get_logits(const ckv_context * ctx, int32_t i);
 struct ckv_timings {

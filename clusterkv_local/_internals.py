@@ -424,13 +424,14 @@ class Timings(NamedTuple):
 
 
 class _Context(_Handle):
-    """Owns a ckv_context: the KV cache of one sequence and the logits of the last decode."""
+    """Owns a ckv_context: the KV caches of n_seq_max sequences and the logits of the last
+    decode. The methods without a seq argument work on sequence 0."""
 
     _kind = "context"
 
     def __init__(self, model: _Model, *, n_ctx: int = 512, n_batch: int = 512,
                  n_threads: int = 0, kv_type: int = 1, kv_policy: Optional[dict] = None,
-                 f32_activations: bool = False):
+                 f32_activations: bool = False, n_seq_max: int = 1):
         """kv_policy: {field of struct ckv_kv_policy_params: value}, applied over the
         library's defaults (None: the defaults, i.e. the full policy)."""
         params = ffi.new("struct ckv_context_params *")
@@ -440,6 +441,7 @@ class _Context(_Handle):
         params.n_threads = n_threads
         params.kv_type = kv_type
         params.f32_activations = 1 if f32_activations else 0
+        params.n_seq_max = n_seq_max
         if kv_policy and kv_policy.get("policy", lib.CKV_KV_POLICY_FULL) != lib.CKV_KV_POLICY_FULL:
             _require_kv_policies()
         for name, value in (kv_policy or {}).items():
@@ -471,6 +473,30 @@ class _Context(_Handle):
 
     def truncate(self, n_keep: int) -> None:
         _check(lib.ckv_context_truncate(self._live(), n_keep))
+
+    def n_seq_max(self) -> int:
+        return lib.ckv_context_n_seq_max(self._live())
+
+    def n_past_seq(self, seq: int) -> int:
+        n = lib.ckv_context_n_past_seq(self._live(), seq)
+        if n < 0:
+            _check(lib.CKV_ERR_INVALID_ARG)
+        return n
+
+    def truncate_seq(self, seq: int, n_keep: int) -> None:
+        _check(lib.ckv_context_truncate_seq(self._live(), seq, n_keep))
+
+    def decode_seq(self, seq: int, tokens: Sequence[int], all_logits: bool = False) -> None:
+        ids = ffi.new("ckv_token[]", [int(t) for t in tokens])
+        _check(lib.ckv_decode_seq(self._live(), seq, ids, len(ids), all_logits))
+
+    def decode_batch(self, tokens: Sequence[int], seqs: Sequence[int]) -> None:
+        """One decode step of each sequence seqs[i] with tokens[i]; logits row i is its."""
+        ids = ffi.new("ckv_token[]", [int(t) for t in tokens])
+        sq = ffi.new("int32_t[]", [int(s) for s in seqs])
+        if len(ids) != len(sq):
+            raise ValueError("decode_batch: %d tokens for %d sequences" % (len(ids), len(sq)))
+        _check(lib.ckv_decode_batch(self._live(), ids, sq, len(ids)))
 
     def set_kv_policy(self, kv_policy: dict) -> None:
         """Switches to kv_policy ({field: value} over the library's defaults), keeping the

@@ -369,7 +369,7 @@ class Llama:
                  metadata_only: bool = False, kv_policy: str = "full",
                  kv_budget: Optional[int] = None,
                  kv_policy_params: Optional[Dict[str, Any]] = None,
-                 f32_activations: bool = False, **kwargs: Any):
+                 f32_activations: bool = False, n_seq_max: int = 1, **kwargs: Any):
         """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
 
         Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
@@ -382,6 +382,8 @@ class Llama:
         `f32_activations=True` multiplies f32 activations by dequantised weights instead of
         quantising activations to 8 bits (slower; a low-noise reference for comparing KV
         policies or precisions, CPU only).
+        `n_seq_max` sequences (each with its own KV cache of n_ctx positions) let
+        create_completion_batch() decode several prompts together (CPU only so far).
         `n_gpu_layers=-1` (or >= the layer count) runs the whole model on the GPU in a CUDA
         build (clusterkv_local.system_info() says what the build has); no usable GPU raises
         CudaError, a CPU-only build UnsupportedError.
@@ -417,7 +419,8 @@ class Llama:
                 if not isinstance(f32_activations, bool):
                     raise TypeError("f32_activations must be a bool, got %r" % (f32_activations,))
                 self._load_context(n_ctx, n_batch, n_threads, _kv_type(type_k, type_v),
-                                   kv_settings, f32_activations)
+                                   kv_settings, f32_activations,
+                                   _require_int("n_seq_max", n_seq_max, 1))
             self._chat = None if metadata_only else resolve_chat_format(chat_format,
                                                                          self.metadata)
         except BaseException:
@@ -445,12 +448,13 @@ class Llama:
                 _warn_unimplemented(name, value)
 
     def _load_context(self, n_ctx: int, n_batch: int, n_threads: int, kv_type: int,
-                      kv_settings: Dict[str, Any], f32_activations: bool = False) -> None:
+                      kv_settings: Dict[str, Any], f32_activations: bool = False,
+                      n_seq_max: int = 1) -> None:
         if n_ctx > 0:
             n_batch = min(n_ctx, n_batch)
         self._ctx = _Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              kv_type=kv_type, kv_policy=kv_settings,
-                             f32_activations=f32_activations)
+                             f32_activations=f32_activations, n_seq_max=n_seq_max)
         self._n_ctx = self._ctx.n_ctx()
         self.n_batch = self._ctx.n_batch()
         self.n_threads = self._ctx.n_threads()
@@ -936,6 +940,87 @@ class Llama:
             mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
             model=model, stopping_criteria=stopping_criteria,
             logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias)
+
+    def create_completion_batch(self, prompts: Sequence[Union[str, List[int]]],
+                                max_tokens: Optional[int] = 16, temperature: float = 0.8,
+                                top_p: float = 0.95, min_p: float = 0.05,
+                                stop: Union[None, str, List[str]] = [],
+                                frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                                repeat_penalty: float = 1.0, top_k: int = 40,
+                                seed: Optional[int] = None, model: Optional[str] = None
+                                ) -> Dict[str, Any]:
+        """Completes several prompts together, prompt i on sequence i of the context (so at
+        most n_seq_max of them): each prompt is prefilled on its sequence, then every step
+        decodes the next token of all unfinished ones in one batch (the weights are read once
+        per step for all of them). Each has its own sampler (seed + i) and stops on its own;
+        with temperature 0 the texts are those create_completion gives one prompt at a time.
+
+        Returns `{id, object: "text_completion", created, model, choices: [{text, index,
+        logprobs: None, finish_reason}, ...], usage}` with one choice per prompt, in order.
+        The Llama's evaluated tokens (sequence 0) are reset.
+
+        Example:
+            >>> llm = Llama(path, n_seq_max=4)
+            >>> out = llm.create_completion_batch(["Paris is", "Rome is"], max_tokens=8)
+            >>> [c["text"] for c in out["choices"]]
+        """
+        ctx = self._require_ctx()
+        prompts = list(prompts)
+        if not 1 <= len(prompts) <= ctx.n_seq_max():
+            raise ValueError("create_completion_batch takes 1 to n_seq_max (%d) prompts, got %d"
+                             % (ctx.n_seq_max(), len(prompts)))
+        params = _sampler_params(temperature, top_k, top_p, min_p, repeat_penalty,
+                                 frequency_penalty, presence_penalty, self.last_n_tokens_size)
+        prompt_tokens = [self._prompt_tokens(p) for p in prompts]
+        budgets = [self._completion_budget(max_tokens, len(t)) for t in prompt_tokens]
+        base_seed = seed if seed is not None else random.Random(self._seed).randint(0, 2**32)
+        self.reset()
+        states = [_CompletionState(_stop_bytes(stop)) for _ in prompts]
+        samplers: List[_Sampler] = []
+        try:
+            pending = {}   # sequence -> its sampled token, not yet recorded
+            for i, tokens in enumerate(prompt_tokens):
+                sampler = _Sampler(self._model, params, (base_seed + i) % 2**64)
+                samplers.append(sampler)
+                for token in tokens[-self.last_n_tokens_size:] if self.last_n_tokens_size else []:
+                    sampler.accept(token)
+                ctx.truncate_seq(i, 0)
+                ctx.decode_seq(i, tokens)   # its last row gives the first token
+                if budgets[i] > 0:
+                    pending[i] = sampler.sample_ptr(ctx.logits_ptr(-1), self._n_vocab)
+            while pending:
+                for i in [i for i, t in pending.items()
+                          if self._record_batch_token(states[i], samplers[i], t, budgets[i])]:
+                    del pending[i]
+                if pending:
+                    seqs = sorted(pending)
+                    ctx.decode_batch([pending[i] for i in seqs], seqs)
+                    pending = {i: samplers[i].sample_ptr(ctx.logits_ptr(row), self._n_vocab)
+                               for row, i in enumerate(seqs)}
+        finally:
+            for s in samplers:
+                s.close()
+        choices = [{"text": st.text.text(), "index": i, "logprobs": None,
+                    "finish_reason": st.finish_reason} for i, st in enumerate(states)]
+        n_prompt = sum(len(t) for t in prompt_tokens)
+        n_gen = sum(len(st.tokens) for st in states)
+        return {"id": "cmpl-%s" % uuid.uuid4(), "object": "text_completion",
+                "created": int(time.time()), "model": model or self.model_path,
+                "choices": choices, "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_gen,
+                                              "total_tokens": n_prompt + n_gen}}
+
+    def _record_batch_token(self, state: _CompletionState, sampler: _Sampler, token: int,
+                            budget: int) -> bool:
+        """One sampled token of a batched completion; True when that completion ends."""
+        if self._model.is_eog(token):
+            state.finish_reason = "stop"
+            return True
+        sampler.accept(token)
+        state.tokens.append(token)
+        if state.text.feed(self._model.token_to_piece(token)):
+            state.finish_reason = "stop"
+            return True
+        return len(state.tokens) >= budget
 
     def _prompt_tokens(self, prompt: Union[str, bytes, Sequence[int]]) -> List[int]:
         self._require_ctx()

@@ -28,14 +28,8 @@ extern "C" {
         }                                                                                      \
     } while (0)
 
-// Returns a failed ckv_status (already recorded by ckv_fail) from the enclosing function.
-#define TRY_OK(call)              \
-    do {                          \
-        int32_t st_ = (call);     \
-        if (st_ != CKV_OK) {      \
-            return st_;           \
-        }                         \
-    } while (0)
+// error.h's TRY under the name the CUDA files use.
+#define TRY_OK(call) TRY(call)
 
 #define CKV_WARP 32
 

@@ -254,12 +254,17 @@ struct ckv_context_params {
                                // Slower, but free of the 8-bit rounding that turns any tiny
                                // change (KV precision, a KV policy) into noise in the logits:
                                // a low-noise reference for fidelity measurements. CPU only.
+    uint32_t n_seq_max;   // independent sequences the context holds, each with its own KV cache
+                          // (n_ctx positions) and KV-policy state; 0 = 1 (default), at most 256.
+                          // ckv_decode and the calls without _seq use sequence 0; the GPU holds
+                          // one sequence so far (CKV_ERR_UNSUPPORTED for more).
 };
 
 CKV_API void ckv_context_default_params(struct ckv_context_params * out);
 
-// Creates a context for one sequence. Allocates the KV cache and every scratch buffer now,
-// so decoding allocates nothing. Fails with CKV_ERR_INVALID_ARG or CKV_ERR_OOM.
+// Creates a context for n_seq_max sequences (default 1). Allocates the KV caches and every
+// scratch buffer now, so decoding allocates nothing. Fails with CKV_ERR_INVALID_ARG or
+// CKV_ERR_OOM.
 CKV_API int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
                                  ckv_context ** out);
 CKV_API void    ckv_context_free(ckv_context * ctx);
@@ -270,11 +275,17 @@ CKV_API uint32_t ckv_context_n_batch(const ckv_context * ctx);
 CKV_API int32_t  ckv_context_n_threads(const ckv_context * ctx);
 CKV_API int32_t  ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads);
 
-// Tokens currently in the KV cache (the next token gets this position).
-CKV_API int32_t ckv_context_n_past(const ckv_context * ctx);
+CKV_API int32_t  ckv_context_n_seq_max(const ckv_context * ctx);
 
-// Drops cached positions >= n_keep (0 clears everything). n_keep > n_past is an error.
+// Tokens currently in the KV cache of sequence 0 / of sequence seq (-1 and an error for a
+// sequence out of range); the next token gets this position.
+CKV_API int32_t ckv_context_n_past(const ckv_context * ctx);
+CKV_API int32_t ckv_context_n_past_seq(const ckv_context * ctx, int32_t seq);
+
+// Drops cached positions >= n_keep (0 clears everything) of sequence 0 / of sequence seq.
+// n_keep > n_past is an error.
 CKV_API int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep);
+CKV_API int32_t ckv_context_truncate_seq(ckv_context * ctx, int32_t seq, int32_t n_keep);
 
 // Evaluates n_tokens tokens at positions n_past .. n_past + n_tokens - 1, in chunks of n_batch,
 // and appends them to the KV cache. Logits are kept for every token when all_logits is true,
@@ -283,6 +294,20 @@ CKV_API int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep);
 //   CKV_ERR_INVALID_ARG - a token id is out of range, or n_tokens <= 0; nothing was evaluated
 CKV_API int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens,
                            bool all_logits);
+// The same for sequence seq (ckv_decode is sequence 0). CKV_ERR_INVALID_ARG for a sequence out
+// of range.
+CKV_API int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens,
+                               int32_t n_tokens, bool all_logits);
+// One decode step of n distinct sequences together: tokens[i] is appended to sequence seqs[i]
+// and logits row i is its next-token distribution (ckv_get_logits(ctx, i)). The weights are
+// read once for all n rows, so n sequences cost little more than one on a memory-bound
+// machine; each row attends to its own sequence under its own KV policy, exactly as a
+// one-token ckv_decode_seq would (a decode step). Nothing is evaluated on an error:
+//   CKV_ERR_INVALID_ARG - n < 1 or n > n_batch, a sequence out of range or listed twice, a token
+//                         out of range
+//   CKV_ERR_CTX_FULL    - a sequence is full
+CKV_API int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int32_t * seqs,
+                                 int32_t n);
 
 // Rows of logits from the last ckv_decode: ckv_get_n_outputs rows of n_vocab floats, row i
 // belonging to the i-th kept token. i = -1 is the last row. NULL when out of range. The

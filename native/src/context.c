@@ -1,6 +1,8 @@
-// context.c - ckv_context: creation (KV cache and every scratch buffer up front), ckv_decode
-// (validation, chunking into n_batch rows, logits rows), truncation and timings. A context of
-// a model with a GPU copy runs each chunk through the CUDA backend instead of forward.c.
+// context.c - ckv_context: creation (KV caches and every scratch buffer up front), ckv_decode
+// and its per-sequence and batched forms (validation, chunking into n_batch rows, logits rows),
+// truncation and timings. A context holds n_seq_max sequences, each with its own KV cache and
+// KV-policy state; the scratch, the thread pool and the logits are shared. A context of a model
+// with a GPU copy (one sequence) runs each chunk through the CUDA backend instead of forward.c.
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -11,7 +13,8 @@
 #include "forward.h"
 #include "quants.h"
 
-enum { MAX_N_CTX = 1 << 22, MAX_HEAD_DIM = 512, DEFAULT_N_BATCH = 512 };
+enum { MAX_N_CTX = 1 << 22, MAX_HEAD_DIM = 512, DEFAULT_N_BATCH = 512, MAX_N_SEQ = 256 };
+
 
 void ckv_context_default_params(struct ckv_context_params * out) {
     memset(out, 0, sizeof(*out));
@@ -20,6 +23,7 @@ void ckv_context_default_params(struct ckv_context_params * out) {
     out->n_threads = 0;
     out->kv_type   = CKV_KV_F16;
     kv_policy_default_params(&out->kv_policy);
+    out->n_seq_max = 1;
 }
 
 static int default_threads(void) {
@@ -53,6 +57,13 @@ static int32_t resolve_params(const struct ckv_model * m, const struct ckv_conte
     if (out->f32_activations != 0 && out->f32_activations != 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "f32_activations must be 0 or 1, got %d",
                         out->f32_activations);
+    }
+    if (out->n_seq_max == 0) {
+        out->n_seq_max = 1;
+    }
+    if (out->n_seq_max > MAX_N_SEQ) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_seq_max must be in [1, %d] (0 = 1), got %u", MAX_N_SEQ,
+                        out->n_seq_max);
     }
     if (out->kv_type != CKV_KV_F16 && out->kv_type != CKV_KV_F32) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "kv_type must be CKV_KV_F16 (1) or CKV_KV_F32 (0), got %d",
@@ -100,60 +111,85 @@ static int32_t alloc_scratch(struct ckv_context * ctx) {
     return CKV_OK;
 }
 
-// The KV policy: which layers it compresses, its state, and the lists of the last decode step.
-static int32_t init_kv_policy(struct ckv_context * ctx) {
+// --- KV policy -------------------------------------------------------------------------------
+
+// Frees what init_seq_policy allocated (safe on a zeroed or partly built one).
+static void free_seq_policy(struct seq_policy * sp) {
+    kv_policy_free(&sp->policy);
+    free(sp->sel);
+    free(sp->sel_n);
+    free(sp->sel_pos);
+    free(sp->last_selected);
+    memset(sp, 0, sizeof(*sp));
+}
+
+static void free_policy_set(struct policy_set * ps, int32_t n_seq) {
+    for (int32_t i = 0; ps->seqs && i < n_seq; i++) {
+        free_seq_policy(&ps->seqs[i]);
+    }
+    free(ps->seqs);
+    free(ps->layer_compressed);
+    free(ps->att_weights);
+    memset(ps, 0, sizeof(*ps));
+}
+
+// One sequence's policy over its cache, and the lists of its last decode step.
+static int32_t init_seq_policy(const struct ckv_context * ctx, const struct policy_set * ps,
+                               struct ckv_seq * sq, struct seq_policy * sp) {
     const struct hparams * hp = &ctx->model->hp;
-    const struct ckv_kv_policy_params * kp = &ctx->params.kv_policy;
-    ctx->last_pos         = -1;
-    ctx->layer_compressed = calloc((size_t) hp->n_layer, sizeof(bool));
-    ctx->last_selected    = calloc((size_t) hp->n_layer, sizeof(bool));
-    if (!ctx->layer_compressed || !ctx->last_selected) {
+    const struct ckv_kv_policy_params * kp = &ps->params;
+    sp->last_selected = calloc((size_t) hp->n_layer, sizeof(bool));
+    if (!sp->last_selected) {
         return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy");
     }
-    for (int32_t il = 0; il < hp->n_layer; il++) {
-        ctx->layer_compressed[il] = il >= kp->n_dense_layers && !hparams_is_swa_layer(hp, il);
-    }
     if (ctx->gpu) {  // the backend runs the policy; the host keeps its params and n_steps
-        int32_t st = kv_policy_init_params_only(&ctx->policy, kp, &ctx->kv, hp->n_head,
-                                                ctx->layer_compressed);
-        return st == CKV_OK ? ckv_cuda_set_kv_policy(ctx->gpu, kp, ctx->layer_compressed) : st;
+        return kv_policy_init_params_only(&sp->policy, kp, &sq->kv, hp->n_head, ps->layer_compressed);
     }
-    int32_t st = kv_policy_init(&ctx->policy, kp, &ctx->kv, ctx->comp.pool, hp->n_head,
-                                ctx->layer_compressed);
-    if (st != CKV_OK || !ctx->policy.vt->select) {
+    int32_t st = kv_policy_init(&sp->policy, kp, &sq->kv, ctx->comp.pool, hp->n_head,
+                                ps->layer_compressed);
+    if (st != CKV_OK || !sp->policy.vt->select) {
         return st;
     }
-    ctx->policy_threads = ctx->params.n_threads;
     int64_t cap = kv_policy_max_list(kp, ctx->params.n_ctx);
-    ctx->sel     = calloc((size_t) hp->n_layer, sizeof(*ctx->sel));
-    ctx->sel_n   = calloc((size_t) hp->n_layer * hp->n_head, sizeof(int32_t));
-    ctx->sel_pos = malloc(sizeof(int32_t) * (size_t) hp->n_layer * hp->n_head * (size_t) cap);
-    if (ctx->policy.vt->wants_weights) {
-        ctx->att_weights = malloc(sizeof(float) * (size_t) hp->n_head * ctx->params.n_ctx);
-    }
-    if (!ctx->sel || !ctx->sel_n || !ctx->sel_pos || (ctx->policy.vt->wants_weights && !ctx->att_weights)) {
+    sp->sel     = calloc((size_t) hp->n_layer, sizeof(*sp->sel));
+    sp->sel_n   = calloc((size_t) hp->n_layer * hp->n_head, sizeof(int32_t));
+    sp->sel_pos = malloc(sizeof(int32_t) * (size_t) hp->n_layer * hp->n_head * (size_t) cap);
+    if (!sp->sel || !sp->sel_n || !sp->sel_pos) {
         return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy's lists (budget %d)", kp->budget);
     }
     for (int32_t il = 0; il < hp->n_layer; il++) {
-        ctx->sel[il] = (struct kv_selection) {hp->n_head, (int32_t) cap, ctx->sel_n + (size_t) il * hp->n_head,
-                                              ctx->sel_pos + (size_t) il * hp->n_head * cap};
+        sp->sel[il] = (struct kv_selection) {hp->n_head, (int32_t) cap, sp->sel_n + (size_t) il * hp->n_head,
+                                             sp->sel_pos + (size_t) il * hp->n_head * cap};
     }
     return CKV_OK;
 }
 
-// Frees what init_kv_policy allocated and clears the fields (safe to call twice).
-static void free_kv_policy(struct ckv_context * ctx) {
-    kv_policy_free(&ctx->policy);
-    free(ctx->layer_compressed);
-    free(ctx->last_selected);
-    free(ctx->sel);
-    free(ctx->sel_n);
-    free(ctx->sel_pos);
-    free(ctx->att_weights);
-    ctx->layer_compressed = ctx->last_selected = NULL;
-    ctx->sel         = NULL;
-    ctx->sel_n       = ctx->sel_pos = NULL;
-    ctx->att_weights = NULL;
+// The KV policy kp for every sequence: which layers it compresses, each sequence's state.
+// On a GPU context the backend gets the policy last, so a failure leaves its old one in force.
+static int32_t init_policy_set(const struct ckv_context * ctx, const struct ckv_kv_policy_params * kp,
+                               struct policy_set * ps) {
+    const struct hparams * hp = &ctx->model->hp;
+    memset(ps, 0, sizeof(*ps));
+    ps->params           = *kp;
+    ps->threads          = ctx->params.n_threads;
+    ps->layer_compressed = calloc((size_t) hp->n_layer, sizeof(bool));
+    ps->seqs             = calloc((size_t) ctx->n_seq, sizeof(*ps->seqs));
+    if (!ps->layer_compressed || !ps->seqs) {
+        return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy");
+    }
+    for (int32_t il = 0; il < hp->n_layer; il++) {
+        ps->layer_compressed[il] = il >= kp->n_dense_layers && !hparams_is_swa_layer(hp, il);
+    }
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        TRY(init_seq_policy(ctx, ps, &ctx->seqs[i], &ps->seqs[i]));
+    }
+    if (ps->seqs[0].policy.vt->wants_weights) {
+        ps->att_weights = malloc(sizeof(float) * (size_t) hp->n_head * ctx->params.n_ctx);
+        if (!ps->att_weights) {
+            return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy's attention weights");
+        }
+    }
+    return ctx->gpu ? ckv_cuda_set_kv_policy(ctx->gpu, kp, ps->layer_compressed) : CKV_OK;
 }
 
 // The GPU runs full and clusterkv; ids out of range are left to kv_policy_init's message.
@@ -179,14 +215,28 @@ static int32_t init_gpu(struct ckv_context * ctx) {
         st = ckv_fail(CKV_ERR_UNSUPPORTED, "kv_type f32 runs on the CPU path only: the GPU keeps "
                       "an f16 KV cache (use kv_type f16, or n_gpu_layers=0)");
     }
+    if (st == CKV_OK && ctx->n_seq > 1) {
+        st = ckv_fail(CKV_ERR_UNSUPPORTED, "n_seq_max %d: the GPU context holds one sequence so far "
+                      "(use n_seq_max 1, or n_gpu_layers=0)", ctx->n_seq);
+    }
     if (st != CKV_OK) {
         return st;
     }
-    ctx->kv = (struct kv_cache) {.n_ctx = (int32_t) ctx->params.n_ctx, .n_layer = hp->n_layer,
-                                 .n_head_kv = hp->n_head_kv, .head_dim = hp->head_dim,
-                                 .type = GGML_TYPE_F16, .elt_size = sizeof(ckv_fp16)};
+    ctx->seqs[0].kv = (struct kv_cache) {.n_ctx = (int32_t) ctx->params.n_ctx, .n_layer = hp->n_layer,
+                                         .n_head_kv = hp->n_head_kv, .head_dim = hp->head_dim,
+                                         .type = GGML_TYPE_F16, .elt_size = sizeof(ckv_fp16)};
     return ckv_cuda_context_create(ctx->model->gpu, (int32_t) ctx->params.n_ctx,
                                    (int32_t) ctx->params.n_batch, &ctx->gpu);
+}
+
+static int32_t init_cpu(struct ckv_context * ctx) {
+    const struct hparams * hp = &ctx->model->hp;
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        TRY(kv_cache_init(&ctx->seqs[i].kv, (int32_t) ctx->params.n_ctx, hp->n_layer, hp->n_head_kv,
+                          hp->head_dim, (uint32_t) ctx->params.kv_type));
+    }
+    TRY(threadpool_create(ctx->params.n_threads, &ctx->comp.pool));
+    return alloc_scratch(ctx);
 }
 
 int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
@@ -214,22 +264,20 @@ int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_param
         return ckv_fail(CKV_ERR_OOM, "out of memory for the context");
     }
     ctx->model = model;
-    const struct hparams * hp = &model->hp;
     int32_t st = resolve_params(model, params, &ctx->params);
-    if (st == CKV_OK && model->gpu) {
-        st = init_gpu(ctx);
-    } else if (st == CKV_OK) {
-        st = kv_cache_init(&ctx->kv, (int32_t) ctx->params.n_ctx, hp->n_layer, hp->n_head_kv,
-                           hp->head_dim, (uint32_t) ctx->params.kv_type);
-        if (st == CKV_OK) {
-            st = threadpool_create(ctx->params.n_threads, &ctx->comp.pool);
-        }
-        if (st == CKV_OK) {
-            st = alloc_scratch(ctx);
-        }
+    if (st == CKV_OK) {
+        ctx->n_seq = (int32_t) ctx->params.n_seq_max;
+        ctx->seqs  = calloc((size_t) ctx->n_seq, sizeof(*ctx->seqs));
+        st = ctx->seqs ? CKV_OK : ckv_fail(CKV_ERR_OOM, "out of memory for the context");
+    }
+    for (int32_t i = 0; st == CKV_OK && i < ctx->n_seq; i++) {
+        ctx->seqs[i].last_pos = -1;
     }
     if (st == CKV_OK) {
-        st = init_kv_policy(ctx);
+        st = model->gpu ? init_gpu(ctx) : init_cpu(ctx);
+    }
+    if (st == CKV_OK) {
+        st = init_policy_set(ctx, &ctx->params.kv_policy, &ctx->pol);
     }
     if (st != CKV_OK) {
         ckv_context_free(ctx);
@@ -243,9 +291,12 @@ void ckv_context_free(ckv_context * ctx) {
     if (!ctx) {
         return;
     }
-    free_kv_policy(ctx);
+    free_policy_set(&ctx->pol, ctx->n_seq);
     ckv_cuda_context_free(ctx->gpu);
-    kv_cache_free(&ctx->kv);
+    for (int32_t i = 0; ctx->seqs && i < ctx->n_seq; i++) {
+        kv_cache_free(&ctx->seqs[i].kv);
+    }
+    free(ctx->seqs);
     threadpool_free(ctx->comp.pool);
     float * bufs[] = {ctx->s.x, ctx->s.xb, ctx->s.xb2, ctx->s.q, ctx->s.k, ctx->s.v, ctx->s.att,
                       ctx->s.hb, ctx->s.hb2, ctx->comp.att_scores, ctx->comp.att_partials,
@@ -262,7 +313,21 @@ void ckv_context_free(ckv_context * ctx) {
 uint32_t ckv_context_n_ctx(const ckv_context * ctx) { return ctx->params.n_ctx; }
 uint32_t ckv_context_n_batch(const ckv_context * ctx) { return ctx->params.n_batch; }
 int32_t  ckv_context_n_threads(const ckv_context * ctx) { return ctx->params.n_threads; }
-int32_t  ckv_context_n_past(const ckv_context * ctx) { return ctx->n_past; }
+int32_t  ckv_context_n_seq_max(const ckv_context * ctx) { return ctx->n_seq; }
+int32_t  ckv_context_n_past(const ckv_context * ctx) { return ctx->seqs[0].n_past; }
+
+static int32_t check_seq(const ckv_context * ctx, int32_t seq) {
+    if (seq < 0 || seq >= ctx->n_seq) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "sequence %d is out of range [0, n_seq_max = %d)", seq,
+                        ctx->n_seq);
+    }
+    return CKV_OK;
+}
+
+int32_t ckv_context_n_past_seq(const ckv_context * ctx, int32_t seq) {
+    ckv_clear_error();
+    return check_seq(ctx, seq) == CKV_OK ? ctx->seqs[seq].n_past : -1;
+}
 
 int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
     ckv_clear_error();
@@ -274,10 +339,10 @@ int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
         ctx->params.n_threads = n;  // a GPU context has no CPU workers to resize
         return CKV_OK;
     }
-    if (ctx->params.kv_policy.policy == CKV_KV_POLICY_CLUSTERKV && n > ctx->policy_threads) {
+    if (ctx->pol.params.policy == CKV_KV_POLICY_CLUSTERKV && n > ctx->pol.threads) {
         // its k-means scratch is sized per thread when the context is created
         return ckv_fail(CKV_ERR_UNSUPPORTED, "the clusterkv policy was set up for %d threads; "
-                        "create the context with n_threads = %d instead", ctx->policy_threads, n);
+                        "create the context with n_threads = %d instead", ctx->pol.threads, n);
     }
     float * scores = malloc(sizeof(float) * (size_t) ctx->comp.att_stride * (size_t) n);
     struct threadpool * pool = NULL;
@@ -290,24 +355,32 @@ int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
     free(ctx->comp.att_scores);
     ctx->comp.pool       = pool;
     ctx->comp.att_scores = scores;
-    ctx->policy.pool     = pool;
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        ctx->pol.seqs[i].policy.pool = pool;
+    }
     ctx->params.n_threads = n;
     return CKV_OK;
 }
 
-int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep) {
+int32_t ckv_context_truncate_seq(ckv_context * ctx, int32_t seq, int32_t n_keep) {
     ckv_clear_error();
-    if (n_keep < 0 || n_keep > ctx->n_past) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "n_keep %d must be in [0, n_past = %d]", n_keep, ctx->n_past);
+    TRY(check_seq(ctx, seq));
+    struct ckv_seq * sq = &ctx->seqs[seq];
+    if (n_keep < 0 || n_keep > sq->n_past) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_keep %d must be in [0, n_past = %d]", n_keep, sq->n_past);
     }
-    ctx->n_past    = n_keep;  // positions >= n_keep are overwritten by the next decode
+    sq->n_past     = n_keep;  // positions >= n_keep are overwritten by the next decode
+    sq->last_pos   = -1;      // the last step's lists may name dropped positions
     ctx->n_outputs = 0;
-    ctx->last_pos  = -1;      // the last step's lists may name dropped positions
-    kv_policy_truncate(&ctx->policy, n_keep);
+    kv_policy_truncate(&ctx->pol.seqs[seq].policy, n_keep);
     if (ctx->gpu) {
         ckv_cuda_kv_truncate(ctx->gpu, n_keep);
     }
     return CKV_OK;
+}
+
+int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep) {
+    return ckv_context_truncate_seq(ctx, 0, n_keep);
 }
 
 // --- decode ----------------------------------------------------------------------------------
@@ -318,14 +391,7 @@ static double now_ms(void) {
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-static int32_t check_tokens(const ckv_context * ctx, const ckv_token * tokens, int32_t n) {
-    if (!tokens || n <= 0) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_decode needs at least one token (got %d)", n);
-    }
-    if ((int64_t) ctx->n_past + n > ctx->params.n_ctx) {
-        return ckv_fail(CKV_ERR_CTX_FULL, "%d tokens at position %d exceed the context window of %u",
-                        n, ctx->n_past, ctx->params.n_ctx);
-    }
+static int32_t check_token_ids(const ckv_context * ctx, const ckv_token * tokens, int32_t n) {
     for (int32_t i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= ctx->model->hp.n_vocab) {
             return ckv_fail(CKV_ERR_INVALID_ARG, "token %d at index %d is outside the vocabulary [0, %d)",
@@ -333,6 +399,18 @@ static int32_t check_tokens(const ckv_context * ctx, const ckv_token * tokens, i
         }
     }
     return CKV_OK;
+}
+
+static int32_t check_tokens(const ckv_context * ctx, const struct ckv_seq * sq, const ckv_token * tokens,
+                            int32_t n) {
+    if (!tokens || n <= 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_decode needs at least one token (got %d)", n);
+    }
+    if ((int64_t) sq->n_past + n > ctx->params.n_ctx) {
+        return ckv_fail(CKV_ERR_CTX_FULL, "%d tokens at position %d exceed the context window of %u",
+                        n, sq->n_past, ctx->params.n_ctx);
+    }
+    return check_token_ids(ctx, tokens, n);
 }
 
 static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
@@ -348,37 +426,47 @@ static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
     return CKV_OK;
 }
 
-// forward_chunk's twin on the GPU: the same logits rows, the same bookkeeping of the last step
-// (a GPU policy counts its own steps; under full they are counted per compressed layer as
-// attend_dense counts them).
+// forward_groups' twin on the GPU for sequence 0: the same logits rows, the same bookkeeping of
+// the last step (a GPU policy counts its own steps; under full they are counted per compressed
+// layer as attend_dense counts them).
 static int32_t gpu_chunk(ckv_context * ctx, const ckv_token * tokens, int32_t n, int32_t pos0,
                          int32_t first_output, bool decode_step, float * logits) {
     int32_t st = ckv_cuda_decode(ctx->gpu, tokens, n, pos0, first_output, logits, decode_step);
     if (st != CKV_OK) {
         return st;
     }
-    ctx->last_pos = pos0 + n - 1;
+    ctx->seqs[0].last_pos = pos0 + n - 1;
     bool counted = ckv_cuda_has_kv_policy(ctx->gpu);
     for (int32_t il = 0; decode_step && !counted && il < ctx->model->hp.n_layer; il++) {
-        if (ctx->layer_compressed[il]) {
-            kv_policy_count_dense_step(&ctx->policy, pos0);
+        if (ctx->pol.layer_compressed[il]) {
+            kv_policy_count_dense_step(&ctx->pol.seqs[0].policy, pos0);
         }
     }
     return CKV_OK;
 }
 
-int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens, bool all_logits) {
+static void add_timing(ckv_context * ctx, double t0, int32_t n_tokens, bool decode) {
+    double dt = now_ms() - t0;
+    if (decode) {
+        ctx->timings.t_decode_ms += dt;
+        ctx->timings.n_decode += n_tokens;
+    } else {
+        ctx->timings.t_prefill_ms += dt;
+        ctx->timings.n_prefill += n_tokens;
+    }
+}
+
+int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens, int32_t n_tokens,
+                       bool all_logits) {
     ckv_clear_error();
-    int32_t st = check_tokens(ctx, tokens, n_tokens);
-    if (st == CKV_OK) {
-        st = reserve_logits(ctx, all_logits ? n_tokens : 1);
-    }
-    if (st != CKV_OK) {
-        return st;
-    }
+    TRY(check_seq(ctx, seq));
+    struct ckv_seq * sq = &ctx->seqs[seq];
+    TRY(check_tokens(ctx, sq, tokens, n_tokens));
+    TRY(reserve_logits(ctx, all_logits ? n_tokens : 1));
     double  t0      = now_ms();
     int64_t n_vocab = ctx->model->hp.n_vocab;
-    int32_t n_past0 = ctx->n_past;
+    int32_t n_past0 = sq->n_past;
+    bool    decode  = n_tokens == 1;
     for (int32_t done = 0; done < n_tokens;) {
         int32_t n    = n_tokens - done < (int32_t) ctx->params.n_batch ? n_tokens - done
                                                                      : (int32_t) ctx->params.n_batch;
@@ -386,29 +474,64 @@ int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens
         int64_t first_output = all_logits ? 0 : (last ? n - 1 : n);
         float * rows = ctx->logits + (all_logits ? (int64_t) done * n_vocab : 0);
         if (ctx->gpu) {
-            st = gpu_chunk(ctx, tokens + done, n, ctx->n_past, (int32_t) first_output, n_tokens == 1, rows);
+            int32_t st = gpu_chunk(ctx, tokens + done, n, sq->n_past, (int32_t) first_output, decode, rows);
+            if (st != CKV_OK) {  // only the GPU can fail here: forget the chunks already run
+                sq->n_past     = n_past0;
+                sq->last_pos   = -1;
+                ctx->n_outputs = 0;
+                return st;
+            }
         } else {
-            forward_chunk(ctx, tokens + done, n, ctx->n_past, first_output, n_tokens == 1, rows);
+            struct fwd_group g = {seq, sq->n_past, n, decode};
+            forward_groups(ctx, tokens + done, &g, 1, first_output, rows);
         }
-        if (st != CKV_OK) {  // only the GPU can fail here: forget the chunks already run
-            ctx->n_past    = n_past0;
-            ctx->n_outputs = 0;
-            ctx->last_pos  = -1;
-            return st;
-        }
-        ctx->n_past += n;
+        sq->n_past += n;
         done += n;
     }
     ctx->n_outputs = all_logits ? n_tokens : 1;
-    double dt = now_ms() - t0;
-    if (n_tokens == 1) {
-        ctx->timings.t_decode_ms += dt;
-        ctx->timings.n_decode += 1;
-        ctx->policy.stats.n_steps += 1;
-    } else {
-        ctx->timings.t_prefill_ms += dt;
-        ctx->timings.n_prefill += n_tokens;
+    add_timing(ctx, t0, n_tokens, decode);
+    if (decode) {
+        ctx->pol.seqs[seq].policy.stats.n_steps += 1;
     }
+    return CKV_OK;
+}
+
+int32_t ckv_decode(ckv_context * ctx, const ckv_token * tokens, int32_t n_tokens, bool all_logits) {
+    return ckv_decode_seq(ctx, 0, tokens, n_tokens, all_logits);
+}
+
+int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int32_t * seqs, int32_t n) {
+    ckv_clear_error();
+    if (!tokens || !seqs || n < 1 || n > (int32_t) ctx->params.n_batch) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_decode_batch needs 1 <= n (%d) <= n_batch (%u) "
+                        "tokens and sequence ids", n, ctx->params.n_batch);
+    }
+    for (int32_t i = 0; i < n; i++) {
+        TRY(check_seq(ctx, seqs[i]));
+        for (int32_t j = 0; j < i; j++) {
+            if (seqs[j] == seqs[i]) {
+                return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_decode_batch: sequence %d appears twice "
+                                "(one token per sequence and step)", seqs[i]);
+            }
+        }
+        TRY(check_tokens(ctx, &ctx->seqs[seqs[i]], tokens + i, 1));
+    }
+    if (ctx->gpu) {  // one sequence: the batch is one decode step of it
+        return ckv_decode_seq(ctx, seqs[0], tokens, 1, false);
+    }
+    TRY(reserve_logits(ctx, n));
+    struct fwd_group groups[MAX_N_SEQ];
+    for (int32_t i = 0; i < n; i++) {
+        groups[i] = (struct fwd_group) {seqs[i], ctx->seqs[seqs[i]].n_past, 1, true};
+    }
+    double t0 = now_ms();
+    forward_groups(ctx, tokens, groups, n, 0, ctx->logits);
+    for (int32_t i = 0; i < n; i++) {
+        ctx->seqs[seqs[i]].n_past += 1;
+        ctx->pol.seqs[seqs[i]].policy.stats.n_steps += 1;
+    }
+    ctx->n_outputs = n;
+    add_timing(ctx, t0, n, true);
     return CKV_OK;
 }
 
@@ -431,14 +554,26 @@ void ckv_context_reset_timings(ckv_context * ctx) { memset(&ctx->timings, 0, siz
 // --- KV policy -------------------------------------------------------------------------------
 
 void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out) {
-    kv_policy_get_stats(&ctx->policy, out);
+    kv_policy_get_stats(&ctx->pol.seqs[0].policy, out);
+    for (int32_t i = 1; i < ctx->n_seq; i++) {  // summed over the sequences
+        struct ckv_kv_stats s;
+        kv_policy_get_stats(&ctx->pol.seqs[i].policy, &s);
+        out->n_steps += s.n_steps;
+        out->n_attended += s.n_attended;
+        out->n_cached += s.n_cached;
+        out->t_cluster_ms += s.t_cluster_ms;
+        out->t_select_ms += s.t_select_ms;
+        out->n_clusters += s.n_clusters;
+    }
     if (ctx->gpu) {  // a device fault here surfaces at the next decode
         ckv_cuda_kv_stats(ctx->gpu, out);
     }
 }
 
 void ckv_context_reset_kv_stats(ckv_context * ctx) {
-    kv_policy_reset_stats(&ctx->policy);
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        kv_policy_reset_stats(&ctx->pol.seqs[i].policy);
+    }
     if (ctx->gpu) {
         ckv_cuda_kv_reset_stats(ctx->gpu);
     }
@@ -463,7 +598,8 @@ int32_t ckv_context_kv_n_clusters(const ckv_context * ctx, int32_t il, int32_t h
         st = ckv_fail(CKV_ERR_INVALID_ARG, "ckv_context_kv_n_clusters: out must not be NULL");
     }
     if (st == CKV_OK) {
-        *out = ctx->gpu ? ckv_cuda_kv_n_clusters(ctx->gpu, il) : kv_policy_n_clusters(&ctx->policy, il, h);
+        *out = ctx->gpu ? ckv_cuda_kv_n_clusters(ctx->gpu, il)
+                        : kv_policy_n_clusters(&ctx->pol.seqs[0].policy, il, h);
     }
     return st;
 }
@@ -475,7 +611,9 @@ int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h,
     if (st != CKV_OK) {
         return st;
     }
-    if (ctx->last_pos < 0) {
+    const struct ckv_seq *    sq = &ctx->seqs[0];
+    const struct seq_policy * sp = &ctx->pol.seqs[0];
+    if (sq->last_pos < 0) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "no decode has run since the context was created or "
                         "truncated");
     }
@@ -491,10 +629,10 @@ int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h,
         }
     }
     const int32_t * list = NULL;
-    int64_t first = 0, n = ctx->last_pos + 1;  // dense: every causal position (or the window)
-    if (ctx->last_selected[il]) {
-        list = ctx->sel[il].pos + (size_t) h * ctx->sel[il].cap;
-        n    = ctx->sel[il].n[h];
+    int64_t first = 0, n = sq->last_pos + 1;  // dense: every causal position (or the window)
+    if (sp->last_selected[il]) {
+        list = sp->sel[il].pos + (size_t) h * sp->sel[il].cap;
+        n    = sp->sel[il].n[h];
     } else if (hparams_is_swa_layer(&ctx->model->hp, il) && n > ctx->model->hp.n_swa) {
         first = n - ctx->model->hp.n_swa;
         n     = ctx->model->hp.n_swa;
@@ -514,37 +652,6 @@ int32_t ckv_context_kv_selection(const ckv_context * ctx, int32_t il, int32_t h,
 
 // --- switching the KV policy -----------------------------------------------------------------
 
-// Everything init_kv_policy sets up, moved out of a context so a switch can be undone.
-struct policy_parts {
-    struct ckv_kv_policy_params params;
-    struct kv_policy            policy;
-    bool *                      layer_compressed;
-    bool *                      last_selected;
-    struct kv_selection *       sel;
-    int32_t *                   sel_n;
-    int32_t *                   sel_pos;
-    float *                     att_weights;
-    int64_t                     last_pos;
-    int32_t                     policy_threads;
-};
-
-static void swap_policy_parts(struct ckv_context * ctx, struct policy_parts * p) {
-    struct policy_parts cur = {ctx->params.kv_policy, ctx->policy, ctx->layer_compressed,
-                               ctx->last_selected, ctx->sel, ctx->sel_n, ctx->sel_pos,
-                               ctx->att_weights, ctx->last_pos, ctx->policy_threads};
-    ctx->params.kv_policy = p->params;
-    ctx->policy           = p->policy;
-    ctx->layer_compressed = p->layer_compressed;
-    ctx->last_selected    = p->last_selected;
-    ctx->sel              = p->sel;
-    ctx->sel_n            = p->sel_n;
-    ctx->sel_pos          = p->sel_pos;
-    ctx->att_weights      = p->att_weights;
-    ctx->last_pos         = p->last_pos;
-    ctx->policy_threads   = p->policy_threads;
-    *p = cur;
-}
-
 int32_t ckv_context_set_kv_policy(ckv_context * ctx, const struct ckv_kv_policy_params * params) {
     ckv_clear_error();
     if (!ctx || !params) {
@@ -553,24 +660,27 @@ int32_t ckv_context_set_kv_policy(ckv_context * ctx, const struct ckv_kv_policy_
     if (check_gpu_policy(ctx, params->policy) != CKV_OK) {
         return CKV_ERR_UNSUPPORTED;
     }
-    if (params->policy == CKV_KV_POLICY_H2O && ctx->n_past > 0) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "cannot switch to h2o with %d positions cached: h2o "
-                        "scores positions by the prefill's attention weights, which are not kept; "
-                        "create the context with kv_policy h2o (or truncate to 0 first)", ctx->n_past);
+    for (int32_t i = 0; params->policy == CKV_KV_POLICY_H2O && i < ctx->n_seq; i++) {
+        if (ctx->seqs[i].n_past > 0) {
+            return ckv_fail(CKV_ERR_INVALID_ARG, "cannot switch to h2o with %d positions cached: h2o "
+                            "scores positions by the prefill's attention weights, which are not kept; "
+                            "create the context with kv_policy h2o (or truncate to 0 first)",
+                            ctx->seqs[i].n_past);
+        }
     }
-    // Build the new policy in the context's fields, keeping the old one aside until it works.
-    struct policy_parts old = {.params = *params};
-    memset(&old.policy, 0, sizeof(old.policy));
-    swap_policy_parts(ctx, &old);
-    int32_t st = init_kv_policy(ctx);
+    // Build the new policy beside the old one, which stays in force until it works.
+    struct policy_set next;
+    int32_t st = init_policy_set(ctx, params, &next);
     if (st != CKV_OK) {
-        free_kv_policy(ctx);
-        swap_policy_parts(ctx, &old);  // the old policy is back, untouched
+        free_policy_set(&next, ctx->n_seq);
         return st;
     }
-    swap_policy_parts(ctx, &old);
-    free_kv_policy(ctx);
-    swap_policy_parts(ctx, &old);
-    kv_policy_rebuild(&ctx->policy, ctx->n_past);
+    free_policy_set(&ctx->pol, ctx->n_seq);
+    ctx->pol = next;
+    ctx->params.kv_policy = *params;
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        ctx->seqs[i].last_pos = -1;  // the last step's lists belonged to the old policy
+        kv_policy_rebuild(&ctx->pol.seqs[i].policy, ctx->seqs[i].n_past);
+    }
     return CKV_OK;
 }

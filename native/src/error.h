@@ -15,6 +15,16 @@
 // `return ckv_fail(CKV_ERR_FORMAT, "tensor '%s' ends past the file", name);`
 int32_t ckv_fail(int32_t status, const char * fmt, ...) CKV_PRINTF(2, 3);
 
+// Returns a failed status (already recorded by ckv_fail) from the enclosing function:
+// `TRY(kv_cache_init(...));`
+#define TRY(expr)                  \
+    do {                           \
+        int32_t st_ = (expr);      \
+        if (st_ != CKV_OK) {       \
+            return st_;            \
+        }                          \
+    } while (0)
+
 // Clears the message (called on entry to public functions that can fail).
 void ckv_clear_error(void);
 

@@ -24,41 +24,81 @@ static void head_norm(const struct hparams * hp, float * x, int64_t n_rows, cons
     ops_rmsnorm(x, x, w->data, n_rows, hp->head_dim, hp->rms_eps);
 }
 
+// Where one group's attention reads and writes: its sequence and its rows of q and att.
+struct group_io {
+    struct ckv_seq *    sq;
+    struct seq_policy * sp;
+    float *             q;     // [n][n_head * head_dim]
+    float *             att;   // [n][n_head * head_dim]
+};
+
 // Decode step in a compressed layer: the policy picks each head's positions, attention reads
 // them in place, and a policy that learns from attention (h2o) sees the softmax weights.
-static void attend_selected(struct ckv_context * ctx, int il, const struct attention_params * ap,
-                            int64_t pos) {
-    struct kv_selection * sel = &ctx->sel[il];
-    kv_policy_select(&ctx->policy, il, pos, ctx->s.q, sel);
-    float * weights = ctx->policy.vt->wants_weights ? ctx->att_weights : NULL;
-    ops_attention_selected(&ctx->comp, &ctx->kv, ap, ctx->s.q, ctx->s.att, pos, sel->n, sel->pos,
+static void attend_selected(struct ckv_context * ctx, const struct group_io * io, int il,
+                            const struct attention_params * ap, int64_t pos) {
+    struct kv_selection * sel = &io->sp->sel[il];
+    kv_policy_select(&io->sp->policy, il, pos, io->q, sel);
+    float * weights = io->sp->policy.vt->wants_weights ? ctx->pol.att_weights : NULL;
+    ops_attention_selected(&ctx->comp, &io->sq->kv, ap, io->q, io->att, pos, sel->n, sel->pos,
                            sel->cap, weights);
     if (weights) {
-        kv_policy_observe(&ctx->policy, il, sel, weights);
+        kv_policy_observe(&io->sp->policy, il, sel, weights);
     }
 }
 
-// Dense attention of a chunk; in a compressed layer the policy still sees the chunk's softmax
+// Dense attention of a run; in a compressed layer the policy still sees the run's softmax
 // weights (h2o) and a full-policy decode step is counted.
-static void attend_dense(struct ckv_context * ctx, int il, const struct attention_params * ap,
-                         int64_t n, int64_t pos0, bool decode_step) {
-    ops_attention(&ctx->comp, &ctx->kv, ap, ctx->s.q, ctx->s.att, n, pos0);
-    if (!ctx->layer_compressed[il]) {
+static void attend_dense(struct ckv_context * ctx, const struct group_io * io, int il,
+                         const struct attention_params * ap, int64_t n, int64_t pos0, bool decode_step) {
+    ops_attention(&ctx->comp, &io->sq->kv, ap, io->q, io->att, n, pos0);
+    if (!ctx->pol.layer_compressed[il]) {
         return;
     }
-    if (ctx->policy.vt->wants_weights) {
+    struct kv_policy * policy = &io->sp->policy;
+    if (policy->vt->wants_weights) {
         int64_t n_pos = pos0 + n;
-        memset(ctx->att_weights, 0, sizeof(float) * (size_t) (ap->n_head * n_pos));
-        ops_attention_weight_sums(&ctx->comp, &ctx->kv, ap, ctx->s.q, n, pos0, ctx->att_weights, n_pos);
-        kv_policy_observe_dense(&ctx->policy, il, n_pos, ctx->att_weights);
+        memset(ctx->pol.att_weights, 0, sizeof(float) * (size_t) (ap->n_head * n_pos));
+        ops_attention_weight_sums(&ctx->comp, &io->sq->kv, ap, io->q, n, pos0, ctx->pol.att_weights, n_pos);
+        kv_policy_observe_dense(policy, il, n_pos, ctx->pol.att_weights);
     }
     if (decode_step) {
-        kv_policy_count_dense_step(&ctx->policy, pos0);
+        kv_policy_count_dense_step(policy, pos0);
     }
 }
 
-// x += attention(norm(x)) for layer il over tokens at positions pos0 ..
-static void attention_block(struct ckv_context * ctx, int il, int64_t n, int64_t pos0, bool decode_step) {
+// One group's part of layer il: RoPE at its positions, its cache rows, its attention.
+static void attend_group(struct ckv_context * ctx, int il, const struct fwd_group * g, int64_t row0) {
+    const struct ckv_model * m  = ctx->model;
+    const struct hparams *   hp = &m->hp;
+    struct scratch *         s  = &ctx->s;
+    int64_t q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
+    struct group_io io = {&ctx->seqs[g->seq], &ctx->pol.seqs[g->seq], s->q + row0 * q_dim,
+                          s->att + row0 * q_dim};
+    float * k = s->k + row0 * kv_dim, * v = s->v + row0 * kv_dim;
+
+    bool swa = hparams_is_swa_layer(hp, il);
+    struct rope_params rope = {hp->n_rot, hp->head_dim, swa ? hp->rope_base_swa : hp->rope_base,
+                               swa ? 1.0f : hp->rope_freq_scale, m->rope_freqs, hp->rope_mode};
+    ops_rope(&rope, io.q, g->n, hp->n_head, g->pos0);
+    ops_rope(&rope, k, g->n, hp->n_head_kv, g->pos0);
+    kv_cache_store(&io.sq->kv, il, k, v, g->n, g->pos0);
+    kv_policy_on_store(&io.sp->policy, il, g->pos0, g->n);
+
+    struct attention_params ap = {il, hp->n_head, hp->n_head_kv, hp->head_dim,
+                                  swa ? hp->n_swa : 0, hp->attn_scale};
+    bool selected = g->decode_step && g->n == 1 && ctx->pol.layer_compressed[il] &&
+                    io.sp->policy.vt->select;
+    if (selected) {
+        attend_selected(ctx, &io, il, &ap, g->pos0);
+    } else {
+        attend_dense(ctx, &io, il, &ap, g->n, g->pos0, g->decode_step && g->n == 1);
+    }
+    io.sp->last_selected[il] = selected;
+}
+
+// x += attention(norm(x)) for layer il over all rows (n of them, in groups).
+static void attention_block(struct ckv_context * ctx, int il, const struct fwd_group * groups,
+                            int32_t n_groups, int64_t n) {
     const struct ckv_model *     m  = ctx->model;
     const struct hparams *       hp = &m->hp;
     const struct layer_weights * L  = &m->layers[il];
@@ -76,23 +116,9 @@ static void attention_block(struct ckv_context * ctx, int il, int64_t n, int64_t
         head_norm(hp, s->q, n * hp->n_head, &L->attn_q_norm);
         head_norm(hp, s->k, n * hp->n_head_kv, &L->attn_k_norm);
     }
-    bool swa = hparams_is_swa_layer(hp, il);
-    struct rope_params rope = {hp->n_rot, hp->head_dim, swa ? hp->rope_base_swa : hp->rope_base,
-                               swa ? 1.0f : hp->rope_freq_scale, m->rope_freqs, hp->rope_mode};
-    ops_rope(&rope, s->q, n, hp->n_head, pos0);
-    ops_rope(&rope, s->k, n, hp->n_head_kv, pos0);
-    kv_cache_store(&ctx->kv, il, s->k, s->v, n, pos0);
-    kv_policy_on_store(&ctx->policy, il, pos0, n);
-
-    struct attention_params ap = {il, hp->n_head, hp->n_head_kv, hp->head_dim,
-                                  swa ? hp->n_swa : 0, hp->attn_scale};
-    bool selected = decode_step && ctx->layer_compressed[il] && ctx->policy.vt->select;
-    if (selected) {
-        attend_selected(ctx, il, &ap, pos0);
-    } else {
-        attend_dense(ctx, il, &ap, n, pos0, decode_step);
+    for (int32_t i = 0, row0 = 0; i < n_groups; row0 += (int32_t) groups[i].n, i++) {
+        attend_group(ctx, il, &groups[i], row0);
     }
-    ctx->last_selected[il] = selected;
     struct matmul_job out = {&L->attn_output, s->xb2, hp->n_embd, NULL};
     ops_matmul(&ctx->comp, &out, 1, s->att, n);
     if (hp->arch == ARCH_GEMMA3) {
@@ -137,14 +163,20 @@ static void output_head(struct ckv_context * ctx, int64_t first, int64_t n, floa
     ops_matmul(&ctx->comp, &head, 1, s->xb, rows);
 }
 
-void forward_chunk(struct ckv_context * ctx, const ckv_token * tokens, int64_t n, int64_t pos0,
-                   int64_t first_output, bool decode_step, float * logits) {
+void forward_groups(struct ckv_context * ctx, const ckv_token * tokens, const struct fwd_group * groups,
+                    int32_t n_groups, int64_t first_output, float * logits) {
+    int64_t n = 0;
+    for (int32_t i = 0; i < n_groups; i++) {
+        n += groups[i].n;
+    }
     embed_tokens(ctx->model, tokens, n, ctx->s.x);
     for (int il = 0; il < ctx->model->hp.n_layer; il++) {
-        attention_block(ctx, il, n, pos0, decode_step && n == 1);
+        attention_block(ctx, il, groups, n_groups, n);
         ffn_block(ctx, il, n);
     }
-    ctx->last_pos = pos0 + n - 1;
+    for (int32_t i = 0; i < n_groups; i++) {
+        ctx->seqs[groups[i].seq].last_pos = groups[i].pos0 + groups[i].n - 1;
+    }
     if (first_output < n) {
         output_head(ctx, first_output, n, logits);
     }

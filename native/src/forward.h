@@ -22,37 +22,64 @@ struct scratch {
     float * hb2;  // [n_batch][n_ff] up
 };
 
+// One sequence's KV cache (a context holds params.n_seq_max of them).
+struct ckv_seq {
+    struct kv_cache kv;
+    int32_t         n_past;     // positions cached (the next token's position)
+    int64_t         last_pos;   // position of the last token evaluated; -1 = none
+};
+
+// One sequence's KV-policy state (kvpolicy.h): decode steps in compressed layers attend
+// through sel[il].
+struct seq_policy {
+    struct kv_policy      policy;
+    struct kv_selection * sel;            // [n_layer] lists of the last decode step
+    int32_t *             sel_n;          // [n_layer][n_head] backing sel[il].n
+    int32_t *             sel_pos;        // [n_layer][n_head][sel_cap] backing sel[il].pos
+    bool *                last_selected;  // [n_layer] the last step read sel[il] (else dense)
+};
+
+// Everything the KV policy owns, built and replaced as one (ckv_context_set_kv_policy).
+struct policy_set {
+    struct ckv_kv_policy_params params;
+    bool *              layer_compressed;  // [n_layer] il >= n_dense_layers, not SWA
+    float *             att_weights;       // h2o only: [n_head][n_ctx] one step's softmax weights
+    struct seq_policy * seqs;              // [n_seq]
+    int32_t             threads;           // n_threads when it was set up (clusterkv's scratch)
+};
+
 struct ckv_context {
     const struct ckv_model *  model;
-    struct ckv_context_params params;    // resolved values
-    struct kv_cache           kv;
+    struct ckv_context_params params;     // resolved values (params.kv_policy: see pol.params)
+    int32_t                   n_seq;      // params.n_seq_max
+    struct ckv_seq *          seqs;       // [n_seq]
+    struct policy_set         pol;
     struct compute            comp;
     struct scratch            s;
-    int32_t                   n_past;
     float *                   logits;     // [logits_cap][n_vocab]
     int64_t                   logits_cap; // rows allocated
     int32_t                   n_outputs;  // rows valid after the last decode
     struct ckv_timings        timings;
-    // KV policy (kvpolicy.h): decode steps in compressed layers attend through sel[il]
-    struct kv_policy          policy;
-    bool *                    layer_compressed;  // [n_layer] il >= n_dense_layers, not SWA
-    struct kv_selection *     sel;          // [n_layer] lists of the last decode step
-    int32_t *                 sel_n;        // [n_layer][n_head] backing sel[il].n
-    int32_t *                 sel_pos;      // [n_layer][n_head][sel_cap] backing sel[il].pos
-    float *                   att_weights;  // h2o only: [n_head][n_ctx] softmax weights
-    bool *                    last_selected;// [n_layer] the last step read sel[il] (else dense)
-    int64_t                   last_pos;     // position of the last token evaluated; -1 = none
-    int32_t                   policy_threads;  // n_threads when the policy was set up
-    // GPU (the model has a device copy): the device holds the KV cache and activations; kv
-    // then only describes the cache's shape, and s / comp hold nothing
+    // GPU (the model has a device copy; one sequence): the device holds the KV cache and
+    // activations; seqs[0].kv then only describes the cache's shape, and s / comp hold nothing
     struct cuda_context *     gpu;
 };
 
-// Runs tokens [0, n) at positions pos0 .. through every layer, appending to the KV cache, and
-// writes logits rows for tokens [first_output, n) to logits (n - first_output rows). A decode
-// step (one token from a one-token ckv_decode) uses the KV policy in compressed layers; any
-// other chunk attends densely.
-void forward_chunk(struct ckv_context * ctx, const ckv_token * tokens, int64_t n, int64_t pos0,
-                   int64_t first_output, bool decode_step, float * logits);
+// A run of rows of one forward pass that belong to one sequence: tokens at positions pos0 ..
+// pos0 + n - 1 of sequence seq. A decode step (one token of a one-token decode call, or of a
+// batch) uses the sequence's KV policy in compressed layers; any other run attends densely.
+struct fwd_group {
+    int32_t seq;
+    int64_t pos0;
+    int64_t n;
+    bool    decode_step;
+};
+
+// Runs the tokens of the groups (concatenated in group order, at most n_batch rows in all)
+// through every layer, appending each group to its sequence's KV cache, and writes logits rows
+// for rows [first_output, rows) to logits. The matmuls take all rows at once; RoPE, the cache
+// and attention go group by group.
+void forward_groups(struct ckv_context * ctx, const ckv_token * tokens, const struct fwd_group * groups,
+                    int32_t n_groups, int64_t first_output, float * logits);
 
 #endif  // CKV_FORWARD_H

@@ -52,14 +52,6 @@ static int32_t arch_f32(const struct ckv_model * m, const char * key, float fall
     return st == CKV_ERR_NOT_FOUND ? CKV_OK : st;
 }
 
-#define TRY(expr)                  \
-    do {                           \
-        int32_t st_ = (expr);      \
-        if (st_ != CKV_OK) {       \
-            return st_;            \
-        }                          \
-    } while (0)
-
 // --- hyper-parameters ------------------------------------------------------------------------
 
 static int32_t load_rope_scaling(struct ckv_model * m, struct hparams * hp) {
