@@ -278,7 +278,7 @@ def test_defaults(model):
     lib.ckv_context_default_params(params)
     k = params.kv_policy
     assert (k.policy, k.budget, k.n_sink, k.n_dense_layers, k.page_size) == (0, 1024, 16, 2, 16)
-    assert (k.recluster_interval, k.tokens_per_cluster, k.kmeans_iters) == (320, 80, 20)
+    assert (k.recluster_interval, k.tokens_per_cluster, k.kmeans_iters) == (320, 80, 8)
     assert k.select_per_kv_head == 0 and k.recent_ratio == 0.5
 
 
