@@ -27,6 +27,7 @@ Example:
     python -m bench.cpu --model /tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf --skip-llama-cpp
     python -m bench.cpu --skip-llama-cpp --n-prompt 0 --depths 2048,4096 --kv-policy full \
         --kv-policy clusterkv --kv-policy clusterkv:select_per_kv_head=1   # KV decode speed-ups
+    python -m bench.cpu --skip-llama-cpp --n-prompt 0 --depths 512 --batch-seqs 1,2,4,8
 """
 import argparse
 import datetime
@@ -92,10 +93,11 @@ class Ours:
         self.n_vocab = lib.ckv_vocab_n_tokens(self.model)
         self.bos = lib.ckv_token_bos(self.model) if lib.ckv_vocab_add_bos(self.model) else -1
 
-    def context(self, n_ctx: int):
+    def context(self, n_ctx: int, n_seq_max: int = 1):
         params = ffi.new("struct ckv_context_params *")
         lib.ckv_context_default_params(params)
         params.n_ctx = n_ctx
+        params.n_seq_max = n_seq_max
         params.n_threads = self.threads
         params.kv_type = lib.CKV_KV_F16
         for key, value in self.kv_fields.items():
@@ -187,6 +189,37 @@ def bench_ours(runs: list, tests: list, reps: int, seed: int = 1234) -> list:
                 print("  ours  %-22s %-14s %8.2f t/s (median %.2f, cpu %.2f ms/tok)"
                       % (ours.label, test_name(n_prompt, n_gen, depth), res["tps_mean"],
                          res["tps_median"], res["cpu_ms_per_token"]), file=sys.stderr)
+    return out
+
+
+def bench_batch(ours: Ours, n_seqs: list, n_gen: int, depth: int, reps: int, seed: int = 99) -> list:
+    """Batched decoding (ckv_decode_batch): for each n in n_seqs, n sequences prefilled to
+    `depth` (untimed), then n_gen steps that each decode one token of every sequence. Returns
+    per n the aggregate tokens/s (n * steps / s) and the steps/s, best of the repetitions."""
+    n_max = max(n_seqs)
+    ctx = ours.context(depth + n_gen * (reps + 1) + 1, n_max)
+    for s in range(n_max):
+        tokens = ours.random_tokens(np.random.default_rng(seed + s), depth)
+        _check(lib.ckv_decode_seq(ctx, s, tokens, depth, False), "ckv_decode_seq (depth prefill)")
+    out = []
+    for n in n_seqs:
+        seqs = ffi.new("int32_t[]", list(range(n)))
+        rates = []
+        for rep in range(reps + 1):   # repetition 0 is the warm-up, dropped
+            for s in range(n):
+                _check(lib.ckv_context_truncate_seq(ctx, s, depth), "ckv_context_truncate_seq")
+            tokens = ours.random_tokens(np.random.default_rng(seed + rep), n * n_gen)
+            t0 = time.perf_counter()
+            for step in range(n_gen):
+                _check(lib.ckv_decode_batch(ctx, tokens + step * n, seqs, n), "ckv_decode_batch")
+            if rep:
+                rates.append(n_gen / (time.perf_counter() - t0))
+        best = max(rates)
+        out.append({"test": "tg%d x %d seq @ d%d" % (n_gen, n, depth), "n_seq": n, "n_gen": n_gen,
+                    "n_depth": depth, "steps_per_s": best, "tokens_per_s": n * best,
+                    "samples_steps_per_s": rates})
+        print("  ours  batch %d seq  %8.2f steps/s, %8.2f tokens/s aggregate" % (n, best, n * best),
+              file=sys.stderr)
     return out
 
 
@@ -331,6 +364,9 @@ def main(argv=None) -> int:
                          "clusterkv:select_per_kv_head=1); repeat to compare policies in one run "
                          "(default full; llama.cpp always runs dense)")
     ap.add_argument("--kv-budget", type=int, default=1024, help="positions per head and step")
+    ap.add_argument("--batch-seqs", default="", help="comma-separated sequence counts for "
+                    "batched decoding (ckv_decode_batch, first --kv-policy, at the first depth, "
+                    "n_gen steps); e.g. 1,2,4. Empty: skipped")
     ap.add_argument("--out-dir", default=os.path.join(REPO, "bench", "results"))
     ap.add_argument("--out", help="result file (default: dated name in --out-dir)")
     args = ap.parse_args(argv)
@@ -362,6 +398,8 @@ def main(argv=None) -> int:
         runs[-1].label = label
     per_policy = bench_ours(runs, tests, args.reps)
     ours, mine = runs[0], per_policy[0]["results"]
+    batch = bench_batch(ours, [int(n) for n in args.batch_seqs.split(",")], args.n_gen,
+                        args.depths[0], args.reps) if args.batch_seqs else []
 
     by_test = {r["test"]: r for r in llama}
     rows = []
@@ -386,7 +424,7 @@ def main(argv=None) -> int:
         "kv_policies": kv_report(runs, per_policy),
         "threads": args.threads, "reps": args.reps, "warmup_dropped": 1,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "llama_cpp": llama_about, "results": rows,
+        "llama_cpp": llama_about, "results": rows, "batch": batch,
     }
     print_table(rows)
     if len(runs) > 1:
