@@ -198,7 +198,7 @@ def bench_batch(ours: Ours, n_seqs: list, n_gen: int, depth: int, reps: int, see
     per n the aggregate tokens/s (n * steps / s) and the steps/s, best of the repetitions."""
     n_max = max(n_seqs)
     ctx = ours.context(depth + n_gen * (reps + 1) + 1, n_max)
-    for s in range(n_max):
+    for s in range(n_max if depth else 0):
         tokens = ours.random_tokens(np.random.default_rng(seed + s), depth)
         _check(lib.ckv_decode_seq(ctx, s, tokens, depth, False), "ckv_decode_seq (depth prefill)")
     out = []
