@@ -1,8 +1,9 @@
 // clusterkv.h - the one public header of the clusterkv_local runtime.
 //
 // Data flow: a GGUF file is loaded into a ckv_model (weights mmapped, tokenizer, metadata);
-// a ckv_context holds a KV cache and scratch buffers for one sequence and turns tokens into
-// logits with ckv_decode; a ckv_sampler picks the next token from a row of logits.
+// a ckv_context holds the KV caches of n_seq_max sequences (one by default) and scratch buffers
+// and turns tokens into logits with ckv_decode (ckv_decode_batch: one step of several
+// sequences at once); a ckv_sampler picks the next token from a row of logits.
 //
 // Conventions
 //   - Every fallible call returns int32_t from enum ckv_status (CKV_OK = 0, errors < 0);
