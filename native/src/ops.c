@@ -547,6 +547,8 @@ static void prefetch_rows(const struct kv_cache * kv, const void * keys, const v
     }
 }
 
+enum { PREFETCH_TILES = 1 };  // gathered lists: tiles whose rows are requested ahead (2: no gain)
+
 static void attend_span(const struct att_kernels * K, const struct kv_cache * kv,
                         const struct att_span * sp, const struct att_rows * rows, float scale,
                         struct att_scratch * w) {
@@ -559,6 +561,13 @@ static void attend_span(const struct att_kernels * K, const struct kv_cache * kv
         int32_t nt = sp->n - t0 < ATT_TILE ? (int32_t) (sp->n - t0) : ATT_TILE;
         for (int32_t i = 0; i < nt; i++) {
             pos[i] = sp->list ? sp->list[sp->first + t0 + i] : sp->first + t0 + i;
+        }
+        if (sp->list) {  // scattered rows: the loads of the tiles ahead in flight
+            int64_t end = sp->first + sp->n, lo = sp->first + t0 + (t0 ? PREFETCH_TILES : 1) * ATT_TILE;
+            int64_t hi = sp->first + t0 + (PREFETCH_TILES + 1) * ATT_TILE;
+            if (lo < end) {
+                prefetch_rows(kv, sp->keys, sp->vals, sp->list, lo, hi < end ? hi : end);
+            }
         }
         load_tile(K, kv, sp->keys, pos, nt, w->k);
         bool have_v = false;
