@@ -203,3 +203,22 @@ def test_quick_eval_end_to_end(tmp_path, default_model_path):
     assert "| full | - |" in report
     if extra:
         assert "| clusterkv +select_per_kv_head=1 | 64 |" in report
+
+
+def test_eval_on_the_gpu_without_one_fails_clearly(tmp_path, default_model_path):
+    """`eval -ngl -1` runs the harness on the GPU (tested on the GPU machine by hand: it needs a
+    device); without one it must stop with the runtime's message, not a traceback or a CPU run."""
+    from conftest import require_native
+
+    require_native()
+    from clusterkv_local import system_info
+
+    if system_info().split("CUDA:", 1)[-1].strip() not in ("not built", "no device"):
+        pytest.skip("this machine has a CUDA device")
+    cmd = [sys.executable, "-m", "clusterkv_local", "eval", "--quick", "--model", default_model_path,
+           "--haystack", "synthetic", "--policies", "full", "-ngl", "-1", "-o", str(tmp_path / "q.json")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "CUDA" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "q.json").exists()
