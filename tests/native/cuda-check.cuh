@@ -1,8 +1,9 @@
 // cuda-check.cuh - what the CUDA test programs share: abort on a failed CUDA or library call,
-// and a device buffer that moves to and from host vectors.
+// a device buffer that moves to and from host vectors, and a seeded random stream.
 #ifndef CKV_CUDA_CHECK_CUH
 #define CKV_CUDA_CHECK_CUH
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -28,6 +29,19 @@
             exit(1);                                                                              \
         }                                                                                         \
     } while (0)
+
+// xorshift64 stream for test data: each program keeps one, seeded with its own constant, so
+// its cases are the same on every run.
+struct test_rng {
+    uint64_t s;
+    uint32_t u32() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        return (uint32_t) (s >> 11);
+    }
+    float uniform(float lo, float hi) { return lo + (hi - lo) * (float) (u32() / 4294967296.0); }
+};
 
 // Device buffer, poisoned with 0xFF bytes (NaN / -1) so unwritten elements show, filled from
 // and read back to host vectors.

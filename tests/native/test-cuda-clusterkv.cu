@@ -46,15 +46,10 @@ extern "C" {
 
 static int g_failures = 0;
 static bool g_quick = false;   // --quick: small cases only (for compute-sanitizer runs)
-static uint64_t g_rng = 0x243F6A8885A308D3ull;
+static test_rng g_rng = {0x243F6A8885A308D3ull};
 
-static uint32_t rnd_u32(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (uint32_t) (g_rng >> 11);
-}
-static float rnd_uniform(float lo, float hi) { return lo + (hi - lo) * (float) (rnd_u32() / 4294967296.0); }
+static uint32_t rnd_u32(void) { return g_rng.u32(); }
+static float rnd_uniform(float lo, float hi) { return g_rng.uniform(lo, hi); }
 static int rnd_int(int lo, int hi) { return lo + (int) (rnd_u32() % (uint32_t) (hi - lo + 1)); }   // [lo, hi]
 static float rnd_normal(void) {
     float u = rnd_uniform(1e-7f, 1.0f), v = rnd_uniform(0.0f, 1.0f);

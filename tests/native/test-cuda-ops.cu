@@ -50,15 +50,10 @@ void quantize_row_q8_1_ref(const float * src, void * dst, int64_t n);
 #include "common.cuh"   // cq8x
 
 static int g_failures = 0;
-static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
+static test_rng g_rng = {0x9E3779B97F4A7C15ull};
 
-static uint32_t rnd_u32(void) {
-    g_rng ^= g_rng << 13;
-    g_rng ^= g_rng >> 7;
-    g_rng ^= g_rng << 17;
-    return (uint32_t) (g_rng >> 11);
-}
-static float rnd_uniform(float lo, float hi) { return lo + (hi - lo) * (float) (rnd_u32() / 4294967296.0); }
+static uint32_t rnd_u32(void) { return g_rng.u32(); }
+static float rnd_uniform(float lo, float hi) { return g_rng.uniform(lo, hi); }
 static std::vector<float> rnd_vec(size_t n, float lo = -1.0f, float hi = 1.0f) {
     std::vector<float> v(n);
     for (auto & x : v) x = rnd_uniform(lo, hi);
