@@ -547,8 +547,6 @@ static void prefetch_rows(const struct kv_cache * kv, const void * keys, const v
     }
 }
 
-enum { PREFETCH_TILES = 1 };  // gathered lists: tiles whose rows are requested ahead (2: no gain)
-
 static void attend_span(const struct att_kernels * K, const struct kv_cache * kv,
                         const struct att_span * sp, const struct att_rows * rows, float scale,
                         struct att_scratch * w) {
@@ -562,12 +560,10 @@ static void attend_span(const struct att_kernels * K, const struct kv_cache * kv
         for (int32_t i = 0; i < nt; i++) {
             pos[i] = sp->list ? sp->list[sp->first + t0 + i] : sp->first + t0 + i;
         }
-        if (sp->list) {  // scattered rows: the loads of the tiles ahead in flight
-            int64_t end = sp->first + sp->n, lo = sp->first + t0 + (t0 ? PREFETCH_TILES : 1) * ATT_TILE;
-            int64_t hi = sp->first + t0 + (PREFETCH_TILES + 1) * ATT_TILE;
-            if (lo < end) {
-                prefetch_rows(kv, sp->keys, sp->vals, sp->list, lo, hi < end ? hi : end);
-            }
+        if (sp->list && t0 + nt < sp->n) {  // scattered rows: the next tile's loads in flight
+            // (two tiles ahead measured no better)
+            int64_t next = sp->first + t0 + nt, end = sp->first + sp->n;
+            prefetch_rows(kv, sp->keys, sp->vals, sp->list, next, next + ATT_TILE < end ? next + ATT_TILE : end);
         }
         load_tile(K, kv, sp->keys, pos, nt, w->k);
         bool have_v = false;
