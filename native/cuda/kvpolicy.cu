@@ -94,21 +94,24 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
     p->max_spans    = p->max_pos / params->recluster_interval + 1;
     p->max_clusters = ceil_div32(p->max_pos, params->tokens_per_cluster) + p->max_spans;
     p->list_stride  = (int32_t) kv_policy_max_list(params, n_ctx);
-    p->comp_of      = (int32_t *) malloc(sizeof(int32_t) * hp->n_layer);
-    p->last_sparse  = (bool *) calloc((size_t) hp->n_layer, sizeof(bool));
-    p->span_end      = (int32_t *) malloc(sizeof(int32_t) * p->max_spans);
-    p->span_clusters = (int32_t *) malloc(sizeof(int32_t) * p->max_spans);
-    p->perm          = (int32_t *) malloc(sizeof(int32_t) * (p->max_pos > 0 ? p->max_pos : 1));
-    if (!p->comp_of || !p->last_sparse || !p->span_end || !p->span_clusters || !p->perm) {
-        cuda_kv_policy_free(p);
-        return ckv_fail(CKV_ERR_OOM, "out of host memory for the GPU KV policy");
-    }
     for (int32_t il = 0; il < hp->n_layer; il++) {
-        p->comp_of[il] = layer_compressed[il] ? p->n_comp++ : -1;
+        p->n_comp += layer_compressed[il];
     }
     const size_t P = (size_t) n_problems(p), d = (size_t) p->head_dim, pos = p->max_pos > 0 ? p->max_pos : 1;
     const size_t k_span = (size_t) ceil_div32((int32_t) pos, params->tokens_per_cluster);
-    p->h_init = (int32_t *) malloc(sizeof(int32_t) * (P > 0 ? P : 1) * k_span);
+    p->comp_of       = (int32_t *) malloc(sizeof(int32_t) * hp->n_layer);
+    p->last_sparse   = (bool *) calloc((size_t) hp->n_layer, sizeof(bool));
+    p->span_end      = (int32_t *) malloc(sizeof(int32_t) * p->max_spans);
+    p->span_clusters = (int32_t *) malloc(sizeof(int32_t) * p->max_spans);
+    p->perm          = (int32_t *) malloc(sizeof(int32_t) * pos);
+    p->h_init        = (int32_t *) malloc(sizeof(int32_t) * (P > 0 ? P : 1) * k_span);
+    if (!p->comp_of || !p->last_sparse || !p->span_end || !p->span_clusters || !p->perm || !p->h_init) {
+        cuda_kv_policy_free(p);
+        return ckv_fail(CKV_ERR_OOM, "out of host memory for the GPU KV policy");
+    }
+    for (int32_t il = 0, c = 0; il < hp->n_layer; il++) {
+        p->comp_of[il] = layer_compressed[il] ? c++ : -1;
+    }
     struct { void ** ptr; size_t bytes; } bufs[] = {
         {(void **) &p->centroids, sizeof(float) * P * p->max_clusters * d},
         {(void **) &p->sizes, sizeof(int32_t) * P * p->max_clusters},
@@ -123,7 +126,7 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
     size_t total = 0;
     for (auto & b : bufs) total += b.bytes;
     for (auto & b : bufs) {
-        if (!p->h_init || (b.bytes && cudaMalloc(b.ptr, b.bytes) != cudaSuccess)) {
+        if (b.bytes && cudaMalloc(b.ptr, b.bytes) != cudaSuccess) {
             cudaGetLastError();
             cuda_kv_policy_free(p);
             return ckv_fail(CKV_ERR_OOM, "the clusterkv state for n_ctx %d needs %.1f MiB of GPU memory: "
