@@ -214,7 +214,7 @@ int main(int argc, char ** argv) {
     // The layers a policy compresses, as context.c chooses them.
     bool * compressed = (bool *) calloc((size_t) m->hp.n_layer, sizeof(bool));
     for (int il = 0; il < m->hp.n_layer; il++) {
-        compressed[il] = il >= kv.n_dense_layers && !hparams_is_swa_layer(&m->hp, il);
+        compressed[il] = hparams_is_compressed_layer(&m->hp, kv.n_dense_layers, il);
     }
     struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true, kv, compressed};
     b.logits = (float *) malloc(sizeof(float) * b.n_vocab);

@@ -178,7 +178,7 @@ static int32_t init_policy_set(const struct ckv_context * ctx, const struct ckv_
         return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy");
     }
     for (int32_t il = 0; il < hp->n_layer; il++) {
-        ps->layer_compressed[il] = il >= kp->n_dense_layers && !hparams_is_swa_layer(hp, il);
+        ps->layer_compressed[il] = hparams_is_compressed_layer(hp, kp->n_dense_layers, il);
     }
     for (int32_t i = 0; i < ctx->n_seq; i++) {
         TRY(init_seq_policy(ctx, ps, &ctx->seqs[i], &ps->seqs[i]));

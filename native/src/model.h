@@ -82,6 +82,12 @@ static inline bool hparams_is_swa_layer(const struct hparams * hp, int il) {
     return hp->n_swa > 0 && hp->swa_period > 0 && (il + 1) % hp->swa_period != 0;
 }
 
+// True if a KV policy compresses layer il: past the first n_dense_layers, and not a
+// sliding-window layer (those stay windowed).
+static inline bool hparams_is_compressed_layer(const struct hparams * hp, int32_t n_dense_layers, int il) {
+    return il >= n_dense_layers && !hparams_is_swa_layer(hp, il);
+}
+
 // Loads hyper-parameters and binds weight tensors for the file's architecture.
 int32_t model_load_arch(struct ckv_model * model);
 

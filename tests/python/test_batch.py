@@ -70,8 +70,7 @@ def test_batch_completions_equal_one_at_a_time(default_model_path, policy):
     require_native()
     one, many = _pair(default_model_path, 4, **policy)
     with one, many:
-        prompts = _prompts(1000) + ["The capital of France is"]
-        prompts = prompts[1:]   # four prompts of different lengths
+        prompts = _prompts(1000)[1:] + ["The capital of France is"]   # four, of different lengths
         kw = dict(max_tokens=40, temperature=0.0, stop=["\n\n"])
         singles = [one.create_completion(p, **kw) for p in prompts]
         ref = [r["choices"][0] for r in singles]
