@@ -410,12 +410,11 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
     TRY_OK(ckv_cuda_rope_kv(&rk, s));
 
     if (gc->decode_step && gc->policy && cuda_kv_policy_sparse(gc->policy, il)) {
-        // The KV policy's positions only; then att quantised for the out-projection's GEMV.
+        // The KV policy's positions only, att also quantised (xq) for the out-projection's GEMV.
         struct cuda_policy_attend_args pa = {il, gc->q, gc->k_cache + layer_off, gc->v_cache + layer_off,
-                                             (int32_t) pos0, pos_dev, gc->att, gc->partial, gc->partial_cap,
-                                             hp->attn_scale};
+                                             (int32_t) pos0, pos_dev, gc->att, (void *) xq, gc->partial,
+                                             gc->partial_cap, hp->attn_scale};
         TRY_OK(cuda_kv_policy_attend(gc->policy, &pa, s));
-        TRY_OK(ckv_cuda_quantize_q8(gc->att, gc->xq, (int64_t) hp->n_head * hp->head_dim, s));
     } else {
         TRY_OK(dense_attention(gc, il, n, pos0, pos_dev, xq));
     }

@@ -116,6 +116,8 @@ struct cuda_sparse_attention_args {
     int32_t         n_head, n_head_kv, head_dim;   // head_dim 64, 128 or 256
     int32_t         n_split;        // >= 1
     float           scale;
+    void *          out_q;          // NULL, or out also quantised (cq8x [n_head * head_dim / 32],
+                                    // as ckv_cuda_quantize_q8 writes it) for the next GEMV
 };
 // A split count that fills the GPU for lists of up to max_list positions.
 int32_t ckv_cuda_sparse_attention_splits(int32_t n_head, int32_t max_list);

@@ -539,19 +539,40 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     const float *   cent  = a.centroids + g * a.cent_stride;
     const int32_t * sizes = a.sizes + g * a.csr_stride, * offs = a.offsets + g * a.csr_stride;
     const int32_t * mem   = a.positions + g * a.pos_stride;
+    // Scores: 8 lanes per centroid row, two rows per group in flight, so the whole block's row
+    // loads overlap (a warp per row, one row after the other, queued one L2 latency per row).
+    // The loop bound is the same for every lane of a warp (the shuffles need all 32).
+    constexpr int GL = 8;
+    const int grp = threadIdx.x / GL, sub = threadIdx.x % GL, n_grp = blockDim.x / GL;
     int32_t my_total = 0;
-    for (int c = warp; c < n; c += n_warps) {
-        const float * row = cent + (int64_t) c * d;
-        float s = 0.0f;
-        for (int t = lane; t < d; t += CKV_WARP) s = fmaf(qs[t], row[t], s);
-        s = warp_sum(s);
-        if (lane == 0) {
-            keys[c] = sel_rank_key(s, c);
-            my_total += sizes[c];
-            if (a.scores) a.scores[(int64_t) list * n + c] = s;
+    for (int base = 0; base < n; base += 2 * n_grp) {
+        const int     c0 = base + grp, c1 = c0 + n_grp;
+        const float * r0 = cent + (int64_t) (c0 < n ? c0 : 0) * d;
+        const float * r1 = cent + (int64_t) (c1 < n ? c1 : 0) * d;
+        float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll 4
+        for (int t = sub; t < d; t += GL) {
+            const float qv = qs[t];
+            s0 = fmaf(qv, r0[t], s0);
+            s1 = fmaf(qv, r1[t], s1);
+        }
+#pragma unroll
+        for (int o = GL / 2; o > 0; o >>= 1) {
+            s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+            s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+        }
+        if (sub == 0 && c0 < n) {
+            keys[c0] = sel_rank_key(s0, c0);
+            my_total += sizes[c0];
+            if (a.scores) a.scores[(int64_t) list * n + c0] = s0;
+            if (c1 < n) {
+                keys[c1] = sel_rank_key(s1, c1);
+                my_total += sizes[c1];
+                if (a.scores) a.scores[(int64_t) list * n + c1] = s1;
+            }
         }
     }
-    if (lane == 0 && my_total) atomicAdd(&total_s, my_total);
+    if (sub == 0 && my_total) atomicAdd(&total_s, my_total);
     __syncthreads();
 
     const int32_t n_cached = (a.pos_dev ? *a.pos_dev : a.pos) + 1;
@@ -564,10 +585,18 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     for (int c = warp; c < n && !none; c += n_warps) {
         uint64_t key = keys[c];
         if (key < plan.threshold) continue;
-        int32_t take = key == plan.threshold ? min(sizes[c], plan.cut) : sizes[c];
-        for (int32_t m = lane; m < take; m += CKV_WARP) {
-            int32_t bit = mem[offs[c] + m] - a.n_sink;
-            atomicOr((unsigned long long *) &marked[bit >> 6], 1ull << (bit & 63));
+        const int32_t   take = key == plan.threshold ? min(sizes[c], plan.cut) : sizes[c];
+        const int32_t * members = mem + offs[c];
+        for (int32_t m0 = lane; m0 < take; m0 += 4 * CKV_WARP) {   // 4 loads in flight per lane
+            int32_t p[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) p[u] = m0 + u * CKV_WARP < take ? members[m0 + u * CKV_WARP] : -1;
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                if (p[u] < 0) continue;
+                int32_t bit = p[u] - a.n_sink;
+                atomicOr((unsigned long long *) &marked[bit >> 6], 1ull << (bit & 63));
+            }
         }
     }
     __syncthreads();
@@ -763,7 +792,9 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
         float o = 0.0f;
         for (int k = 0; k < PG; k++) o += red[k][dd];
         if (a.n_split == 1) {
-            a.out[(int64_t) h * HD + dd] = l_s > 0.0f ? o / l_s : 0.0f;
+            const float val = l_s > 0.0f ? o / l_s : 0.0f;
+            a.out[(int64_t) h * HD + dd] = val;
+            if (a.out_q) quantize_chunk_warp(val, (cq8x *) a.out_q + ((int64_t) h * HD + dd) / 32);
         } else {
             float * slot = a.partial + ((int64_t) h * a.n_split + split) * (HD + 4);
             slot[dd] = o;
@@ -793,7 +824,9 @@ static __global__ void sparse_merge_kernel(cuda_sparse_attention_args a) {
             float m = part[sp * (hd + 4) + hd];
             if (m != -INFINITY) o += part[sp * (hd + 4) + dd] * expf(m - M);
         }
-        a.out[(int64_t) h * hd + dd] = L > 0.0f ? o / L : 0.0f;
+        const float val = L > 0.0f ? o / L : 0.0f;
+        a.out[(int64_t) h * hd + dd] = val;
+        if (a.out_q) quantize_chunk_warp(val, (cq8x *) a.out_q + ((int64_t) h * hd + dd) / 32);
     }
 }
 

@@ -290,7 +290,7 @@ int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_polic
     n_split = n_split < fit ? n_split : (int32_t) (fit > 1 ? fit : 1);
     struct cuda_sparse_attention_args aa = {at->q, at->k_layer, at->v_layer, p->n_ctx, sa.list_pos, sa.list_n,
                                             p->list_stride, max_list, at->out, at->partial, p->n_head, G, d,
-                                            n_split, at->scale};
+                                            n_split, at->scale, at->out_q};
     return ckv_cuda_sparse_attention(&aa, s);
 }
 

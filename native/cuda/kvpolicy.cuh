@@ -50,6 +50,7 @@ struct cuda_policy_attend_args {
     int32_t         pos;
     const int32_t * pos_dev;
     float *         out;
+    void *          out_q;         // NULL, or out also quantised (cq8x) for the out-projection
     float *         partial;       // flash-decode splits
     int64_t         partial_cap;   // slots of partial ([head_dim + 4] floats each)
     float           scale;

@@ -34,6 +34,7 @@
 
 #include "clusterkv-ops.cuh"
 #include "cuda-backend.h"
+#include "cuda-ops.cuh"
 #include "cuda-check.cuh"
 #include "cuda-ops.cuh"
 
@@ -662,10 +663,16 @@ static std::vector<float> run_sparse(const att_cache & c, const std::vector<floa
     for (int x : ns) max_list = std::max(max_list, x);
     dbuf<float> dq(q), dout((size_t) H * c.hd), dpart((size_t) H * n_split * (c.hd + 4));
     dbuf<int32_t> dl(lists), dn(ns);
+    // The output is also asked quantised: it must be ckv_cuda_quantize_q8 of out, byte for byte.
+    const size_t q_bytes = (size_t) H * c.hd / 32 * 40;   // cq8x blocks of 32 values
+    dbuf<char> dout_q(q_bytes), dref_q(q_bytes);
     cuda_sparse_attention_args a = {dq.p, c.dk.p, c.dv.p, c.n_ctx, dl.p, dn.p, stride, max_list, dout.p, dpart.p,
-                                    H, c.n_head_kv, c.hd, n_split, scale};
+                                    H, c.n_head_kv, c.hd, n_split, scale, dout_q.p};
     CHECK_OK(ckv_cuda_sparse_attention(&a, 0));
-    CHECK_CUDA(cudaGetLastError());
+    CHECK_OK(ckv_cuda_quantize_q8(dout.p, dref_q.p, (int64_t) H * c.hd, 0));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    expect(dout_q.get() == dref_q.get(), "sparse attention hd=%d H=%d splits=%d: quantised output == "
+           "quantize_q8(out)", c.hd, H, n_split);
     return dout.get();
 }
 
