@@ -2,7 +2,7 @@
 // (issue 5; bench/gpu.py runs it next to llama-bench and compares).
 //
 //   bench-cuda MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...]
-//              [--kv-policy full|clusterkv] [--kv-budget B] [--per-kv-head 0|1]
+//              [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1]
 //
 // As llama-bench: random token ids, f16 KV cache, one untimed warm-up, then R timed
 // repetitions; ppN = one N-token prompt from an empty cache (U tokens per forward call, logits
@@ -16,7 +16,8 @@
 // every 320 tokens): the first, untimed decode clusters the prompt (its time is reported as
 // cluster_prompt_ms, next to the prefill's), and after the timed repetitions one more run of
 // recluster_interval + 1 steps crosses a re-clustering and reports its tokens/s with the span's
-// clustering time (tg_with_span_ts, cluster_span_ms).
+// clustering time (tg_with_span_ts, cluster_span_ms). --kv-policy streaming or quest decodes
+// under that policy at budget B (the same fields; their clustering times are 0).
 //
 // Prints one JSON object: the device, the weight bytes one decode step reads (every matrix
 // but the embedding table) and the KV bytes per cached position, and per test the samples in
@@ -128,12 +129,17 @@ static double cluster_ms(struct cuda_context * gc) {
     return st.t_cluster_ms;
 }
 
+static const char * kv_policy_label(int32_t policy) {
+    static const char * const names[] = {"full", "streaming", "quest", "h2o", "clusterkv"};
+    return policy >= 0 && policy <= CKV_KV_POLICY_CLUSTERKV ? names[policy] : "?";
+}
+
 static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
     const bool policy = b->kv.policy != CKV_KV_POLICY_FULL;
     const int  span_run = policy ? b->kv.recluster_interval + 1 : 0;
     struct cuda_context * gc = NULL;
     CHECK(ckv_cuda_context_create(b->gm, depth + (n_gen > span_run ? n_gen : span_run) + 1, b->ubatch, &gc));
-    if (policy) CHECK(ckv_cuda_set_kv_policy(gc, &b->kv, b->layer_compressed));
+    if (policy) CHECK(ckv_cuda_set_kv_policy(gc, &b->kv, b->layer_compressed, 0));
     double fill = depth > 0 ? prefill(b, gc, depth) : 0.0;
     if (depth > 4096 && !policy) {
         double ts = depth / fill;
@@ -149,9 +155,10 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
     snprintf(name, sizeof(name), "tg%d", n_gen);
     if (policy) {
         double span_ts = span_run / generate(b, gc, depth, span_run);
-        snprintf(extra, sizeof(extra), ", \"kv_policy\": \"clusterkv\", \"kv_budget\": %d, \"per_kv_head\": %d, "
+        snprintf(extra, sizeof(extra), ", \"kv_policy\": \"%s\", \"kv_budget\": %d, \"per_kv_head\": %d, "
                  "\"prefill_ms\": %.1f, \"cluster_prompt_ms\": %.2f, \"tg_with_span_n\": %d, "
-                 "\"tg_with_span_ts\": %.2f, \"cluster_span_ms\": %.3f", b->kv.budget, b->kv.select_per_kv_head,
+                 "\"tg_with_span_ts\": %.2f, \"cluster_span_ms\": %.3f", kv_policy_label(b->kv.policy),
+                 b->kv.budget, b->kv.select_per_kv_head,
                  fill * 1e3, prompt_ms, span_run, span_ts, cluster_ms(gc) - prompt_ms);
     }
     print_test(b, name, 0, n_gen, depth, ts, reps, extra);
@@ -160,9 +167,16 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
 
 static uint64_t matrix_bytes(const struct weight * w) { return w->data ? (uint64_t) w->ne[1] * w->row_size : 0; }
 
+static int32_t policy_id(const char * name) {
+    for (int32_t id = CKV_KV_POLICY_FULL; id <= CKV_KV_POLICY_CLUSTERKV; id++) {
+        if (!strcmp(name, kv_policy_label(id))) return id;
+    }
+    return -1;
+}
+
 int main(int argc, char ** argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|clusterkv] [--kv-budget B] [--per-kv-head 0|1]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1]\n", argv[0]);
         return 2;
     }
     int reps = 3, ubatch = 512, n_tg = 128, pp[MAX_LIST] = {512}, n_pp = 1, depths[MAX_LIST] = {0}, n_depths = 1;
@@ -177,8 +191,8 @@ int main(int argc, char ** argv) {
         else if (!strcmp(argv[i], "--depths")) n_depths = parse_list(argv[i + 1], depths);
         else if (!strcmp(argv[i], "--kv-budget")) kv.budget = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--per-kv-head")) kv.select_per_kv_head = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--kv-policy") && !strcmp(argv[i + 1], "clusterkv")) kv.policy = CKV_KV_POLICY_CLUSTERKV;
-        else if (!strcmp(argv[i], "--kv-policy") && !strcmp(argv[i + 1], "full")) kv.policy = CKV_KV_POLICY_FULL;
+        else if (!strcmp(argv[i], "--kv-policy") && policy_id(argv[i + 1]) >= 0 &&
+                 policy_id(argv[i + 1]) != CKV_KV_POLICY_H2O) kv.policy = policy_id(argv[i + 1]);
         else {
             fprintf(stderr, "unknown option %s\n", argv[i]);
             return 2;
@@ -225,7 +239,7 @@ int main(int argc, char ** argv) {
     printf("{\"device\": \"%s\", \"model\": \"%s\", \"kv_policy\": \"%s\", \"load_s\": %.2f, \"gpu_weight_bytes\": %llu,\n"
            " \"decode_weight_bytes\": %llu, \"kv_bytes_per_position\": %llu, \"ubatch\": %d, \"reps\": %d,\n"
            " \"tests\": [", ckv_cuda_device_name(), argv[1],
-           kv.policy == CKV_KV_POLICY_CLUSTERKV ? "clusterkv" : "full", load_s,
+           kv_policy_label(kv.policy), load_s,
            (unsigned long long) ckv_cuda_model_size(gm), (unsigned long long) step_bytes,
            (unsigned long long) kv_bytes_per_pos, ubatch, reps);
     for (int i = 0; i < n_pp; i++) bench_pp(&b, pp[i], reps);

@@ -44,8 +44,8 @@ class EvalSettings:
     haystack: str = "auto"                       # auto | pg_essays | synthetic
     haystack_dir: Optional[str] = None           # a local essay folder (verified)
     n_threads: Optional[int] = None
-    n_gpu_layers: int = 0                        # -1: the whole model on the GPU (full and
-                                                 # clusterkv run there; the others refuse)
+    n_gpu_layers: int = 0                        # -1: the whole model on the GPU (every
+                                                 # policy but h2o runs there)
     f32_activations: bool = False                # matmuls without 8-bit activations: removes
                                                  # the rounding noise that any tiny change of
                                                  # attention triggers (see Llama); slower

@@ -576,6 +576,9 @@ extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tok
     if (st == CKV_OK) {
         st = forward(gc, tokens, n, pos0, first_output, logits_host);
     }
+    if (st == CKV_OK && gc->policy) {
+        st = cuda_kv_policy_stored(gc->policy, gc->k_cache, pos0, n, gc->stream);
+    }
     cudaError_t err = cudaStreamSynchronize(gc->stream);  // also surfaces asynchronous kernel faults
     if (st == CKV_OK && err != cudaSuccess) {
         return ckv_fail(CKV_ERR_CUDA, "CUDA forward pass failed: %s", cudaGetErrorString(err));
@@ -589,10 +592,15 @@ extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tok
 // --- KV policy -------------------------------------------------------------------------------
 
 extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
-                                          const bool * layer_compressed) {
+                                          const bool * layer_compressed, int32_t n_past) {
     struct cuda_kv_policy * next = NULL;
     if (params->policy != CKV_KV_POLICY_FULL) {
         TRY_OK(cuda_kv_policy_create(params, layer_compressed, &gc->gm->hp, gc->n_ctx, &next));
+        int32_t st = cuda_kv_policy_stored(next, gc->k_cache, 0, n_past, gc->stream);  // the cache it takes over
+        if (st != CKV_OK) {
+            cuda_kv_policy_free(next);
+            return st;
+        }
     }
     CKV_CUDA_CHECK(cudaStreamSynchronize(gc->stream));   // nothing in flight reads the old state
     cuda_kv_policy_free(gc->policy);

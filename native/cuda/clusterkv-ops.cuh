@@ -66,6 +66,18 @@ int32_t ckv_cuda_kmeans(const struct cuda_kmeans_args * a, cudaStream_t s);
 // summed query (summed in head order, f32) ranks once and all its heads get that list.
 // The order is found by a weighted radix select on the 64-bit rank key (score bits, index):
 // exact for any number of clusters. Twin: clusterkv_select (+ cluster_select).
+//
+// The same kernel serves the two other GPU policies, whose lists have the same shape (sinks,
+// chosen positions ascending, tail) but whose layout follows the position read at run time:
+//   CKV_SELECT_PAGES (quest, twin quest_select): the "clusters" are the pages [first, cur) of
+//     page_size positions (first = the page holding the first non-sink position, cur = the page
+//     of pos, a page overlapping the sinks counting only its non-sink positions), scored by
+//     sum_i max(q_i * min_i, q_i * max_i) summed as page_bound_scalar does (so the bounds are
+//     the CPU's bit for bit); the tail is the current page, room = budget - sinks - tail;
+//   CKV_SELECT_WINDOW (streaming, twin streaming_select): nothing is scored; the tail is the
+//     budget - sinks most recent positions.
+// In these modes end, room and n_clusters are derived from the position (fields ignored).
+enum cuda_select_mode { CKV_SELECT_CLUSTERS = 0, CKV_SELECT_PAGES = 1, CKV_SELECT_WINDOW = 2 };
 struct cuda_select_args {
     const float *   q;              // device [n_head][d]
     const float *   centroids;      // KV head g at centroids + g * cent_stride, [n_clusters][d]
@@ -93,8 +105,37 @@ struct cuda_select_args {
     // the largest position the launch may see (it sizes the argument check). NULL: use pos.
     const int32_t * pos_dev;
     unsigned long long * n_attended;  // += every list's length (stats), or NULL
+    int32_t         mode;           // cuda_select_mode (0: clusters, as above)
+    int32_t         budget;         // pages, window: the longest list
+    int32_t         page_size;      // pages
+    const __half *  page_min;       // pages: KV head g at page_min + g * page_stride, [page][d]
+    const __half *  page_max;
+    int64_t         page_stride;
 };
 int32_t ckv_cuda_select(const struct cuda_select_args * a, cudaStream_t s);
+// Shared memory one launch needs (keys, page sizes and a bitmap for the largest layout up to
+// a->pos); launches needing more than CKV_SELECT_MAX_SMEM fail with CKV_ERR_UNSUPPORTED.
+enum { CKV_SELECT_MAX_SMEM = 200 * 1024 };
+size_t  ckv_cuda_select_smem_bytes(const struct cuda_select_args * a);
+
+// --- quest page bounds ---------------------------------------------------------------------------
+//
+// After positions [pos0, pos0 + n) were stored: every page they touch gets the element-wise min
+// and max of its keys [page start, min(page end, pos0 + n)), read back from the f16 cache (the
+// page's earlier keys are there too, so a truncated cache needs no undo). f16 min/max of f16
+// keys are exact: the same values quest_on_store keeps in f32. Twin: quest_on_store.
+struct cuda_quest_pages_args {
+    const __half * k;               // problem p's keys at k + p * k_stride, [n_ctx][d]
+    int64_t        k_stride;
+    int32_t        n_problems;
+    int32_t        d;               // <= 256
+    int32_t        page_size;
+    int32_t        pos0, n;
+    __half *       page_min;        // problem p's pages at page_min + p * page_stride, [page][d]
+    __half *       page_max;
+    int64_t        page_stride;
+};
+int32_t ckv_cuda_quest_pages(const struct cuda_quest_pages_args * a, cudaStream_t s);
 
 // --- sparse flash-decode ------------------------------------------------------------------------
 //

@@ -512,18 +512,75 @@ __device__ sel_plan sel_threshold(const uint64_t * keys, const int32_t * sizes, 
     return {prefix, need};
 }
 
-static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_args a) {
+// One list's layout at run time: the clusters' from the arguments; the pages' and the window's
+// from the position (kept in device memory by decode graphs).
+struct sel_layout {
+    int32_t n_cached, sinks, end, tail;
+    int32_t n;            // clusters (or pages) to rank
+    int32_t room;         // positions to take from them
+    int32_t first_page;   // pages: the page of ranked index 0
+};
+
+__device__ sel_layout sel_layout_of(const cuda_select_args & a) {
+    sel_layout l;
+    l.n_cached   = (a.pos_dev ? *a.pos_dev : a.pos) + 1;
+    l.sinks      = min(l.n_cached, a.n_sink);
+    l.first_page = 0;
+    if (a.mode == CKV_SELECT_CLUSTERS) {
+        l.end  = a.end;
+        l.n    = a.n_clusters;
+        l.room = a.room;
+    } else if (a.mode == CKV_SELECT_WINDOW) {
+        l.end  = max(l.n_cached - (a.budget - l.sinks), l.sinks);
+        l.n    = 0;
+        l.room = 0;
+    } else {
+        const int32_t cur = (l.n_cached - 1) / a.page_size;
+        l.end        = max(cur * a.page_size, l.sinks);
+        l.first_page = l.sinks / a.page_size;
+        l.n          = max(cur - l.first_page, 0);
+        l.room       = a.budget - l.sinks - (l.n_cached - l.end);
+    }
+    l.tail = l.n_cached > l.end ? l.n_cached - l.end : 0;
+    return l;
+}
+
+// Quest's page bound by one group of 8 lanes: lane `sub` sums dims sub, sub + 8, ... and the
+// 8 partial sums are added in lane order, page_bound_scalar's order, without contraction.
+__device__ __forceinline__ float sel_page_bound(const float * qs, const __half * mn, const __half * mx, int d,
+                                                int sub) {
+    float s = 0.0f;
+    for (int t = sub; t < d; t += 8) {
+        const float x = __fmul_rn(qs[t], __half2float(mn[t])), y = __fmul_rn(qs[t], __half2float(mx[t]));
+        s = __fadd_rn(s, x > y ? x : y);
+    }
+    const int first_lane = (threadIdx.x % CKV_WARP) & ~7;
+    float sum = 0.0f;
+#pragma unroll
+    for (int l = 0; l < 8; l++) sum = __fadd_rn(sum, __shfl_sync(0xffffffffu, s, first_lane + l));
+    return sum;
+}
+
+// n_cap, words_cap: the key and bitmap slots shared memory was sized for.
+static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_args a, int32_t n_cap,
+                                                                    int32_t words_cap) {
     pdl_begin();
     extern __shared__ __align__(16) unsigned char sel_smem[];
     const int d = a.d, group = a.n_head / a.n_head_kv, list = blockIdx.x;
     const int g = a.per_kv_head ? list : list / group;
     const int h_first = a.per_kv_head ? g * group : list, n_out = a.per_kv_head ? group : 1;
-    const int n = a.n_clusters, lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP;
+    const int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP;
     const int n_warps = blockDim.x / CKV_WARP;
-    const int32_t clustered = a.end - a.n_sink, n_words = ceil_div(clustered > 0 ? clustered : 0, 64);
+    const bool pages = a.mode == CKV_SELECT_PAGES;
+    const sel_layout lay = sel_layout_of(a);
+    const int n = lay.n, sinks = lay.sinks;
+    // positions that may be marked: the window mode marks none
+    const int32_t clustered = a.mode == CKV_SELECT_WINDOW ? 0 : lay.end - sinks;
+    const int32_t n_words = ceil_div(clustered > 0 ? clustered : 0, 64);
     float *    qs     = (float *) sel_smem;                      // [d]
-    uint64_t * keys   = (uint64_t *) (sel_smem + 4 * 256);       // [n]
-    uint64_t * marked = keys + n;                                // [n_words]
+    uint64_t * keys   = (uint64_t *) (sel_smem + 4 * 256);       // [n_cap]
+    uint64_t * marked = keys + n_cap;                            // [words_cap], bit j: position sinks + j
+    int32_t *  psizes = (int32_t *) (marked + words_cap);        // [n_cap] pages' sizes
     __shared__ int32_t total_s;
 
     // The query: one head's, or the group's sum in head order (the CPU's q_sum).
@@ -537,8 +594,11 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     __syncthreads();
 
     const float *   cent  = a.centroids + g * a.cent_stride;
-    const int32_t * sizes = a.sizes + g * a.csr_stride, * offs = a.offsets + g * a.csr_stride;
+    const int32_t * sizes = pages ? psizes : a.sizes + g * a.csr_stride;
+    const int32_t * offs  = a.offsets + g * a.csr_stride;
     const int32_t * mem   = a.positions + g * a.pos_stride;
+    const __half *  pmin  = pages ? a.page_min + g * a.page_stride + (int64_t) lay.first_page * d : NULL;
+    const __half *  pmax  = pages ? a.page_max + g * a.page_stride + (int64_t) lay.first_page * d : NULL;
     // Scores: 8 lanes per centroid row, two rows per group in flight, so the whole block's row
     // loads overlap (a warp per row, one row after the other, queued one L2 latency per row).
     // The loop bound is the same for every lane of a warp (the shuffles need all 32).
@@ -546,20 +606,30 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     const int grp = threadIdx.x / GL, sub = threadIdx.x % GL, n_grp = blockDim.x / GL;
     int32_t my_total = 0;
     for (int base = 0; base < n; base += 2 * n_grp) {
-        const int     c0 = base + grp, c1 = c0 + n_grp;
-        const float * r0 = cent + (int64_t) (c0 < n ? c0 : 0) * d;
-        const float * r1 = cent + (int64_t) (c1 < n ? c1 : 0) * d;
+        const int c0 = base + grp, c1 = c0 + n_grp;
+        const int64_t o0 = (int64_t) (c0 < n ? c0 : 0) * d, o1 = (int64_t) (c1 < n ? c1 : 0) * d;
         float s0 = 0.0f, s1 = 0.0f;
+        if (pages) {
+            s0 = sel_page_bound(qs, pmin + o0, pmax + o0, d, sub);
+            s1 = sel_page_bound(qs, pmin + o1, pmax + o1, d, sub);
+            if (sub == 0) {   // a page overlapping the sinks counts its non-sink positions only
+                const int32_t p0 = (lay.first_page + c0) * a.page_size, p1 = (lay.first_page + c1) * a.page_size;
+                if (c0 < n) psizes[c0] = p0 + a.page_size - max(p0, sinks);
+                if (c1 < n) psizes[c1] = p1 + a.page_size - max(p1, sinks);
+            }
+        } else {
+            const float * r0 = cent + o0, * r1 = cent + o1;
 #pragma unroll 4
-        for (int t = sub; t < d; t += GL) {
-            const float qv = qs[t];
-            s0 = fmaf(qv, r0[t], s0);
-            s1 = fmaf(qv, r1[t], s1);
-        }
+            for (int t = sub; t < d; t += GL) {
+                const float qv = qs[t];
+                s0 = fmaf(qv, r0[t], s0);
+                s1 = fmaf(qv, r1[t], s1);
+            }
 #pragma unroll
-        for (int o = GL / 2; o > 0; o >>= 1) {
-            s0 += __shfl_xor_sync(0xffffffffu, s0, o);
-            s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+            for (int o = GL / 2; o > 0; o >>= 1) {
+                s0 += __shfl_xor_sync(0xffffffffu, s0, o);
+                s1 += __shfl_xor_sync(0xffffffffu, s1, o);
+            }
         }
         if (sub == 0 && c0 < n) {
             keys[c0] = sel_rank_key(s0, c0);
@@ -575,9 +645,7 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     if (sub == 0 && my_total) atomicAdd(&total_s, my_total);
     __syncthreads();
 
-    const int32_t n_cached = (a.pos_dev ? *a.pos_dev : a.pos) + 1;
-    const int32_t sinks = min(n_cached, a.n_sink), tail = n_cached > a.end ? n_cached - a.end : 0;
-    const int32_t room  = a.room;
+    const int32_t tail = lay.tail, room = lay.room;
     sel_plan plan = room > 0 ? sel_threshold(keys, sizes, n, room, total_s) : sel_plan{UINT64_MAX, 0};
     const bool none = room == 0 || n == 0;
 
@@ -585,7 +653,14 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     for (int c = warp; c < n && !none; c += n_warps) {
         uint64_t key = keys[c];
         if (key < plan.threshold) continue;
-        const int32_t   take = key == plan.threshold ? min(sizes[c], plan.cut) : sizes[c];
+        const int32_t take = key == plan.threshold ? min(sizes[c], plan.cut) : sizes[c];
+        if (pages) {   // a page's members: consecutive positions from its first non-sink one
+            const int32_t first = max((lay.first_page + c) * a.page_size, sinks) - sinks;
+            for (int32_t m = lane; m < take; m += CKV_WARP) {
+                atomicOr((unsigned long long *) &marked[(first + m) >> 6], 1ull << ((first + m) & 63));
+            }
+            continue;
+        }
         const int32_t * members = mem + offs[c];
         for (int32_t m0 = lane; m0 < take; m0 += 4 * CKV_WARP) {   // 4 loads in flight per lane
             int32_t p[4];
@@ -594,7 +669,7 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
 #pragma unroll
             for (int u = 0; u < 4; u++) {
                 if (p[u] < 0) continue;
-                int32_t bit = p[u] - a.n_sink;
+                int32_t bit = p[u] - sinks;
                 atomicOr((unsigned long long *) &marked[bit >> 6], 1ull << (bit & 63));
             }
         }
@@ -613,11 +688,11 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
         for (int w = w0; w < w1; w++) {
             uint64_t bits = marked[w];
             while (bits) {
-                out[k++] = a.n_sink + w * 64 + __ffsll((long long) bits) - 1;
+                out[k++] = sinks + w * 64 + __ffsll((long long) bits) - 1;
                 bits &= bits - 1;
             }
         }
-        for (int i = threadIdx.x; i < tail; i += blockDim.x) out[sinks + n_sel + i] = n_cached - tail + i;
+        for (int i = threadIdx.x; i < tail; i += blockDim.x) out[sinks + n_sel + i] = lay.n_cached - tail + i;
         if (threadIdx.x == 0) a.list_n[h_first + o] = sinks + n_sel + tail;
     }
     if (threadIdx.x == 0 && a.n_attended) atomicAdd(a.n_attended, (unsigned long long) n_out * (sinks + n_sel + tail));
@@ -643,30 +718,100 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     }
 }
 
-static size_t select_smem_bytes(const cuda_select_args & a) {
-    int64_t clustered = a.end - a.n_sink > 0 ? a.end - a.n_sink : 0;
-    return 4 * 256 + 8 * ((size_t) a.n_clusters + (size_t) ceil_div(clustered, 64));
+// The key and bitmap slots of the largest layout the launch may see (a.pos is that bound).
+static void select_caps(const cuda_select_args & a, int32_t * n_cap, int32_t * words_cap) {
+    const int64_t n_cached = (int64_t) a.pos + 1;
+    if (a.mode == CKV_SELECT_PAGES) {
+        *n_cap     = (int32_t) ceil_div(n_cached, (int64_t) a.page_size);
+        *words_cap = (int32_t) ceil_div(n_cached, (int64_t) 64);
+    } else if (a.mode == CKV_SELECT_WINDOW) {
+        *n_cap = *words_cap = 0;
+    } else {
+        *n_cap     = a.n_clusters;
+        *words_cap = (int32_t) ceil_div((int64_t) (a.end - a.n_sink > 0 ? a.end - a.n_sink : 0), (int64_t) 64);
+    }
+}
+
+size_t ckv_cuda_select_smem_bytes(const struct cuda_select_args * a) {
+    int32_t n_cap, words_cap;
+    select_caps(*a, &n_cap, &words_cap);
+    return 4 * 256 + 8 * ((size_t) n_cap + words_cap) + (a->mode == CKV_SELECT_PAGES ? 4 * (size_t) n_cap : 0);
+}
+
+static bool select_args_ok(const cuda_select_args & a) {
+    if (a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 || a.d < 1 || a.d > 256 || a.n_sink < 0 || a.pos < 0 ||
+        !a.q || !a.list_pos || !a.list_n || (a.chosen && !a.n_chosen)) {
+        return false;
+    }
+    if (a.mode == CKV_SELECT_CLUSTERS) {
+        int64_t longest = (int64_t) min(a.pos + 1, a.n_sink) + min(a.room, a.end - a.n_sink) + (a.pos + 1 - a.end);
+        return a.n_clusters >= 0 && a.end >= a.n_sink && a.pos >= a.end && a.room >= 0 && a.list_stride >= longest &&
+               (a.n_clusters == 0 || (a.centroids && a.sizes && a.offsets && a.positions));
+    }
+    const int64_t longest = min((int64_t) a.budget, (int64_t) a.pos + 1);
+    if (a.mode == CKV_SELECT_WINDOW) {
+        return a.budget >= a.n_sink + 1 && a.list_stride >= longest;
+    }
+    return a.mode == CKV_SELECT_PAGES && a.page_size >= 1 && a.budget >= a.n_sink + a.page_size &&
+           a.list_stride >= longest && a.page_min && a.page_max && !a.per_kv_head;
 }
 
 int32_t ckv_cuda_select(const struct cuda_select_args * ap, cudaStream_t st) {
     const cuda_select_args & a = *ap;
-    int64_t longest = (int64_t) min(a.pos + 1, a.n_sink) + min(a.room, a.end - a.n_sink) + (a.pos + 1 - a.end);
-    if (a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 || a.d < 1 || a.d > 256 || a.n_clusters < 0 ||
-        a.n_sink < 0 || a.end < a.n_sink || a.pos < a.end || a.room < 0 || a.list_stride < longest ||
-        !a.q || !a.list_pos || !a.list_n || (a.chosen && !a.n_chosen) ||
-        (a.n_clusters > 0 && (!a.centroids || !a.sizes || !a.offsets || !a.positions))) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda select: bad arguments (n_head %d, n_head_kv %d, d %d, "
-                        "%d clusters, sinks %d, end %d, pos %d, room %d, list_stride %lld)", a.n_head,
-                        a.n_head_kv, a.d, a.n_clusters, a.n_sink, a.end, a.pos, a.room, (long long) a.list_stride);
+    if (!select_args_ok(a)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda select: bad arguments (mode %d, n_head %d, n_head_kv %d, d %d, "
+                        "%d clusters, sinks %d, end %d, pos %d, room %d, budget %d, page_size %d, list_stride %lld)",
+                        a.mode, a.n_head, a.n_head_kv, a.d, a.n_clusters, a.n_sink, a.end, a.pos, a.room, a.budget,
+                        a.page_size, (long long) a.list_stride);
     }
-    size_t smem = select_smem_bytes(a);
-    if (smem > 200 * 1024) {
-        return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda select: %d clusters over %d positions need %zu bytes "
-                        "of shared memory", a.n_clusters, a.end - a.n_sink, smem);
+    size_t smem = ckv_cuda_select_smem_bytes(&a);
+    if (smem > CKV_SELECT_MAX_SMEM) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda select: %d clusters/pages over %d positions need %zu bytes "
+                        "of shared memory (at most %d)", a.mode == CKV_SELECT_CLUSTERS ? a.n_clusters : 0,
+                        a.pos + 1, smem, CKV_SELECT_MAX_SMEM);
     }
+    int32_t n_cap, words_cap;
+    select_caps(a, &n_cap, &words_cap);
     CKV_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
     int n_lists = a.per_kv_head ? a.n_head_kv : a.n_head;
-    CKV_CUDA_CHECK(launch_pdl(select_kernel, dim3(n_lists), dim3(SEL_THREADS), smem, st, a));
+    CKV_CUDA_CHECK(launch_pdl(select_kernel, dim3(n_lists), dim3(SEL_THREADS), smem, st, a, n_cap, words_cap));
+    return CKV_OK;
+}
+
+// =============================================================================================
+// Quest page bounds
+// =============================================================================================
+//
+// Block (touched page, problem), threads over the dims: each walks the page's keys in order.
+
+static __global__ void quest_pages_kernel(cuda_quest_pages_args a) {
+    const int32_t page = a.pos0 / a.page_size + blockIdx.x;
+    const int32_t j0 = page * a.page_size, j1 = min(j0 + a.page_size, a.pos0 + a.n);
+    const __half * k = a.k + blockIdx.y * a.k_stride;
+    const int64_t  out = blockIdx.y * a.page_stride + (int64_t) page * a.d;
+    for (int e = threadIdx.x; e < a.d; e += blockDim.x) {
+        __half mn = k[(int64_t) j0 * a.d + e], mx = mn;
+        for (int32_t j = j0 + 1; j < j1; j++) {
+            const __half v = k[(int64_t) j * a.d + e];
+            mn = __hlt(v, mn) ? v : mn;
+            mx = __hgt(v, mx) ? v : mx;
+        }
+        a.page_min[out + e] = mn;
+        a.page_max[out + e] = mx;
+    }
+}
+
+int32_t ckv_cuda_quest_pages(const struct cuda_quest_pages_args * ap, cudaStream_t st) {
+    const cuda_quest_pages_args & a = *ap;
+    if (!a.k || !a.page_min || !a.page_max || a.n_problems < 0 || a.n_problems > 65535 || a.d < 1 || a.d > 256 ||
+        a.page_size < 1 || a.pos0 < 0 || a.n < 0) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda quest pages: bad arguments (%d problems, d %d, page_size %d, "
+                        "pos0 %d, n %d)", a.n_problems, a.d, a.page_size, a.pos0, a.n);
+    }
+    if (a.n == 0 || a.n_problems == 0) return CKV_OK;
+    const int32_t n_pages = (a.pos0 + a.n - 1) / a.page_size - a.pos0 / a.page_size + 1;
+    quest_pages_kernel<<<dim3(n_pages, a.n_problems), a.d, 0, st>>>(a);
+    CKV_CUDA_CHECK(cudaGetLastError());
     return CKV_OK;
 }
 

@@ -53,12 +53,13 @@ void    ckv_cuda_context_free(struct cuda_context * gc);   // accepts NULL
 int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
                         int32_t first_output, float * logits_host, bool decode_step);
 
-// The KV policy of decode steps: full (the default) or clusterkv, params validated by the caller
-// (kv_policy_init_params_only), layer_compressed[n_layer] as context.c computes it. The
-// clusters are built lazily, at the next decode step (as the CPU policy does after a prefill).
-// CKV_ERR_UNSUPPORTED for the other policies, CKV_ERR_OOM; on error the old policy stays.
+// The KV policy of decode steps: full (the default), streaming, quest or clusterkv, params
+// validated by the caller (kv_policy_init_params_only), layer_compressed[n_layer] as context.c
+// computes it, n_past the positions the cache already holds (quest builds their page bounds;
+// clusters are built lazily, at the next decode step, as the CPU policy does after a prefill).
+// CKV_ERR_UNSUPPORTED for h2o, CKV_ERR_OOM; on error the old policy stays.
 int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
-                               const bool * layer_compressed);
+                               const bool * layer_compressed, int32_t n_past);
 bool    ckv_cuda_has_kv_policy(const struct cuda_context * gc);   // a policy other than full
 void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep);  // positions >= n_keep dropped
 // With a policy: n_attended, n_cached, t_cluster_ms and n_clusters of out are the GPU's (the

@@ -1,6 +1,7 @@
-// kvpolicy.cu - the ClusterKV policy on the GPU: state, span clustering, per-step attention and
-// bookkeeping (kvpolicy.cuh). The kernels are clusterkv.cu's; this file decides when and on
-// what they run, mirroring kvpolicy-clusterkv.c.
+// kvpolicy.cu - the KV policies on the GPU: state, span clustering (clusterkv), page bounds
+// (quest), per-step attention and bookkeeping (kvpolicy.cuh). The kernels are clusterkv.cu's;
+// this file decides when and on what they run, mirroring kvpolicy-clusterkv.c,
+// kvpolicy-quest.c and kvpolicy-streaming.c.
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -17,6 +18,7 @@ extern "C" {
 
 struct cuda_kv_policy {
     struct ckv_kv_policy_params params;
+    int32_t mode;              // cuda_select_mode of the policy
     int32_t n_layer, n_head, n_head_kv, head_dim, n_ctx;
     int32_t n_comp;            // compressed layers
     int32_t * comp_of;         // host [n_layer]: index among the compressed layers, or -1
@@ -28,7 +30,13 @@ struct cuda_kv_policy {
     int32_t   end, n_clusters, n_spans;
     int32_t * span_end;        // host [max_spans]
     int32_t * span_clusters;   // host [max_spans]
-    uint64_t  layout;          // bumped whenever the three above change
+    uint64_t  layout;          // bumped whenever the three above (or window_sparse) change
+    // streaming and quest: whether the current decode step reads lists (pos + 1 > budget;
+    // below that their list is every position, which the dense kernel reads).
+    bool      window_sparse;
+    int32_t   n_pages;         // quest: pages of n_ctx positions
+    __half *  page_min;        // quest: [P][n_pages][head_dim]
+    __half *  page_max;
     // Device state, problem p = compressed layer * n_head_kv + KV head.
     float *   centroids;       // [P][max_clusters][head_dim]
     int32_t * sizes;           // [P][max_clusters]
@@ -63,7 +71,7 @@ void cuda_kv_policy_free(struct cuda_kv_policy * p) {
         return;
     }
     void * dev[] = {p->centroids, p->sizes, p->offsets, p->positions, p->labels, p->init_rows,
-                    p->list_pos, p->list_n, p->attended, p->scratch};
+                    p->list_pos, p->list_n, p->attended, p->scratch, p->page_min, p->page_max};
     for (void * d : dev) cudaFree(d);
     void * host[] = {p->comp_of, p->last_sparse, p->span_end, p->span_clusters, p->h_init, p->perm};
     for (void * h : host) free(h);
@@ -73,15 +81,32 @@ void cuda_kv_policy_free(struct cuda_kv_policy * p) {
 int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const bool * layer_compressed,
                               const struct hparams * hp, int32_t n_ctx, struct cuda_kv_policy ** out) {
     *out = NULL;
-    if (params->policy != CKV_KV_POLICY_CLUSTERKV) {
-        return ckv_fail(CKV_ERR_UNSUPPORTED, "kv_policy %s does not run on the GPU yet (full and "
-                        "clusterkv do); use n_gpu_layers=0", kv_policy_name(params->policy));
+    const int32_t mode = params->policy == CKV_KV_POLICY_CLUSTERKV ? CKV_SELECT_CLUSTERS
+                       : params->policy == CKV_KV_POLICY_QUEST     ? CKV_SELECT_PAGES
+                       : params->policy == CKV_KV_POLICY_STREAMING ? CKV_SELECT_WINDOW : -1;
+    if (mode < 0) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "kv_policy %s does not run on the GPU (full, streaming, "
+                        "quest and clusterkv do); use n_gpu_layers=0", kv_policy_name(params->policy));
+    }
+    if (mode == CKV_SELECT_PAGES) {   // the selection ranks every page in shared memory
+        struct cuda_select_args probe = {};
+        probe.mode = CKV_SELECT_PAGES;
+        probe.pos = n_ctx - 1;
+        probe.page_size = params->page_size;
+        size_t smem = ckv_cuda_select_smem_bytes(&probe);
+        if (smem > CKV_SELECT_MAX_SMEM) {
+            return ckv_fail(CKV_ERR_UNSUPPORTED, "quest on the GPU: %d pages of %d positions (n_ctx %d) "
+                            "need %zu bytes of shared memory to rank, at most %d fit: use a larger page_size",
+                            ceil_div32(n_ctx, params->page_size), params->page_size, n_ctx, smem,
+                            (int) CKV_SELECT_MAX_SMEM);
+        }
     }
     struct cuda_kv_policy * p = (struct cuda_kv_policy *) calloc(1, sizeof(*p));
     if (!p) {
         return ckv_fail(CKV_ERR_OOM, "out of host memory for the GPU KV policy");
     }
     p->params    = *params;
+    p->mode      = mode;
     p->n_layer   = hp->n_layer;
     p->n_head    = hp->n_head;
     p->n_head_kv = hp->n_head_kv;
@@ -99,6 +124,8 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
     }
     const size_t P = (size_t) n_problems(p), d = (size_t) p->head_dim, pos = p->max_pos > 0 ? p->max_pos : 1;
     const size_t k_span = (size_t) ceil_div32((int32_t) pos, params->tokens_per_cluster);
+    const bool   ckv = mode == CKV_SELECT_CLUSTERS, quest = mode == CKV_SELECT_PAGES;
+    p->n_pages = quest ? ceil_div32(n_ctx, params->page_size) : 0;
     p->comp_of       = (int32_t *) malloc(sizeof(int32_t) * hp->n_layer);
     p->last_sparse   = (bool *) calloc((size_t) hp->n_layer, sizeof(bool));
     p->span_end      = (int32_t *) malloc(sizeof(int32_t) * p->max_spans);
@@ -113,12 +140,14 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
         p->comp_of[il] = layer_compressed[il] ? c++ : -1;
     }
     struct { void ** ptr; size_t bytes; } bufs[] = {
-        {(void **) &p->centroids, sizeof(float) * P * p->max_clusters * d},
-        {(void **) &p->sizes, sizeof(int32_t) * P * p->max_clusters},
-        {(void **) &p->offsets, sizeof(int32_t) * P * p->max_clusters},
-        {(void **) &p->positions, sizeof(int32_t) * P * pos},
-        {(void **) &p->labels, sizeof(int32_t) * P * pos},
-        {(void **) &p->init_rows, sizeof(int32_t) * P * k_span},
+        {(void **) &p->centroids, ckv ? sizeof(float) * P * p->max_clusters * d : 0},
+        {(void **) &p->sizes, ckv ? sizeof(int32_t) * P * p->max_clusters : 0},
+        {(void **) &p->offsets, ckv ? sizeof(int32_t) * P * p->max_clusters : 0},
+        {(void **) &p->positions, ckv ? sizeof(int32_t) * P * pos : 0},
+        {(void **) &p->labels, ckv ? sizeof(int32_t) * P * pos : 0},
+        {(void **) &p->init_rows, ckv ? sizeof(int32_t) * P * k_span : 0},
+        {(void **) &p->page_min, sizeof(__half) * P * p->n_pages * d},
+        {(void **) &p->page_max, sizeof(__half) * P * p->n_pages * d},
         {(void **) &p->list_pos, sizeof(int32_t) * hp->n_layer * hp->n_head * (size_t) p->list_stride},
         {(void **) &p->list_n, sizeof(int32_t) * hp->n_layer * hp->n_head},
         {(void **) &p->attended, sizeof(unsigned long long)},
@@ -129,8 +158,8 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
         if (b.bytes && cudaMalloc(b.ptr, b.bytes) != cudaSuccess) {
             cudaGetLastError();
             cuda_kv_policy_free(p);
-            return ckv_fail(CKV_ERR_OOM, "the clusterkv state for n_ctx %d needs %.1f MiB of GPU memory: "
-                            "out of memory", n_ctx, total / 1048576.0);
+            return ckv_fail(CKV_ERR_OOM, "the %s state for n_ctx %d needs %.1f MiB of GPU memory: "
+                            "out of memory", kv_policy_name(params->policy), n_ctx, total / 1048576.0);
         }
     }
     CKV_CUDA_CHECK(cudaMemset(p->attended, 0, sizeof(unsigned long long)));
@@ -171,6 +200,22 @@ static int32_t reserve_scratch(struct cuda_kv_policy * p, size_t bytes, cudaStre
     return CKV_OK;
 }
 
+// Calls fn(first, last) for every run [first, last) of consecutive compressed layers: their
+// problems are consecutive, and their keys n_ctx * head_dim apart in the cache.
+template <typename Fn> static int32_t for_each_compressed_run(const struct cuda_kv_policy * p, Fn && fn) {
+    for (int32_t first = 0; first < p->n_layer;) {
+        if (p->comp_of[first] < 0) {
+            first++;
+            continue;
+        }
+        int32_t last = first;
+        while (last < p->n_layer && p->comp_of[last] >= 0) last++;
+        TRY_OK(fn(first, last));
+        first = last;
+    }
+    return CKV_OK;
+}
+
 // Clusters positions [start, stop) of every compressed (layer, KV head) into ceil(n /
 // tokens_per_cluster) new clusters each, appended after the existing ones (append_clusters'
 // layout). Problems of consecutive compressed layers share one batched k-means (their keys are
@@ -187,13 +232,7 @@ static int32_t cluster_span(struct cuda_kv_policy * p, const __half * k_cache, i
     }
     CKV_CUDA_CHECK(cudaMemcpyAsync(p->init_rows, p->h_init, sizeof(int32_t) * n_problems(p) * k,
                                    cudaMemcpyHostToDevice, s));
-    for (int32_t first = 0; first < p->n_layer;) {
-        if (p->comp_of[first] < 0) {
-            first++;
-            continue;
-        }
-        int32_t last = first;   // [first, last) is a run of compressed layers
-        while (last < p->n_layer && p->comp_of[last] >= 0) last++;
+    TRY_OK(for_each_compressed_run(p, [&](int32_t first, int32_t last) -> int32_t {
         const int32_t P = (last - first) * G, p0 = p->comp_of[first] * G;
         TRY_OK(reserve_scratch(p, ckv_cuda_kmeans_scratch_bytes(P, n, k, d), s));
         struct cuda_kmeans_args a = {};
@@ -217,9 +256,8 @@ static int32_t cluster_span(struct cuda_kv_policy * p, const __half * k_cache, i
         a.pos_base    = start - n_sink;
         a.labels      = p->labels;
         a.scratch     = p->scratch;
-        TRY_OK(ckv_cuda_kmeans(&a, s));
-        first = last;
-    }
+        return ckv_cuda_kmeans(&a, s);
+    }));
     p->n_clusters += k;
     p->end = stop;
     p->span_end[p->n_spans]      = stop;
@@ -232,6 +270,14 @@ static int32_t cluster_span(struct cuda_kv_policy * p, const __half * k_cache, i
 int32_t cuda_kv_policy_prepare(struct cuda_kv_policy * p, const __half * k_cache, int32_t pos,
                                bool decode_step, cudaStream_t s) {
     cuda_kv_policy_truncate(p, pos);
+    if (p->mode != CKV_SELECT_CLUSTERS) {
+        bool sparse = decode_step ? pos + 1 > p->params.budget : p->window_sparse;
+        if (sparse != p->window_sparse) {   // the decode graph switches kernels
+            p->window_sparse = sparse;
+            p->layout++;
+        }
+        return CKV_OK;
+    }
     if (!decode_step || p->n_comp == 0 || pos - p->end < p->params.recluster_interval) {
         return CKV_OK;
     }
@@ -242,19 +288,50 @@ int32_t cuda_kv_policy_prepare(struct cuda_kv_policy * p, const __half * k_cache
     return CKV_OK;
 }
 
+int32_t cuda_kv_policy_stored(struct cuda_kv_policy * p, const __half * k_cache, int32_t pos0, int32_t n,
+                              cudaStream_t s) {
+    if (p->mode != CKV_SELECT_PAGES || n <= 0) {
+        return CKV_OK;
+    }
+    const int32_t G = p->n_head_kv, d = p->head_dim;
+    return for_each_compressed_run(p, [&](int32_t first, int32_t last) -> int32_t {
+        const int64_t p0 = (int64_t) p->comp_of[first] * G, page_stride = (int64_t) p->n_pages * d;
+        struct cuda_quest_pages_args a = {};
+        a.k           = k_cache + (size_t) first * G * p->n_ctx * d;
+        a.k_stride    = (int64_t) p->n_ctx * d;
+        a.n_problems  = (last - first) * G;
+        a.d           = d;
+        a.page_size   = p->params.page_size;
+        a.pos0        = pos0;
+        a.n           = n;
+        a.page_min    = p->page_min + p0 * page_stride;
+        a.page_max    = p->page_max + p0 * page_stride;
+        a.page_stride = page_stride;
+        return ckv_cuda_quest_pages(&a, s);
+    });
+}
+
 bool cuda_kv_policy_sparse(const struct cuda_kv_policy * p, int32_t il) {
+    if (p->comp_of[il] < 0) {
+        return false;
+    }
+    if (p->mode != CKV_SELECT_CLUSTERS) {
+        return p->window_sparse;
+    }
     // room = budget - sinks < clustered = end - n_sink (with clusters, pos >= end > n_sink)
-    return p->comp_of[il] >= 0 && p->n_clusters > 0 && p->params.budget < p->end;
+    return p->n_clusters > 0 && p->params.budget < p->end;
 }
 
 int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_policy_attend_args * at,
                               cudaStream_t s) {
     const int32_t il = at->il, G = p->n_head_kv, d = p->head_dim, n_sink = p->params.n_sink;
     const int64_t p0 = (int64_t) p->comp_of[il] * G;
-    // A graph serves every position until the next span: pos < end + recluster_interval.
+    // A clusterkv graph serves every position until the next span, pos < end +
+    // recluster_interval; a streaming or quest graph every position.
     int32_t pos_max = at->pos;
     if (at->pos_dev) {
-        int64_t bound = (int64_t) p->end + p->params.recluster_interval - 1;
+        int64_t bound = p->mode == CKV_SELECT_CLUSTERS ? (int64_t) p->end + p->params.recluster_interval - 1
+                                                       : p->n_ctx - 1;
         pos_max = (int32_t) (bound < p->n_ctx - 1 ? bound : p->n_ctx - 1);
     }
     const int32_t room = p->params.budget - n_sink;
@@ -281,10 +358,24 @@ int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_polic
     sa.list_n      = p->list_n + (int64_t) il * p->n_head;
     sa.pos_dev     = at->pos_dev;
     sa.n_attended  = p->attended;
+    sa.mode        = p->mode;
+    sa.budget      = p->params.budget;
+    sa.page_size   = p->params.page_size;
+    if (p->mode == CKV_SELECT_PAGES) {
+        sa.page_stride = (int64_t) p->n_pages * d;
+        sa.page_min    = p->page_min + p0 * sa.page_stride;
+        sa.page_max    = p->page_max + p0 * sa.page_stride;
+        sa.per_kv_head = false;   // quest ranks per query head (as on the CPU)
+    }
     TRY_OK(ckv_cuda_select(&sa, s));
 
-    int32_t clustered_taken = room < p->end - n_sink ? room : p->end - n_sink;
-    int32_t max_list = n_sink + clustered_taken + (pos_max + 1 - p->end);
+    int32_t max_list;
+    if (p->mode == CKV_SELECT_CLUSTERS) {
+        int32_t clustered_taken = room < p->end - n_sink ? room : p->end - n_sink;
+        max_list = n_sink + clustered_taken + (pos_max + 1 - p->end);
+    } else {
+        max_list = p->params.budget < pos_max + 1 ? p->params.budget : pos_max + 1;
+    }
     int32_t n_split = ckv_cuda_sparse_attention_splits(p->n_head, max_list);
     int64_t fit = at->partial_cap / p->n_head;
     n_split = n_split < fit ? n_split : (int32_t) (fit > 1 ? fit : 1);

@@ -1,8 +1,12 @@
-// kvpolicy.cuh - the ClusterKV policy on the GPU (issue 6, internal to the CUDA backend): the
-// cluster state of every compressed (layer, KV head) in device memory, clustering of new spans
-// with the batched k-means, and per decode step the selection + sparse flash-decode that replace
-// a compressed layer's dense attention. It follows kvpolicy-clusterkv.c rule for rule, so the
-// positions, spans, seeds and lists are the CPU policy's:
+// kvpolicy.cuh - the KV policies on the GPU (issue 6, internal to the CUDA backend): clusterkv,
+// quest and streaming. Per decode step a selection + sparse flash-decode replace a compressed
+// layer's dense attention; the lists are the CPU policies' (kvpolicy-streaming.c: sinks and the
+// recent window; kvpolicy-quest.c: per-page key min/max kept in device memory, updated after
+// every forward by cuda_kv_policy_stored, pages ranked by their bound; both need no re-capture
+// while pos + 1 > budget, and below that the dense kernel runs, as their list is every position).
+// clusterkv keeps the cluster state of every compressed (layer, KV head) in device memory,
+// clusters new spans with the batched k-means, and follows kvpolicy-clusterkv.c rule for rule,
+// so the positions, spans, seeds and lists are the CPU policy's:
 //   [0, n_sink) sinks; [n_sink, end) clustered in spans (the first decode step after a prompt
 //   clusters the prompt; every recluster_interval decoded tokens add a span of
 //   ceil(n / tokens_per_cluster) clusters, seeded by clusterkv_span_seed); [end, pos] the tail.
@@ -22,7 +26,8 @@ struct ckv_kv_stats;
 struct hparams;
 struct cuda_kv_policy;
 
-// params must be a validated clusterkv policy (kv_policy_init_params_only); layer_compressed
+// params must be a validated streaming, quest or clusterkv policy (kv_policy_init_params_only;
+// other policies fail with CKV_ERR_UNSUPPORTED); layer_compressed
 // [n_layer] as context.c computes it. Allocates every device buffer for n_ctx positions.
 int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const bool * layer_compressed,
                               const struct hparams * hp, int32_t n_ctx, struct cuda_kv_policy ** out);
@@ -34,6 +39,10 @@ void    cuda_kv_policy_free(struct cuda_kv_policy * p);   // accepts NULL
 int32_t  cuda_kv_policy_prepare(struct cuda_kv_policy * p, const __half * k_cache, int32_t pos,
                                 bool decode_step, cudaStream_t s);
 void     cuda_kv_policy_truncate(struct cuda_kv_policy * p, int32_t n_keep);
+// After a forward stored positions [pos0, pos0 + n) (or a new policy takes over a cache holding
+// [0, n)): quest folds them into its page bounds; the others keep nothing per position.
+int32_t  cuda_kv_policy_stored(struct cuda_kv_policy * p, const __half * k_cache, int32_t pos0, int32_t n,
+                               cudaStream_t s);
 uint64_t cuda_kv_policy_layout(const struct cuda_kv_policy * p);   // changes with the clusters
 
 // Whether layer il attends through position lists at a decode step (false: dense).

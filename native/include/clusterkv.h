@@ -350,7 +350,7 @@ CKV_API void ckv_context_reset_kv_stats(ckv_context * ctx);
 //   CKV_ERR_INVALID_ARG - bad params, or h2o with n_past > 0 (h2o needs the prefill's attention
 //                         weights, which are gone: create the context with h2o instead)
 //   CKV_ERR_OOM         - out of memory
-//   CKV_ERR_UNSUPPORTED - streaming, quest or h2o on a GPU context (the GPU runs full and
+//   CKV_ERR_UNSUPPORTED - h2o on a GPU context (the GPU runs full, streaming, quest and
 //                         clusterkv)
 // On any error the old policy stays in force, unchanged.
 CKV_API int32_t ckv_context_set_kv_policy(ckv_context * ctx,

@@ -189,14 +189,16 @@ static int32_t init_policy_set(const struct ckv_context * ctx, const struct ckv_
             return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy's attention weights");
         }
     }
-    return ctx->gpu ? ckv_cuda_set_kv_policy(ctx->gpu, kp, ps->layer_compressed) : CKV_OK;
+    return ctx->gpu ? ckv_cuda_set_kv_policy(ctx->gpu, kp, ps->layer_compressed, (int32_t) ctx->seqs[0].n_past)
+                    : CKV_OK;
 }
 
-// The GPU runs full and clusterkv; ids out of range are left to kv_policy_init's message.
+// The GPU runs every policy but h2o (its eviction follows attention weights, which the GPU's
+// flash-decode does not write out); ids out of range are left to kv_policy_init's message.
 static int32_t check_gpu_policy(const struct ckv_context * ctx, int32_t policy) {
-    if (ctx->model->gpu && policy > CKV_KV_POLICY_FULL && policy < CKV_KV_POLICY_CLUSTERKV) {
-        return ckv_fail(CKV_ERR_UNSUPPORTED, "kv_policy %s runs on the CPU path only (the GPU runs "
-                        "full and clusterkv); use n_gpu_layers=0", kv_policy_name(policy));
+    if (ctx->model->gpu && policy == CKV_KV_POLICY_H2O) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "kv_policy h2o runs on the CPU path only (the GPU runs "
+                        "full, streaming, quest and clusterkv); use n_gpu_layers=0");
     }
     return CKV_OK;
 }

@@ -39,8 +39,8 @@ int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_
 
 // No GPU context can exist in this build, so nothing below is ever reached with one.
 int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
-                               const bool * layer_compressed) {
-    (void) gc, (void) params, (void) layer_compressed;
+                               const bool * layer_compressed, int32_t n_past) {
+    (void) gc, (void) params, (void) layer_compressed, (void) n_past;
     return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
 }
 

@@ -250,7 +250,11 @@ static void select_worker(void * arg, int ith, int nth) {
 static void quest_select(struct kv_policy * p, int32_t il, int64_t pos, const float * q,
                          struct kv_selection * out) {
     struct quest_region r = {p, il, pos, q, out};
-    threadpool_run(p->pool, select_worker, &r);
+    if (p->pool) {
+        threadpool_run(p->pool, select_worker, &r);
+    } else {   // a policy made without a pool (tests): one thread
+        select_worker(&r, 0, 1);
+    }
 }
 
 // --- lifetime ------------------------------------------------------------------------------------

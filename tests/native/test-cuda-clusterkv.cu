@@ -20,6 +20,9 @@
 //                                for 1, 2, 257, 1000 and 5000 clusters
 //   selection, float scores      scores rel 1e-5 vs f64 (f32 sums of d products); chosen identical to cluster_select run
 //                                on the GPU's own scores
+//   quest / streaming twins      the CPU policies (on_store + kv_policy_select on an f16 cache)
+//                                vs GPU page bounds + selection with the position in device
+//                                memory: lists identical (quest's bounds sum in the CPU's order)
 //   sparse attention vs f64      rel 1e-4 (f32 online softmax), lists of 1 .. 4000 positions,
 //                                tile remainders, split-K, GQA 1/4/7, head_dim 64/128/256
 //   all positions listed         equal to ckv_cuda_attention (dense decode) within rel 1e-5
@@ -613,6 +616,96 @@ static void test_policy_twin(bool per_kv_head) {
     kv_cache_free(&kv);
 }
 
+// --- quest and streaming: the CPU policies as the twins ------------------------------------------
+
+// A small model's f16 cache; the CPU policy (quest or streaming) selects at several positions,
+// the GPU builds quest's page bounds with ckv_cuda_quest_pages (in two calls, the second
+// starting inside a page) and selects with the position in device memory, as a decode graph
+// does. Quest's bounds are summed in the CPU's order, so every list must be the CPU's.
+static void test_window_policy_twin(int policy, int page_size) {
+    const int n_layer = 4, G = 2, H = 8, d = 128, n_ctx = 2048, L = 1700, n_sink = 16, budget = 300;
+    struct kv_cache kv;
+    CHECK_OK(kv_cache_init(&kv, n_ctx, n_layer, G, d, GGML_TYPE_F16));
+    std::vector<float> k((size_t) (L + 1) * G * d), v(k.size());
+    for (int il = 0; il < n_layer; il++) {
+        std::vector<float> rows = make_keys((L + 1) * G, d, 40, 0.5f);
+        for (size_t i = 0; i < k.size(); i++) k[i] = rows[i];
+        for (auto & e : v) e = rnd_uniform(-1, 1);
+        kv_cache_store(&kv, il, k.data(), v.data(), L + 1, 0);
+    }
+    struct ckv_kv_policy_params kp;
+    kv_policy_default_params(&kp);
+    kp.policy = policy;
+    kp.budget = budget;
+    kp.n_sink = n_sink;
+    kp.page_size = page_size;
+    bool compressed[n_layer] = {false, false, true, true};
+    struct kv_policy pol;
+    CHECK_OK(kv_policy_init(&pol, &kp, &kv, NULL, H, compressed));
+    kv_policy_rebuild(&pol, L + 1);
+
+    const int P = (n_layer - 2) * G, n_pages = (n_ctx + page_size - 1) / page_size;
+    dbuf<__half> dk((size_t) n_layer * G * n_ctx * d), pmin((size_t) P * n_pages * d), pmax(pmin.n);
+    CHECK_CUDA(cudaMemcpy(dk.p, kv.k, (size_t) n_layer * G * n_ctx * d * 2, cudaMemcpyHostToDevice));
+    const int split = 1000 + page_size / 2;   // the second call starts inside a page
+    for (int part = 0; part < 2; part++) {
+        cuda_quest_pages_args qa = {};
+        qa.k = dk.p + (size_t) 2 * G * n_ctx * d;
+        qa.k_stride = (int64_t) n_ctx * d;
+        qa.n_problems = P;
+        qa.d = d;
+        qa.page_size = page_size;
+        qa.pos0 = part ? split : 0;
+        qa.n = part ? L + 1 - split : split;
+        qa.page_min = pmin.p;
+        qa.page_max = pmax.p;
+        qa.page_stride = (int64_t) n_pages * d;
+        CHECK_OK(ckv_cuda_quest_pages(&qa, 0));
+    }
+    std::vector<float> q((size_t) n_layer * H * d);
+    for (auto & e : q) e = rnd_normal();
+    dbuf<float> dq(q);
+    const int cap = (int) kv_policy_max_list(&kp, n_ctx);
+    dbuf<int32_t> dlist((size_t) H * cap), dn(H), dpos(1);
+    std::vector<int32_t> cpu_n(H), cpu_pos((size_t) H * cap);
+    int lists = 0, same = 0;
+    for (int pos : {L, L - 7, 16 * 90, 16 * 90 - 1, budget, budget - 1, n_sink + 3}) {
+        CHECK_CUDA(cudaMemcpy(dpos.p, &pos, sizeof(int32_t), cudaMemcpyHostToDevice));
+        for (int il = 2; il < n_layer; il++) {
+            struct kv_selection sel = {H, cap, cpu_n.data(), cpu_pos.data()};
+            kv_policy_select(&pol, il, pos, &q[(size_t) il * H * d], &sel);
+            cuda_select_args s = {};
+            s.mode = policy == CKV_KV_POLICY_QUEST ? CKV_SELECT_PAGES : CKV_SELECT_WINDOW;
+            s.q = dq.p + (size_t) il * H * d;
+            s.n_head = H;
+            s.n_head_kv = G;
+            s.d = d;
+            s.n_sink = n_sink;
+            s.pos = n_ctx - 1;   // the bound a graph is captured with
+            s.pos_dev = dpos.p;
+            s.budget = budget;
+            s.page_size = page_size;
+            s.page_stride = (int64_t) n_pages * d;
+            s.page_min = pmin.p + (size_t) (il - 2) * G * s.page_stride;
+            s.page_max = pmax.p + (size_t) (il - 2) * G * s.page_stride;
+            s.list_pos = dlist.p;
+            s.list_n = dn.p;
+            s.list_stride = cap;
+            CHECK_OK(ckv_cuda_select(&s, 0));
+            std::vector<int32_t> gl = dlist.get(), gn = dn.get();
+            for (int h = 0; h < H; h++) {
+                const int32_t * want = &cpu_pos[(size_t) h * cap];
+                same += gn[h] == cpu_n[h] && std::equal(want, want + gn[h], gl.begin() + (size_t) h * cap);
+                lists++;
+            }
+        }
+    }
+    expect(same == lists, "policy twin %-9s page_size=%-2d (L=%d, budget %d, 7 positions): lists same %d/%d",
+           policy == CKV_KV_POLICY_QUEST ? "quest" : "streaming", page_size, L, budget, same, lists);
+    kv_policy_free(&pol);
+    kv_cache_free(&kv);
+}
+
 // --- sparse attention -------------------------------------------------------------------------------
 
 struct att_cache {
@@ -909,6 +1002,9 @@ int main(int argc, char ** argv) {
     if (!g_quick) {
         test_policy_twin(false);
         test_policy_twin(true);
+        test_window_policy_twin(CKV_KV_POLICY_QUEST, 16);
+        test_window_policy_twin(CKV_KV_POLICY_QUEST, 5);
+        test_window_policy_twin(CKV_KV_POLICY_STREAMING, 16);
     }
     test_sparse();
     if (argc > 1 && strcmp(argv[1], "--bench") == 0) bench();

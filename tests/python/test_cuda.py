@@ -247,29 +247,103 @@ def test_chunked_prefill_matches_one_chunk(gpu_model_path):
     assert _kl_rows(rows[0][None], rows[1][None])[0] <= 1e-3
 
 
-def test_gpu_refuses_other_kv_policies_and_partial_offload(gpu_model_path):
+def test_gpu_refuses_h2o_and_partial_offload(gpu_model_path):
     from clusterkv_local import Llama, UnsupportedError
 
-    for policy in ("streaming", "quest"):
-        with pytest.raises(UnsupportedError, match="kv_policy %s runs on the CPU path only"
-                           % policy):
-            Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, kv_policy=policy, verbose=False)
+    with pytest.raises(UnsupportedError, match="kv_policy h2o runs on the CPU path only"):
+        Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, kv_policy="h2o", verbose=False)
     with pytest.raises(UnsupportedError, match="partial offload.*n_gpu_layers = -1"):
         Llama(gpu_model_path, n_gpu_layers=3, n_ctx=256, verbose=False)
     with pytest.raises(UnsupportedError, match="f32_activations runs on the CPU path only"):
         Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, f32_activations=True, verbose=False)
-    # switching an existing GPU context to another policy is refused the same way
+    # switching an existing GPU context to h2o is refused the same way
     from clusterkv_local._ffi import ffi, lib
     from clusterkv_local._internals import last_error
 
     cp = ffi.new("struct ckv_context_params *")
     lib.ckv_context_default_params(cp)
     kp = ffi.new("struct ckv_kv_policy_params *", cp.kv_policy)
-    kp.policy = lib.CKV_KV_POLICY_QUEST
+    kp.policy = lib.CKV_KV_POLICY_H2O
     with Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, verbose=False) as llm:
         assert lib.ckv_context_set_kv_policy(llm._ctx.ptr, kp) == lib.CKV_ERR_UNSUPPORTED
-        assert "kv_policy quest runs on the CPU path only" in last_error()
+        assert "kv_policy h2o runs on the CPU path only" in last_error()
         assert llm.kv_policy["policy"] == "full"
+
+
+# Streaming and quest on the GPU: the long fixture prompt (1600 tokens) at budget 256, so every
+# compressed layer attends through lists.
+WINDOW_STEPS = 40
+
+
+@pytest.mark.parametrize("policy", ["streaming", "quest"])
+def test_streaming_and_quest_gpu_follow_the_cpu_policy(gpu_model_path, policy):
+    """GPU vs CPU under the same policy, against the floor of the CPU policy with an f32 KV
+    cache. Streaming's lists depend on the position only, so they must be the CPU's exactly;
+    quest's page bounds are summed in the CPU's order, so its lists differ only where the keys
+    differ in their last bits (as the floor's do)."""
+    from clusterkv_local import Llama
+
+    tokens = dict(_fixture_cases())["long"]
+    kw = dict(n_ctx=N_CTX, n_threads=N_THREADS, logits_all=True, verbose=False,
+              kv_policy=policy, kv_budget=256)
+    llms = [Llama(gpu_model_path, n_gpu_layers=0, **kw), Llama(gpu_model_path, n_gpu_layers=-1, **kw),
+            Llama(gpu_model_path, n_gpu_layers=0, type_k="f32", type_v="f32", **kw)]
+    try:
+        ref, (gpu, floor), first = _run_case(llms[0], llms[1:], tokens, WINDOW_STEPS)
+        kl, top = _compare(ref[first + 1:], gpu[first + 1:])
+        kl_floor, top_floor = _compare(ref[first + 1:], floor[first + 1:])
+        cpu, gpu_llm, f32 = llms
+        s_cpu, s_gpu = cpu.kv_stats(), gpu_llm.kv_stats()
+        for key in ("n_steps", "n_attended", "n_cached"):
+            assert s_gpu[key] == s_cpu[key], key
+        pos = gpu_llm.n_tokens - 1
+        n_layer = len(s_gpu["clusters"])
+        assert gpu_llm.kv_selection(0, 0).tolist() == list(range(pos + 1))   # a dense layer
+        overlaps, floor_overlaps = [], []
+        for layer in (2, n_layer // 2, n_layer - 1):
+            for head in (0, 4, 8):
+                g, c = gpu_llm.kv_selection(layer, head), cpu.kv_selection(layer, head)
+                assert len(g) == len(c) == 256
+                assert np.all(np.diff(g) > 0) and g[-1] == pos and g[:16].tolist() == list(range(16))
+                if policy == "streaming":
+                    assert g.tolist() == c.tolist()
+                overlaps.append(len(np.intersect1d(g, c)) / len(c))
+                floor_overlaps.append(len(np.intersect1d(f32.kv_selection(layer, head), c)) / len(c))
+        print("\n%s GPU vs CPU: KL mean %.2e top-1 %.3f, lists %.3f shared (min %.3f); CPU f32 KV "
+              "floor: KL %.2e top-1 %.3f, lists %.3f" % (policy, kl.mean(), top.mean(), np.mean(overlaps),
+              min(overlaps), kl_floor.mean(), top_floor.mean(), np.mean(floor_overlaps)), file=sys.stderr)
+        assert kl.mean() <= max(5e-3, 2 * kl_floor.mean())
+        assert top.mean() >= min(0.995, top_floor.mean() - 0.05)
+        assert np.mean(overlaps) >= min(0.95, np.mean(floor_overlaps) - 0.05)
+    finally:
+        for llm in llms:
+            llm.close()
+
+
+def test_quest_gpu_switched_in_after_prefill_rebuilds_its_pages(gpu_model_path):
+    """A full-policy prefill switched to quest (page bounds built from the cache) decodes as a
+    context that ran quest from the start, bit for bit; the same holds for streaming, and a
+    budget over the context is the full policy's result."""
+    from clusterkv_local import Llama
+
+    tokens = dict(_fixture_cases())["long"]
+
+    def decode(switch_to=None, **policy):
+        with Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=N_CTX, verbose=False, **policy) as llm:
+            llm.eval(tokens)
+            if switch_to:
+                llm.set_kv_policy(**switch_to)
+            rows = []
+            for t in (42, 43, 44, 45):
+                llm.eval([t])
+                rows.append(np.array(llm.scores[llm.n_tokens - 1]))
+            return np.array(rows)
+
+    for policy in ("quest", "streaming"):
+        native = decode(kv_policy=policy, kv_budget=256)
+        switched = decode(switch_to=dict(kv_policy=policy, kv_budget=256))
+        assert np.array_equal(native, switched), policy
+        assert np.array_equal(decode(kv_policy=policy, kv_budget=N_CTX), decode()), policy
 
 
 # ClusterKV on the GPU: the long fixture prompt (1600 tokens) at budget 256 with a 64-token
