@@ -3,6 +3,7 @@
 //
 //   bench-cuda MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...]
 //              [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1]
+//              [--kv-offload 0|1]
 //
 // As llama-bench: random token ids, f16 KV cache, one untimed warm-up, then R timed
 // repetitions; ppN = one N-token prompt from an empty cache (U tokens per forward call, logits
@@ -17,7 +18,9 @@
 // cluster_prompt_ms, next to the prefill's), and after the timed repetitions one more run of
 // recluster_interval + 1 steps crosses a re-clustering and reports its tokens/s with the span's
 // clustering time (tg_with_span_ts, cluster_span_ms). --kv-policy streaming or quest decodes
-// under that policy at budget B (the same fields; their clustering times are 0).
+// under that policy at budget B (the same fields; their clustering times are 0). --kv-offload 1
+// (clusterkv) keeps the compressed layers' KV in pinned host memory and reports the GPU and host
+// KV bytes and the rows fetched from host memory per decode step.
 //
 // Prints one JSON object: the device, the weight bytes one decode step reads (every matrix
 // but the embedding table) and the KV bytes per cached position, and per test the samples in
@@ -71,6 +74,7 @@ struct bench {
     bool                        first_test;
     struct ckv_kv_policy_params kv;       // the tg tests' policy
     bool *                      layer_compressed;
+    bool                        offload;  // --kv-offload 1: the compressed layers' KV in host memory
 };
 
 // Fields after the samples (extra: "" or ", \"key\": value, ...").
@@ -113,7 +117,7 @@ static double generate(struct bench * b, struct cuda_context * gc, int depth, in
 
 static void bench_pp(struct bench * b, int n_prompt, int reps) {
     struct cuda_context * gc = NULL;
-    CHECK(ckv_cuda_context_create(b->gm, n_prompt, b->ubatch, &gc));
+    CHECK(ckv_cuda_context_create(b->gm, n_prompt, b->ubatch, NULL, &gc));
     double ts[MAX_REPS];
     prefill(b, gc, n_prompt);   // warm-up
     for (int r = 0; r < reps; r++) ts[r] = n_prompt / prefill(b, gc, n_prompt);
@@ -138,7 +142,8 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
     const bool policy = b->kv.policy != CKV_KV_POLICY_FULL;
     const int  span_run = policy ? b->kv.recluster_interval + 1 : 0;
     struct cuda_context * gc = NULL;
-    CHECK(ckv_cuda_context_create(b->gm, depth + (n_gen > span_run ? n_gen : span_run) + 1, b->ubatch, &gc));
+    CHECK(ckv_cuda_context_create(b->gm, depth + (n_gen > span_run ? n_gen : span_run) + 1, b->ubatch,
+                                  b->offload ? b->layer_compressed : NULL, &gc));
     if (policy) CHECK(ckv_cuda_set_kv_policy(gc, &b->kv, b->layer_compressed, 0));
     double fill = depth > 0 ? prefill(b, gc, depth) : 0.0;
     if (depth > 4096 && !policy) {
@@ -151,7 +156,7 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
     double prompt_ms = policy ? cluster_ms(gc) : 0.0;
     double ts[MAX_REPS];
     for (int r = 0; r < reps; r++) ts[r] = n_gen / generate(b, gc, depth, n_gen);
-    char name[48], extra[256] = "";
+    char name[48], extra[512] = "";
     snprintf(name, sizeof(name), "tg%d", n_gen);
     if (policy) {
         double span_ts = span_run / generate(b, gc, depth, span_run);
@@ -160,6 +165,15 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
                  "\"tg_with_span_ts\": %.2f, \"cluster_span_ms\": %.3f", kv_policy_label(b->kv.policy),
                  b->kv.budget, b->kv.select_per_kv_head,
                  fill * 1e3, prompt_ms, span_run, span_ts, cluster_ms(gc) - prompt_ms);
+        uint64_t dev_kv = 0, host_kv = 0, dev_policy = 0;
+        struct ckv_kv_stats st = {};
+        CHECK(ckv_cuda_kv_stats(gc, &st));
+        ckv_cuda_kv_memory(gc, &dev_kv, &host_kv, &dev_policy);
+        size_t len = strlen(extra);
+        snprintf(extra + len, sizeof(extra) - len, ", \"kv_offload\": %d, \"device_kv_mib\": %.1f, "
+                 "\"host_kv_mib\": %.1f, \"device_policy_mib\": %.1f, \"rows_fetched_per_step\": %.0f",
+                 b->offload, dev_kv / 1048576.0, host_kv / 1048576.0, dev_policy / 1048576.0,
+                 (double) st.n_fetched / (1 + reps * n_gen + span_run));
     }
     print_test(b, name, 0, n_gen, depth, ts, reps, extra);
     ckv_cuda_context_free(gc);
@@ -176,9 +190,10 @@ static int32_t policy_id(const char * name) {
 
 int main(int argc, char ** argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1] [--kv-offload 0|1]\n", argv[0]);
         return 2;
     }
+    bool offload = false;
     int reps = 3, ubatch = 512, n_tg = 128, pp[MAX_LIST] = {512}, n_pp = 1, depths[MAX_LIST] = {0}, n_depths = 1;
     struct ckv_context_params cp;
     ckv_context_default_params(&cp);
@@ -191,6 +206,7 @@ int main(int argc, char ** argv) {
         else if (!strcmp(argv[i], "--depths")) n_depths = parse_list(argv[i + 1], depths);
         else if (!strcmp(argv[i], "--kv-budget")) kv.budget = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--per-kv-head")) kv.select_per_kv_head = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--kv-offload")) offload = atoi(argv[i + 1]) != 0;
         else if (!strcmp(argv[i], "--kv-policy") && policy_id(argv[i + 1]) >= 0 &&
                  policy_id(argv[i + 1]) != CKV_KV_POLICY_H2O) kv.policy = policy_id(argv[i + 1]);
         else {
@@ -230,7 +246,7 @@ int main(int argc, char ** argv) {
     for (int il = 0; il < m->hp.n_layer; il++) {
         compressed[il] = hparams_is_compressed_layer(&m->hp, kv.n_dense_layers, il);
     }
-    struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true, kv, compressed};
+    struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true, kv, compressed, offload};
     b.logits = (float *) malloc(sizeof(float) * b.n_vocab);
     b.tokens = (int32_t *) malloc(sizeof(int32_t) * ubatch);
     srand(42);

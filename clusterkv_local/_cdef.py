@@ -131,6 +131,7 @@ struct ckv_context_params {
     struct ckv_kv_policy_params kv_policy;
     int32_t f32_activations;
     uint32_t n_seq_max;
+    int32_t kv_offload;
 };
 void ckv_context_default_params(struct ckv_context_params * out);
 int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
@@ -168,8 +169,15 @@ struct ckv_kv_stats {
     double t_cluster_ms;
     double t_select_ms;
     int32_t n_clusters;
+    int64_t n_fetched;
 };
 void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out);
+struct ckv_kv_memory {
+    uint64_t device_kv;
+    uint64_t host_kv;
+    uint64_t device_policy;
+};
+int32_t ckv_context_kv_memory(const ckv_context * ctx, struct ckv_kv_memory * out);
 void ckv_context_reset_kv_stats(ckv_context * ctx);
 int32_t ckv_context_set_kv_policy(ckv_context * ctx,
                                           const struct ckv_kv_policy_params * params);

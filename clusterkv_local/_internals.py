@@ -9,7 +9,7 @@ No user policy (defaults, validation of sampling knobs, prompt handling) lives h
 import errno
 import logging
 import os
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -414,6 +414,7 @@ class KVStats(NamedTuple):
     t_cluster_ms: float
     t_select_ms: float
     n_clusters: int
+    n_fetched: int
 
 
 class Timings(NamedTuple):
@@ -431,7 +432,7 @@ class _Context(_Handle):
 
     def __init__(self, model: _Model, *, n_ctx: int = 512, n_batch: int = 512,
                  n_threads: int = 0, kv_type: int = 1, kv_policy: Optional[dict] = None,
-                 f32_activations: bool = False, n_seq_max: int = 1):
+                 f32_activations: bool = False, n_seq_max: int = 1, kv_offload: bool = False):
         """kv_policy: {field of struct ckv_kv_policy_params: value}, applied over the
         library's defaults (None: the defaults, i.e. the full policy)."""
         params = ffi.new("struct ckv_context_params *")
@@ -442,6 +443,7 @@ class _Context(_Handle):
         params.kv_type = kv_type
         params.f32_activations = 1 if f32_activations else 0
         params.n_seq_max = n_seq_max
+        params.kv_offload = 1 if kv_offload else 0
         if kv_policy and kv_policy.get("policy", lib.CKV_KV_POLICY_FULL) != lib.CKV_KV_POLICY_FULL:
             _require_kv_policies()
         for name, value in (kv_policy or {}).items():
@@ -545,7 +547,14 @@ class _Context(_Handle):
         out = ffi.new("struct ckv_kv_stats *")
         lib.ckv_context_get_kv_stats(self._live(), out)
         return KVStats(int(out.n_steps), int(out.n_attended), int(out.n_cached),
-                       float(out.t_cluster_ms), float(out.t_select_ms), int(out.n_clusters))
+                       float(out.t_cluster_ms), float(out.t_select_ms), int(out.n_clusters),
+                       int(out.n_fetched))
+
+    def kv_memory(self) -> Dict[str, int]:
+        out = ffi.new("struct ckv_kv_memory *")
+        _check(lib.ckv_context_kv_memory(self._live(), out))
+        return {"device_kv": int(out.device_kv), "host_kv": int(out.host_kv),
+                "device_policy": int(out.device_policy)}
 
     def reset_kv_stats(self) -> None:
         _require_kv_policies()

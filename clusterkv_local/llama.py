@@ -369,7 +369,8 @@ class Llama:
                  metadata_only: bool = False, kv_policy: str = "full",
                  kv_budget: Optional[int] = None,
                  kv_policy_params: Optional[Dict[str, Any]] = None,
-                 f32_activations: bool = False, n_seq_max: int = 1, **kwargs: Any):
+                 f32_activations: bool = False, n_seq_max: int = 1, kv_offload: bool = False,
+                 **kwargs: Any):
         """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
 
         Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
@@ -384,12 +385,16 @@ class Llama:
         policies or precisions, CPU only).
         `n_seq_max` sequences (each with its own KV cache of n_ctx positions) let
         create_completion_batch() decode several prompts together (CPU only so far).
+        `kv_offload=True` (GPU, kv_policy="clusterkv") keeps the KV cache of the compressed
+        layers in pinned host memory and on the GPU only the rows recent decode steps selected
+        (see kv_memory()), so the context is bounded by host RAM; prefill then copies each
+        layer's earlier rows in per chunk, so a long prompt wants a large n_batch (e.g. 4096).
         `n_gpu_layers=-1` (or >= the layer count) runs the whole model on the GPU in a CUDA
         build (clusterkv_local.system_info() says what the build has); no usable GPU raises
         CudaError, a CPU-only build UnsupportedError.
         Deviations: seed=0 is a real seed (llama-cpp-python turns 0 into "random");
         0 < n_gpu_layers < n_layer raises UnsupportedError (no partial offload); on the GPU
-        kv_policy "full" and "clusterkv" and an f16 KV cache run (UnsupportedError otherwise).
+        every kv_policy but "h2o" and an f16 KV cache run (UnsupportedError otherwise).
         """
         self.verbose = verbose
         self.model_path = os.fspath(model_path)
@@ -416,11 +421,12 @@ class Llama:
                 self._n_ctx = n_ctx or self._info.n_ctx_train
                 self.n_batch, self.n_threads = n_batch, n_threads
             else:
-                if not isinstance(f32_activations, bool):
-                    raise TypeError("f32_activations must be a bool, got %r" % (f32_activations,))
+                for name, flag in (("f32_activations", f32_activations), ("kv_offload", kv_offload)):
+                    if not isinstance(flag, bool):
+                        raise TypeError("%s must be a bool, got %r" % (name, flag))
                 self._load_context(n_ctx, n_batch, n_threads, _kv_type(type_k, type_v),
                                    kv_settings, f32_activations,
-                                   _require_int("n_seq_max", n_seq_max, 1))
+                                   _require_int("n_seq_max", n_seq_max, 1), kv_offload)
             self._chat = None if metadata_only else resolve_chat_format(chat_format,
                                                                          self.metadata)
         except BaseException:
@@ -449,12 +455,13 @@ class Llama:
 
     def _load_context(self, n_ctx: int, n_batch: int, n_threads: int, kv_type: int,
                       kv_settings: Dict[str, Any], f32_activations: bool = False,
-                      n_seq_max: int = 1) -> None:
+                      n_seq_max: int = 1, kv_offload: bool = False) -> None:
         if n_ctx > 0:
             n_batch = min(n_ctx, n_batch)
         self._ctx = _Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              kv_type=kv_type, kv_policy=kv_settings,
-                             f32_activations=f32_activations, n_seq_max=n_seq_max)
+                             f32_activations=f32_activations, n_seq_max=n_seq_max,
+                             kv_offload=kv_offload)
         self._n_ctx = self._ctx.n_ctx()
         self.n_batch = self._ctx.n_batch()
         self.n_threads = self._ctx.n_threads()
@@ -622,7 +629,8 @@ class Llama:
         Keys: n_steps (decode steps that used the policy), n_attended / n_cached (positions
         attended / cached, summed over steps, compressed layers and query heads), density
         (n_attended / n_cached; None before any step), t_cluster_ms, t_select_ms, n_clusters
-        (held now, summed) and clusters ([n_layer][n_head_kv] clusters held now).
+        (held now, summed), clusters ([n_layer][n_head_kv] clusters held now) and n_fetched
+        (kv_offload: K/V rows copied from host memory to the GPU's cache of selected rows).
 
         Example:
             >>> llm = Llama(path, n_ctx=4096, kv_policy="clusterkv", kv_budget=1024)
@@ -637,7 +645,19 @@ class Llama:
                 "n_cached": stats.n_cached,
                 "density": stats.n_attended / stats.n_cached if stats.n_cached else None,
                 "t_cluster_ms": stats.t_cluster_ms, "t_select_ms": stats.t_select_ms,
-                "n_clusters": stats.n_clusters, "clusters": clusters}
+                "n_clusters": stats.n_clusters, "clusters": clusters, "n_fetched": stats.n_fetched}
+
+    def kv_memory(self) -> Dict[str, int]:
+        """Bytes of the KV cache by place: device_kv (K/V rows in GPU memory), host_kv (in host
+        memory: a CPU context's whole cache, or the offloaded layers' under kv_offload) and
+        device_policy (the KV policy's other GPU state: centroids, indexes, lists).
+
+        Example:
+            >>> llm = Llama(path, n_gpu_layers=-1, n_ctx=131072, n_batch=4096,
+            ...             kv_policy="clusterkv", kv_budget=2048, kv_offload=True)
+            >>> llm.kv_memory()["device_kv"] / 2**20   # MiB: the budget's rows, not n_ctx's
+        """
+        return self._require_ctx().kv_memory()
 
     def reset_kv_stats(self) -> None:
         """Zeroes the step, position and time counters of kv_stats()."""

@@ -226,8 +226,20 @@ struct cuda_context {
     const struct cuda_model * gm;
     int32_t      n_ctx, n_batch;
     cudaStream_t stream;
-    __half *     k_cache;    // [n_layer][n_head_kv][n_ctx][head_dim] f16
+    __half *     k_cache;    // [layers on the GPU][n_head_kv][n_ctx][head_dim] f16
     __half *     v_cache;
+    // kv_offload: the K/V of the layers marked in kv_on_host live in pinned host memory, mapped
+    // into the device's address space (decode writes a token's row there over PCIe; the policy
+    // fetches the selected rows). A prefill chunk copies such a layer's earlier rows to the
+    // staging buffer, attends there and copies its new rows back: one layer's K/V on the GPU.
+    bool *       kv_on_host;   // host [n_layer]
+    __half *     h_k;          // pinned, mapped: [layers in host memory][n_head_kv][n_ctx][head_dim]
+    __half *     h_v;
+    __half *     stage_k;      // [n_head_kv][n_ctx][head_dim], NULL without offload
+    __half *     stage_v;
+    const __half ** k_layers;  // host [n_layer]: each layer's rows, device addresses
+    const __half ** v_layers;
+    uint64_t     kv_device_bytes, kv_host_bytes;
     int32_t *    tokens;     // [n_batch]
     float *x, *xb, *xb2;     // [n_batch][n_embd]
     float *q, *att;          // [n_batch][n_head * head_dim]
@@ -254,8 +266,51 @@ struct cuda_context {
     bool            decode_step;  // the running forward is a decode step (policy applies)
 };
 
+// Where each layer's K/V live: GPU layers in k_cache / v_cache, kv_on_host layers in h_k / h_v
+// (pinned and mapped, allocated here), both in layer order.
+static int32_t place_kv(struct cuda_context * gc, const bool * offload_layers) {
+    const struct hparams * hp = &gc->gm->hp;
+    const size_t layer_elems = (size_t) hp->n_head_kv * gc->n_ctx * hp->head_dim;
+    gc->kv_on_host = (bool *) calloc((size_t) hp->n_layer, sizeof(bool));
+    gc->k_layers   = (const __half **) calloc((size_t) hp->n_layer, sizeof(__half *));
+    gc->v_layers   = (const __half **) calloc((size_t) hp->n_layer, sizeof(__half *));
+    if (!gc->kv_on_host || !gc->k_layers || !gc->v_layers) {
+        return ckv_fail(CKV_ERR_OOM, "out of host memory for the CUDA context");
+    }
+    size_t n_host = 0;
+    for (int il = 0; il < hp->n_layer; il++) {
+        gc->kv_on_host[il] = offload_layers && offload_layers[il];
+        n_host += gc->kv_on_host[il];
+    }
+    if (n_host > 0) {
+        size_t bytes = n_host * layer_elems * sizeof(__half);
+        if (cudaHostAlloc(&gc->h_k, bytes, cudaHostAllocMapped) != cudaSuccess ||
+            cudaHostAlloc(&gc->h_v, bytes, cudaHostAllocMapped) != cudaSuccess) {
+            cudaGetLastError();
+            return ckv_fail(CKV_ERR_OOM, "kv_offload: %.1f MiB of pinned host memory for the KV cache of %zu "
+                            "layers (n_ctx %d): out of memory", 2.0 * bytes / 1048576.0, n_host, gc->n_ctx);
+        }
+        gc->kv_host_bytes = 2 * bytes;
+    }
+    __half * hk = NULL, * hv = NULL;
+    if (n_host > 0) {
+        CKV_CUDA_CHECK(cudaHostGetDevicePointer((void **) &hk, gc->h_k, 0));
+        CKV_CUDA_CHECK(cudaHostGetDevicePointer((void **) &hv, gc->h_v, 0));
+    }
+    for (int il = 0, on_gpu = 0, on_host = 0; il < hp->n_layer; il++) {
+        if (gc->kv_on_host[il]) {
+            gc->k_layers[il] = hk + on_host * layer_elems;
+            gc->v_layers[il] = hv + on_host++ * layer_elems;
+        } else {
+            gc->k_layers[il] = gc->k_cache + on_gpu * layer_elems;
+            gc->v_layers[il] = gc->v_cache + on_gpu++ * layer_elems;
+        }
+    }
+    return CKV_OK;
+}
+
 extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
-                                           struct cuda_context ** out) {
+                                           const bool * offload_layers, struct cuda_context ** out) {
     *out = NULL;
     if (n_ctx < 1 || n_batch < 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "cuda context: n_ctx %d and n_batch %d must be >= 1",
@@ -272,9 +327,16 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
     int64_t q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
     int64_t per_split_decode = ((int64_t) n_ctx + 255) / 256;
     gc->partial_cap = (int64_t) hp->n_head * (per_split_decode > 2 * n_batch ? per_split_decode : 2 * n_batch);
-    size_t kv_bytes = (size_t) hp->n_layer * kv_dim * n_ctx * sizeof(__half);
+    int32_t n_gpu_layers = 0, n_host_layers = 0;
+    for (int il = 0; il < hp->n_layer; il++) {
+        n_host_layers += offload_layers && offload_layers[il];
+    }
+    n_gpu_layers = hp->n_layer - n_host_layers;
+    size_t kv_bytes = (size_t) n_gpu_layers * kv_dim * n_ctx * sizeof(__half);
+    size_t stage_bytes = n_host_layers ? (size_t) kv_dim * n_ctx * sizeof(__half) : 0;
     struct { void ** p; size_t bytes; } bufs[] = {
         {(void **) &gc->k_cache, kv_bytes}, {(void **) &gc->v_cache, kv_bytes},
+        {(void **) &gc->stage_k, stage_bytes}, {(void **) &gc->stage_v, stage_bytes},
         {(void **) &gc->tokens, sizeof(int32_t) * n_batch},
         {(void **) &gc->x, sizeof(float) * n_batch * hp->n_embd},
         {(void **) &gc->xb, sizeof(float) * n_batch * hp->n_embd},
@@ -292,14 +354,20 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
     };
     size_t total = 0;
     for (auto & b : bufs) total += b.bytes;
+    gc->kv_device_bytes = 2 * (kv_bytes + stage_bytes);
     for (auto & b : bufs) {
-        if (cudaMalloc(b.p, b.bytes) != cudaSuccess) {
+        if (b.bytes && cudaMalloc(b.p, b.bytes) != cudaSuccess) {
             cudaGetLastError();
             ckv_cuda_context_free(gc);
             return ckv_fail(CKV_ERR_OOM, "the CUDA context (n_ctx %d, n_batch %d) needs %.1f MiB of "
                             "GPU memory (KV cache %.1f MiB): out of memory on %s", n_ctx, n_batch,
                             total / 1048576.0, 2.0 * kv_bytes / 1048576.0, ckv_cuda_device_name());
         }
+    }
+    int32_t placed = place_kv(gc, offload_layers);
+    if (placed != CKV_OK) {
+        ckv_cuda_context_free(gc);
+        return placed;
     }
     cudaError_t err = cudaStreamCreateWithFlags(&gc->stream, cudaStreamNonBlocking);
     if (err == cudaSuccess) err = cudaMalloc(&gc->d_pos, sizeof(int32_t));
@@ -342,8 +410,14 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
     cuda_kv_policy_free(gc->policy);
     ckv_cuda_gemm_ws_free(&gc->blas);
     void * ptrs[] = {gc->k_cache, gc->v_cache, gc->tokens, gc->x, gc->xb, gc->xb2, gc->q, gc->att,
-                     gc->k, gc->v, gc->hb, gc->hb2, gc->hq, gc->xq, gc->logits, gc->partial, gc->d_pos};
+                     gc->k, gc->v, gc->hb, gc->hb2, gc->hq, gc->xq, gc->logits, gc->partial, gc->d_pos,
+                     gc->stage_k, gc->stage_v};
     for (void * p : ptrs) cudaFree(p);
+    cudaFreeHost(gc->h_k);
+    cudaFreeHost(gc->h_v);
+    free(gc->kv_on_host);
+    free((void *) gc->k_layers);
+    free((void *) gc->v_layers);
     cudaFreeHost(gc->h_step);
     cudaFreeHost(gc->h_logits);
     free(gc);
@@ -359,16 +433,15 @@ static int32_t matmul(struct cuda_context * gc, const struct cuda_weight * w, co
 
 // Attention of layer il over every cached position (or its window) into gc->att, also
 // quantised into xq when it is not NULL.
-static int32_t dense_attention(struct cuda_context * gc, int il, int64_t n, int64_t pos0,
-                               const int32_t * pos_dev, const void * xq) {
+static int32_t dense_attention(struct cuda_context * gc, int il, const __half * k_rows, const __half * v_rows,
+                               int64_t n, int64_t pos0, const int32_t * pos_dev, const void * xq) {
     const struct hparams * hp = &gc->gm->hp;
-    size_t  layer_off = (size_t) il * hp->n_head_kv * gc->n_ctx * hp->head_dim;
     int32_t window = hparams_is_swa_layer(hp, il) ? hp->n_swa : 0;
     int64_t n_kv = pos_dev ? gc->n_ctx : pos0 + n;  // a graph serves every position up to n_ctx
     if (window > 0 && n_kv > window) {
         n_kv = window;  // no query of the chunk sees more positions than the window
     }
-    struct cuda_attention_args at = {gc->q, gc->k_cache + layer_off, gc->v_cache + layer_off, gc->att,
+    struct cuda_attention_args at = {gc->q, k_rows, v_rows, gc->att,
                                      gc->partial, n, pos0, gc->n_ctx, hp->n_head, hp->n_head_kv,
                                      hp->head_dim, window,
                                      ckv_cuda_attention_splits(n, hp->n_head, n_kv, gc->partial_cap),
@@ -383,7 +456,22 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
     const struct cuda_layer * L  = &gc->gm->layers[il];
     cudaStream_t              s  = gc->stream;
     bool gemma = hp->arch == ARCH_GEMMA3, swa = hparams_is_swa_layer(hp, il);
-    size_t layer_off = (size_t) il * hp->n_head_kv * gc->n_ctx * hp->head_dim;
+    // The rows this forward writes and attends: the layer's own (a decode step of an offloaded
+    // layer writes its token straight to host memory), or, for a prefill chunk of an offloaded
+    // layer, the staging buffer holding the layer's earlier rows.
+    __half * k_rows = (__half *) gc->k_layers[il], * v_rows = (__half *) gc->v_layers[il];
+    const bool staged = gc->kv_on_host[il] && !gc->decode_step;
+    const size_t row_bytes = (size_t) hp->head_dim * sizeof(__half), pitch = row_bytes * gc->n_ctx;
+    if (staged) {
+        if (pos0 > 0) {
+            CKV_CUDA_CHECK(cudaMemcpy2DAsync(gc->stage_k, pitch, k_rows, pitch, row_bytes * pos0, hp->n_head_kv,
+                                             cudaMemcpyDefault, s));
+            CKV_CUDA_CHECK(cudaMemcpy2DAsync(gc->stage_v, pitch, v_rows, pitch, row_bytes * pos0, hp->n_head_kv,
+                                             cudaMemcpyDefault, s));
+        }
+        k_rows = gc->stage_k;
+        v_rows = gc->stage_v;
+    }
 
     // One token: one launch normalises x into xb and quantises it (xq) for the int8 GEMVs; a
     // chunk normalises into xb for the GEMM.
@@ -401,7 +489,7 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
     };
     TRY_OK(ckv_cuda_matmul_multi(qkv, 3, s));
     float base = swa ? hp->rope_base_swa : hp->rope_base;
-    struct cuda_rope_kv_args rk = {gc->q, gc->k, gc->v, gc->k_cache + layer_off, gc->v_cache + layer_off,
+    struct cuda_rope_kv_args rk = {gc->q, gc->k, gc->v, k_rows, v_rows,
                                    n, hp->n_head, hp->n_head_kv, hp->head_dim, hp->n_rot, gc->n_ctx, pos0,
                                    powf(base, -2.0f / (float) hp->n_rot), swa ? 1.0f : hp->rope_freq_scale,
                                    gc->gm->rope_freqs, hp->rope_mode == ROPE_NEOX,
@@ -411,12 +499,20 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
 
     if (gc->decode_step && gc->policy && cuda_kv_policy_sparse(gc->policy, il)) {
         // The KV policy's positions only, att also quantised (xq) for the out-projection's GEMV.
-        struct cuda_policy_attend_args pa = {il, gc->q, gc->k_cache + layer_off, gc->v_cache + layer_off,
+        struct cuda_policy_attend_args pa = {il, gc->q, k_rows, v_rows,
                                              (int32_t) pos0, pos_dev, gc->att, (void *) xq, gc->partial,
                                              gc->partial_cap, hp->attn_scale};
         TRY_OK(cuda_kv_policy_attend(gc->policy, &pa, s));
     } else {
-        TRY_OK(dense_attention(gc, il, n, pos0, pos_dev, xq));
+        TRY_OK(dense_attention(gc, il, k_rows, v_rows, n, pos0, pos_dev, xq));
+    }
+    if (staged) {   // the chunk's new rows to host memory
+        CKV_CUDA_CHECK(cudaMemcpy2DAsync((__half *) gc->k_layers[il] + pos0 * hp->head_dim, pitch,
+                                         gc->stage_k + pos0 * hp->head_dim, pitch, row_bytes * n, hp->n_head_kv,
+                                         cudaMemcpyDefault, s));
+        CKV_CUDA_CHECK(cudaMemcpy2DAsync((__half *) gc->v_layers[il] + pos0 * hp->head_dim, pitch,
+                                         gc->stage_v + pos0 * hp->head_dim, pitch, row_bytes * n, hp->n_head_kv,
+                                         cudaMemcpyDefault, s));
     }
     struct cuda_matmul_args o = {&L->attn_output, gc->att, gemma ? gc->xb2 : gc->x, L->attn_output.n_out,
                                  NULL, n, !gemma, NULL, 0.0f, xq, &gc->blas};
@@ -571,13 +667,13 @@ extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tok
         }
     }
     gc->decode_step = decode_step && n == 1;
-    int32_t st = gc->policy ? cuda_kv_policy_prepare(gc->policy, gc->k_cache, pos0, gc->decode_step, gc->stream)
+    int32_t st = gc->policy ? cuda_kv_policy_prepare(gc->policy, gc->k_layers, pos0, gc->decode_step, gc->stream)
                             : CKV_OK;
     if (st == CKV_OK) {
         st = forward(gc, tokens, n, pos0, first_output, logits_host);
     }
     if (st == CKV_OK && gc->policy) {
-        st = cuda_kv_policy_stored(gc->policy, gc->k_cache, pos0, n, gc->stream);
+        st = cuda_kv_policy_stored(gc->policy, gc->k_layers, pos0, n, gc->stream);
     }
     cudaError_t err = cudaStreamSynchronize(gc->stream);  // also surfaces asynchronous kernel faults
     if (st == CKV_OK && err != cudaSuccess) {
@@ -593,10 +689,19 @@ extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tok
 
 extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
                                           const bool * layer_compressed, int32_t n_past) {
+    const struct hparams * hp = &gc->gm->hp;
+    const bool offload = gc->h_k != NULL;
+    for (int il = 0; offload && il < hp->n_layer; il++) {
+        if (layer_compressed[il] != gc->kv_on_host[il] || params->policy != CKV_KV_POLICY_CLUSTERKV) {
+            return ckv_fail(CKV_ERR_INVALID_ARG, "kv_offload: the context keeps the KV of the layers its clusterkv "
+                            "policy compressed in host memory; a new policy must be clusterkv with the same "
+                            "n_dense_layers");
+        }
+    }
     struct cuda_kv_policy * next = NULL;
     if (params->policy != CKV_KV_POLICY_FULL) {
-        TRY_OK(cuda_kv_policy_create(params, layer_compressed, &gc->gm->hp, gc->n_ctx, &next));
-        int32_t st = cuda_kv_policy_stored(next, gc->k_cache, 0, n_past, gc->stream);  // the cache it takes over
+        TRY_OK(cuda_kv_policy_create(params, layer_compressed, hp, gc->n_ctx, offload, &next));
+        int32_t st = cuda_kv_policy_stored(next, gc->k_layers, 0, n_past, gc->stream);  // the cache it takes over
         if (st != CKV_OK) {
             cuda_kv_policy_free(next);
             return st;
@@ -613,6 +718,14 @@ extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct
 }
 
 extern "C" bool ckv_cuda_has_kv_policy(const struct cuda_context * gc) { return gc->policy != NULL; }
+
+extern "C" void ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv, uint64_t * host_kv,
+                                   uint64_t * device_policy) {
+    const size_t slots = gc->policy ? cuda_kv_policy_slot_bytes(gc->policy) : 0;
+    *device_kv     = gc->kv_device_bytes + slots;
+    *host_kv       = gc->kv_host_bytes;
+    *device_policy = gc->policy ? cuda_kv_policy_device_bytes(gc->policy) - slots : 0;
+}
 
 extern "C" void ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep) {
     if (gc->policy) {

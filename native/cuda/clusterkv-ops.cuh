@@ -137,6 +137,42 @@ struct cuda_quest_pages_args {
 };
 int32_t ckv_cuda_quest_pages(const struct cuda_quest_pages_args * a, cudaStream_t s);
 
+// --- host offload: the GPU's cache of selected rows ----------------------------------------------
+//
+// With kv_offload the K/V of a compressed layer live in host memory (pinned, mapped: the GPU
+// reads them over PCIe) and the GPU keeps n_slots rows per (layer, KV head) for the positions
+// recent steps selected. After a step's selection, the fetch gives every listed position of KV
+// head g's lists a slot: a resident position keeps its slot and is not copied again; a missing
+// one takes a slot that no list of this step references (its old position is evicted) and its K
+// and V rows are copied from host memory. The lists are rewritten as slot lists (same order), so
+// the sparse flash-decode reads the slot rows in place of the cache and gives the same result.
+// n_slots >= the size of the union of a group's lists leaves a free slot for every miss. One
+// block per KV head; nothing is read back by the host.
+struct cuda_kv_fetch_args {
+    const int32_t * list_pos;       // [n_head][list_stride] positions (the selection)
+    const int32_t * list_n;         // [n_head]
+    int64_t         list_stride;
+    int32_t *       list_slot;      // out [n_head][list_stride]: the slot of each listed position
+    int32_t         n_head, n_head_kv, head_dim;
+    const __half *  src_k;          // KV head g's rows at src_k + g * n_ctx * head_dim (host memory)
+    const __half *  src_v;
+    int32_t         n_ctx;
+    __half *        slot_k;         // KV head g's slots at slot_k + g * n_slots * head_dim
+    __half *        slot_v;
+    int32_t         n_slots;
+    int32_t *       slot_of;        // [n_head_kv][n_ctx]: the slot holding a position, -1: none
+    int32_t *       owner;          // [n_head_kv][n_slots]: the position a slot holds, -1: none
+    uint32_t *      stamp;          // [n_head_kv][n_slots]: the last fetch that used the slot
+    uint32_t *      epoch;          // [n_head_kv]: fetches run so far
+    int32_t *       scratch;        // [n_head_kv][2][n_slots]: misses, free slots
+    unsigned long long * n_copied;  // += rows copied from host memory (stats), or NULL
+};
+int32_t ckv_cuda_kv_fetch(const struct cuda_kv_fetch_args * a, cudaStream_t s);
+// Forgets positions [from, to) of n_problems (layer, KV head) slot maps (slot_of [n_ctx] and
+// owner [n_slots] per problem), before those positions are overwritten.
+int32_t ckv_cuda_kv_fetch_forget(int32_t * slot_of, int32_t * owner, int32_t n_problems, int32_t n_ctx,
+                                 int32_t n_slots, int32_t from, int32_t to, cudaStream_t s);
+
 // --- sparse flash-decode ------------------------------------------------------------------------
 //
 // out[h] = softmax_j(scale q[h] . K[g][j]) . V[g][j] over the positions j of list h (g = h /

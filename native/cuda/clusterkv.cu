@@ -816,6 +816,121 @@ int32_t ckv_cuda_quest_pages(const struct cuda_quest_pages_args * ap, cudaStream
 }
 
 // =============================================================================================
+// Host offload: fetching the selected rows into the GPU's slots
+// =============================================================================================
+//
+// One block per KV head: (1) hits stamp their slot with this fetch's epoch, each missing
+// position is claimed once (slot_of -2) and queued; (2) a block scan finds the first free slots
+// (stamp != epoch) in slot order; (3) miss i takes free slot i, evicting its old position, and a
+// warp copies its K and V rows in 16-byte loads; (4) the group's lists become slot lists.
+
+enum { FETCH_THREADS = 1024 };
+
+static __global__ void __launch_bounds__(FETCH_THREADS) kv_fetch_kernel(cuda_kv_fetch_args a) {
+    const int g = blockIdx.x, group = a.n_head / a.n_head_kv, d = a.head_dim;
+    const int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP, n_warps = blockDim.x / CKV_WARP;
+    int32_t *  slot_of = a.slot_of + (int64_t) g * a.n_ctx;
+    int32_t *  owner   = a.owner + (int64_t) g * a.n_slots;
+    uint32_t * stamp   = a.stamp + (int64_t) g * a.n_slots;
+    int32_t *  misses  = a.scratch + (int64_t) g * 2 * a.n_slots, * free_slots = misses + a.n_slots;
+    __shared__ uint32_t now_s;
+    __shared__ int32_t  n_miss_s;
+    if (threadIdx.x == 0) {
+        now_s    = ++a.epoch[g];
+        n_miss_s = 0;
+    }
+    __syncthreads();
+    const uint32_t now = now_s;
+    for (int o = 0; o < group; o++) {   // (1)
+        const int32_t * list = a.list_pos + (int64_t) (g * group + o) * a.list_stride;
+        const int32_t   n    = a.list_n[g * group + o];
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const int32_t p = list[i], sl = slot_of[p];
+            if (sl >= 0) {
+                stamp[sl] = now;
+            } else if (sl == -1 && atomicCAS(&slot_of[p], -1, -2) == -1) {
+                misses[atomicAdd(&n_miss_s, 1)] = p;
+            }
+        }
+    }
+    __syncthreads();
+    const int32_t n_miss = n_miss_s;
+    if (n_miss > 0) {   // (2), block-uniform
+        const int32_t per = ceil_div(a.n_slots, blockDim.x);
+        const int32_t s0 = min(a.n_slots, (int32_t) threadIdx.x * per), s1 = min(a.n_slots, s0 + per);
+        int32_t mine = 0;
+        for (int32_t sl = s0; sl < s1; sl++) mine += stamp[sl] != now;
+        int32_t total, at = block_exclusive_scan(mine, &total);
+        for (int32_t sl = s0; sl < s1 && at < n_miss; sl++) {
+            if (stamp[sl] != now) free_slots[at++] = sl;
+        }
+    }
+    __syncthreads();
+    const int chunks = d / 8;   // 16-byte chunks per row
+    for (int i = warp; i < n_miss; i += n_warps) {   // (3)
+        const int32_t p = misses[i], sl = free_slots[i];
+        if (lane == 0) {
+            const int32_t old = owner[sl];
+            if (old >= 0) slot_of[old] = -1;
+            owner[sl]   = p;
+            stamp[sl]   = now;
+            slot_of[p]  = sl;
+        }
+        const uint4 * sk = (const uint4 *) (a.src_k + ((int64_t) g * a.n_ctx + p) * d);
+        const uint4 * sv = (const uint4 *) (a.src_v + ((int64_t) g * a.n_ctx + p) * d);
+        uint4 * dk = (uint4 *) (a.slot_k + ((int64_t) g * a.n_slots + sl) * d);
+        uint4 * dv = (uint4 *) (a.slot_v + ((int64_t) g * a.n_slots + sl) * d);
+        for (int c = lane; c < 2 * chunks; c += CKV_WARP) {
+            if (c < chunks) dk[c] = sk[c];
+            else dv[c - chunks] = sv[c - chunks];
+        }
+    }
+    __syncthreads();
+    for (int o = 0; o < group; o++) {   // (4)
+        const int64_t   row  = (int64_t) (g * group + o) * a.list_stride;
+        const int32_t   n    = a.list_n[g * group + o];
+        for (int i = threadIdx.x; i < n; i += blockDim.x) a.list_slot[row + i] = slot_of[a.list_pos[row + i]];
+    }
+    if (threadIdx.x == 0 && a.n_copied && n_miss) atomicAdd(a.n_copied, (unsigned long long) n_miss);
+}
+
+int32_t ckv_cuda_kv_fetch(const struct cuda_kv_fetch_args * ap, cudaStream_t st) {
+    const cuda_kv_fetch_args & a = *ap;
+    if (!a.list_pos || !a.list_n || !a.list_slot || !a.src_k || !a.src_v || !a.slot_k || !a.slot_v || !a.slot_of ||
+        !a.owner || !a.stamp || !a.epoch || !a.scratch || a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 ||
+        a.head_dim % 8 != 0 || a.head_dim < 8 || a.n_ctx < 1 || a.n_slots < 1) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda kv fetch: bad arguments (n_head %d, n_head_kv %d, head_dim %d, "
+                        "n_ctx %d, n_slots %d)", a.n_head, a.n_head_kv, a.head_dim, a.n_ctx, a.n_slots);
+    }
+    kv_fetch_kernel<<<a.n_head_kv, FETCH_THREADS, 0, st>>>(a);
+    CKV_CUDA_CHECK(cudaGetLastError());
+    return CKV_OK;
+}
+
+static __global__ void kv_fetch_forget_kernel(int32_t * slot_of, int32_t * owner, int32_t n_ctx, int32_t n_slots,
+                                              int32_t from, int32_t to) {
+    const int32_t p = from + blockIdx.x * blockDim.x + threadIdx.x;
+    if (p >= to) return;
+    int32_t * map = slot_of + (int64_t) blockIdx.y * n_ctx;
+    const int32_t sl = map[p];
+    if (sl >= 0) owner[(int64_t) blockIdx.y * n_slots + sl] = -1;
+    map[p] = -1;
+}
+
+int32_t ckv_cuda_kv_fetch_forget(int32_t * slot_of, int32_t * owner, int32_t n_problems, int32_t n_ctx,
+                                 int32_t n_slots, int32_t from, int32_t to, cudaStream_t st) {
+    if (!slot_of || !owner || n_problems < 0 || n_problems > 65535 || from < 0 || to > n_ctx) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda kv fetch forget: bad arguments (%d problems, [%d, %d) of %d)",
+                        n_problems, from, to, n_ctx);
+    }
+    if (to <= from || n_problems == 0) return CKV_OK;
+    kv_fetch_forget_kernel<<<dim3(ceil_div(to - from, 256), n_problems), 256, 0, st>>>(slot_of, owner, n_ctx,
+                                                                                        n_slots, from, to);
+    CKV_CUDA_CHECK(cudaGetLastError());
+    return CKV_OK;
+}
+
+// =============================================================================================
 // Sparse flash-decode
 // =============================================================================================
 //

@@ -37,9 +37,11 @@ void    ckv_cuda_model_free(struct cuda_model * gm);   // accepts NULL
 // Device bytes the weights occupy.
 uint64_t ckv_cuda_model_size(const struct cuda_model * gm);
 
-// A context for up to n_ctx positions, n_batch tokens per ckv_cuda_decode call.
+// A context for up to n_ctx positions, n_batch tokens per ckv_cuda_decode call. offload_layers
+// (NULL: none) marks the layers whose K/V live in pinned host memory (kv_offload: the layers a
+// clusterkv policy compresses; its policy must then be clusterkv over exactly those layers).
 int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
-                                struct cuda_context ** out);
+                                const bool * offload_layers, struct cuda_context ** out);
 void    ckv_cuda_context_free(struct cuda_context * gc);   // accepts NULL
 
 // Runs tokens [0, n) at positions pos0 .. pos0 + n - 1 through the model, writing their keys and
@@ -61,6 +63,10 @@ int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_
 int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
                                const bool * layer_compressed, int32_t n_past);
 bool    ckv_cuda_has_kv_policy(const struct cuda_context * gc);   // a policy other than full
+// Bytes of K/V rows on the GPU (the GPU layers' cache, the offload staging buffer and slots),
+// in host memory (offloaded layers), and of the policy's other GPU state (centroids, indexes).
+void    ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv, uint64_t * host_kv,
+                           uint64_t * device_policy);
 void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep);  // positions >= n_keep dropped
 // With a policy: n_attended, n_cached, t_cluster_ms and n_clusters of out are the GPU's (the
 // caller keeps n_steps); t_select_ms is 0 (selection runs inside the decode graph). Without one,

@@ -37,6 +37,21 @@ struct cuda_kv_policy {
     int32_t   n_pages;         // quest: pages of n_ctx positions
     __half *  page_min;        // quest: [P][n_pages][head_dim]
     __half *  page_max;
+    // kv_offload (clusterkv): the compressed layers' K/V are in host memory; the GPU keeps
+    // n_slots rows per problem for the selected positions (ckv_cuda_kv_fetch) and attends
+    // through list_slot. Positions < cached_hi may be in the slots.
+    bool       offload;
+    int32_t    n_slots, cached_hi;
+    __half *   slot_k;         // [P][n_slots][head_dim]
+    __half *   slot_v;
+    int32_t *  slot_of;        // [P][n_ctx]
+    int32_t *  slot_owner;     // [P][n_slots]
+    uint32_t * slot_stamp;     // [P][n_slots]
+    uint32_t * slot_epoch;     // [P]
+    int32_t *  slot_scratch;   // [P][2][n_slots]
+    int32_t *  list_slot;      // [n_layer][n_head][list_stride]
+    unsigned long long * fetched;   // rows copied from host memory (stats)
+    size_t     device_bytes;   // everything allocated above
     // Device state, problem p = compressed layer * n_head_kv + KV head.
     float *   centroids;       // [P][max_clusters][head_dim]
     int32_t * sizes;           // [P][max_clusters]
@@ -71,7 +86,9 @@ void cuda_kv_policy_free(struct cuda_kv_policy * p) {
         return;
     }
     void * dev[] = {p->centroids, p->sizes, p->offsets, p->positions, p->labels, p->init_rows,
-                    p->list_pos, p->list_n, p->attended, p->scratch, p->page_min, p->page_max};
+                    p->list_pos, p->list_n, p->attended, p->scratch, p->page_min, p->page_max,
+                    p->slot_k, p->slot_v, p->slot_of, p->slot_owner, p->slot_stamp, p->slot_epoch,
+                    p->slot_scratch, p->list_slot, p->fetched};
     for (void * d : dev) cudaFree(d);
     void * host[] = {p->comp_of, p->last_sparse, p->span_end, p->span_clusters, p->h_init, p->perm};
     for (void * h : host) free(h);
@@ -79,8 +96,13 @@ void cuda_kv_policy_free(struct cuda_kv_policy * p) {
 }
 
 int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const bool * layer_compressed,
-                              const struct hparams * hp, int32_t n_ctx, struct cuda_kv_policy ** out) {
+                              const struct hparams * hp, int32_t n_ctx, bool offload,
+                              struct cuda_kv_policy ** out) {
     *out = NULL;
+    if (offload && params->policy != CKV_KV_POLICY_CLUSTERKV) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "kv_offload needs kv_policy clusterkv (got %s): the GPU keeps "
+                        "only the positions it selects", kv_policy_name(params->policy));
+    }
     const int32_t mode = params->policy == CKV_KV_POLICY_CLUSTERKV ? CKV_SELECT_CLUSTERS
                        : params->policy == CKV_KV_POLICY_QUEST     ? CKV_SELECT_PAGES
                        : params->policy == CKV_KV_POLICY_STREAMING ? CKV_SELECT_WINDOW : -1;
@@ -119,6 +141,10 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
     p->max_spans    = p->max_pos / params->recluster_interval + 1;
     p->max_clusters = ceil_div32(p->max_pos, params->tokens_per_cluster) + p->max_spans;
     p->list_stride  = (int32_t) kv_policy_max_list(params, n_ctx);
+    p->offload      = offload;
+    // Slots for the union of a group's lists (one list per KV head when selecting per KV head).
+    const int64_t union_max = (int64_t) p->list_stride * (params->select_per_kv_head ? 1 : hp->n_head / hp->n_head_kv);
+    p->n_slots      = offload ? (int32_t) (union_max < n_ctx ? union_max : n_ctx) : 0;
     for (int32_t il = 0; il < hp->n_layer; il++) {
         p->n_comp += layer_compressed[il];
     }
@@ -148,6 +174,15 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
         {(void **) &p->init_rows, ckv ? sizeof(int32_t) * P * k_span : 0},
         {(void **) &p->page_min, sizeof(__half) * P * p->n_pages * d},
         {(void **) &p->page_max, sizeof(__half) * P * p->n_pages * d},
+        {(void **) &p->slot_k, sizeof(__half) * P * p->n_slots * d},
+        {(void **) &p->slot_v, sizeof(__half) * P * p->n_slots * d},
+        {(void **) &p->slot_of, offload ? sizeof(int32_t) * P * n_ctx : 0},
+        {(void **) &p->slot_owner, sizeof(int32_t) * P * p->n_slots},
+        {(void **) &p->slot_stamp, sizeof(uint32_t) * P * p->n_slots},
+        {(void **) &p->slot_epoch, offload ? sizeof(uint32_t) * P : 0},
+        {(void **) &p->slot_scratch, sizeof(int32_t) * P * 2 * p->n_slots},
+        {(void **) &p->list_slot, offload ? sizeof(int32_t) * hp->n_layer * hp->n_head * (size_t) p->list_stride : 0},
+        {(void **) &p->fetched, sizeof(unsigned long long)},
         {(void **) &p->list_pos, sizeof(int32_t) * hp->n_layer * hp->n_head * (size_t) p->list_stride},
         {(void **) &p->list_n, sizeof(int32_t) * hp->n_layer * hp->n_head},
         {(void **) &p->attended, sizeof(unsigned long long)},
@@ -162,7 +197,15 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
                             "out of memory", kv_policy_name(params->policy), n_ctx, total / 1048576.0);
         }
     }
+    p->device_bytes = total;
     CKV_CUDA_CHECK(cudaMemset(p->attended, 0, sizeof(unsigned long long)));
+    CKV_CUDA_CHECK(cudaMemset(p->fetched, 0, sizeof(unsigned long long)));
+    if (offload) {   // no position resident, every slot empty and never stamped
+        CKV_CUDA_CHECK(cudaMemset(p->slot_of, 0xFF, sizeof(int32_t) * P * n_ctx));
+        CKV_CUDA_CHECK(cudaMemset(p->slot_owner, 0xFF, sizeof(int32_t) * P * p->n_slots));
+        CKV_CUDA_CHECK(cudaMemset(p->slot_stamp, 0, sizeof(uint32_t) * P * p->n_slots));
+        CKV_CUDA_CHECK(cudaMemset(p->slot_epoch, 0, sizeof(uint32_t) * P));
+    }
     *out = p;
     return CKV_OK;
 }
@@ -200,16 +243,19 @@ static int32_t reserve_scratch(struct cuda_kv_policy * p, size_t bytes, cudaStre
     return CKV_OK;
 }
 
-// Calls fn(first, last) for every run [first, last) of consecutive compressed layers: their
-// problems are consecutive, and their keys n_ctx * head_dim apart in the cache.
-template <typename Fn> static int32_t for_each_compressed_run(const struct cuda_kv_policy * p, Fn && fn) {
+// Calls fn(first, last) for every run [first, last) of consecutive compressed layers whose keys
+// follow each other in memory (k_layers[il + 1] = k_layers[il] + n_head_kv * n_ctx * head_dim):
+// their problems are consecutive, and their keys n_ctx * head_dim apart.
+template <typename Fn>
+static int32_t for_each_compressed_run(const struct cuda_kv_policy * p, const __half * const * k_layers, Fn && fn) {
+    const size_t layer_elems = (size_t) p->n_head_kv * p->n_ctx * p->head_dim;
     for (int32_t first = 0; first < p->n_layer;) {
         if (p->comp_of[first] < 0) {
             first++;
             continue;
         }
-        int32_t last = first;
-        while (last < p->n_layer && p->comp_of[last] >= 0) last++;
+        int32_t last = first + 1;
+        while (last < p->n_layer && p->comp_of[last] >= 0 && k_layers[last] == k_layers[last - 1] + layer_elems) last++;
         TRY_OK(fn(first, last));
         first = last;
     }
@@ -220,8 +266,8 @@ template <typename Fn> static int32_t for_each_compressed_run(const struct cuda_
 // tokens_per_cluster) new clusters each, appended after the existing ones (append_clusters'
 // layout). Problems of consecutive compressed layers share one batched k-means (their keys are
 // n_ctx * head_dim apart in the cache).
-static int32_t cluster_span(struct cuda_kv_policy * p, const __half * k_cache, int32_t start, int32_t stop,
-                            cudaStream_t s) {
+static int32_t cluster_span(struct cuda_kv_policy * p, const __half * const * k_layers, int32_t start,
+                            int32_t stop, cudaStream_t s) {
     const int32_t n = stop - start, k = ceil_div32(n, p->params.tokens_per_cluster), G = p->n_head_kv;
     const int32_t d = p->head_dim, n_sink = p->params.n_sink;
     for (int32_t il = 0; il < p->n_layer; il++) {   // the CPU policy's seeded init rows
@@ -232,11 +278,11 @@ static int32_t cluster_span(struct cuda_kv_policy * p, const __half * k_cache, i
     }
     CKV_CUDA_CHECK(cudaMemcpyAsync(p->init_rows, p->h_init, sizeof(int32_t) * n_problems(p) * k,
                                    cudaMemcpyHostToDevice, s));
-    TRY_OK(for_each_compressed_run(p, [&](int32_t first, int32_t last) -> int32_t {
+    TRY_OK(for_each_compressed_run(p, k_layers, [&](int32_t first, int32_t last) -> int32_t {
         const int32_t P = (last - first) * G, p0 = p->comp_of[first] * G;
         TRY_OK(reserve_scratch(p, ckv_cuda_kmeans_scratch_bytes(P, n, k, d), s));
         struct cuda_kmeans_args a = {};
-        a.x           = k_cache + ((size_t) first * G * p->n_ctx + start) * d;
+        a.x           = k_layers[first] + (size_t) start * d;   // host memory under kv_offload
         a.x_f16       = true;
         a.x_stride    = (int64_t) p->n_ctx * d;
         a.n_problems  = P;
@@ -267,9 +313,17 @@ static int32_t cluster_span(struct cuda_kv_policy * p, const __half * k_cache, i
     return CKV_OK;
 }
 
-int32_t cuda_kv_policy_prepare(struct cuda_kv_policy * p, const __half * k_cache, int32_t pos,
+int32_t cuda_kv_policy_prepare(struct cuda_kv_policy * p, const __half * const * k_layers, int32_t pos,
                                bool decode_step, cudaStream_t s) {
     cuda_kv_policy_truncate(p, pos);
+    if (p->offload && pos < p->cached_hi) {   // positions >= pos get new rows: drop their slots
+        TRY_OK(ckv_cuda_kv_fetch_forget(p->slot_of, p->slot_owner, n_problems(p), p->n_ctx, p->n_slots, pos,
+                                        p->cached_hi, s));
+        p->cached_hi = pos;
+    }
+    if (p->offload && decode_step) {
+        p->cached_hi = pos + 1;
+    }
     if (p->mode != CKV_SELECT_CLUSTERS) {
         bool sparse = decode_step ? pos + 1 > p->params.budget : p->window_sparse;
         if (sparse != p->window_sparse) {   // the decode graph switches kernels
@@ -282,22 +336,22 @@ int32_t cuda_kv_policy_prepare(struct cuda_kv_policy * p, const __half * k_cache
         return CKV_OK;
     }
     double t0 = now_ms();
-    TRY_OK(cluster_span(p, k_cache, p->end, pos, s));
+    TRY_OK(cluster_span(p, k_layers, p->end, pos, s));
     CKV_CUDA_CHECK(cudaStreamSynchronize(s));   // once per span: the time goes to the stats
     p->t_cluster_ms += now_ms() - t0;
     return CKV_OK;
 }
 
-int32_t cuda_kv_policy_stored(struct cuda_kv_policy * p, const __half * k_cache, int32_t pos0, int32_t n,
-                              cudaStream_t s) {
+int32_t cuda_kv_policy_stored(struct cuda_kv_policy * p, const __half * const * k_layers, int32_t pos0,
+                              int32_t n, cudaStream_t s) {
     if (p->mode != CKV_SELECT_PAGES || n <= 0) {
         return CKV_OK;
     }
     const int32_t G = p->n_head_kv, d = p->head_dim;
-    return for_each_compressed_run(p, [&](int32_t first, int32_t last) -> int32_t {
+    return for_each_compressed_run(p, k_layers, [&](int32_t first, int32_t last) -> int32_t {
         const int64_t p0 = (int64_t) p->comp_of[first] * G, page_stride = (int64_t) p->n_pages * d;
         struct cuda_quest_pages_args a = {};
-        a.k           = k_cache + (size_t) first * G * p->n_ctx * d;
+        a.k           = k_layers[first];
         a.k_stride    = (int64_t) p->n_ctx * d;
         a.n_problems  = (last - first) * G;
         a.d           = d;
@@ -369,6 +423,38 @@ int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_polic
     }
     TRY_OK(ckv_cuda_select(&sa, s));
 
+    // kv_offload: bring the listed rows into the slots, attend through the slot lists.
+    const __half * k_rows = at->k_layer, * v_rows = at->v_layer;
+    const int32_t * lists = sa.list_pos;
+    int32_t n_rows = p->n_ctx;
+    if (p->offload) {
+        struct cuda_kv_fetch_args fa = {};
+        fa.list_pos    = sa.list_pos;
+        fa.list_n      = sa.list_n;
+        fa.list_stride = p->list_stride;
+        fa.list_slot   = p->list_slot + (int64_t) il * p->n_head * p->list_stride;
+        fa.n_head      = p->n_head;
+        fa.n_head_kv   = G;
+        fa.head_dim    = d;
+        fa.src_k       = at->k_layer;
+        fa.src_v       = at->v_layer;
+        fa.n_ctx       = p->n_ctx;
+        fa.n_slots     = p->n_slots;
+        fa.slot_k      = p->slot_k + p0 * p->n_slots * d;
+        fa.slot_v      = p->slot_v + p0 * p->n_slots * d;
+        fa.slot_of     = p->slot_of + p0 * p->n_ctx;
+        fa.owner       = p->slot_owner + p0 * p->n_slots;
+        fa.stamp       = p->slot_stamp + p0 * p->n_slots;
+        fa.epoch       = p->slot_epoch + p0;
+        fa.scratch     = p->slot_scratch + p0 * 2 * p->n_slots;
+        fa.n_copied    = p->fetched;
+        TRY_OK(ckv_cuda_kv_fetch(&fa, s));
+        k_rows = fa.slot_k;
+        v_rows = fa.slot_v;
+        lists  = fa.list_slot;
+        n_rows = p->n_slots;
+    }
+
     int32_t max_list;
     if (p->mode == CKV_SELECT_CLUSTERS) {
         int32_t clustered_taken = room < p->end - n_sink ? room : p->end - n_sink;
@@ -379,7 +465,7 @@ int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_polic
     int32_t n_split = ckv_cuda_sparse_attention_splits(p->n_head, max_list);
     int64_t fit = at->partial_cap / p->n_head;
     n_split = n_split < fit ? n_split : (int32_t) (fit > 1 ? fit : 1);
-    struct cuda_sparse_attention_args aa = {at->q, at->k_layer, at->v_layer, p->n_ctx, sa.list_pos, sa.list_n,
+    struct cuda_sparse_attention_args aa = {at->q, k_rows, v_rows, n_rows, lists, sa.list_n,
                                             p->list_stride, max_list, at->out, at->partial, p->n_head, G, d,
                                             n_split, at->scale, at->out_q};
     return ckv_cuda_sparse_attention(&aa, s);
@@ -399,9 +485,11 @@ void cuda_kv_policy_count_step(struct cuda_kv_policy * p, int32_t pos, bool deco
 }
 
 int32_t cuda_kv_policy_stats(const struct cuda_kv_policy * p, struct ckv_kv_stats * out, cudaStream_t s) {
-    unsigned long long sparse = 0;
+    unsigned long long sparse = 0, fetched = 0;
     CKV_CUDA_CHECK(cudaMemcpyAsync(&sparse, p->attended, sizeof(sparse), cudaMemcpyDeviceToHost, s));
+    CKV_CUDA_CHECK(cudaMemcpyAsync(&fetched, p->fetched, sizeof(fetched), cudaMemcpyDeviceToHost, s));
     CKV_CUDA_CHECK(cudaStreamSynchronize(s));
+    out->n_fetched    = (int64_t) fetched;
     out->n_attended   = p->n_attended_dense + (int64_t) sparse;
     out->n_cached     = p->n_cached;
     out->t_cluster_ms = p->t_cluster_ms;
@@ -414,7 +502,14 @@ int32_t cuda_kv_policy_reset_stats(struct cuda_kv_policy * p, cudaStream_t s) {
     p->n_attended_dense = p->n_cached = 0;
     p->t_cluster_ms = 0.0;
     CKV_CUDA_CHECK(cudaMemsetAsync(p->attended, 0, sizeof(unsigned long long), s));
+    CKV_CUDA_CHECK(cudaMemsetAsync(p->fetched, 0, sizeof(unsigned long long), s));
     return CKV_OK;
+}
+
+size_t cuda_kv_policy_device_bytes(const struct cuda_kv_policy * p) { return p->device_bytes; }
+
+size_t cuda_kv_policy_slot_bytes(const struct cuda_kv_policy * p) {
+    return 2 * sizeof(__half) * (size_t) n_problems(p) * p->n_slots * p->head_dim;
 }
 
 int32_t cuda_kv_policy_n_clusters(const struct cuda_kv_policy * p, int32_t il) {

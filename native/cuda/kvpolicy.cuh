@@ -26,30 +26,39 @@ struct ckv_kv_stats;
 struct hparams;
 struct cuda_kv_policy;
 
+// kv_offload (offload, clusterkv only): the compressed layers' K/V live in host memory; after
+// each step's selection ckv_cuda_kv_fetch brings the listed rows into a per-(layer, KV head)
+// cache of slots (a group's lists' union: budget + tail rows per query head, or per KV head when
+// selecting per KV head), copying only rows not already there, and the sparse decode reads the
+// slots. The GPU's KV memory is then the slots, not n_ctx.
+//
 // params must be a validated streaming, quest or clusterkv policy (kv_policy_init_params_only;
 // other policies fail with CKV_ERR_UNSUPPORTED); layer_compressed
 // [n_layer] as context.c computes it. Allocates every device buffer for n_ctx positions.
 int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const bool * layer_compressed,
-                              const struct hparams * hp, int32_t n_ctx, struct cuda_kv_policy ** out);
+                              const struct hparams * hp, int32_t n_ctx, bool offload,
+                              struct cuda_kv_policy ** out);
 void    cuda_kv_policy_free(struct cuda_kv_policy * p);   // accepts NULL
 
-// Before positions >= pos are (over)written: drops the spans reaching past pos, and for a decode
-// step at pos clusters [end, pos) once it holds recluster_interval positions (k_cache: the whole
-// f16 cache, [n_layer][n_head_kv][n_ctx][head_dim]).
-int32_t  cuda_kv_policy_prepare(struct cuda_kv_policy * p, const __half * k_cache, int32_t pos,
+// Before positions >= pos are (over)written: drops the spans reaching past pos (and their slots
+// under offload), and for a decode step at pos clusters [end, pos) once it holds
+// recluster_interval positions. k_layers[il]: layer il's f16 keys, [n_head_kv][n_ctx][head_dim]
+// (device memory, or mapped host memory under offload).
+int32_t  cuda_kv_policy_prepare(struct cuda_kv_policy * p, const __half * const * k_layers, int32_t pos,
                                 bool decode_step, cudaStream_t s);
 void     cuda_kv_policy_truncate(struct cuda_kv_policy * p, int32_t n_keep);
 // After a forward stored positions [pos0, pos0 + n) (or a new policy takes over a cache holding
 // [0, n)): quest folds them into its page bounds; the others keep nothing per position.
-int32_t  cuda_kv_policy_stored(struct cuda_kv_policy * p, const __half * k_cache, int32_t pos0, int32_t n,
-                               cudaStream_t s);
+int32_t  cuda_kv_policy_stored(struct cuda_kv_policy * p, const __half * const * k_layers, int32_t pos0,
+                               int32_t n, cudaStream_t s);
 uint64_t cuda_kv_policy_layout(const struct cuda_kv_policy * p);   // changes with the clusters
 
 // Whether layer il attends through position lists at a decode step (false: dense).
 bool cuda_kv_policy_sparse(const struct cuda_kv_policy * p, int32_t il);
 
-// A decode step's attention of sparse layer il: selection, then the sparse flash-decode of q
-// (post-RoPE, [n_head][head_dim]) over the layer's cache into out. pos_dev != NULL (graph):
+// A decode step's attention of sparse layer il: selection (and under offload the fetch into the
+// slots), then the sparse flash-decode of q (post-RoPE, [n_head][head_dim]) over the layer's
+// rows (k_layer, v_layer: as k_layers above) into out. pos_dev != NULL (graph):
 // the position is read there at run time.
 struct cuda_policy_attend_args {
     int32_t         il;
@@ -74,6 +83,8 @@ void    cuda_kv_policy_count_step(struct cuda_kv_policy * p, int32_t pos, bool d
 // the decode graph). Waits for the stream.
 int32_t cuda_kv_policy_stats(const struct cuda_kv_policy * p, struct ckv_kv_stats * out, cudaStream_t s);
 int32_t cuda_kv_policy_reset_stats(struct cuda_kv_policy * p, cudaStream_t s);
+size_t  cuda_kv_policy_device_bytes(const struct cuda_kv_policy * p);   // all its GPU buffers
+size_t  cuda_kv_policy_slot_bytes(const struct cuda_kv_policy * p);     // the offload slots' K/V rows
 int32_t cuda_kv_policy_n_clusters(const struct cuda_kv_policy * p, int32_t il);
 // The last decode step's list of query head h in layer il: *sparse = false when that layer
 // attended densely (nothing copied); else the length in *n and, when cap >= *n, the list in buf

@@ -260,6 +260,14 @@ struct ckv_context_params {
                           // (n_ctx positions) and KV-policy state; 0 = 1 (default), at most 256.
                           // ckv_decode and the calls without _seq use sequence 0; the GPU holds
                           // one sequence so far (CKV_ERR_UNSUPPORTED for more).
+    int32_t  kv_offload;  // 1: a GPU context keeps the K/V of the layers its clusterkv policy
+                          // compresses in pinned host memory, and on the GPU only a cache of
+                          // the rows recent decode steps selected (budget + recent tail per
+                          // query head), copying just the rows a step adds. GPU KV memory is
+                          // then bounded by the budget (plus the dense layers and one layer's
+                          // staging for prefill), so the context length is bounded by host RAM.
+                          // Needs n_gpu_layers -1 and kv_policy clusterkv, whose n_dense_layers
+                          // then stays fixed. Default 0.
 };
 
 CKV_API void ckv_context_default_params(struct ckv_context_params * out);
@@ -335,9 +343,23 @@ struct ckv_kv_stats {
     double  t_cluster_ms;   // clustering (k-means and index building)
     double  t_select_ms;    // scoring and selection (clusters, pages, heavy hitters)
     int32_t n_clusters;     // clusters held now, summed over layers and KV heads
+    int64_t n_fetched;      // kv_offload: K/V rows copied from host memory into the GPU's cache
+                            // of selected rows (one row = one position of one KV head)
 };
 
 CKV_API void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out);
+
+// Where a context's KV cache lives, in bytes.
+struct ckv_kv_memory {
+    uint64_t device_kv;       // K/V rows in GPU memory: the cache of the layers kept there, and
+                              // under kv_offload one layer's prefill staging and the cache of
+                              // selected rows
+    uint64_t host_kv;         // K/V rows in host memory: a CPU context's whole cache, or the
+                              // offloaded layers' (pinned)
+    uint64_t device_policy;   // the KV policy's other GPU state (centroids, cluster indexes,
+                              // position lists, the row cache's maps)
+};
+CKV_API int32_t ckv_context_kv_memory(const ckv_context * ctx, struct ckv_kv_memory * out);
 CKV_API void ckv_context_reset_kv_stats(ckv_context * ctx);
 
 // Switches the KV policy of a context that may already hold a prompt (n_past > 0). Because

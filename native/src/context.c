@@ -58,6 +58,9 @@ static int32_t resolve_params(const struct ckv_model * m, const struct ckv_conte
         return ckv_fail(CKV_ERR_INVALID_ARG, "f32_activations must be 0 or 1, got %d",
                         out->f32_activations);
     }
+    if (out->kv_offload != 0 && out->kv_offload != 1) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "kv_offload must be 0 or 1, got %d", out->kv_offload);
+    }
     if (out->n_seq_max == 0) {
         out->n_seq_max = 1;
     }
@@ -221,14 +224,31 @@ static int32_t init_gpu(struct ckv_context * ctx) {
         st = ckv_fail(CKV_ERR_UNSUPPORTED, "n_seq_max %d: the GPU context holds one sequence so far "
                       "(use n_seq_max 1, or n_gpu_layers=0)", ctx->n_seq);
     }
+    if (st == CKV_OK && ctx->params.kv_offload && ctx->params.kv_policy.policy != CKV_KV_POLICY_CLUSTERKV) {
+        st = ckv_fail(CKV_ERR_INVALID_ARG, "kv_offload needs kv_policy clusterkv (got %s): the GPU then keeps "
+                      "only the positions each step selects", kv_policy_name(ctx->params.kv_policy.policy));
+    }
     if (st != CKV_OK) {
         return st;
+    }
+    // kv_offload: the layers the policy compresses keep their K/V in host memory.
+    bool * offload = NULL;
+    if (ctx->params.kv_offload) {
+        offload = calloc((size_t) hp->n_layer, sizeof(bool));
+        if (!offload) {
+            return ckv_fail(CKV_ERR_OOM, "out of memory for the context");
+        }
+        for (int32_t il = 0; il < hp->n_layer; il++) {
+            offload[il] = hparams_is_compressed_layer(hp, ctx->params.kv_policy.n_dense_layers, il);
+        }
     }
     ctx->seqs[0].kv = (struct kv_cache) {.n_ctx = (int32_t) ctx->params.n_ctx, .n_layer = hp->n_layer,
                                          .n_head_kv = hp->n_head_kv, .head_dim = hp->head_dim,
                                          .type = GGML_TYPE_F16, .elt_size = sizeof(ckv_fp16)};
-    return ckv_cuda_context_create(ctx->model->gpu, (int32_t) ctx->params.n_ctx,
-                                   (int32_t) ctx->params.n_batch, &ctx->gpu);
+    st = ckv_cuda_context_create(ctx->model->gpu, (int32_t) ctx->params.n_ctx, (int32_t) ctx->params.n_batch,
+                                 offload, &ctx->gpu);
+    free(offload);
+    return st;
 }
 
 static int32_t init_cpu(struct ckv_context * ctx) {
@@ -267,6 +287,10 @@ int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_param
     }
     ctx->model = model;
     int32_t st = resolve_params(model, params, &ctx->params);
+    if (st == CKV_OK && ctx->params.kv_offload && !model->gpu) {
+        st = ckv_fail(CKV_ERR_UNSUPPORTED, "kv_offload moves a GPU context's KV cache to host memory; this "
+                      "model runs on the CPU, whose cache is in host memory already (use n_gpu_layers=-1)");
+    }
     if (st == CKV_OK) {
         ctx->n_seq = (int32_t) ctx->params.n_seq_max;
         ctx->seqs  = calloc((size_t) ctx->n_seq, sizeof(*ctx->seqs));
@@ -570,6 +594,23 @@ void ckv_context_get_kv_stats(const ckv_context * ctx, struct ckv_kv_stats * out
     if (ctx->gpu) {  // a device fault here surfaces at the next decode
         ckv_cuda_kv_stats(ctx->gpu, out);
     }
+}
+
+int32_t ckv_context_kv_memory(const ckv_context * ctx, struct ckv_kv_memory * out) {
+    ckv_clear_error();
+    if (!ctx || !out) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_context_kv_memory: ctx and out must not be NULL");
+    }
+    memset(out, 0, sizeof(*out));
+    if (ctx->gpu) {
+        ckv_cuda_kv_memory(ctx->gpu, &out->device_kv, &out->host_kv, &out->device_policy);
+        return CKV_OK;
+    }
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        const struct kv_cache * kv = &ctx->seqs[i].kv;
+        out->host_kv += 2ull * kv->n_layer * kv->n_head_kv * kv->n_ctx * kv->head_dim * kv->elt_size;
+    }
+    return CKV_OK;
 }
 
 void ckv_context_reset_kv_stats(ckv_context * ctx) {

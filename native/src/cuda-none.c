@@ -22,8 +22,8 @@ void     ckv_cuda_model_free(struct cuda_model * gm) { (void) gm; }
 uint64_t ckv_cuda_model_size(const struct cuda_model * gm) { (void) gm; return 0; }
 
 int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
-                                struct cuda_context ** out) {
-    (void) gm, (void) n_ctx, (void) n_batch;
+                                const bool * offload_layers, struct cuda_context ** out) {
+    (void) gm, (void) n_ctx, (void) n_batch, (void) offload_layers;
     *out = NULL;
     return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
 }
@@ -45,6 +45,11 @@ int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_pol
 }
 
 bool    ckv_cuda_has_kv_policy(const struct cuda_context * gc) { (void) gc; return false; }
+void    ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv, uint64_t * host_kv,
+                           uint64_t * device_policy) {
+    (void) gc;
+    *device_kv = *host_kv = *device_policy = 0;
+}
 void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep) { (void) gc, (void) n_keep; }
 int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out) {
     (void) gc, (void) out;

@@ -23,6 +23,8 @@
 //   quest / streaming twins      the CPU policies (on_store + kv_policy_select on an f16 cache)
 //                                vs GPU page bounds + selection with the position in device
 //                                memory: lists identical (quest's bounds sum in the CPU's order)
+//   kv fetch (offload)           rows in the slots identical to the host rows listed, copies
+//                                = listed positions without a slot, maps consistent, forget
 //   sparse attention vs f64      rel 1e-4 (f32 online softmax), lists of 1 .. 4000 positions,
 //                                tile remainders, split-K, GQA 1/4/7, head_dim 64/128/256
 //   all positions listed         equal to ckv_cuda_attention (dense decode) within rel 1e-5
@@ -706,6 +708,96 @@ static void test_window_policy_twin(int policy, int page_size) {
     kv_cache_free(&kv);
 }
 
+// --- host offload: the fetch into the GPU's slots ----------------------------------------------------
+
+// Six steps of random position lists over rows in mapped host memory: after each fetch every
+// slot-list entry must hold its position's K and V rows, exactly the listed positions that had
+// no slot are copied (a repeated step copies nothing), slot_of / owner stay each other's
+// inverse, and a forget drops the positions from a point on.
+static void test_kv_fetch(void) {
+    const int G = 2, H = 8, group = H / G, d = 128, n_ctx = 3000, stride = 300, n_slots = group * stride;
+    const size_t rows = (size_t) G * n_ctx * d;
+    __half * hk = NULL, * hv = NULL;
+    CHECK_CUDA(cudaHostAlloc(&hk, rows * 2, cudaHostAllocMapped));
+    CHECK_CUDA(cudaHostAlloc(&hv, rows * 2, cudaHostAllocMapped));
+    for (size_t i = 0; i < rows; i++) {
+        hk[i] = __float2half_rn(rnd_uniform(-1, 1));
+        hv[i] = __float2half_rn(rnd_uniform(-1, 1));
+    }
+    dbuf<__half> sk((size_t) G * n_slots * d), sv(sk.n);
+    dbuf<int32_t> slot_of((size_t) G * n_ctx), owner((size_t) G * n_slots), scratch((size_t) G * 2 * n_slots);
+    dbuf<uint32_t> stamp((size_t) G * n_slots), epoch(G);
+    dbuf<int32_t> lpos((size_t) H * stride), ln(H), lslot((size_t) H * stride);
+    dbuf<unsigned long long> copied(1);
+    CHECK_CUDA(cudaMemset(slot_of.p, 0xFF, slot_of.n * 4));
+    CHECK_CUDA(cudaMemset(owner.p, 0xFF, owner.n * 4));
+    CHECK_CUDA(cudaMemset(stamp.p, 0, stamp.n * 4));
+    CHECK_CUDA(cudaMemset(epoch.p, 0, epoch.n * 4));
+    CHECK_CUDA(cudaMemset(copied.p, 0, 8));
+    cuda_kv_fetch_args a = {lpos.p, ln.p, stride, lslot.p, H, G, d, hk, hv, n_ctx, sk.p, sv.p, n_slots,
+                            slot_of.p, owner.p, stamp.p, epoch.p, scratch.p, copied.p};
+    std::vector<int32_t> lists((size_t) H * stride), n(H);
+    int bad_rows = 0, bad_counts = 0, bad_maps = 0;
+    unsigned long long copied_before = 0;
+    for (int step = 0; step < 6; step++) {
+        if (step != 2) {   // step 2 repeats step 1's lists
+            for (int h = 0; h < H; h++) {   // sorted distinct positions, windows that overlap the last step's
+                int lo = rnd_int(0, 400) + step * 150, len = rnd_int(1, stride);
+                std::vector<int32_t> pick;
+                for (int p = lo; p < n_ctx && (int) pick.size() < len; p += rnd_int(1, 3)) pick.push_back(p);
+                n[h] = (int32_t) pick.size();
+                std::copy(pick.begin(), pick.end(), lists.begin() + (size_t) h * stride);
+            }
+            CHECK_CUDA(cudaMemcpy(lpos.p, lists.data(), lists.size() * 4, cudaMemcpyHostToDevice));
+            CHECK_CUDA(cudaMemcpy(ln.p, n.data(), n.size() * 4, cudaMemcpyHostToDevice));
+        }
+        std::vector<int32_t> map_before = slot_of.get();
+        unsigned long long expect_copies = 0;
+        for (int g = 0; g < G; g++) {
+            std::vector<char> seen(n_ctx, 0);
+            for (int o = 0; o < group; o++)
+                for (int i = 0; i < n[g * group + o]; i++) {
+                    int32_t p = lists[(size_t) (g * group + o) * stride + i];
+                    if (!seen[p] && map_before[(size_t) g * n_ctx + p] < 0) expect_copies++;
+                    seen[p] = 1;
+                }
+        }
+        CHECK_OK(ckv_cuda_kv_fetch(&a, 0));
+        std::vector<int32_t> sl = lslot.get(), map = slot_of.get(), own = owner.get();
+        std::vector<__half> gk = sk.get(), gv = sv.get();
+        unsigned long long total = copied.get()[0];
+        bad_counts += total - copied_before != expect_copies;
+        copied_before = total;
+        for (int h = 0; h < H; h++) {
+            const int g = h / group;
+            for (int i = 0; i < n[h]; i++) {
+                int32_t p = lists[(size_t) h * stride + i], slot = sl[(size_t) h * stride + i];
+                bool ok = slot >= 0 && slot < n_slots && map[(size_t) g * n_ctx + p] == slot;
+                ok = ok && !memcmp(&gk[((size_t) g * n_slots + slot) * d], &hk[((size_t) g * n_ctx + p) * d], d * 2) &&
+                     !memcmp(&gv[((size_t) g * n_slots + slot) * d], &hv[((size_t) g * n_ctx + p) * d], d * 2);
+                bad_rows += !ok;
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int p = 0; p < n_ctx; p++) {
+                int32_t slot = map[(size_t) g * n_ctx + p];
+                bad_maps += slot < -1 || (slot >= 0 && own[(size_t) g * n_slots + slot] != p);
+            }
+    }
+    CHECK_OK(ckv_cuda_kv_fetch_forget(slot_of.p, owner.p, G, n_ctx, n_slots, 1000, n_ctx, 0));
+    std::vector<int32_t> map = slot_of.get(), own = owner.get();
+    int stale = 0;
+    for (int g = 0; g < G; g++) {
+        for (int p = 1000; p < n_ctx; p++) stale += map[(size_t) g * n_ctx + p] != -1;
+        for (int slot = 0; slot < n_slots; slot++) stale += own[(size_t) g * n_slots + slot] >= 1000;
+    }
+    expect(bad_rows == 0 && bad_counts == 0 && bad_maps == 0 && stale == 0,
+           "kv fetch G=%d gqa=%d d=%d, 6 steps (one repeated): wrong rows %d, wrong copy counts %d, broken maps %d, "
+           "stale after forget %d", G, group, d, bad_rows, bad_counts, bad_maps, stale);
+    cudaFreeHost(hk);
+    cudaFreeHost(hv);
+}
+
 // --- sparse attention -------------------------------------------------------------------------------
 
 struct att_cache {
@@ -1007,6 +1099,7 @@ int main(int argc, char ** argv) {
         test_window_policy_twin(CKV_KV_POLICY_STREAMING, 16);
     }
     test_sparse();
+    test_kv_fetch();
     if (argc > 1 && strcmp(argv[1], "--bench") == 0) bench();
     printf("test-cuda-clusterkv: %d failure(s)\n", g_failures);
     return g_failures ? 1 : 0;

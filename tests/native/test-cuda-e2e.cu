@@ -79,7 +79,7 @@ static void compare_row(struct agreement * a, const float * cpu, const float * g
 // bench_tokens decode steps after filling a fresh context's cache with `depth` positions.
 static int bench_depth(const struct cuda_model * gm, int n_vocab, int depth, int n_decode, float * logits) {
     struct cuda_context * gc = NULL;
-    CHECK(ckv_cuda_context_create(gm, depth + n_decode + 1, N_BATCH, &gc));
+    CHECK(ckv_cuda_context_create(gm, depth + n_decode + 1, N_BATCH, NULL, &gc));
     ckv_token tokens[N_BATCH];
     for (int i = 0; i < N_BATCH; i++) tokens[i] = (ckv_token) ((i * 7919 + 13) % n_vocab);
     double t0 = now_ms();
@@ -157,7 +157,7 @@ int main(int argc, char ** argv) {
     struct cuda_model * gm = NULL;
     struct cuda_context * gc = NULL;
     CHECK(ckv_cuda_model_create((const struct ckv_model *) model, &gm));
-    CHECK(ckv_cuda_context_create(gm, N_CTX, N_BATCH, &gc));
+    CHECK(ckv_cuda_context_create(gm, N_CTX, N_BATCH, NULL, &gc));
     printf("weights on the GPU: %.1f MiB\n", ckv_cuda_model_size(gm) / 1048576.0);
 
     // Over 32 tokens, so the prompt's GEMMs take the cuBLAS path in builds that have it

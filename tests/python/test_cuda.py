@@ -435,3 +435,53 @@ def test_clusterkv_gpu_budget_over_context_is_full(gpu_model_path):
                 assert llm.kv_stats()["n_clusters"] > 0
     full, ckv = np.array(rows[:3]), np.array(rows[3:])
     assert np.array_equal(full, ckv)
+
+
+def test_kv_offload_gives_the_same_logits_with_the_kv_in_host_memory(gpu_model_path):
+    """kv_offload keeps the compressed layers' K/V in host memory and fetches the selected rows
+    into the GPU's cache: the same rows in the same order, so the same logits bit for bit, over
+    a chunked prefill and 96 decode steps that cross two re-clusterings. The GPU holds the dense
+    layers, one layer's staging and the slots; rows are reused from step to step."""
+    from clusterkv_local import Llama
+
+    tokens = dict(_fixture_cases())["long"]
+    kw = dict(n_gpu_layers=-1, n_ctx=N_CTX, n_batch=512, logits_all=True, verbose=False, **CKV_GPU)
+    with Llama(gpu_model_path, **kw) as on_gpu, Llama(gpu_model_path, kv_offload=True, **kw) as off:
+        ref, (rows,), first = _run_case(on_gpu, [off], tokens, CKV_STEPS)
+        assert np.array_equal(ref, rows)
+        info = off._info
+        n_layer = info.n_layer
+        for layer in (2, n_layer - 1):
+            assert off.kv_selection(layer, 4).tolist() == on_gpu.kv_selection(layer, 4).tolist()
+        s_on, s_off = on_gpu.kv_stats(), off.kv_stats()
+        for key in ("n_steps", "n_attended", "n_cached", "n_clusters"):
+            assert s_on[key] == s_off[key], key
+        group = info.n_head // info.n_head_kv
+        # without reuse every step would copy at least one list per (layer, KV head)
+        assert s_on["n_fetched"] == 0 < s_off["n_fetched"] < 0.5 * s_off["n_attended"] / group
+        m_on, m_off = on_gpu.kv_memory(), off.kv_memory()
+        layer_bytes = 2 * info.n_head_kv * N_CTX * info.head_dim * 2   # K and V, f16
+        assert m_on["host_kv"] == 0 and m_on["device_kv"] == n_layer * layer_bytes
+        assert m_off["host_kv"] == (n_layer - 2) * layer_bytes
+        assert m_off["device_kv"] < m_on["device_kv"]
+        print("\nkv_offload: %d rows fetched over %d steps (%.1f%% of the positions attended); GPU KV "
+              "%.1f MiB vs %.1f MiB, host %.1f MiB" % (s_off["n_fetched"], s_off["n_steps"],
+              100.0 * s_off["n_fetched"] / s_off["n_attended"], m_off["device_kv"] / 2**20,
+              m_on["device_kv"] / 2**20, m_off["host_kv"] / 2**20), file=sys.stderr)
+
+
+def test_kv_offload_needs_clusterkv_and_keeps_its_layers(gpu_model_path):
+    from clusterkv_local import Llama
+
+    with pytest.raises(ValueError, match="kv_offload needs kv_policy clusterkv"):
+        Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, kv_offload=True, verbose=False)
+    with Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, kv_offload=True, verbose=False,
+               kv_policy="clusterkv", kv_budget=64) as llm:
+        llm.eval(llm.tokenize(b"Caches keep recently used data close to the processor."))
+        with pytest.raises(ValueError, match="a new policy must be clusterkv with the same n_dense_layers"):
+            llm.set_kv_policy("quest", 64)
+        with pytest.raises(ValueError, match="same n_dense_layers"):
+            llm.set_kv_policy("clusterkv", 64, {"n_dense_layers": 3})
+        assert llm.kv_policy["policy"] == "clusterkv"
+        llm.set_kv_policy("clusterkv", 128)   # the same layers: fine
+        llm.eval([42])

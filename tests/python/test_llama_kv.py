@@ -105,8 +105,8 @@ def test_kv_stats_shape_and_counts(default_model_path):
             llm.eval([t])
         stats = llm.kv_stats()
         assert set(stats) == {"n_steps", "n_attended", "n_cached", "density", "t_cluster_ms",
-                              "t_select_ms", "n_clusters", "clusters"}
-        assert stats["n_steps"] == 5
+                              "t_select_ms", "n_clusters", "clusters", "n_fetched"}
+        assert stats["n_steps"] == 5 and stats["n_fetched"] == 0   # nothing offloaded
         assert len(stats["clusters"]) == info.n_layer
         assert all(len(row) == info.n_head_kv for row in stats["clusters"])
         assert all(n == 0 for row in stats["clusters"][:2] for n in row)  # dense layers
@@ -150,3 +150,21 @@ def test_budget_covering_the_context_gives_the_full_logits(default_model_path, p
         assert llm.kv_stats()["n_steps"] == 12
         assert sorted(llm.kv_selection(5, 0).tolist()) == list(range(llm.n_tokens))
     np.testing.assert_array_equal(got, expected)
+
+
+@needs_policies
+def test_kv_memory_and_offload_checks_on_the_cpu(default_model_path):
+    """kv_memory() of a CPU context is its whole cache, in host memory; kv_offload (a GPU
+    context's option) is refused on the CPU with the reason, and must be a bool."""
+    from clusterkv_local import UnsupportedError
+
+    with Llama(default_model_path, n_ctx=256, n_threads=N_THREADS, verbose=False) as llm:
+        info = llm._info
+        mem = llm.kv_memory()
+        assert mem == {"device_kv": 0, "device_policy": 0,
+                       "host_kv": 2 * info.n_layer * info.n_head_kv * 256 * info.head_dim * 2}
+        assert llm.kv_stats()["n_fetched"] == 0
+    with pytest.raises(UnsupportedError, match="kv_offload moves a GPU context's KV cache"):
+        Llama(default_model_path, n_ctx=256, kv_policy="clusterkv", kv_offload=True, verbose=False)
+    with pytest.raises(TypeError, match="kv_offload must be a bool"):
+        Llama(default_model_path, n_ctx=256, kv_offload=1, verbose=False)
