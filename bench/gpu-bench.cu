@@ -3,7 +3,7 @@
 //
 //   bench-cuda MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...]
 //              [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1]
-//              [--kv-offload 0|1]
+//              [--kv-offload 0|1] [--batch N]
 //
 // As llama-bench: random token ids, f16 KV cache, one untimed warm-up, then R timed
 // repetitions; ppN = one N-token prompt from an empty cache (U tokens per forward call, logits
@@ -20,7 +20,9 @@
 // clustering time (tg_with_span_ts, cluster_span_ms). --kv-policy streaming or quest decodes
 // under that policy at budget B (the same fields; their clustering times are 0). --kv-offload 1
 // (clusterkv) keeps the compressed layers' KV in pinned host memory and reports the GPU and host
-// KV bytes and the rows fetched from host memory per decode step.
+// KV bytes and the rows fetched from host memory per decode step. --batch N (<= 64) prefills N
+// sequences to each depth and decodes them together (ckv_cuda_decode_batch); tg tokens/s are
+// then those of all N sequences.
 //
 // Prints one JSON object: the device, the weight bytes one decode step reads (every matrix
 // but the embedding table) and the KV bytes per cached position, and per test the samples in
@@ -38,7 +40,7 @@ extern "C" {
 #include "model.h"
 }
 
-enum { MAX_LIST = 16, MAX_REPS = 64 };
+enum { MAX_LIST = 16, MAX_REPS = 64, MAX_BATCH = 64 };
 
 static double now_s(void) {
     struct timespec ts;
@@ -75,6 +77,7 @@ struct bench {
     struct ckv_kv_policy_params kv;       // the tg tests' policy
     bool *                      layer_compressed;
     bool                        offload;  // --kv-offload 1: the compressed layers' KV in host memory
+    int                         batch;    // --batch N: tg decodes N sequences together
 };
 
 // Fields after the samples (extra: "" or ", \"key\": value, ...").
@@ -92,35 +95,50 @@ static void print_test(struct bench * b, const char * name, int n_prompt, int n_
     b->first_test = false;
 }
 
-// Prefills positions [0, n) of gc in ubatch chunks; logits of the last token only. Seconds.
-static double prefill(struct bench * b, struct cuda_context * gc, int n) {
+// Prefills positions [0, n) of sequences [0, n_seq) in ubatch chunks; logits of the last token
+// only. Seconds.
+static double prefill(struct bench * b, struct cuda_context * gc, int n, int n_seq) {
     double t0 = now_s();
-    for (int pos = 0; pos < n; pos += b->ubatch) {
-        int chunk = n - pos < b->ubatch ? n - pos : b->ubatch;
-        CHECK(ckv_cuda_decode(gc, b->tokens, chunk, pos, pos + chunk < n ? chunk : chunk - 1, b->logits, false));
+    for (int seq = 0; seq < n_seq; seq++) {
+        for (int pos = 0; pos < n; pos += b->ubatch) {
+            int chunk = n - pos < b->ubatch ? n - pos : b->ubatch;
+            CHECK(ckv_cuda_decode(gc, seq, b->tokens, chunk, pos, pos + chunk < n ? chunk : chunk - 1, b->logits,
+                                  false));
+        }
     }
     return now_s() - t0;
 }
 
-// n_gen greedy single-token decodes at positions depth, depth + 1, ... Seconds.
+static int argmax(const float * row, int n) {
+    int best = 0;
+    for (int v = 1; v < n; v++) best = row[v] > row[best] ? v : best;
+    return best;
+}
+
+// n_gen greedy decode steps at positions depth, depth + 1, ...: one token of sequence 0 per
+// step, or (--batch N) one token of each of N sequences, decoded together. Seconds.
 static double generate(struct bench * b, struct cuda_context * gc, int depth, int n_gen) {
-    int32_t tok = b->tokens[0];
-    double  t0 = now_s();
+    int32_t tok[MAX_BATCH], seqs[MAX_BATCH], pos[MAX_BATCH];
+    for (int s = 0; s < b->batch; s++) tok[s] = b->tokens[s];
+    double t0 = now_s();
     for (int i = 0; i < n_gen; i++) {
-        CHECK(ckv_cuda_decode(gc, &tok, 1, depth + i, 0, b->logits, true));
-        int best = 0;
-        for (int v = 1; v < b->n_vocab; v++) best = b->logits[v] > b->logits[best] ? v : best;
-        tok = best;
+        if (b->batch == 1) {
+            CHECK(ckv_cuda_decode(gc, 0, tok, 1, depth + i, 0, b->logits, true));
+        } else {
+            for (int s = 0; s < b->batch; s++) seqs[s] = s, pos[s] = depth + i;
+            CHECK(ckv_cuda_decode_batch(gc, seqs, tok, pos, b->batch, b->logits));
+        }
+        for (int s = 0; s < b->batch; s++) tok[s] = argmax(b->logits + (size_t) s * b->n_vocab, b->n_vocab);
     }
     return now_s() - t0;
 }
 
 static void bench_pp(struct bench * b, int n_prompt, int reps) {
     struct cuda_context * gc = NULL;
-    CHECK(ckv_cuda_context_create(b->gm, n_prompt, b->ubatch, NULL, &gc));
+    CHECK(ckv_cuda_context_create(b->gm, n_prompt, b->ubatch, 1, NULL, &gc));
     double ts[MAX_REPS];
-    prefill(b, gc, n_prompt);   // warm-up
-    for (int r = 0; r < reps; r++) ts[r] = n_prompt / prefill(b, gc, n_prompt);
+    prefill(b, gc, n_prompt, 1);   // warm-up
+    for (int r = 0; r < reps; r++) ts[r] = n_prompt / prefill(b, gc, n_prompt, 1);
     char name[32];
     snprintf(name, sizeof(name), "pp%d", n_prompt);
     print_test(b, name, n_prompt, 0, 0, ts, reps, "");
@@ -142,11 +160,11 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
     const bool policy = b->kv.policy != CKV_KV_POLICY_FULL;
     const int  span_run = policy ? b->kv.recluster_interval + 1 : 0;
     struct cuda_context * gc = NULL;
-    CHECK(ckv_cuda_context_create(b->gm, depth + (n_gen > span_run ? n_gen : span_run) + 1, b->ubatch,
+    CHECK(ckv_cuda_context_create(b->gm, depth + (n_gen > span_run ? n_gen : span_run) + 1, b->ubatch, b->batch,
                                   b->offload ? b->layer_compressed : NULL, &gc));
-    if (policy) CHECK(ckv_cuda_set_kv_policy(gc, &b->kv, b->layer_compressed, 0));
-    double fill = depth > 0 ? prefill(b, gc, depth) : 0.0;
-    if (depth > 4096 && !policy) {
+    if (policy) CHECK(ckv_cuda_set_kv_policy(gc, &b->kv, b->layer_compressed, NULL));
+    double fill = depth > 0 ? prefill(b, gc, depth, b->batch) : 0.0;
+    if (depth > 4096 && !policy && b->batch == 1) {
         double ts = depth / fill;
         char   name[32];
         snprintf(name, sizeof(name), "pp%d", depth);
@@ -155,11 +173,11 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
     generate(b, gc, depth, 1);   // warm-up (captures the decode graph; clusterkv: clusters the prompt)
     double prompt_ms = policy ? cluster_ms(gc) : 0.0;
     double ts[MAX_REPS];
-    for (int r = 0; r < reps; r++) ts[r] = n_gen / generate(b, gc, depth, n_gen);
+    for (int r = 0; r < reps; r++) ts[r] = (double) n_gen * b->batch / generate(b, gc, depth, n_gen);   // all rows
     char name[48], extra[512] = "";
     snprintf(name, sizeof(name), "tg%d", n_gen);
     if (policy) {
-        double span_ts = span_run / generate(b, gc, depth, span_run);
+        double span_ts = (double) span_run * b->batch / generate(b, gc, depth, span_run);
         snprintf(extra, sizeof(extra), ", \"kv_policy\": \"%s\", \"kv_budget\": %d, \"per_kv_head\": %d, "
                  "\"prefill_ms\": %.1f, \"cluster_prompt_ms\": %.2f, \"tg_with_span_n\": %d, "
                  "\"tg_with_span_ts\": %.2f, \"cluster_span_ms\": %.3f", kv_policy_label(b->kv.policy),
@@ -174,6 +192,10 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
                  "\"host_kv_mib\": %.1f, \"device_policy_mib\": %.1f, \"rows_fetched_per_step\": %.0f",
                  b->offload, dev_kv / 1048576.0, host_kv / 1048576.0, dev_policy / 1048576.0,
                  (double) st.n_fetched / (1 + reps * n_gen + span_run));
+    }
+    if (b->batch > 1) {   // tokens/s above are of all sequences together
+        size_t len = strlen(extra);
+        snprintf(extra + len, sizeof(extra) - len, ", \"batch\": %d", b->batch);
     }
     print_test(b, name, 0, n_gen, depth, ts, reps, extra);
     ckv_cuda_context_free(gc);
@@ -190,10 +212,11 @@ static int32_t policy_id(const char * name) {
 
 int main(int argc, char ** argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1] [--kv-offload 0|1]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1] [--kv-offload 0|1] [--batch N]\n", argv[0]);
         return 2;
     }
     bool offload = false;
+    int  batch = 1;
     int reps = 3, ubatch = 512, n_tg = 128, pp[MAX_LIST] = {512}, n_pp = 1, depths[MAX_LIST] = {0}, n_depths = 1;
     struct ckv_context_params cp;
     ckv_context_default_params(&cp);
@@ -207,6 +230,7 @@ int main(int argc, char ** argv) {
         else if (!strcmp(argv[i], "--kv-budget")) kv.budget = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--per-kv-head")) kv.select_per_kv_head = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--kv-offload")) offload = atoi(argv[i + 1]) != 0;
+        else if (!strcmp(argv[i], "--batch")) batch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--kv-policy") && policy_id(argv[i + 1]) >= 0 &&
                  policy_id(argv[i + 1]) != CKV_KV_POLICY_H2O) kv.policy = policy_id(argv[i + 1]);
         else {
@@ -214,8 +238,10 @@ int main(int argc, char ** argv) {
             return 2;
         }
     }
-    if (reps < 1 || reps > MAX_REPS || ubatch < 1) {
-        fprintf(stderr, "--reps must be in [1, %d] and --ubatch >= 1\n", MAX_REPS);
+    if (reps < 1 || reps > MAX_REPS || ubatch < 1 || batch < 1 || batch > MAX_BATCH || batch > ubatch ||
+        (batch > 1 && offload)) {
+        fprintf(stderr, "--reps must be in [1, %d], --ubatch >= 1, --batch in [1, min(%d, ubatch)] and 1 with "
+                "--kv-offload\n", MAX_REPS, MAX_BATCH);
         return 2;
     }
     if (ckv_cuda_device_count() == 0) {
@@ -246,8 +272,8 @@ int main(int argc, char ** argv) {
     for (int il = 0; il < m->hp.n_layer; il++) {
         compressed[il] = hparams_is_compressed_layer(&m->hp, kv.n_dense_layers, il);
     }
-    struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true, kv, compressed, offload};
-    b.logits = (float *) malloc(sizeof(float) * b.n_vocab);
+    struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true, kv, compressed, offload, batch};
+    b.logits = (float *) malloc(sizeof(float) * b.n_vocab * batch);
     b.tokens = (int32_t *) malloc(sizeof(int32_t) * ubatch);
     srand(42);
     for (int i = 0; i < ubatch; i++) b.tokens[i] = rand() % b.n_vocab;

@@ -384,7 +384,7 @@ class Llama:
         quantising activations to 8 bits (slower; a low-noise reference for comparing KV
         policies or precisions, CPU only).
         `n_seq_max` sequences (each with its own KV cache of n_ctx positions) let
-        create_completion_batch() decode several prompts together (CPU only so far).
+        create_completion_batch() decode several prompts together (CPU and GPU).
         `kv_offload=True` (GPU, kv_policy="clusterkv") keeps the KV cache of the compressed
         layers in pinned host memory and on the GPU only the rows recent decode steps selected
         (see kv_memory()), so the context is bounded by host RAM; prefill then copies each

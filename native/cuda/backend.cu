@@ -220,25 +220,35 @@ extern "C" uint64_t ckv_cuda_model_size(const struct cuda_model * gm) { return g
 
 // --- context ---------------------------------------------------------------------------------
 
-enum { LOGITS_ROWS = 64 };  // output-head rows per chunk: bounds the logits buffer (vocab 262k)
+enum { LOGITS_ROWS = 64 };
+
+struct cuda_seq {
+    __half *       k_cache;    // [layers on the GPU][n_head_kv][n_ctx][head_dim] f16
+    __half *       v_cache;
+    __half *       h_k;        // kv_offload: pinned, mapped [layers in host memory][n_head_kv][n_ctx][head_dim]
+    __half *       h_v;
+    const __half ** k_layers;  // host [n_layer]: each layer's rows, device addresses
+    const __half ** v_layers;
+    struct cuda_kv_policy * policy;   // the KV policy of decode steps (NULL: full)
+};  // output-head rows per chunk: bounds the logits buffer (vocab 262k)
 
 struct cuda_context {
     const struct cuda_model * gm;
     int32_t      n_ctx, n_batch;
     cudaStream_t stream;
-    __half *     k_cache;    // [layers on the GPU][n_head_kv][n_ctx][head_dim] f16
-    __half *     v_cache;
-    // kv_offload: the K/V of the layers marked in kv_on_host live in pinned host memory, mapped
-    // into the device's address space (decode writes a token's row there over PCIe; the policy
-    // fetches the selected rows). A prefill chunk copies such a layer's earlier rows to the
-    // staging buffer, attends there and copies its new rows back: one layer's K/V on the GPU.
+    // Sequences (n_seq_max): each its own KV cache and policy; cur is the one a single-sequence
+    // forward runs on (ckv_cuda_decode selects it), a batch picks one per token.
+    int32_t            n_seq;
+    struct cuda_seq *  seqs;
+    struct cuda_seq *  cur;
+    // kv_offload (one sequence): the K/V of the layers marked in kv_on_host live in pinned host
+    // memory, mapped into the device's address space (decode writes a token's row there over
+    // PCIe; the policy fetches the selected rows). A prefill chunk copies such a layer's earlier
+    // rows to the staging buffer, attends there and copies its new rows back: one layer's K/V
+    // on the GPU.
     bool *       kv_on_host;   // host [n_layer]
-    __half *     h_k;          // pinned, mapped: [layers in host memory][n_head_kv][n_ctx][head_dim]
-    __half *     h_v;
     __half *     stage_k;      // [n_head_kv][n_ctx][head_dim], NULL without offload
     __half *     stage_v;
-    const __half ** k_layers;  // host [n_layer]: each layer's rows, device addresses
-    const __half ** v_layers;
     uint64_t     kv_device_bytes, kv_host_bytes;
     int32_t *    tokens;     // [n_batch]
     float *x, *xb, *xb2;     // [n_batch][n_embd]
@@ -259,62 +269,75 @@ struct cuda_context {
     bool            use_graph;    // CKV_CUDA_GRAPH=0 turns graphs off (for comparison)
     struct cuda_gemm_ws blas;     // prefill GEMMs through cuBLAS (handle NULL: WMMA kernel)
     cudaGraphExec_t decode_graph; // NULL until the first one-token decode
-    // The KV policy of decode steps (NULL: full). The graph bakes its cluster layout in, so it
-    // is re-captured when cuda_kv_policy_layout moves past graph_layout.
-    struct cuda_kv_policy * policy;
+    // The graph bakes in one sequence's cache and its policy's cluster layout, so it is
+    // re-captured for another sequence or when cuda_kv_policy_layout moves past graph_layout.
+    int32_t         graph_seq;
     uint64_t        graph_layout;
     bool            decode_step;  // the running forward is a decode step (policy applies)
 };
 
-// Where each layer's K/V live: GPU layers in k_cache / v_cache, kv_on_host layers in h_k / h_v
-// (pinned and mapped, allocated here), both in layer order.
-static int32_t place_kv(struct cuda_context * gc, const bool * offload_layers) {
+// Where each layer's K/V live: GPU layers in the sequence's k_cache / v_cache, kv_on_host layers
+// in its h_k / h_v (pinned and mapped), both in layer order. Allocates both.
+static int32_t place_kv(struct cuda_context * gc, struct cuda_seq * sq) {
     const struct hparams * hp = &gc->gm->hp;
     const size_t layer_elems = (size_t) hp->n_head_kv * gc->n_ctx * hp->head_dim;
-    gc->kv_on_host = (bool *) calloc((size_t) hp->n_layer, sizeof(bool));
-    gc->k_layers   = (const __half **) calloc((size_t) hp->n_layer, sizeof(__half *));
-    gc->v_layers   = (const __half **) calloc((size_t) hp->n_layer, sizeof(__half *));
-    if (!gc->kv_on_host || !gc->k_layers || !gc->v_layers) {
+    sq->k_layers = (const __half **) calloc((size_t) hp->n_layer, sizeof(__half *));
+    sq->v_layers = (const __half **) calloc((size_t) hp->n_layer, sizeof(__half *));
+    if (!sq->k_layers || !sq->v_layers) {
         return ckv_fail(CKV_ERR_OOM, "out of host memory for the CUDA context");
     }
     size_t n_host = 0;
-    for (int il = 0; il < hp->n_layer; il++) {
-        gc->kv_on_host[il] = offload_layers && offload_layers[il];
-        n_host += gc->kv_on_host[il];
+    for (int il = 0; il < hp->n_layer; il++) n_host += gc->kv_on_host[il];
+    const size_t gpu_bytes = (hp->n_layer - n_host) * layer_elems * sizeof(__half);
+    if (cudaMalloc(&sq->k_cache, gpu_bytes) != cudaSuccess || cudaMalloc(&sq->v_cache, gpu_bytes) != cudaSuccess) {
+        cudaGetLastError();
+        return ckv_fail(CKV_ERR_OOM, "the KV cache (n_ctx %d, %d sequences) needs %.1f MiB of GPU memory per "
+                        "sequence: out of memory on %s", gc->n_ctx, gc->n_seq, 2.0 * gpu_bytes / 1048576.0,
+                        ckv_cuda_device_name());
     }
+    gc->kv_device_bytes += 2 * gpu_bytes;
+    __half * hk = NULL, * hv = NULL;
     if (n_host > 0) {
         size_t bytes = n_host * layer_elems * sizeof(__half);
-        if (cudaHostAlloc(&gc->h_k, bytes, cudaHostAllocMapped) != cudaSuccess ||
-            cudaHostAlloc(&gc->h_v, bytes, cudaHostAllocMapped) != cudaSuccess) {
+        if (cudaHostAlloc(&sq->h_k, bytes, cudaHostAllocMapped) != cudaSuccess ||
+            cudaHostAlloc(&sq->h_v, bytes, cudaHostAllocMapped) != cudaSuccess) {
             cudaGetLastError();
             return ckv_fail(CKV_ERR_OOM, "kv_offload: %.1f MiB of pinned host memory for the KV cache of %zu "
                             "layers (n_ctx %d): out of memory", 2.0 * bytes / 1048576.0, n_host, gc->n_ctx);
         }
-        gc->kv_host_bytes = 2 * bytes;
-    }
-    __half * hk = NULL, * hv = NULL;
-    if (n_host > 0) {
-        CKV_CUDA_CHECK(cudaHostGetDevicePointer((void **) &hk, gc->h_k, 0));
-        CKV_CUDA_CHECK(cudaHostGetDevicePointer((void **) &hv, gc->h_v, 0));
+        gc->kv_host_bytes += 2 * bytes;
+        CKV_CUDA_CHECK(cudaHostGetDevicePointer((void **) &hk, sq->h_k, 0));
+        CKV_CUDA_CHECK(cudaHostGetDevicePointer((void **) &hv, sq->h_v, 0));
     }
     for (int il = 0, on_gpu = 0, on_host = 0; il < hp->n_layer; il++) {
         if (gc->kv_on_host[il]) {
-            gc->k_layers[il] = hk + on_host * layer_elems;
-            gc->v_layers[il] = hv + on_host++ * layer_elems;
+            sq->k_layers[il] = hk + on_host * layer_elems;
+            sq->v_layers[il] = hv + on_host++ * layer_elems;
         } else {
-            gc->k_layers[il] = gc->k_cache + on_gpu * layer_elems;
-            gc->v_layers[il] = gc->v_cache + on_gpu++ * layer_elems;
+            sq->k_layers[il] = sq->k_cache + on_gpu * layer_elems;
+            sq->v_layers[il] = sq->v_cache + on_gpu++ * layer_elems;
         }
     }
     return CKV_OK;
 }
 
+static void free_seq(struct cuda_seq * sq) {
+    cuda_kv_policy_free(sq->policy);
+    cudaFree(sq->k_cache);
+    cudaFree(sq->v_cache);
+    cudaFreeHost(sq->h_k);
+    cudaFreeHost(sq->h_v);
+    free((void *) sq->k_layers);
+    free((void *) sq->v_layers);
+}
+
 extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
-                                           const bool * offload_layers, struct cuda_context ** out) {
+                                           int32_t n_seq, const bool * offload_layers,
+                                           struct cuda_context ** out) {
     *out = NULL;
-    if (n_ctx < 1 || n_batch < 1) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda context: n_ctx %d and n_batch %d must be >= 1",
-                        n_ctx, n_batch);
+    if (n_ctx < 1 || n_batch < 1 || n_seq < 1 || (n_seq > 1 && offload_layers)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "cuda context: n_ctx %d, n_batch %d and n_seq %d must be >= 1 "
+                        "(one sequence under kv_offload)", n_ctx, n_batch, n_seq);
     }
     struct cuda_context * gc = (struct cuda_context *) calloc(1, sizeof(*gc));
     if (!gc) {
@@ -324,18 +347,17 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
     gc->gm = gm;
     gc->n_ctx = n_ctx;
     gc->n_batch = n_batch;
+    gc->n_seq = n_seq;
+    gc->graph_seq = -1;
     int64_t q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
     int64_t per_split_decode = ((int64_t) n_ctx + 255) / 256;
     gc->partial_cap = (int64_t) hp->n_head * (per_split_decode > 2 * n_batch ? per_split_decode : 2 * n_batch);
-    int32_t n_gpu_layers = 0, n_host_layers = 0;
+    int32_t n_host_layers = 0;
     for (int il = 0; il < hp->n_layer; il++) {
         n_host_layers += offload_layers && offload_layers[il];
     }
-    n_gpu_layers = hp->n_layer - n_host_layers;
-    size_t kv_bytes = (size_t) n_gpu_layers * kv_dim * n_ctx * sizeof(__half);
     size_t stage_bytes = n_host_layers ? (size_t) kv_dim * n_ctx * sizeof(__half) : 0;
     struct { void ** p; size_t bytes; } bufs[] = {
-        {(void **) &gc->k_cache, kv_bytes}, {(void **) &gc->v_cache, kv_bytes},
         {(void **) &gc->stage_k, stage_bytes}, {(void **) &gc->stage_v, stage_bytes},
         {(void **) &gc->tokens, sizeof(int32_t) * n_batch},
         {(void **) &gc->x, sizeof(float) * n_batch * hp->n_embd},
@@ -354,20 +376,30 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
     };
     size_t total = 0;
     for (auto & b : bufs) total += b.bytes;
-    gc->kv_device_bytes = 2 * (kv_bytes + stage_bytes);
+    gc->kv_device_bytes = 2 * stage_bytes;
+    gc->seqs = (struct cuda_seq *) calloc((size_t) n_seq, sizeof(struct cuda_seq));
+    gc->kv_on_host = (bool *) calloc((size_t) hp->n_layer, sizeof(bool));
+    if (!gc->seqs || !gc->kv_on_host) {
+        ckv_cuda_context_free(gc);
+        return ckv_fail(CKV_ERR_OOM, "out of host memory for the CUDA context");
+    }
+    gc->cur = &gc->seqs[0];
+    for (int il = 0; il < hp->n_layer; il++) gc->kv_on_host[il] = offload_layers && offload_layers[il];
     for (auto & b : bufs) {
         if (b.bytes && cudaMalloc(b.p, b.bytes) != cudaSuccess) {
             cudaGetLastError();
             ckv_cuda_context_free(gc);
-            return ckv_fail(CKV_ERR_OOM, "the CUDA context (n_ctx %d, n_batch %d) needs %.1f MiB of "
-                            "GPU memory (KV cache %.1f MiB): out of memory on %s", n_ctx, n_batch,
-                            total / 1048576.0, 2.0 * kv_bytes / 1048576.0, ckv_cuda_device_name());
+            return ckv_fail(CKV_ERR_OOM, "the CUDA context (n_ctx %d, n_batch %d) needs %.1f MiB of GPU "
+                            "memory besides the KV cache: out of memory on %s", n_ctx, n_batch,
+                            total / 1048576.0, ckv_cuda_device_name());
         }
     }
-    int32_t placed = place_kv(gc, offload_layers);
-    if (placed != CKV_OK) {
-        ckv_cuda_context_free(gc);
-        return placed;
+    for (int32_t i = 0; i < n_seq; i++) {
+        int32_t placed = place_kv(gc, &gc->seqs[i]);
+        if (placed != CKV_OK) {
+            ckv_cuda_context_free(gc);
+            return placed;
+        }
     }
     cudaError_t err = cudaStreamCreateWithFlags(&gc->stream, cudaStreamNonBlocking);
     if (err == cudaSuccess) err = cudaMalloc(&gc->d_pos, sizeof(int32_t));
@@ -407,17 +439,14 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
     if (gc->decode_graph) {
         cudaGraphExecDestroy(gc->decode_graph);
     }
-    cuda_kv_policy_free(gc->policy);
+    for (int32_t i = 0; gc->seqs && i < gc->n_seq; i++) free_seq(&gc->seqs[i]);
+    free(gc->seqs);
     ckv_cuda_gemm_ws_free(&gc->blas);
-    void * ptrs[] = {gc->k_cache, gc->v_cache, gc->tokens, gc->x, gc->xb, gc->xb2, gc->q, gc->att,
+    void * ptrs[] = {gc->tokens, gc->x, gc->xb, gc->xb2, gc->q, gc->att,
                      gc->k, gc->v, gc->hb, gc->hb2, gc->hq, gc->xq, gc->logits, gc->partial, gc->d_pos,
                      gc->stage_k, gc->stage_v};
     for (void * p : ptrs) cudaFree(p);
-    cudaFreeHost(gc->h_k);
-    cudaFreeHost(gc->h_v);
     free(gc->kv_on_host);
-    free((void *) gc->k_layers);
-    free((void *) gc->v_layers);
     cudaFreeHost(gc->h_step);
     cudaFreeHost(gc->h_logits);
     free(gc);
@@ -431,17 +460,18 @@ static int32_t matmul(struct cuda_context * gc, const struct cuda_weight * w, co
     return ckv_cuda_matmul(&a, gc->stream);
 }
 
-// Attention of layer il over every cached position (or its window) into gc->att, also
-// quantised into xq when it is not NULL.
-static int32_t dense_attention(struct cuda_context * gc, int il, const __half * k_rows, const __half * v_rows,
-                               int64_t n, int64_t pos0, const int32_t * pos_dev, const void * xq) {
+// Attention of layer il for query rows q (n tokens at pos0..) over every cached position (or
+// its window) into out, also quantised into xq when it is not NULL.
+static int32_t dense_attention(struct cuda_context * gc, int il, const float * q, float * out,
+                               const __half * k_rows, const __half * v_rows, int64_t n, int64_t pos0,
+                               const int32_t * pos_dev, const void * xq) {
     const struct hparams * hp = &gc->gm->hp;
     int32_t window = hparams_is_swa_layer(hp, il) ? hp->n_swa : 0;
     int64_t n_kv = pos_dev ? gc->n_ctx : pos0 + n;  // a graph serves every position up to n_ctx
     if (window > 0 && n_kv > window) {
         n_kv = window;  // no query of the chunk sees more positions than the window
     }
-    struct cuda_attention_args at = {gc->q, k_rows, v_rows, gc->att,
+    struct cuda_attention_args at = {q, k_rows, v_rows, out,
                                      gc->partial, n, pos0, gc->n_ctx, hp->n_head, hp->n_head_kv,
                                      hp->head_dim, window,
                                      ckv_cuda_attention_splits(n, hp->n_head, n_kv, gc->partial_cap),
@@ -449,17 +479,21 @@ static int32_t dense_attention(struct cuda_context * gc, int il, const __half * 
     return ckv_cuda_attention(&at, gc->stream);
 }
 
+// Tokens [t0, t0 + n) of the chunk, all of sequence sq at positions pos0..: RoPE, their K/V
+// rows into the cache, and their attention into gc->att (quantised into xq for one token).
 // pos_dev != NULL: the position lives in device memory (graph capture) and pos0 is unused.
-static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int64_t pos0,
-                               const int32_t * pos_dev) {
+static int32_t store_and_attend(struct cuda_context * gc, int il, struct cuda_seq * sq, int64_t t0, int64_t n,
+                                int64_t pos0, const int32_t * pos_dev, const void * xq) {
     const struct hparams *    hp = &gc->gm->hp;
     const struct cuda_layer * L  = &gc->gm->layers[il];
     cudaStream_t              s  = gc->stream;
     bool gemma = hp->arch == ARCH_GEMMA3, swa = hparams_is_swa_layer(hp, il);
+    const int64_t q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
+    float * q = gc->q + t0 * q_dim, * out = gc->att + t0 * q_dim;
     // The rows this forward writes and attends: the layer's own (a decode step of an offloaded
     // layer writes its token straight to host memory), or, for a prefill chunk of an offloaded
     // layer, the staging buffer holding the layer's earlier rows.
-    __half * k_rows = (__half *) gc->k_layers[il], * v_rows = (__half *) gc->v_layers[il];
+    __half * k_rows = (__half *) sq->k_layers[il], * v_rows = (__half *) sq->v_layers[il];
     const bool staged = gc->kv_on_host[il] && !gc->decode_step;
     const size_t row_bytes = (size_t) hp->head_dim * sizeof(__half), pitch = row_bytes * gc->n_ctx;
     if (staged) {
@@ -472,6 +506,42 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
         k_rows = gc->stage_k;
         v_rows = gc->stage_v;
     }
+    float base = swa ? hp->rope_base_swa : hp->rope_base;
+    struct cuda_rope_kv_args rk = {q, gc->k + t0 * kv_dim, gc->v + t0 * kv_dim, k_rows, v_rows,
+                                   n, hp->n_head, hp->n_head_kv, hp->head_dim, hp->n_rot, gc->n_ctx, pos0,
+                                   powf(base, -2.0f / (float) hp->n_rot), swa ? 1.0f : hp->rope_freq_scale,
+                                   gc->gm->rope_freqs, hp->rope_mode == ROPE_NEOX,
+                                   gemma ? L->attn_q_norm : NULL, gemma ? L->attn_k_norm : NULL,
+                                   hp->rms_eps, pos_dev};
+    TRY_OK(ckv_cuda_rope_kv(&rk, s));
+
+    if (gc->decode_step && sq->policy && cuda_kv_policy_sparse(sq->policy, il)) {
+        // The KV policy's positions only, att also quantised (xq) for the out-projection's GEMV.
+        struct cuda_policy_attend_args pa = {il, q, k_rows, v_rows, (int32_t) pos0, pos_dev, out, (void *) xq,
+                                             gc->partial, gc->partial_cap, hp->attn_scale};
+        TRY_OK(cuda_kv_policy_attend(sq->policy, &pa, s));
+    } else {
+        TRY_OK(dense_attention(gc, il, q, out, k_rows, v_rows, n, pos0, pos_dev, xq));
+    }
+    if (staged) {   // the chunk's new rows to host memory
+        CKV_CUDA_CHECK(cudaMemcpy2DAsync((__half *) sq->k_layers[il] + pos0 * hp->head_dim, pitch,
+                                         gc->stage_k + pos0 * hp->head_dim, pitch, row_bytes * n, hp->n_head_kv,
+                                         cudaMemcpyDefault, s));
+        CKV_CUDA_CHECK(cudaMemcpy2DAsync((__half *) sq->v_layers[il] + pos0 * hp->head_dim, pitch,
+                                         gc->stage_v + pos0 * hp->head_dim, pitch, row_bytes * n, hp->n_head_kv,
+                                         cudaMemcpyDefault, s));
+    }
+    return CKV_OK;
+}
+
+// Attention block of layer il for n tokens: one sequence (seqs NULL: gc->cur, positions pos0..,
+// or *pos_dev in a graph), or a batch step (token t of sequence seqs[t] at position pos[t]).
+static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int64_t pos0, const int32_t * pos_dev,
+                               const int32_t * seqs, const int32_t * pos) {
+    const struct hparams *    hp = &gc->gm->hp;
+    const struct cuda_layer * L  = &gc->gm->layers[il];
+    cudaStream_t              s  = gc->stream;
+    bool gemma = hp->arch == ARCH_GEMMA3;
 
     // One token: one launch normalises x into xb and quantises it (xq) for the int8 GEMVs; a
     // chunk normalises into xb for the GEMM.
@@ -488,31 +558,12 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
         {&L->attn_v, in, gc->v, L->attn_v.n_out, L->attn_v_bias, n, false, NULL, 0.0f, xq, &gc->blas},
     };
     TRY_OK(ckv_cuda_matmul_multi(qkv, 3, s));
-    float base = swa ? hp->rope_base_swa : hp->rope_base;
-    struct cuda_rope_kv_args rk = {gc->q, gc->k, gc->v, k_rows, v_rows,
-                                   n, hp->n_head, hp->n_head_kv, hp->head_dim, hp->n_rot, gc->n_ctx, pos0,
-                                   powf(base, -2.0f / (float) hp->n_rot), swa ? 1.0f : hp->rope_freq_scale,
-                                   gc->gm->rope_freqs, hp->rope_mode == ROPE_NEOX,
-                                   gemma ? L->attn_q_norm : NULL, gemma ? L->attn_k_norm : NULL,
-                                   hp->rms_eps, pos_dev};
-    TRY_OK(ckv_cuda_rope_kv(&rk, s));
-
-    if (gc->decode_step && gc->policy && cuda_kv_policy_sparse(gc->policy, il)) {
-        // The KV policy's positions only, att also quantised (xq) for the out-projection's GEMV.
-        struct cuda_policy_attend_args pa = {il, gc->q, k_rows, v_rows,
-                                             (int32_t) pos0, pos_dev, gc->att, (void *) xq, gc->partial,
-                                             gc->partial_cap, hp->attn_scale};
-        TRY_OK(cuda_kv_policy_attend(gc->policy, &pa, s));
+    if (seqs) {
+        for (int64_t t = 0; t < n; t++) {
+            TRY_OK(store_and_attend(gc, il, &gc->seqs[seqs[t]], t, 1, pos[t], NULL, xq));   // xq: n == 1
+        }
     } else {
-        TRY_OK(dense_attention(gc, il, k_rows, v_rows, n, pos0, pos_dev, xq));
-    }
-    if (staged) {   // the chunk's new rows to host memory
-        CKV_CUDA_CHECK(cudaMemcpy2DAsync((__half *) gc->k_layers[il] + pos0 * hp->head_dim, pitch,
-                                         gc->stage_k + pos0 * hp->head_dim, pitch, row_bytes * n, hp->n_head_kv,
-                                         cudaMemcpyDefault, s));
-        CKV_CUDA_CHECK(cudaMemcpy2DAsync((__half *) gc->v_layers[il] + pos0 * hp->head_dim, pitch,
-                                         gc->stage_v + pos0 * hp->head_dim, pitch, row_bytes * n, hp->n_head_kv,
-                                         cudaMemcpyDefault, s));
+        TRY_OK(store_and_attend(gc, il, gc->cur, 0, n, pos0, pos_dev, xq));
     }
     struct cuda_matmul_args o = {&L->attn_output, gc->att, gemma ? gc->xb2 : gc->x, L->attn_output.n_out,
                                  NULL, n, !gemma, NULL, 0.0f, xq, &gc->blas};
@@ -575,12 +626,13 @@ static int32_t output_head(struct cuda_context * gc, int64_t first, int64_t n, f
 }
 
 // Device work of one chunk: tokens already in gc->tokens, logits rows to `logits_out`.
+// seqs != NULL: a batch step, token t of sequence seqs[t] at position pos[t] (attention_block).
 static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
-                              int32_t first_output, float * logits_out) {
+                              const int32_t * seqs, const int32_t * pos, int32_t first_output, float * logits_out) {
     const struct hparams * hp = &gc->gm->hp;
     TRY_OK(ckv_cuda_embed(&gc->gm->token_embd, gc->tokens, n, hp->embd_scale, gc->x, gc->stream));
     for (int il = 0; il < hp->n_layer; il++) {
-        TRY_OK(attention_block(gc, il, n, pos0, pos_dev));
+        TRY_OK(attention_block(gc, il, n, pos0, pos_dev, seqs, pos));
         TRY_OK(ffn_block(gc, il, n));
     }
     if (first_output < n) {
@@ -598,7 +650,7 @@ static int32_t capture_decode_graph(struct cuda_context * gc) {
     if (err == cudaSuccess) {
         err = cudaMemcpyAsync(gc->d_pos, gc->h_step + 1, sizeof(int32_t), cudaMemcpyHostToDevice, gc->stream);
     }
-    int32_t st = err == cudaSuccess ? forward_device(gc, 1, 0, gc->d_pos, 0, gc->h_logits)
+    int32_t st = err == cudaSuccess ? forward_device(gc, 1, 0, gc->d_pos, NULL, NULL, 0, gc->h_logits)
                                     : ckv_fail(CKV_ERR_CUDA, "graph capture: %s", cudaGetErrorString(err));
     cudaError_t end = cudaStreamEndCapture(gc->stream, &graph);
     if (st == CKV_OK && end != cudaSuccess) {
@@ -618,14 +670,16 @@ static int32_t capture_decode_graph(struct cuda_context * gc) {
 }
 
 static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t pos, float * logits_host) {
-    uint64_t layout = gc->policy ? cuda_kv_policy_layout(gc->policy) : 0;
-    if (gc->decode_graph && layout != gc->graph_layout) {   // new clusters: new lists to attend
+    const int32_t seq = (int32_t) (gc->cur - gc->seqs);
+    uint64_t layout = gc->cur->policy ? cuda_kv_policy_layout(gc->cur->policy) : 0;
+    if (gc->decode_graph && (layout != gc->graph_layout || seq != gc->graph_seq)) {   // new lists / cache
         cudaGraphExecDestroy(gc->decode_graph);
         gc->decode_graph = NULL;
     }
     if (!gc->decode_graph) {
         TRY_OK(capture_decode_graph(gc));
         gc->graph_layout = layout;
+        gc->graph_seq    = seq;
     }
     gc->h_step[0] = token;
     gc->h_step[1] = pos;
@@ -639,48 +693,95 @@ static int32_t forward(struct cuda_context * gc, const int32_t * tokens, int32_t
                        int32_t first_output, float * logits_host) {
     // The graph is a decode step's (with the policy's lists); a one-token prefill chunk under a
     // policy runs dense, outside it.
-    if (n == 1 && first_output == 0 && gc->use_graph && (gc->decode_step || !gc->policy)) {
+    if (n == 1 && first_output == 0 && gc->use_graph && (gc->decode_step || !gc->cur->policy)) {
         return decode_one_graph(gc, tokens[0], pos0, logits_host);
     }
     CKV_CUDA_CHECK(cudaMemcpyAsync(gc->tokens, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice,
                                    gc->stream));
-    return forward_device(gc, n, pos0, NULL, first_output, logits_host);
+    return forward_device(gc, n, pos0, NULL, NULL, NULL, first_output, logits_host);
 }
 
-extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n,
-                                   int32_t pos0, int32_t first_output, float * logits_host,
-                                   bool decode_step) {
-    if (!tokens || n < 1 || n > gc->n_batch || pos0 < 0 || first_output < 0 ||
-        (first_output < n && !logits_host)) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_cuda_decode: need 1 <= n (%d) <= n_batch (%d), "
-                        "pos0 %d >= 0, first_output %d >= 0 and a logits buffer", n, gc->n_batch,
-                        pos0, first_output);
-    }
-    if ((int64_t) pos0 + n > gc->n_ctx) {
-        return ckv_fail(CKV_ERR_CTX_FULL, "%d tokens at position %d exceed the CUDA context of %d",
-                        n, pos0, gc->n_ctx);
-    }
+static int32_t check_tokens(const struct cuda_context * gc, const int32_t * tokens, int32_t n) {
     for (int32_t i = 0; i < n; i++) {
         if (tokens[i] < 0 || tokens[i] >= gc->gm->hp.n_vocab) {
             return ckv_fail(CKV_ERR_INVALID_ARG, "token %d at index %d is outside the vocabulary [0, %d)",
                             tokens[i], i, gc->gm->hp.n_vocab);
         }
     }
-    gc->decode_step = decode_step && n == 1;
-    int32_t st = gc->policy ? cuda_kv_policy_prepare(gc->policy, gc->k_layers, pos0, gc->decode_step, gc->stream)
-                            : CKV_OK;
-    if (st == CKV_OK) {
-        st = forward(gc, tokens, n, pos0, first_output, logits_host);
-    }
-    if (st == CKV_OK && gc->policy) {
-        st = cuda_kv_policy_stored(gc->policy, gc->k_layers, pos0, n, gc->stream);
-    }
-    cudaError_t err = cudaStreamSynchronize(gc->stream);  // also surfaces asynchronous kernel faults
+    return CKV_OK;
+}
+
+// Waits for the stream (surfacing asynchronous kernel faults) after a forward that returned st.
+static int32_t finish(struct cuda_context * gc, int32_t st) {
+    cudaError_t err = cudaStreamSynchronize(gc->stream);
     if (st == CKV_OK && err != cudaSuccess) {
         return ckv_fail(CKV_ERR_CUDA, "CUDA forward pass failed: %s", cudaGetErrorString(err));
     }
-    if (st == CKV_OK && gc->policy) {
-        cuda_kv_policy_count_step(gc->policy, pos0, gc->decode_step);
+    return st;
+}
+
+extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, int32_t seq, const int32_t * tokens, int32_t n,
+                                   int32_t pos0, int32_t first_output, float * logits_host,
+                                   bool decode_step) {
+    if (!tokens || seq < 0 || seq >= gc->n_seq || n < 1 || n > gc->n_batch || pos0 < 0 || first_output < 0 ||
+        (first_output < n && !logits_host)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_cuda_decode: need sequence %d in [0, %d), 1 <= n (%d) <= "
+                        "n_batch (%d), pos0 %d >= 0, first_output %d >= 0 and a logits buffer", seq, gc->n_seq,
+                        n, gc->n_batch, pos0, first_output);
+    }
+    if ((int64_t) pos0 + n > gc->n_ctx) {
+        return ckv_fail(CKV_ERR_CTX_FULL, "%d tokens at position %d exceed the CUDA context of %d",
+                        n, pos0, gc->n_ctx);
+    }
+    TRY_OK(check_tokens(gc, tokens, n));
+    gc->cur = &gc->seqs[seq];
+    gc->decode_step = decode_step && n == 1;
+    struct cuda_kv_policy * pol = gc->cur->policy;
+    const __half * const * k_layers = gc->cur->k_layers;
+    int32_t st = pol ? cuda_kv_policy_prepare(pol, k_layers, pos0, gc->decode_step, gc->stream) : CKV_OK;
+    if (st == CKV_OK) {
+        st = forward(gc, tokens, n, pos0, first_output, logits_host);
+    }
+    if (st == CKV_OK && pol) {
+        st = cuda_kv_policy_stored(pol, k_layers, pos0, n, gc->stream);
+    }
+    st = finish(gc, st);
+    if (st == CKV_OK && pol) {
+        cuda_kv_policy_count_step(pol, pos0, gc->decode_step);
+    }
+    return st;
+}
+
+extern "C" int32_t ckv_cuda_decode_batch(struct cuda_context * gc, const int32_t * seqs, const int32_t * tokens,
+                                         const int32_t * pos, int32_t n, float * logits_host) {
+    if (!seqs || !tokens || !pos || !logits_host || n < 1 || n > gc->n_batch || n > gc->n_seq) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_cuda_decode_batch: need 1 <= n (%d) <= min(n_batch %d, "
+                        "n_seq %d), sequences, tokens, positions and a logits buffer", n, gc->n_batch, gc->n_seq);
+    }
+    for (int32_t t = 0; t < n; t++) {
+        if (seqs[t] < 0 || seqs[t] >= gc->n_seq || pos[t] < 0 || pos[t] >= gc->n_ctx) {
+            return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_cuda_decode_batch: token %d: sequence %d must be in [0, %d) "
+                            "and position %d in [0, %d)", t, seqs[t], gc->n_seq, pos[t], gc->n_ctx);
+        }
+    }
+    TRY_OK(check_tokens(gc, tokens, n));
+    gc->decode_step = true;
+    int32_t st = CKV_OK;
+    for (int32_t t = 0; t < n && st == CKV_OK; t++) {   // each sequence's spans, before any row is written
+        struct cuda_seq * sq = &gc->seqs[seqs[t]];
+        st = sq->policy ? cuda_kv_policy_prepare(sq->policy, sq->k_layers, pos[t], true, gc->stream) : CKV_OK;
+    }
+    if (st == CKV_OK) {
+        CKV_CUDA_CHECK(cudaMemcpyAsync(gc->tokens, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice, gc->stream));
+        st = forward_device(gc, n, 0, NULL, seqs, pos, 0, logits_host);
+    }
+    for (int32_t t = 0; t < n && st == CKV_OK; t++) {
+        struct cuda_seq * sq = &gc->seqs[seqs[t]];
+        st = sq->policy ? cuda_kv_policy_stored(sq->policy, sq->k_layers, pos[t], 1, gc->stream) : CKV_OK;
+    }
+    st = finish(gc, st);
+    for (int32_t t = 0; t < n && st == CKV_OK; t++) {
+        if (gc->seqs[seqs[t]].policy) cuda_kv_policy_count_step(gc->seqs[seqs[t]].policy, pos[t], true);
     }
     return st;
 }
@@ -688,9 +789,9 @@ extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tok
 // --- KV policy -------------------------------------------------------------------------------
 
 extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
-                                          const bool * layer_compressed, int32_t n_past) {
+                                          const bool * layer_compressed, const int32_t * n_past) {
     const struct hparams * hp = &gc->gm->hp;
-    const bool offload = gc->h_k != NULL;
+    const bool offload = gc->stage_k != NULL;
     for (int il = 0; offload && il < hp->n_layer; il++) {
         if (layer_compressed[il] != gc->kv_on_host[il] || params->policy != CKV_KV_POLICY_CLUSTERKV) {
             return ckv_fail(CKV_ERR_INVALID_ARG, "kv_offload: the context keeps the KV of the layers its clusterkv "
@@ -698,55 +799,93 @@ extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct
                             "n_dense_layers");
         }
     }
-    struct cuda_kv_policy * next = NULL;
-    if (params->policy != CKV_KV_POLICY_FULL) {
-        TRY_OK(cuda_kv_policy_create(params, layer_compressed, hp, gc->n_ctx, offload, &next));
-        int32_t st = cuda_kv_policy_stored(next, gc->k_layers, 0, n_past, gc->stream);  // the cache it takes over
-        if (st != CKV_OK) {
-            cuda_kv_policy_free(next);
-            return st;
+    // Every sequence's new policy first (each over the cache it takes over), then the swap, so
+    // a failure leaves the old ones in force.
+    struct cuda_kv_policy ** next = (struct cuda_kv_policy **) calloc((size_t) gc->n_seq, sizeof(*next));
+    if (!next) {
+        return ckv_fail(CKV_ERR_OOM, "out of host memory for the GPU KV policy");
+    }
+    int32_t st = CKV_OK;
+    for (int32_t i = 0; st == CKV_OK && i < gc->n_seq && params->policy != CKV_KV_POLICY_FULL; i++) {
+        st = cuda_kv_policy_create(params, layer_compressed, hp, gc->n_ctx, offload, &next[i]);
+        if (st == CKV_OK) {
+            st = cuda_kv_policy_stored(next[i], gc->seqs[i].k_layers, 0, n_past ? n_past[i] : 0, gc->stream);
         }
     }
-    CKV_CUDA_CHECK(cudaStreamSynchronize(gc->stream));   // nothing in flight reads the old state
-    cuda_kv_policy_free(gc->policy);
-    gc->policy = next;
-    if (gc->decode_graph) {   // it attends through the old policy's buffers
+    if (st == CKV_OK && cudaStreamSynchronize(gc->stream) != cudaSuccess) {   // nothing in flight reads the old state
+        st = ckv_fail(CKV_ERR_CUDA, "switching the KV policy: %s", cudaGetErrorString(cudaGetLastError()));
+    }
+    for (int32_t i = 0; i < gc->n_seq; i++) {
+        if (st == CKV_OK) {
+            cuda_kv_policy_free(gc->seqs[i].policy);
+            gc->seqs[i].policy = next[i];
+        } else {
+            cuda_kv_policy_free(next[i]);
+        }
+    }
+    free(next);
+    if (st == CKV_OK && gc->decode_graph) {   // it attends through the old policy's buffers
         cudaGraphExecDestroy(gc->decode_graph);
         gc->decode_graph = NULL;
+    }
+    return st;
+}
+
+extern "C" bool ckv_cuda_has_kv_policy(const struct cuda_context * gc) { return gc->seqs[0].policy != NULL; }
+
+extern "C" void ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv, uint64_t * host_kv,
+                                   uint64_t * device_policy) {
+    *device_kv     = gc->kv_device_bytes;
+    *host_kv       = gc->kv_host_bytes;
+    *device_policy = 0;
+    for (int32_t i = 0; i < gc->n_seq; i++) {
+        const struct cuda_kv_policy * p = gc->seqs[i].policy;
+        const size_t slots = p ? cuda_kv_policy_slot_bytes(p) : 0;
+        *device_kv += slots;
+        *device_policy += p ? cuda_kv_policy_device_bytes(p) - slots : 0;
+    }
+}
+
+extern "C" void ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t seq, int32_t n_keep) {
+    if (seq >= 0 && seq < gc->n_seq && gc->seqs[seq].policy) {
+        cuda_kv_policy_truncate(gc->seqs[seq].policy, n_keep);
+    }
+}
+
+// Summed over the sequences, as the CPU context sums its policies' stats.
+extern "C" int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out) {
+    if (!gc->seqs[0].policy) {
+        return CKV_OK;
+    }
+    out->n_attended = out->n_cached = out->n_fetched = 0;
+    out->t_cluster_ms = out->t_select_ms = 0.0;
+    out->n_clusters = 0;
+    for (int32_t i = 0; i < gc->n_seq; i++) {
+        struct ckv_kv_stats s = *out;
+        TRY_OK(cuda_kv_policy_stats(gc->seqs[i].policy, &s, gc->stream));
+        out->n_attended += s.n_attended;
+        out->n_cached += s.n_cached;
+        out->n_fetched += s.n_fetched;
+        out->t_cluster_ms += s.t_cluster_ms;
+        out->n_clusters += s.n_clusters;
     }
     return CKV_OK;
 }
 
-extern "C" bool ckv_cuda_has_kv_policy(const struct cuda_context * gc) { return gc->policy != NULL; }
-
-extern "C" void ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv, uint64_t * host_kv,
-                                   uint64_t * device_policy) {
-    const size_t slots = gc->policy ? cuda_kv_policy_slot_bytes(gc->policy) : 0;
-    *device_kv     = gc->kv_device_bytes + slots;
-    *host_kv       = gc->kv_host_bytes;
-    *device_policy = gc->policy ? cuda_kv_policy_device_bytes(gc->policy) - slots : 0;
-}
-
-extern "C" void ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep) {
-    if (gc->policy) {
-        cuda_kv_policy_truncate(gc->policy, n_keep);
-    }
-}
-
-extern "C" int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out) {
-    return gc->policy ? cuda_kv_policy_stats(gc->policy, out, gc->stream) : CKV_OK;
-}
-
 extern "C" int32_t ckv_cuda_kv_reset_stats(struct cuda_context * gc) {
-    return gc->policy ? cuda_kv_policy_reset_stats(gc->policy, gc->stream) : CKV_OK;
+    for (int32_t i = 0; i < gc->n_seq; i++) {
+        if (gc->seqs[i].policy) TRY_OK(cuda_kv_policy_reset_stats(gc->seqs[i].policy, gc->stream));
+    }
+    return CKV_OK;
 }
 
 extern "C" int32_t ckv_cuda_kv_n_clusters(const struct cuda_context * gc, int32_t il) {
-    return gc->policy ? cuda_kv_policy_n_clusters(gc->policy, il) : 0;
+    return gc->seqs[0].policy ? cuda_kv_policy_n_clusters(gc->seqs[0].policy, il) : 0;
 }
 
 extern "C" int32_t ckv_cuda_kv_selection(struct cuda_context * gc, int32_t il, int32_t h, int32_t * buf,
                                          int32_t cap, int32_t * n, bool * sparse) {
     *sparse = false;
-    return gc->policy ? cuda_kv_policy_selection(gc->policy, il, h, buf, cap, n, sparse, gc->stream) : CKV_OK;
+    struct cuda_kv_policy * p = gc->seqs[0].policy;
+    return p ? cuda_kv_policy_selection(p, il, h, buf, cap, n, sparse, gc->stream) : CKV_OK;
 }

@@ -37,10 +37,11 @@ void    ckv_cuda_model_free(struct cuda_model * gm);   // accepts NULL
 // Device bytes the weights occupy.
 uint64_t ckv_cuda_model_size(const struct cuda_model * gm);
 
-// A context for up to n_ctx positions, n_batch tokens per ckv_cuda_decode call. offload_layers
-// (NULL: none) marks the layers whose K/V live in pinned host memory (kv_offload: the layers a
-// clusterkv policy compresses; its policy must then be clusterkv over exactly those layers).
-int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
+// A context for n_seq sequences of up to n_ctx positions each (its own KV cache and policy),
+// n_batch tokens per ckv_cuda_decode call. offload_layers (NULL: none; one sequence only) marks
+// the layers whose K/V live in pinned host memory (kv_offload: the layers a clusterkv policy
+// compresses; its policy must then be clusterkv over exactly those layers).
+int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch, int32_t n_seq,
                                 const bool * offload_layers, struct cuda_context ** out);
 void    ckv_cuda_context_free(struct cuda_context * gc);   // accepts NULL
 
@@ -52,25 +53,32 @@ void    ckv_cuda_context_free(struct cuda_context * gc);   // accepts NULL
 // everything else (prefill) attends densely.
 // CKV_ERR_INVALID_ARG for n < 1 or n > n_batch or a token outside the vocabulary,
 // CKV_ERR_CTX_FULL for pos0 + n > n_ctx, CKV_ERR_CUDA if a kernel or copy fails.
-int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
+int32_t ckv_cuda_decode(struct cuda_context * gc, int32_t seq, const int32_t * tokens, int32_t n, int32_t pos0,
                         int32_t first_output, float * logits_host, bool decode_step);
+// One decode step of n distinct sequences together: token t goes to sequence seqs[t] at position
+// pos[t] (its KV policy applies), logits_host gets n rows. The weights are read once for all
+// rows (the chunk matmul kernels); attention runs per token over its sequence. No graph.
+int32_t ckv_cuda_decode_batch(struct cuda_context * gc, const int32_t * seqs, const int32_t * tokens,
+                              const int32_t * pos, int32_t n, float * logits_host);
 
-// The KV policy of decode steps: full (the default), streaming, quest or clusterkv, params
-// validated by the caller (kv_policy_init_params_only), layer_compressed[n_layer] as context.c
-// computes it, n_past the positions the cache already holds (quest builds their page bounds;
+// The KV policy of decode steps for every sequence: full (the default), streaming, quest or
+// clusterkv, params validated by the caller (kv_policy_init_params_only), layer_compressed
+// [n_layer] as context.c computes it, n_past[seq] (NULL: 0) the positions each cache already
+// holds (quest builds their page bounds;
 // clusters are built lazily, at the next decode step, as the CPU policy does after a prefill).
 // CKV_ERR_UNSUPPORTED for h2o, CKV_ERR_OOM; on error the old policy stays.
 int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
-                               const bool * layer_compressed, int32_t n_past);
+                               const bool * layer_compressed, const int32_t * n_past);
 bool    ckv_cuda_has_kv_policy(const struct cuda_context * gc);   // a policy other than full
 // Bytes of K/V rows on the GPU (the GPU layers' cache, the offload staging buffer and slots),
 // in host memory (offloaded layers), and of the policy's other GPU state (centroids, indexes).
 void    ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv, uint64_t * host_kv,
                            uint64_t * device_policy);
-void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep);  // positions >= n_keep dropped
-// With a policy: n_attended, n_cached, t_cluster_ms and n_clusters of out are the GPU's (the
-// caller keeps n_steps); t_select_ms is 0 (selection runs inside the decode graph). Without one,
-// out is left as it is.
+void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t seq, int32_t n_keep);  // positions >= n_keep dropped
+// With a policy: n_attended, n_cached, n_fetched, t_cluster_ms and n_clusters of out are the
+// GPU's, summed over the sequences (the caller keeps n_steps); t_select_ms is 0 (selection runs
+// inside the decode graph). Without one, out is left as it is. n_clusters and the selection
+// below are sequence 0's.
 int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out);
 int32_t ckv_cuda_kv_reset_stats(struct cuda_context * gc);
 int32_t ckv_cuda_kv_n_clusters(const struct cuda_context * gc, int32_t il);   // per KV head

@@ -258,8 +258,10 @@ struct ckv_context_params {
                                // a low-noise reference for fidelity measurements. CPU only.
     uint32_t n_seq_max;   // independent sequences the context holds, each with its own KV cache
                           // (n_ctx positions) and KV-policy state; 0 = 1 (default), at most 256.
-                          // ckv_decode and the calls without _seq use sequence 0; the GPU holds
-                          // one sequence so far (CKV_ERR_UNSUPPORTED for more).
+                          // ckv_decode and the calls without _seq use sequence 0. On the GPU
+                          // ckv_decode_batch reads the weights once per step for all rows (chunk
+                          // matmuls, no CUDA graph), so its rows differ from one-token decodes by
+                          // rounding; kv_offload holds one sequence.
     int32_t  kv_offload;  // 1: a GPU context keeps the K/V of the layers its clusterkv policy
                           // compresses in pinned host memory, and on the GPU only a cache of
                           // the rows recent decode steps selected (budget + recent tail per

@@ -192,8 +192,14 @@ static int32_t init_policy_set(const struct ckv_context * ctx, const struct ckv_
             return ckv_fail(CKV_ERR_OOM, "out of memory for the KV policy's attention weights");
         }
     }
-    return ctx->gpu ? ckv_cuda_set_kv_policy(ctx->gpu, kp, ps->layer_compressed, (int32_t) ctx->seqs[0].n_past)
-                    : CKV_OK;
+    if (!ctx->gpu) {
+        return CKV_OK;
+    }
+    int32_t n_past[MAX_N_SEQ];
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        n_past[i] = ctx->seqs[i].n_past;
+    }
+    return ckv_cuda_set_kv_policy(ctx->gpu, kp, ps->layer_compressed, n_past);
 }
 
 // The GPU runs every policy but h2o (its eviction follows attention weights, which the GPU's
@@ -220,9 +226,8 @@ static int32_t init_gpu(struct ckv_context * ctx) {
         st = ckv_fail(CKV_ERR_UNSUPPORTED, "kv_type f32 runs on the CPU path only: the GPU keeps "
                       "an f16 KV cache (use kv_type f16, or n_gpu_layers=0)");
     }
-    if (st == CKV_OK && ctx->n_seq > 1) {
-        st = ckv_fail(CKV_ERR_UNSUPPORTED, "n_seq_max %d: the GPU context holds one sequence so far "
-                      "(use n_seq_max 1, or n_gpu_layers=0)", ctx->n_seq);
+    if (st == CKV_OK && ctx->n_seq > 1 && ctx->params.kv_offload) {
+        st = ckv_fail(CKV_ERR_UNSUPPORTED, "kv_offload holds one sequence (n_seq_max %d)", ctx->n_seq);
     }
     if (st == CKV_OK && ctx->params.kv_offload && ctx->params.kv_policy.policy != CKV_KV_POLICY_CLUSTERKV) {
         st = ckv_fail(CKV_ERR_INVALID_ARG, "kv_offload needs kv_policy clusterkv (got %s): the GPU then keeps "
@@ -242,11 +247,13 @@ static int32_t init_gpu(struct ckv_context * ctx) {
             offload[il] = hparams_is_compressed_layer(hp, ctx->params.kv_policy.n_dense_layers, il);
         }
     }
-    ctx->seqs[0].kv = (struct kv_cache) {.n_ctx = (int32_t) ctx->params.n_ctx, .n_layer = hp->n_layer,
-                                         .n_head_kv = hp->n_head_kv, .head_dim = hp->head_dim,
-                                         .type = GGML_TYPE_F16, .elt_size = sizeof(ckv_fp16)};
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        ctx->seqs[i].kv = (struct kv_cache) {.n_ctx = (int32_t) ctx->params.n_ctx, .n_layer = hp->n_layer,
+                                             .n_head_kv = hp->n_head_kv, .head_dim = hp->head_dim,
+                                             .type = GGML_TYPE_F16, .elt_size = sizeof(ckv_fp16)};
+    }
     st = ckv_cuda_context_create(ctx->model->gpu, (int32_t) ctx->params.n_ctx, (int32_t) ctx->params.n_batch,
-                                 offload, &ctx->gpu);
+                                 ctx->n_seq, offload, &ctx->gpu);
     free(offload);
     return st;
 }
@@ -400,7 +407,7 @@ int32_t ckv_context_truncate_seq(ckv_context * ctx, int32_t seq, int32_t n_keep)
     ctx->n_outputs = 0;
     kv_policy_truncate(&ctx->pol.seqs[seq].policy, n_keep);
     if (ctx->gpu) {
-        ckv_cuda_kv_truncate(ctx->gpu, n_keep);
+        ckv_cuda_kv_truncate(ctx->gpu, seq, n_keep);
     }
     return CKV_OK;
 }
@@ -452,23 +459,26 @@ static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
     return CKV_OK;
 }
 
-// forward_groups' twin on the GPU for sequence 0: the same logits rows, the same bookkeeping of
-// the last step (a GPU policy counts its own steps; under full they are counted per compressed
-// layer as attend_dense counts them).
-static int32_t gpu_chunk(ckv_context * ctx, const ckv_token * tokens, int32_t n, int32_t pos0,
-                         int32_t first_output, bool decode_step, float * logits) {
-    int32_t st = ckv_cuda_decode(ctx->gpu, tokens, n, pos0, first_output, logits, decode_step);
-    if (st != CKV_OK) {
-        return st;
-    }
-    ctx->seqs[0].last_pos = pos0 + n - 1;
+// The bookkeeping of a GPU step of sequence seq at pos (a GPU policy counts its own steps;
+// under full they are counted per compressed layer as attend_dense counts them).
+static void gpu_count_step(ckv_context * ctx, int32_t seq, int32_t pos, bool decode_step) {
+    ctx->seqs[seq].last_pos = pos;
     bool counted = ckv_cuda_has_kv_policy(ctx->gpu);
     for (int32_t il = 0; decode_step && !counted && il < ctx->model->hp.n_layer; il++) {
         if (ctx->pol.layer_compressed[il]) {
-            kv_policy_count_dense_step(&ctx->pol.seqs[0].policy, pos0);
+            kv_policy_count_dense_step(&ctx->pol.seqs[seq].policy, pos);
         }
     }
-    return CKV_OK;
+}
+
+// forward_groups' twin on the GPU for one sequence: the same logits rows and bookkeeping.
+static int32_t gpu_chunk(ckv_context * ctx, int32_t seq, const ckv_token * tokens, int32_t n, int32_t pos0,
+                         int32_t first_output, bool decode_step, float * logits) {
+    int32_t st = ckv_cuda_decode(ctx->gpu, seq, tokens, n, pos0, first_output, logits, decode_step);
+    if (st == CKV_OK) {
+        gpu_count_step(ctx, seq, pos0 + n - 1, decode_step);
+    }
+    return st;
 }
 
 static void add_timing(ckv_context * ctx, double t0, int32_t n_tokens, bool decode) {
@@ -500,7 +510,7 @@ int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens,
         int64_t first_output = all_logits ? 0 : (last ? n - 1 : n);
         float * rows = ctx->logits + (all_logits ? (int64_t) done * n_vocab : 0);
         if (ctx->gpu) {
-            int32_t st = gpu_chunk(ctx, tokens + done, n, sq->n_past, (int32_t) first_output, decode, rows);
+            int32_t st = gpu_chunk(ctx, seq, tokens + done, n, sq->n_past, (int32_t) first_output, decode, rows);
             if (st != CKV_OK) {  // only the GPU can fail here: forget the chunks already run
                 sq->n_past     = n_past0;
                 sq->last_pos   = -1;
@@ -542,16 +552,28 @@ int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int3
         }
         TRY(check_tokens(ctx, &ctx->seqs[seqs[i]], tokens + i, 1));
     }
-    if (ctx->gpu) {  // one sequence: the batch is one decode step of it
-        return ckv_decode_seq(ctx, seqs[0], tokens, 1, false);
-    }
     TRY(reserve_logits(ctx, n));
-    struct fwd_group groups[MAX_N_SEQ];
-    for (int32_t i = 0; i < n; i++) {
-        groups[i] = (struct fwd_group) {seqs[i], ctx->seqs[seqs[i]].n_past, 1, true};
-    }
     double t0 = now_ms();
-    forward_groups(ctx, tokens, groups, n, 0, ctx->logits);
+    if (ctx->gpu) {
+        int32_t pos[MAX_N_SEQ];
+        for (int32_t i = 0; i < n; i++) {
+            pos[i] = ctx->seqs[seqs[i]].n_past;
+        }
+        int32_t st = ckv_cuda_decode_batch(ctx->gpu, seqs, tokens, pos, n, ctx->logits);
+        if (st != CKV_OK) {
+            ctx->n_outputs = 0;
+            return st;
+        }
+        for (int32_t i = 0; i < n; i++) {
+            gpu_count_step(ctx, seqs[i], pos[i], true);
+        }
+    } else {
+        struct fwd_group groups[MAX_N_SEQ];
+        for (int32_t i = 0; i < n; i++) {
+            groups[i] = (struct fwd_group) {seqs[i], ctx->seqs[seqs[i]].n_past, 1, true};
+        }
+        forward_groups(ctx, tokens, groups, n, 0, ctx->logits);
+    }
     for (int32_t i = 0; i < n; i++) {
         ctx->seqs[seqs[i]].n_past += 1;
         ctx->pol.seqs[seqs[i]].policy.stats.n_steps += 1;

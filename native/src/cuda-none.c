@@ -21,25 +21,31 @@ int32_t ckv_cuda_model_create(const struct ckv_model * m, struct cuda_model ** o
 void     ckv_cuda_model_free(struct cuda_model * gm) { (void) gm; }
 uint64_t ckv_cuda_model_size(const struct cuda_model * gm) { (void) gm; return 0; }
 
-int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch,
+int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int32_t n_batch, int32_t n_seq,
                                 const bool * offload_layers, struct cuda_context ** out) {
-    (void) gm, (void) n_ctx, (void) n_batch, (void) offload_layers;
+    (void) gm, (void) n_ctx, (void) n_batch, (void) n_seq, (void) offload_layers;
     *out = NULL;
     return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
 }
 
 void ckv_cuda_context_free(struct cuda_context * gc) { (void) gc; }
 
-int32_t ckv_cuda_decode(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
+int32_t ckv_cuda_decode(struct cuda_context * gc, int32_t seq, const int32_t * tokens, int32_t n, int32_t pos0,
                         int32_t first_output, float * logits_host, bool decode_step) {
-    (void) gc, (void) tokens, (void) n, (void) pos0, (void) first_output, (void) logits_host;
+    (void) gc, (void) seq, (void) tokens, (void) n, (void) pos0, (void) first_output, (void) logits_host;
     (void) decode_step;
+    return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
+}
+
+int32_t ckv_cuda_decode_batch(struct cuda_context * gc, const int32_t * seqs, const int32_t * tokens,
+                              const int32_t * pos, int32_t n, float * logits_host) {
+    (void) gc, (void) seqs, (void) tokens, (void) pos, (void) n, (void) logits_host;
     return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
 }
 
 // No GPU context can exist in this build, so nothing below is ever reached with one.
 int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
-                               const bool * layer_compressed, int32_t n_past) {
+                               const bool * layer_compressed, const int32_t * n_past) {
     (void) gc, (void) params, (void) layer_compressed, (void) n_past;
     return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
 }
@@ -50,7 +56,9 @@ void    ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv,
     (void) gc;
     *device_kv = *host_kv = *device_policy = 0;
 }
-void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t n_keep) { (void) gc, (void) n_keep; }
+void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t seq, int32_t n_keep) {
+    (void) gc, (void) seq, (void) n_keep;
+}
 int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out) {
     (void) gc, (void) out;
     return CKV_OK;

@@ -79,20 +79,20 @@ static void compare_row(struct agreement * a, const float * cpu, const float * g
 // bench_tokens decode steps after filling a fresh context's cache with `depth` positions.
 static int bench_depth(const struct cuda_model * gm, int n_vocab, int depth, int n_decode, float * logits) {
     struct cuda_context * gc = NULL;
-    CHECK(ckv_cuda_context_create(gm, depth + n_decode + 1, N_BATCH, NULL, &gc));
+    CHECK(ckv_cuda_context_create(gm, depth + n_decode + 1, N_BATCH, 1, NULL, &gc));
     ckv_token tokens[N_BATCH];
     for (int i = 0; i < N_BATCH; i++) tokens[i] = (ckv_token) ((i * 7919 + 13) % n_vocab);
     double t0 = now_ms();
     for (int pos = 0; pos < depth; pos += N_BATCH) {
         int n = depth - pos < N_BATCH ? depth - pos : N_BATCH;
-        CHECK(ckv_cuda_decode(gc, tokens, n, pos, n, logits, false));   // no logits rows
+        CHECK(ckv_cuda_decode(gc, 0, tokens, n, pos, n, logits, false));   // no logits rows
     }
     double fill = now_ms() - t0;
     ckv_token tok = tokens[0];
-    CHECK(ckv_cuda_decode(gc, &tok, 1, depth, 0, logits, true));   // warm-up (graph capture)
+    CHECK(ckv_cuda_decode(gc, 0, &tok, 1, depth, 0, logits, true));   // warm-up (graph capture)
     t0 = now_ms();
     for (int i = 1; i <= n_decode; i++) {
-        CHECK(ckv_cuda_decode(gc, &tok, 1, depth + i, 0, logits, true));
+        CHECK(ckv_cuda_decode(gc, 0, &tok, 1, depth + i, 0, logits, true));
         tok = argmax(logits, n_vocab);
     }
     double tg = now_ms() - t0;
@@ -105,16 +105,16 @@ static int bench_depth(const struct cuda_model * gm, int n_vocab, int depth, int
 static int bench(struct cuda_context * gc, int n_vocab, int n_decode, float * logits) {
     ckv_token tokens[N_BATCH];
     for (int i = 0; i < N_BATCH; i++) tokens[i] = (ckv_token) ((i * 7919) % n_vocab);
-    CHECK(ckv_cuda_decode(gc, tokens, N_BATCH, 0, N_BATCH - 1, logits, false));  // warm-up
+    CHECK(ckv_cuda_decode(gc, 0, tokens, N_BATCH, 0, N_BATCH - 1, logits, false));  // warm-up
     double t0 = now_ms();
-    CHECK(ckv_cuda_decode(gc, tokens, N_BATCH, 0, N_BATCH - 1, logits, false));
+    CHECK(ckv_cuda_decode(gc, 0, tokens, N_BATCH, 0, N_BATCH - 1, logits, false));
     double pp = now_ms() - t0;
     ckv_token tok = tokens[0];
     int pos = 0;
-    CHECK(ckv_cuda_decode(gc, &tok, 1, pos++, 0, logits, true));  // warm-up
+    CHECK(ckv_cuda_decode(gc, 0, &tok, 1, pos++, 0, logits, true));  // warm-up
     t0 = now_ms();
     for (int i = 0; i < n_decode && pos < N_CTX; i++) {
-        CHECK(ckv_cuda_decode(gc, &tok, 1, pos++, 0, logits, true));
+        CHECK(ckv_cuda_decode(gc, 0, &tok, 1, pos++, 0, logits, true));
         tok = argmax(logits, n_vocab);
     }
     double tg = now_ms() - t0;
@@ -157,7 +157,7 @@ int main(int argc, char ** argv) {
     struct cuda_model * gm = NULL;
     struct cuda_context * gc = NULL;
     CHECK(ckv_cuda_model_create((const struct ckv_model *) model, &gm));
-    CHECK(ckv_cuda_context_create(gm, N_CTX, N_BATCH, NULL, &gc));
+    CHECK(ckv_cuda_context_create(gm, N_CTX, N_BATCH, 1, NULL, &gc));
     printf("weights on the GPU: %.1f MiB\n", ckv_cuda_model_size(gm) / 1048576.0);
 
     // Over 32 tokens, so the prompt's GEMMs take the cuBLAS path in builds that have it
@@ -174,7 +174,7 @@ int main(int argc, char ** argv) {
     struct agreement a = {0, 0, 0.0, 0.0}, floor = {0, 0, 0.0, 0.0};
     CHECK(ckv_decode(ctx, tokens, n_prompt, true));
     CHECK(ckv_decode(ctx32, tokens, n_prompt, true));
-    CHECK(ckv_cuda_decode(gc, tokens, n_prompt, 0, 0, gpu, false));
+    CHECK(ckv_cuda_decode(gc, 0, tokens, n_prompt, 0, 0, gpu, false));
     for (int i = 0; i < n_prompt; i++) {
         compare_row(&a, ckv_get_logits(ctx, i), gpu + (size_t) i * n_vocab, n_vocab);
         compare_row(&floor, ckv_get_logits(ctx, i), ckv_get_logits(ctx32, i), n_vocab);
@@ -187,7 +187,7 @@ int main(int argc, char ** argv) {
         printf(" %d", next);
         CHECK(ckv_decode(ctx, &next, 1, false));
         CHECK(ckv_decode(ctx32, &next, 1, false));
-        CHECK(ckv_cuda_decode(gc, &next, 1, pos++, 0, gpu, true));
+        CHECK(ckv_cuda_decode(gc, 0, &next, 1, pos++, 0, gpu, true));
         compare_row(&a, ckv_get_logits(ctx, -1), gpu, n_vocab);
         compare_row(&floor, ckv_get_logits(ctx, -1), ckv_get_logits(ctx32, -1), n_vocab);
     }
