@@ -35,8 +35,15 @@ def _load(args: argparse.Namespace, **kwargs: Any):
     path = _model_file(args.model)
     from .llama import Llama
 
-    return Llama(path, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                 seed=args.seed, verbose=args.verbose, **kwargs)
+    kv: Dict[str, Any] = {}
+    if args.kv_policy:
+        params = _kv_params(args.kv_param).get(args.kv_policy.lower(), {})
+        kv = dict(kv_policy=args.kv_policy, kv_budget=args.kv_budget, kv_policy_params=params)
+    elif args.kv_param or args.kv_budget is not None:
+        raise ValueError("--kv-budget and --kv-param need --kv-policy")
+    return Llama(path, n_ctx=args.ctx, n_batch=args.batch_size, n_threads=args.threads,
+                 n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose,
+                 kv_offload=args.kv_offload, **kv, **kwargs)
 
 
 def _sampling(args: argparse.Namespace) -> Dict[str, Any]:
@@ -53,6 +60,13 @@ def _print_speed(llm, elapsed: float) -> None:
     print("\nprompt: %d tokens, %s | decode: %d tokens, %s | %.2f s"
           % (t["prompt_tokens"], rate(t["prompt_tokens"], t["prompt_ms"]), t["decode_tokens"],
              rate(t["decode_tokens"], t["decode_ms"]), elapsed), file=sys.stderr)
+    if llm.kv_policy["policy"] != "full":
+        kv, mem = llm.kv_stats(), llm.kv_memory()
+        print("kv policy %s (budget %d): %d decode steps, density %s, %d clusters, %.1f ms clustering | "
+              "KV bytes: GPU %.1f MiB, host %.1f MiB"
+              % (llm.kv_policy["policy"], llm.kv_policy["budget"], kv["n_steps"],
+                 "%.3f" % kv["density"] if kv["density"] is not None else "n/a", kv["n_clusters"],
+                 kv["t_cluster_ms"], mem["device_kv"] / 2**20, mem["host_kv"] / 2**20), file=sys.stderr)
     # pip hides the build's output, so this is where a new user sees which backends were built.
     from ._internals import system_info
 
@@ -266,8 +280,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--n-predict", type=int, default=256,
                    help="max tokens to generate (<= 0: until the context is full)")
     p.add_argument("-c", "--ctx", type=int, default=2048, help="context size in tokens")
+    p.add_argument("-b", "--batch-size", type=int, default=512,
+                   help="prompt tokens per forward pass (larger helps long prompts under --kv-offload)")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads")
     _add_gpu_arg(p)
+    p.add_argument("--kv-policy", default=None,
+                   help="which cached positions decode steps read: full (default), streaming, "
+                   "quest, h2o, clusterkv")
+    p.add_argument("--kv-budget", type=int, default=None, help="positions per head and step")
+    p.add_argument("--kv-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="another kv_policy_params field, e.g. tokens_per_cluster=40")
+    p.add_argument("--kv-offload", action="store_true",
+                   help="GPU + clusterkv: keep the KV cache in host memory, the selected rows on "
+                   "the GPU")
     p.add_argument("--temp", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--top-p", type=float, default=0.95)

@@ -95,3 +95,22 @@ def test_chat_session(default_model_path):
                  "--system", "Answer briefly.", stdin="Hello!\n/exit\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.replace("> ", "").strip()
+
+
+def test_run_with_a_kv_policy_reports_it(default_model_path):
+    """--kv-policy / --kv-budget / --kv-param reach the Llama; stderr reports the policy's work;
+    a bad name is an error naming the valid ones."""
+    require_native()
+    prompt = "Caches keep recently used data close to the processor. " * 12   # ~130 tokens
+    result = cli("run", prompt, "-m", default_model_path, "-n", "6", "--temp", "0", "-c", "256",
+                 "-t", str(N_THREADS), "--kv-policy", "clusterkv", "--kv-budget", "32",
+                 "--kv-param", "tokens_per_cluster=20", "--kv-param", "recluster_interval=32")
+    assert result.returncode == 0, result.stderr
+    line = [x for x in result.stderr.splitlines() if x.startswith("kv policy clusterkv (budget 32)")]
+    assert line, result.stderr
+    density = float(line[0].split("density ")[1].split(",")[0])
+    assert 0 < density < 1
+    bad = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-policy", "nope")
+    assert bad.returncode == 1 and "clusterkv" in bad.stderr and "nope" in bad.stderr
+    orphan = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-budget", "8")
+    assert orphan.returncode == 1 and "need --kv-policy" in orphan.stderr
