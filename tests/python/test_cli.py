@@ -114,3 +114,6 @@ def test_run_with_a_kv_policy_reports_it(default_model_path):
     assert bad.returncode == 1 and "clusterkv" in bad.stderr and "nope" in bad.stderr
     orphan = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-budget", "8")
     assert orphan.returncode == 1 and "need --kv-policy" in orphan.stderr
+    offload = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-policy",
+                  "clusterkv", "--kv-offload")   # a GPU context's option, refused on the CPU
+    assert offload.returncode == 1 and "kv_offload" in offload.stderr and "n_gpu_layers" in offload.stderr
