@@ -37,6 +37,7 @@
 #include "cuda-backend.h"
 
 extern "C" {
+#include "kvpolicy.h"
 #include "model.h"
 }
 
@@ -151,11 +152,6 @@ static double cluster_ms(struct cuda_context * gc) {
     return st.t_cluster_ms;
 }
 
-static const char * kv_policy_label(int32_t policy) {
-    static const char * const names[] = {"full", "streaming", "quest", "h2o", "clusterkv"};
-    return policy >= 0 && policy <= CKV_KV_POLICY_CLUSTERKV ? names[policy] : "?";
-}
-
 static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
     const bool policy = b->kv.policy != CKV_KV_POLICY_FULL;
     const int  span_run = policy ? b->kv.recluster_interval + 1 : 0;
@@ -180,7 +176,7 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
         double span_ts = (double) span_run * b->batch / generate(b, gc, depth, span_run);
         snprintf(extra, sizeof(extra), ", \"kv_policy\": \"%s\", \"kv_budget\": %d, \"per_kv_head\": %d, "
                  "\"prefill_ms\": %.1f, \"cluster_prompt_ms\": %.2f, \"tg_with_span_n\": %d, "
-                 "\"tg_with_span_ts\": %.2f, \"cluster_span_ms\": %.3f", kv_policy_label(b->kv.policy),
+                 "\"tg_with_span_ts\": %.2f, \"cluster_span_ms\": %.3f", kv_policy_name(b->kv.policy),
                  b->kv.budget, b->kv.select_per_kv_head,
                  fill * 1e3, prompt_ms, span_run, span_ts, cluster_ms(gc) - prompt_ms);
         uint64_t dev_kv = 0, host_kv = 0, dev_policy = 0;
@@ -205,7 +201,7 @@ static uint64_t matrix_bytes(const struct weight * w) { return w->data ? (uint64
 
 static int32_t policy_id(const char * name) {
     for (int32_t id = CKV_KV_POLICY_FULL; id <= CKV_KV_POLICY_CLUSTERKV; id++) {
-        if (!strcmp(name, kv_policy_label(id))) return id;
+        if (!strcmp(name, kv_policy_name(id))) return id;
     }
     return -1;
 }
@@ -281,7 +277,7 @@ int main(int argc, char ** argv) {
     printf("{\"device\": \"%s\", \"model\": \"%s\", \"kv_policy\": \"%s\", \"load_s\": %.2f, \"gpu_weight_bytes\": %llu,\n"
            " \"decode_weight_bytes\": %llu, \"kv_bytes_per_position\": %llu, \"ubatch\": %d, \"reps\": %d,\n"
            " \"tests\": [", ckv_cuda_device_name(), argv[1],
-           kv_policy_label(kv.policy), load_s,
+           kv_policy_name(kv.policy), load_s,
            (unsigned long long) ckv_cuda_model_size(gm), (unsigned long long) step_bytes,
            (unsigned long long) kv_bytes_per_pos, ubatch, reps);
     for (int i = 0; i < n_pp; i++) bench_pp(&b, pp[i], reps);
