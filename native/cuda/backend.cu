@@ -479,6 +479,23 @@ static int32_t dense_attention(struct cuda_context * gc, int il, const float * q
     return ckv_cuda_attention(&at, gc->stream);
 }
 
+// Positions [first, first + n) of every KV head of one layer, K and V, between two stores of the
+// layer's layout ([n_head_kv][n_ctx][head_dim]: the GPU staging buffer, mapped host memory).
+static int32_t copy_kv_rows(struct cuda_context * gc, __half * dst_k, __half * dst_v, const __half * src_k,
+                            const __half * src_v, int64_t first, int64_t n) {
+    if (n <= 0) {
+        return CKV_OK;
+    }
+    const struct hparams * hp = &gc->gm->hp;
+    const size_t row = (size_t) hp->head_dim * sizeof(__half), pitch = row * gc->n_ctx;
+    const int64_t off = first * hp->head_dim;
+    CKV_CUDA_CHECK(cudaMemcpy2DAsync(dst_k + off, pitch, src_k + off, pitch, row * n, hp->n_head_kv,
+                                     cudaMemcpyDefault, gc->stream));
+    CKV_CUDA_CHECK(cudaMemcpy2DAsync(dst_v + off, pitch, src_v + off, pitch, row * n, hp->n_head_kv,
+                                     cudaMemcpyDefault, gc->stream));
+    return CKV_OK;
+}
+
 // Tokens [t0, t0 + n) of the chunk, all of sequence sq at positions pos0..: RoPE, their K/V
 // rows into the cache, and their attention into gc->att (quantised into xq for one token).
 // pos_dev != NULL: the position lives in device memory (graph capture) and pos0 is unused.
@@ -495,14 +512,8 @@ static int32_t store_and_attend(struct cuda_context * gc, int il, struct cuda_se
     // layer, the staging buffer holding the layer's earlier rows.
     __half * k_rows = (__half *) sq->k_layers[il], * v_rows = (__half *) sq->v_layers[il];
     const bool staged = gc->kv_on_host[il] && !gc->decode_step;
-    const size_t row_bytes = (size_t) hp->head_dim * sizeof(__half), pitch = row_bytes * gc->n_ctx;
     if (staged) {
-        if (pos0 > 0) {
-            CKV_CUDA_CHECK(cudaMemcpy2DAsync(gc->stage_k, pitch, k_rows, pitch, row_bytes * pos0, hp->n_head_kv,
-                                             cudaMemcpyDefault, s));
-            CKV_CUDA_CHECK(cudaMemcpy2DAsync(gc->stage_v, pitch, v_rows, pitch, row_bytes * pos0, hp->n_head_kv,
-                                             cudaMemcpyDefault, s));
-        }
+        TRY_OK(copy_kv_rows(gc, gc->stage_k, gc->stage_v, k_rows, v_rows, 0, pos0));
         k_rows = gc->stage_k;
         v_rows = gc->stage_v;
     }
@@ -524,12 +535,8 @@ static int32_t store_and_attend(struct cuda_context * gc, int il, struct cuda_se
         TRY_OK(dense_attention(gc, il, q, out, k_rows, v_rows, n, pos0, pos_dev, xq));
     }
     if (staged) {   // the chunk's new rows to host memory
-        CKV_CUDA_CHECK(cudaMemcpy2DAsync((__half *) sq->k_layers[il] + pos0 * hp->head_dim, pitch,
-                                         gc->stage_k + pos0 * hp->head_dim, pitch, row_bytes * n, hp->n_head_kv,
-                                         cudaMemcpyDefault, s));
-        CKV_CUDA_CHECK(cudaMemcpy2DAsync((__half *) sq->v_layers[il] + pos0 * hp->head_dim, pitch,
-                                         gc->stage_v + pos0 * hp->head_dim, pitch, row_bytes * n, hp->n_head_kv,
-                                         cudaMemcpyDefault, s));
+        TRY_OK(copy_kv_rows(gc, (__half *) sq->k_layers[il], (__half *) sq->v_layers[il], gc->stage_k, gc->stage_v,
+                            pos0, n));
     }
     return CKV_OK;
 }
