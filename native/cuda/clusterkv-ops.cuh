@@ -99,6 +99,8 @@ struct cuda_select_args {
     int64_t         list_stride;    // >= sinks + min(room, end - n_sink) + tail
     float *         scores;         // out [n_lists][n_clusters] or NULL (n_lists = n_head, or
                                     // n_head_kv with per_kv_head)
+    uint64_t *      keys;           // clusters: device scratch [n_lists][n_clusters], the ranking
+                                    // keys the scoring launch hands to the selection
     int32_t *       chosen;         // out [n_lists][n_clusters] cluster_select's order, or NULL
     int32_t *       n_chosen;       // out [n_lists], with chosen
     // Decode graphs: the position is read from *pos_dev at run time, and `pos` above is then only

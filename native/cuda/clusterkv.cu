@@ -417,8 +417,10 @@ int32_t ckv_cuda_kmeans(const struct cuda_kmeans_args * ap, cudaStream_t st) {
 // Selection
 // =============================================================================================
 //
-// One block per list (a query head, or a KV head with per_kv_head). Scores are one warp per
-// cluster (f32, lane-strided products, shuffle sum). The clusters cluster_select would take are
+// Clusters: score_kernel computes every list's rank keys (many blocks, each centroid row read
+// once for all the lists of its KV head), then select_kernel, one block per list (a query head,
+// or a KV head with per_kv_head), ranks them. Pages (quest) score inside select_kernel, whose
+// bound must follow the CPU's lane order. The clusters cluster_select would take are
 // exactly those whose rank key is >= T, where T is the largest key whose clusters of key >= T
 // hold at least `room` positions (the walk stops right after taking T): T is found by a radix
 // select over the 64-bit keys, 8 bits at a time, with histograms weighted by cluster size. The
@@ -512,6 +514,61 @@ __device__ sel_plan sel_threshold(const uint64_t * keys, const int32_t * sizes, 
     return {prefix, need};
 }
 
+// Cluster scores q . centroid: block (KV head g, SC_ROWS consecutive clusters), SC_ROWS_PER_WARP
+// rows per warp with lanes over the dims, every row's loads issued before any product, so a
+// block waits for memory once. (One block per list walking all rows a few at a time queued one
+// memory latency per few rows: most of a step's selection time.) Each row serves every list of
+// its KV head: the group's query heads, or with per_kv_head their sum in head order (the CPU's
+// q_sum), kept in shared memory [lists][d]. PER = dims per lane, ceil(d / 32).
+enum { SC_WARPS = 4, SC_ROWS_PER_WARP = 4, SC_ROWS = SC_WARPS * SC_ROWS_PER_WARP, SC_MAX_SMEM = 48 * 1024 };
+
+template <int PER>
+static __global__ void __launch_bounds__(SC_WARPS * CKV_WARP) score_kernel(cuda_select_args a) {
+    pdl_begin();
+    extern __shared__ float sc_q[];   // [lists of g][d]
+    const int d = a.d, n = a.n_clusters, group = a.n_head / a.n_head_kv, g = blockIdx.x;
+    const int n_lists = a.per_kv_head ? 1 : group, list0 = a.per_kv_head ? g : g * group;
+    for (int i = threadIdx.x; i < n_lists * d; i += blockDim.x) {
+        const int l = i / d, t = i % d;
+        float v = 0.0f;
+        if (a.per_kv_head) {
+            for (int h = 0; h < group; h++) v += a.q[(int64_t) (g * group + h) * d + t];
+        } else {
+            v = a.q[(int64_t) (list0 + l) * d + t];
+        }
+        sc_q[i] = v;
+    }
+    const int lane = threadIdx.x % CKV_WARP, c0 = blockIdx.y * SC_ROWS + threadIdx.x / CKV_WARP * SC_ROWS_PER_WARP;
+    const float * cent = a.centroids + g * a.cent_stride;
+    float row[SC_ROWS_PER_WARP][PER];
+#pragma unroll
+    for (int r = 0; r < SC_ROWS_PER_WARP; r++) {   // rows past n read the last row, not written
+        const float * src = cent + (int64_t) min(c0 + r, n - 1) * d;
+#pragma unroll
+        for (int i = 0; i < PER; i++) row[r][i] = lane + CKV_WARP * i < d ? src[lane + CKV_WARP * i] : 0.0f;
+    }
+    __syncthreads();
+    for (int l = 0; l < n_lists; l++) {
+        const float * qv = sc_q + l * d;
+        float qr[PER];
+#pragma unroll
+        for (int i = 0; i < PER; i++) qr[i] = lane + CKV_WARP * i < d ? qv[lane + CKV_WARP * i] : 0.0f;
+#pragma unroll
+        for (int r = 0; r < SC_ROWS_PER_WARP; r++) {
+            float s = 0.0f;
+#pragma unroll
+            for (int i = 0; i < PER; i++) s = fmaf(qr[i], row[r][i], s);
+            s = warp_sum(s);
+            const int c = c0 + r;
+            if (lane == 0 && c < n) {
+                const int64_t at = (int64_t) (list0 + l) * n + c;
+                a.keys[at] = sel_rank_key(s, c);
+                if (a.scores) a.scores[at] = s;
+            }
+        }
+    }
+}
+
 // One list's layout at run time: the clusters' from the arguments; the pages' and the window's
 // from the position (kept in device memory by decode graphs).
 struct sel_layout {
@@ -576,122 +633,159 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     const int n = lay.n, sinks = lay.sinks;
     // positions that may be marked: the window mode marks none
     const int32_t clustered = a.mode == CKV_SELECT_WINDOW ? 0 : lay.end - sinks;
-    const int32_t n_words = ceil_div(clustered > 0 ? clustered : 0, 64);
-    float *    qs     = (float *) sel_smem;                      // [d]
-    uint64_t * keys   = (uint64_t *) (sel_smem + 4 * 256);       // [n_cap]
-    uint64_t * marked = keys + n_cap;                            // [words_cap], bit j: position sinks + j
-    int32_t *  psizes = (int32_t *) (marked + words_cap);        // [n_cap] pages' sizes
-    __shared__ int32_t total_s;
+    const int32_t n_words = ceil_div(clustered > 0 ? clustered : 0, 32);
+    // Shared memory (ckv_cuda_select_smem_bytes): words_cap counts 32-bit bitmap words.
+    float *    qs      = (float *) sel_smem;                       // [d]
+    uint64_t * keys    = (uint64_t *) (sel_smem + 4 * 256);        // [n_cap]
+    uint32_t * marked  = (uint32_t *) (keys + n_cap);              // [words_cap], bit j: position sinks + j
+    int32_t *  w_base  = (int32_t *) (marked + words_cap);         // [words_cap] marked bits before word w
+    int32_t *  psizes  = w_base + words_cap;                       // [n_cap] sizes
+    int32_t *  poffs   = psizes + n_cap;                           // [n_cap] clusters: CSR offsets
+    int32_t *  t_clust = poffs + n_cap;                            // [n_cap] taken clusters (any order)
+    int32_t *  t_end   = t_clust + n_cap;                          // [n_cap] their members' running count
+    __shared__ int32_t total_s, n_taken_s;
 
-    // The query: one head's, or the group's sum in head order (the CPU's q_sum).
-    for (int t = threadIdx.x; t < d; t += blockDim.x) {
+    // Pages: the query, one head's (quest ranks per query head).
+    for (int t = threadIdx.x; pages && t < d; t += blockDim.x) {
         float v = 0.0f;
         for (int i = 0; i < (a.per_kv_head ? group : 1); i++) v += a.q[(int64_t) (h_first + i) * d + t];
         qs[t] = v;
     }
-    if (threadIdx.x == 0) total_s = 0;
+    if (threadIdx.x == 0) total_s = n_taken_s = 0;
     for (int w = threadIdx.x; w < n_words; w += blockDim.x) marked[w] = 0;
     __syncthreads();
 
-    const float *   cent  = a.centroids + g * a.cent_stride;
-    const int32_t * sizes = pages ? psizes : a.sizes + g * a.csr_stride;
-    const int32_t * offs  = a.offsets + g * a.csr_stride;
+    const int32_t * sizes = psizes;   // filled below, for pages and clusters
     const int32_t * mem   = a.positions + g * a.pos_stride;
     const __half *  pmin  = pages ? a.page_min + g * a.page_stride + (int64_t) lay.first_page * d : NULL;
     const __half *  pmax  = pages ? a.page_max + g * a.page_stride + (int64_t) lay.first_page * d : NULL;
-    // Scores: 8 lanes per centroid row, two rows per group in flight, so the whole block's row
-    // loads overlap (a warp per row, one row after the other, queued one L2 latency per row).
-    // The loop bound is the same for every lane of a warp (the shuffles need all 32).
-    constexpr int GL = 8;
-    const int grp = threadIdx.x / GL, sub = threadIdx.x % GL, n_grp = blockDim.x / GL;
     int32_t my_total = 0;
-    for (int base = 0; base < n; base += 2 * n_grp) {
-        const int c0 = base + grp, c1 = c0 + n_grp;
-        const int64_t o0 = (int64_t) (c0 < n ? c0 : 0) * d, o1 = (int64_t) (c1 < n ? c1 : 0) * d;
-        float s0 = 0.0f, s1 = 0.0f;
-        if (pages) {
-            s0 = sel_page_bound(qs, pmin + o0, pmax + o0, d, sub);
-            s1 = sel_page_bound(qs, pmin + o1, pmax + o1, d, sub);
-            if (sub == 0) {   // a page overlapping the sinks counts its non-sink positions only
-                const int32_t p0 = (lay.first_page + c0) * a.page_size, p1 = (lay.first_page + c1) * a.page_size;
-                if (c0 < n) psizes[c0] = p0 + a.page_size - max(p0, sinks);
-                if (c1 < n) psizes[c1] = p1 + a.page_size - max(p1, sinks);
+    if (pages) {
+        // Page bounds: 8 lanes per page, two pages per group in flight. The loop bound is the
+        // same for every lane of a warp (the shuffles need all 32).
+        constexpr int GL = 8;
+        const int grp = threadIdx.x / GL, sub = threadIdx.x % GL, n_grp = blockDim.x / GL;
+        for (int base = 0; base < n; base += 2 * n_grp) {
+            const int c0 = base + grp, c1 = c0 + n_grp;
+            const int64_t o0 = (int64_t) (c0 < n ? c0 : 0) * d, o1 = (int64_t) (c1 < n ? c1 : 0) * d;
+            const float s0 = sel_page_bound(qs, pmin + o0, pmax + o0, d, sub);
+            const float s1 = sel_page_bound(qs, pmin + o1, pmax + o1, d, sub);
+            // a page overlapping the sinks counts its non-sink positions only
+            const int32_t p0 = (lay.first_page + c0) * a.page_size, p1 = (lay.first_page + c1) * a.page_size;
+            if (sub == 0 && c0 < n) {
+                keys[c0]   = sel_rank_key(s0, c0);
+                psizes[c0] = p0 + a.page_size - max(p0, sinks);
+                my_total  += psizes[c0];
+                if (a.scores) a.scores[(int64_t) list * n + c0] = s0;
             }
-        } else {
-            const float * r0 = cent + o0, * r1 = cent + o1;
-#pragma unroll 4
-            for (int t = sub; t < d; t += GL) {
-                const float qv = qs[t];
-                s0 = fmaf(qv, r0[t], s0);
-                s1 = fmaf(qv, r1[t], s1);
-            }
-#pragma unroll
-            for (int o = GL / 2; o > 0; o >>= 1) {
-                s0 += __shfl_xor_sync(0xffffffffu, s0, o);
-                s1 += __shfl_xor_sync(0xffffffffu, s1, o);
-            }
-        }
-        if (sub == 0 && c0 < n) {
-            keys[c0] = sel_rank_key(s0, c0);
-            my_total += sizes[c0];
-            if (a.scores) a.scores[(int64_t) list * n + c0] = s0;
-            if (c1 < n) {
-                keys[c1] = sel_rank_key(s1, c1);
-                my_total += sizes[c1];
+            if (sub == 0 && c1 < n) {
+                keys[c1]   = sel_rank_key(s1, c1);
+                psizes[c1] = p1 + a.page_size - max(p1, sinks);
+                my_total  += psizes[c1];
                 if (a.scores) a.scores[(int64_t) list * n + c1] = s1;
             }
         }
+    } else {   // clusters: score_kernel's keys; sizes and offsets beside them, all loads together
+        const int32_t * gsizes = a.sizes + g * a.csr_stride, * goffs = a.offsets + g * a.csr_stride;
+        for (int c = threadIdx.x; c < n; c += blockDim.x) {
+            keys[c]   = a.keys[(int64_t) list * n + c];
+            psizes[c] = gsizes[c];
+            poffs[c]  = goffs[c];
+            my_total += psizes[c];
+        }
     }
-    if (sub == 0 && my_total) atomicAdd(&total_s, my_total);
+    my_total = (int32_t) __reduce_add_sync(0xffffffffu, (unsigned) my_total);
+    if (lane == 0 && my_total) atomicAdd(&total_s, my_total);
     __syncthreads();
 
     const int32_t tail = lay.tail, room = lay.room;
     sel_plan plan = room > 0 ? sel_threshold(keys, sizes, n, room, total_s) : sel_plan{UINT64_MAX, 0};
     const bool none = room == 0 || n == 0;
 
-    // Mark the taken clusters' members: one warp per cluster, lanes over its members.
-    for (int c = warp; c < n && !none; c += n_warps) {
-        uint64_t key = keys[c];
-        if (key < plan.threshold) continue;
-        const int32_t take = key == plan.threshold ? min(sizes[c], plan.cut) : sizes[c];
-        if (pages) {   // a page's members: consecutive positions from its first non-sink one
-            const int32_t first = max((lay.first_page + c) * a.page_size, sinks) - sinks;
-            for (int32_t m = lane; m < take; m += CKV_WARP) {
-                atomicOr((unsigned long long *) &marked[(first + m) >> 6], 1ull << ((first + m) & 63));
-            }
-            continue;
+    // Mark the taken clusters' members in the bitmap. The taken clusters are compacted with
+    // their member counts and a running count (warp 0), so that every thread takes members
+    // f = tid, tid + blockDim, ... of their concatenation and all member loads are in flight at
+    // once (a warp per cluster waited for one cluster's loads after another's).
+    for (int c = threadIdx.x; c < n && !none; c += blockDim.x) {
+        if (keys[c] < plan.threshold) continue;
+        const int32_t take = keys[c] == plan.threshold ? min(sizes[c], plan.cut) : sizes[c];
+        if (take > 0) {
+            const int32_t k = atomicAdd(&n_taken_s, 1);
+            t_clust[k] = c;
+            t_end[k]   = take;   // made a running count below
         }
-        const int32_t * members = mem + offs[c];
-        for (int32_t m0 = lane; m0 < take; m0 += 4 * CKV_WARP) {   // 4 loads in flight per lane
-            int32_t p[4];
+    }
+    __syncthreads();
+    const int32_t n_taken = n_taken_s;
+    if (warp == 0) {
+        int32_t run = 0;
+        for (int base = 0; base < n_taken; base += CKV_WARP) {
+            int32_t v = base + lane < n_taken ? t_end[base + lane] : 0;
 #pragma unroll
-            for (int u = 0; u < 4; u++) p[u] = m0 + u * CKV_WARP < take ? members[m0 + u * CKV_WARP] : -1;
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                if (p[u] < 0) continue;
-                int32_t bit = p[u] - sinks;
-                atomicOr((unsigned long long *) &marked[bit >> 6], 1ull << (bit & 63));
+            for (int o = 1; o < CKV_WARP; o <<= 1) {
+                const int32_t y = __shfl_up_sync(0xffffffffu, v, o);
+                if (lane >= o) v += y;
             }
+            if (base + lane < n_taken) t_end[base + lane] = run + v;
+            run += __shfl_sync(0xffffffffu, v, CKV_WARP - 1);
+        }
+    }
+    __syncthreads();
+    const int32_t n_members = n_taken ? t_end[n_taken - 1] : 0;
+    // Member f of the concatenation: its taken cluster by binary search over the running counts.
+    auto member = [&](int32_t f) -> int32_t {
+        int lo = 0, hi = n_taken - 1;   // the first taken cluster whose running count exceeds f
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (t_end[mid] > f) hi = mid; else lo = mid + 1;
+        }
+        const int32_t c = t_clust[lo], m = f - (lo ? t_end[lo - 1] : 0);
+        // a page's members are consecutive positions from its first non-sink one
+        return pages ? max((lay.first_page + c) * a.page_size, sinks) + m : mem[poffs[c] + m];
+    };
+    constexpr int MU = 4;   // members per thread in flight
+    for (int32_t f0 = threadIdx.x; f0 < n_members; f0 += MU * blockDim.x) {
+        int32_t p[MU];
+#pragma unroll
+        for (int u = 0; u < MU; u++) p[u] = f0 + u * blockDim.x < n_members ? member(f0 + u * blockDim.x) : -1;
+#pragma unroll
+        for (int u = 0; u < MU; u++) {
+            if (p[u] < 0) continue;
+            const int32_t bit = p[u] - sinks;
+            atomicOr(&marked[bit >> 5], 1u << (bit & 31));
         }
     }
     __syncthreads();
 
     // Emit sinks, the marked positions in ascending order, then the tail, to every head served.
-    int per = ceil_div(n_words, blockDim.x), w0 = min(n_words, (int) threadIdx.x * per), w1 = min(n_words, w0 + per);
+    // Each thread counts a run of bitmap words and one block scan gives every word its base;
+    // then each member is written at its rank, base + the marked bits below it in its word
+    // (members again: the work follows the budget, not the bitmap's length).
+    const int per = ceil_div(n_words, blockDim.x), w0 = min(n_words, (int) threadIdx.x * per);
+    const int w1 = min(n_words, w0 + per);
     int32_t mine = 0;
-    for (int w = w0; w < w1; w++) mine += __popcll(marked[w]);
+    for (int w = w0; w < w1; w++) mine += __popc(marked[w]);
     int32_t n_sel, at = block_exclusive_scan(mine, &n_sel);
+    for (int w = w0; w < w1; w++) {
+        w_base[w] = at;
+        at += __popc(marked[w]);
+    }
+    __syncthreads();
+    for (int32_t f0 = threadIdx.x; f0 < n_members; f0 += MU * blockDim.x) {
+        int32_t p[MU];
+#pragma unroll
+        for (int u = 0; u < MU; u++) p[u] = f0 + u * blockDim.x < n_members ? member(f0 + u * blockDim.x) : -1;
+#pragma unroll
+        for (int u = 0; u < MU; u++) {
+            if (p[u] < 0) continue;
+            const int32_t bit = p[u] - sinks, w = bit >> 5;
+            const int32_t rank = w_base[w] + __popc(marked[w] & ((1u << (bit & 31)) - 1u));
+            for (int o = 0; o < n_out; o++) a.list_pos[(int64_t) (h_first + o) * a.list_stride + sinks + rank] = p[u];
+        }
+    }
     for (int o = 0; o < n_out; o++) {
         int32_t * out = a.list_pos + (int64_t) (h_first + o) * a.list_stride;
         for (int i = threadIdx.x; i < sinks; i += blockDim.x) out[i] = i;
-        int32_t k = sinks + at;
-        for (int w = w0; w < w1; w++) {
-            uint64_t bits = marked[w];
-            while (bits) {
-                out[k++] = sinks + w * 64 + __ffsll((long long) bits) - 1;
-                bits &= bits - 1;
-            }
-        }
         for (int i = threadIdx.x; i < tail; i += blockDim.x) out[sinks + n_sel + i] = lay.n_cached - tail + i;
         if (threadIdx.x == 0) a.list_n[h_first + o] = sinks + n_sel + tail;
     }
@@ -723,19 +817,20 @@ static void select_caps(const cuda_select_args & a, int32_t * n_cap, int32_t * w
     const int64_t n_cached = (int64_t) a.pos + 1;
     if (a.mode == CKV_SELECT_PAGES) {
         *n_cap     = (int32_t) ceil_div(n_cached, (int64_t) a.page_size);
-        *words_cap = (int32_t) ceil_div(n_cached, (int64_t) 64);
+        *words_cap = (int32_t) ceil_div(n_cached, (int64_t) 32);
     } else if (a.mode == CKV_SELECT_WINDOW) {
         *n_cap = *words_cap = 0;
     } else {
         *n_cap     = a.n_clusters;
-        *words_cap = (int32_t) ceil_div((int64_t) (a.end - a.n_sink > 0 ? a.end - a.n_sink : 0), (int64_t) 64);
+        *words_cap = (int32_t) ceil_div((int64_t) (a.end - a.n_sink > 0 ? a.end - a.n_sink : 0), (int64_t) 32);
     }
 }
 
 size_t ckv_cuda_select_smem_bytes(const struct cuda_select_args * a) {
     int32_t n_cap, words_cap;
     select_caps(*a, &n_cap, &words_cap);
-    return 4 * 256 + 8 * ((size_t) n_cap + words_cap) + (a->mode == CKV_SELECT_PAGES ? 4 * (size_t) n_cap : 0);
+    // qs; keys; bitmap words and their bases; sizes, offsets, taken clusters and running counts
+    return 4 * 256 + 8 * (size_t) n_cap + 8 * (size_t) words_cap + 16 * (size_t) n_cap;
 }
 
 static bool select_args_ok(const cuda_select_args & a) {
@@ -745,8 +840,10 @@ static bool select_args_ok(const cuda_select_args & a) {
     }
     if (a.mode == CKV_SELECT_CLUSTERS) {
         int64_t longest = (int64_t) min(a.pos + 1, a.n_sink) + min(a.room, a.end - a.n_sink) + (a.pos + 1 - a.end);
+        const int lists_per_kv = a.per_kv_head ? 1 : a.n_head / a.n_head_kv;
         return a.n_clusters >= 0 && a.end >= a.n_sink && a.pos >= a.end && a.room >= 0 && a.list_stride >= longest &&
-               (a.n_clusters == 0 || (a.centroids && a.sizes && a.offsets && a.positions));
+               (a.n_clusters == 0 || (a.centroids && a.sizes && a.offsets && a.positions && a.keys)) &&
+               (size_t) lists_per_kv * a.d * sizeof(float) <= SC_MAX_SMEM;
     }
     const int64_t longest = min((int64_t) a.budget, (int64_t) a.pos + 1);
     if (a.mode == CKV_SELECT_WINDOW) {
@@ -773,6 +870,15 @@ int32_t ckv_cuda_select(const struct cuda_select_args * ap, cudaStream_t st) {
     int32_t n_cap, words_cap;
     select_caps(a, &n_cap, &words_cap);
     CKV_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
+    if (a.mode == CKV_SELECT_CLUSTERS && a.n_clusters > 0) {
+        const dim3   grid((unsigned) a.n_head_kv, (unsigned) ceil_div(a.n_clusters, SC_ROWS));
+        const size_t q_bytes = (size_t) (a.per_kv_head ? 1 : a.n_head / a.n_head_kv) * a.d * sizeof(float);
+        const dim3   block(SC_WARPS * CKV_WARP);
+        cudaError_t  e = a.d <= 64 ? launch_pdl(score_kernel<2>, grid, block, q_bytes, st, a)
+                       : a.d <= 128 ? launch_pdl(score_kernel<4>, grid, block, q_bytes, st, a)
+                                    : launch_pdl(score_kernel<8>, grid, block, q_bytes, st, a);
+        CKV_CUDA_CHECK(e);
+    }
     int n_lists = a.per_kv_head ? a.n_head_kv : a.n_head;
     CKV_CUDA_CHECK(launch_pdl(select_kernel, dim3(n_lists), dim3(SEL_THREADS), smem, st, a, n_cap, words_cap));
     return CKV_OK;

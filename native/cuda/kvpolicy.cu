@@ -61,6 +61,7 @@ struct cuda_kv_policy {
     int32_t * init_rows;       // [P][k of the span]
     int32_t * list_pos;        // [n_layer][n_head][list_stride] the last step's lists
     int32_t * list_n;          // [n_layer][n_head]
+    uint64_t * sel_keys;       // [n_head][max_clusters] ranking keys, scoring to selection
     unsigned long long * attended;   // positions attended through lists (stats)
     void *    scratch;         // k-means scratch, grown on demand
     size_t    scratch_bytes;
@@ -88,7 +89,7 @@ void cuda_kv_policy_free(struct cuda_kv_policy * p) {
     void * dev[] = {p->centroids, p->sizes, p->offsets, p->positions, p->labels, p->init_rows,
                     p->list_pos, p->list_n, p->attended, p->scratch, p->page_min, p->page_max,
                     p->slot_k, p->slot_v, p->slot_of, p->slot_owner, p->slot_stamp, p->slot_epoch,
-                    p->slot_scratch, p->list_slot, p->fetched};
+                    p->slot_scratch, p->list_slot, p->fetched, p->sel_keys};
     for (void * d : dev) cudaFree(d);
     void * host[] = {p->comp_of, p->last_sparse, p->span_end, p->span_clusters, p->h_init, p->perm};
     for (void * h : host) free(h);
@@ -185,6 +186,7 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
         {(void **) &p->fetched, sizeof(unsigned long long)},
         {(void **) &p->list_pos, sizeof(int32_t) * hp->n_layer * hp->n_head * (size_t) p->list_stride},
         {(void **) &p->list_n, sizeof(int32_t) * hp->n_layer * hp->n_head},
+        {(void **) &p->sel_keys, ckv ? sizeof(uint64_t) * hp->n_head * p->max_clusters : 0},
         {(void **) &p->attended, sizeof(unsigned long long)},
     };
     size_t total = 0;
@@ -407,6 +409,7 @@ int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_polic
     sa.pos         = pos_max;
     sa.room        = room;
     sa.per_kv_head = p->params.select_per_kv_head != 0;
+    sa.keys        = p->sel_keys;
     sa.list_stride = p->list_stride;
     sa.list_pos    = p->list_pos + (int64_t) il * p->n_head * p->list_stride;
     sa.list_n      = p->list_n + (int64_t) il * p->n_head;

@@ -390,7 +390,9 @@ static void test_select_case(const sel_case & sc) {
     dbuf<float> dq(q), dcent(cent), dscores((size_t) n_lists * std::max(n, 1));
     dbuf<int32_t> dsz(sz_all), dof(of_all), dps(ps_all), dlist((size_t) H * list_stride), dn(H),
         dchosen((size_t) n_lists * std::max(n, 1)), dnch(n_lists);
+    dbuf<uint64_t> dkeys((size_t) n_lists * std::max(n, 1));
     cuda_select_args a = {};
+    a.keys = dkeys.p;
     a.q = dq.p;
     a.centroids = dcent.p;
     a.cent_stride = cent_stride;
@@ -573,9 +575,11 @@ static void test_policy_twin(bool per_kv_head) {
     // the selection, not that rule: the GPU gets the room the CPU's lists show (every list is
     // sinks + room + tail here, since the clustered span is longer than the budget).
     const int room = cpu_n[2 * H] - n_sink - (L + 1 - L);
+    dbuf<uint64_t> dkeys((size_t) H * kc);
     for (int il = 2; il < n_layer; il++) {
         int p0 = (il - 2) * G;
         cuda_select_args s = {};
+        s.keys = dkeys.p;
         s.q = dq.p + (size_t) il * H * d;
         s.centroids = km.centroids.p + (size_t) p0 * kc * d;
         s.cent_stride = (int64_t) kc * d;
@@ -1038,8 +1042,10 @@ static void bench(void) {
     const int pos = L + 100;
     const int list_cap = budget + (pos + 1 - L);   // the tail comes on top of the budget
     dbuf<int32_t> dlist((size_t) H * list_cap), dn(H);
+    dbuf<uint64_t> dkeys((size_t) H * k);
     for (int per_kv = 0; per_kv < 2; per_kv++) {
         cuda_select_args s = {};
+        s.keys = dkeys.p;
         s.q = dq.p;
         s.centroids = km.centroids.p;
         s.cent_stride = (int64_t) k * d;
@@ -1060,7 +1066,8 @@ static void bench(void) {
         s.list_pos = dlist.p;
         s.list_n = dn.p;
         s.list_stride = list_cap;
-        float ms = time_ms([&] { CHECK_OK(ckv_cuda_select(&s, 0)); }, 50);
+        // 20 launches per sample: the GPU time of back-to-back launches, not one launch's host cost
+        float ms = time_ms([&] { for (int r = 0; r < 20; r++) CHECK_OK(ckv_cuda_select(&s, 0)); }, 20) / 20;
         printf("  select  %-7s 32 heads, %d clusters:        %8.4f ms\n", per_kv ? "per-kv" : "per-q", k, ms);
     }
     // sparse decode over the per-query lists just selected vs dense decode at the same depth
@@ -1071,11 +1078,11 @@ static void bench(void) {
     dbuf<float> dout((size_t) H * d), dpart((size_t) H * 128 * (d + 4));
     cuda_sparse_attention_args sa = {dq.p, dk.p, dv.p, n_ctx, dlist.p, dn.p, list_cap, max_list, dout.p, dpart.p,
                                      H, G, d, n_split, scale};
-    float ms_sparse = time_ms([&] { CHECK_OK(ckv_cuda_sparse_attention(&sa, 0)); }, 100);
+    float ms_sparse = time_ms([&] { for (int r = 0; r < 20; r++) CHECK_OK(ckv_cuda_sparse_attention(&sa, 0)); }, 20) / 20;
     int64_t cap = (int64_t) H * 128;
     int32_t dsplit = ckv_cuda_attention_splits(1, H, pos + 1, cap);
     cuda_attention_args da = dense_args(dq.p, dk.p, dv.p, dout.p, dpart.p, pos, n_ctx, H, G, d, dsplit, scale);
-    float ms_dense = time_ms([&] { CHECK_OK(ckv_cuda_attention(&da, 0)); }, 100);
+    float ms_dense = time_ms([&] { for (int r = 0; r < 20; r++) CHECK_OK(ckv_cuda_attention(&da, 0)); }, 20) / 20;
     printf("  sparse decode, lists of %d (%d splits):      %8.4f ms\n", max_list, n_split, ms_sparse);
     printf("  dense decode over %d positions (%d splits):  %8.4f ms\n", pos + 1, dsplit, ms_dense);
 }
