@@ -31,6 +31,10 @@ int32_t ckv_cuda_weight_repack(struct cuda_weight * w, cudaStream_t s);
 // slice with cublasGemmEx (f32 accumulation); without cuBLAS, or handle NULL, the WMMA kernel
 // runs. Create before use (allocates), free with the context.
 enum { CKV_BLAS_MIN_TOKENS = 32 };
+// Up to this many tokens (a batched decode step, a short chunk) a matmul runs the one-token GEMV
+// per token: it reads the weights once per token, at full bandwidth, where the tile kernel made
+// for chunks runs far below it at this size (8B Q4_0, 4 tokens: ~80 ms a step vs 4 GEMVs).
+enum { CKV_GEMV_MAX_TOKENS = 8 };
 struct cuda_gemm_ws {
     void * handle;    // cublasHandle_t, or NULL
     void * scratch;   // device, `bytes`

@@ -1047,6 +1047,17 @@ int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s) {
     if (a->n_tokens == 1) {
         return launch_gemv_jobs(a, 1, s);
     }
+    if (a->n_tokens <= CKV_GEMV_MAX_TOKENS && !a->xq) {
+        for (int64_t t = 0; t < a->n_tokens; t++) {
+            struct cuda_matmul_args one = *a;
+            one.x        = a->x + t * a->w->n_in;
+            one.y        = a->y + t * a->ldy;
+            one.n_tokens = 1;
+            int32_t st = launch_gemv_jobs(&one, 1, s);
+            if (st != CKV_OK) return st;
+        }
+        return CKV_OK;
+    }
     if (a->ws && a->ws->handle && a->n_tokens >= CKV_BLAS_MIN_TOKENS) {
         return ckv_cuda_gemm_blas(a, s);
     }
