@@ -22,7 +22,8 @@
 // (clusterkv) keeps the compressed layers' KV in pinned host memory and reports the GPU and host
 // KV bytes and the rows fetched from host memory per decode step. --batch N (<= 64) prefills N
 // sequences to each depth and decodes them together (ckv_cuda_decode_batch); tg tokens/s are
-// then those of all N sequences.
+// then those of all N sequences. --profile-steps N decodes N more steps after the warm-up
+// between cudaProfilerStart and Stop (for `ncu --profile-from-start off`), untimed.
 //
 // Prints one JSON object: the device, the weight bytes one decode step reads (every matrix
 // but the embedding table) and the KV bytes per cached position, and per test the samples in
@@ -32,6 +33,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <cuda_profiler_api.h>
 
 #include "clusterkv.h"
 #include "cuda-backend.h"
@@ -79,6 +82,7 @@ struct bench {
     bool *                      layer_compressed;
     bool                        offload;  // --kv-offload 1: the compressed layers' KV in host memory
     int                         batch;    // --batch N: tg decodes N sequences together
+    int                         profile_steps;   // --profile-steps N: decode steps inside cudaProfilerStart/Stop
 };
 
 // Fields after the samples (extra: "" or ", \"key\": value, ...").
@@ -167,6 +171,11 @@ static void bench_tg(struct bench * b, int n_gen, int depth, int reps) {
         print_test(b, name, depth, 0, 0, &ts, 1, "");
     }
     generate(b, gc, depth, 1);   // warm-up (captures the decode graph; clusterkv: clusters the prompt)
+    if (b->profile_steps > 0) {  // a profiler started with --profile-from-start off sees these steps only
+        cudaProfilerStart();
+        generate(b, gc, depth, b->profile_steps);
+        cudaProfilerStop();
+    }
     double prompt_ms = policy ? cluster_ms(gc) : 0.0;
     double ts[MAX_REPS];
     for (int r = 0; r < reps; r++) ts[r] = (double) n_gen * b->batch / generate(b, gc, depth, n_gen);   // all rows
@@ -208,11 +217,12 @@ static int32_t policy_id(const char * name) {
 
 int main(int argc, char ** argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1] [--kv-offload 0|1] [--batch N]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL [--reps R] [--ubatch U] [--pp N,...] [--tg N] [--depths D,...] [--kv-policy full|streaming|quest|clusterkv] [--kv-budget B] [--per-kv-head 0|1] [--kv-offload 0|1] [--batch N] [--profile-steps N]\n", argv[0]);
         return 2;
     }
     bool offload = false;
     int  batch = 1;
+    int profile_steps = 0;
     int reps = 3, ubatch = 512, n_tg = 128, pp[MAX_LIST] = {512}, n_pp = 1, depths[MAX_LIST] = {0}, n_depths = 1;
     struct ckv_context_params cp;
     ckv_context_default_params(&cp);
@@ -222,6 +232,7 @@ int main(int argc, char ** argv) {
         else if (!strcmp(argv[i], "--ubatch")) ubatch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--pp")) n_pp = parse_list(argv[i + 1], pp);
         else if (!strcmp(argv[i], "--tg")) n_tg = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--profile-steps")) profile_steps = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--depths")) n_depths = parse_list(argv[i + 1], depths);
         else if (!strcmp(argv[i], "--kv-budget")) kv.budget = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--per-kv-head")) kv.select_per_kv_head = atoi(argv[i + 1]);
@@ -268,7 +279,8 @@ int main(int argc, char ** argv) {
     for (int il = 0; il < m->hp.n_layer; il++) {
         compressed[il] = hparams_is_compressed_layer(&m->hp, kv.n_dense_layers, il);
     }
-    struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true, kv, compressed, offload, batch};
+    struct bench b = {gm, ckv_vocab_n_tokens(model), ubatch, NULL, NULL, true, kv, compressed, offload, batch,
+                      profile_steps};
     b.logits = (float *) malloc(sizeof(float) * b.n_vocab * batch);
     b.tokens = (int32_t *) malloc(sizeof(int32_t) * ubatch);
     srand(42);
