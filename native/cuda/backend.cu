@@ -419,6 +419,12 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
             gc->blas = {};   // not fatal: the WMMA kernel serves
         }
     }
+    if (err == cudaSuccess && n_batch > 1) {   // batched decode steps: the multi-token GEMV's inputs
+        int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
+        widest = widest > hp->n_embd ? widest : hp->n_embd;
+        gc->blas.gemv_xq_bytes = sizeof(cq8x) * (size_t) CKV_GEMV_MAX_TOKENS * (widest / 32);
+        err = cudaMalloc(&gc->blas.gemv_xq, gc->blas.gemv_xq_bytes);
+    }
     if (err != cudaSuccess) {
         ckv_cuda_context_free(gc);
         return ckv_fail(CKV_ERR_CUDA, "creating the CUDA stream or pinned buffers failed: %s",

@@ -35,6 +35,7 @@ int32_t ckv_cuda_gemm_ws_create(struct cuda_gemm_ws * ws, size_t bytes) {
 void ckv_cuda_gemm_ws_free(struct cuda_gemm_ws * ws) {
     if (ws->handle) cublasDestroy((cublasHandle_t) ws->handle);
     cudaFree(ws->scratch);
+    cudaFree(ws->gemv_xq);
     *ws = {};
 }
 
@@ -146,7 +147,10 @@ int32_t ckv_cuda_gemm_ws_create(struct cuda_gemm_ws * ws, size_t) {
     return CKV_OK;
 }
 
-void ckv_cuda_gemm_ws_free(struct cuda_gemm_ws * ws) { *ws = {}; }
+void ckv_cuda_gemm_ws_free(struct cuda_gemm_ws * ws) {
+    cudaFree(ws->gemv_xq);
+    *ws = {};
+}
 
 int32_t ckv_cuda_gemm_blas(const struct cuda_matmul_args *, cudaStream_t) {
     return ckv_fail(CKV_ERR_UNSUPPORTED, "cuda matmul: this build has no cuBLAS");

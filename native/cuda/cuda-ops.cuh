@@ -31,14 +31,18 @@ int32_t ckv_cuda_weight_repack(struct cuda_weight * w, cudaStream_t s);
 // slice with cublasGemmEx (f32 accumulation); without cuBLAS, or handle NULL, the WMMA kernel
 // runs. Create before use (allocates), free with the context.
 enum { CKV_BLAS_MIN_TOKENS = 32 };
-// Up to this many tokens (a batched decode step, a short chunk) a matmul runs the one-token GEMV
-// per token: it reads the weights once per token, at full bandwidth, where the tile kernel made
-// for chunks runs far below it at this size (8B Q4_0, 4 tokens: ~80 ms a step vs 4 GEMVs).
+// Up to this many tokens (a batched decode step, a short chunk) a matmul runs as GEMV: on
+// regrouped q4_0 / q6_K weights with gemv_xq given, one launch over all the tokens, each weight
+// load shared by them; otherwise the one-token GEMV per token. The tile kernel made for chunks
+// runs far below bandwidth at this size (8B Q4_0, 4 tokens: ~80 ms a step).
 enum { CKV_GEMV_MAX_TOKENS = 8 };
 struct cuda_gemm_ws {
     void * handle;    // cublasHandle_t, or NULL
     void * scratch;   // device, `bytes`
     size_t bytes;
+    void * gemv_xq;   // device, or NULL: the quantised inputs (cq8x) of a multi-token GEMV, at
+    size_t gemv_xq_bytes;   // least CKV_GEMV_MAX_TOKENS rows of the widest input; set by the
+                            // owner after create, freed by ckv_cuda_gemm_ws_free
 };
 bool    ckv_cuda_have_cublas(void);
 // No cuBLAS in the build: ws zeroed and CKV_OK (callers then simply get the WMMA path).

@@ -380,20 +380,31 @@ __device__ __forceinline__ const cq8x * mmvq_input(const float * __restrict__ x,
 // contiguous bytes) with 2 load instructions per lane instead of 8 steps of 3 small loads.
 // Nibbles are used unsigned and the -8 offset comes from the activation block's sum:
 // sum((q - 8) x) = sum(q x) - 8 sum(x), with d_x * sum(x_q) = ds.y.
-template <int R, int U, int W>
-__device__ __forceinline__ void mmvq_rows_x8(const uint8_t * const (&rows)[R], int64_t n_in,
-                                             const cq8x * xq, float (&out)[R], int wr) {
+// NT > 1 (a batched decode step): NT activation vectors, quantised one after the other
+// (x_stride blocks apart), share each weight load; out[r][t] is row r's dot with input t, and
+// inputs t >= n_tok are neither read nor summed.
+template <int R, int U, int W, int NT>
+__device__ __forceinline__ void mmvq_rows_x8_nt(const uint8_t * const (&rows)[R], int64_t n_in, const cq8x * xq,
+                                                int64_t x_stride, int n_tok, float (&out)[R][NT], int wr) {
     int   lane = threadIdx.x % CKV_WARP;
-    float acc[R];
+    float acc[R][NT];
 #pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
     const int64_t n_blocks = n_in / 32;
 #pragma unroll U
     for (int64_t c = wr * CKV_WARP + lane; c < n_blocks; c += CKV_WARP * W) {
-        const cq8x * xb = xq + c;
-        float2 ds = xb->ds;
-        int2   x01 = ((const int2 *) xb->qs)[0], x23 = ((const int2 *) xb->qs)[1];
-        int2   x45 = ((const int2 *) xb->qs)[2], x67 = ((const int2 *) xb->qs)[3];
+        float2 ds[NT];
+        int2   x[NT][4];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t >= n_tok) break;
+            const cq8x * xb = xq + t * x_stride + c;
+            ds[t] = xb->ds;
+#pragma unroll
+            for (int k = 0; k < 4; k++) x[t][k] = ((const int2 *) xb->qs)[k];
+        }
         int64_t goff = (c >> 3) * X8_GROUP_BYTES;
         int     j = (int) (c & 7);
 #pragma unroll
@@ -402,19 +413,34 @@ __device__ __forceinline__ void mmvq_rows_x8(const uint8_t * const (&rows)[R], i
             uint4 q = ld_stream_u4(g + X8_SCALES_BYTES + 16 * j);
             float d = ld_stream_half(g + 2 * j);
             const uint32_t m = 0x0F0F0F0Fu;
-            int sumi = __dp4a((int) (q.x & m), x01.x, 0);
-            sumi = __dp4a((int) (q.y & m), x01.y, sumi);
-            sumi = __dp4a((int) (q.z & m), x23.x, sumi);
-            sumi = __dp4a((int) (q.w & m), x23.y, sumi);
-            sumi = __dp4a((int) (q.x >> 4 & m), x45.x, sumi);
-            sumi = __dp4a((int) (q.y >> 4 & m), x45.y, sumi);
-            sumi = __dp4a((int) (q.z >> 4 & m), x67.x, sumi);
-            sumi = __dp4a((int) (q.w >> 4 & m), x67.y, sumi);
-            acc[r] += d * (ds.x * (float) sumi - 8.0f * ds.y);
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t >= n_tok) break;
+                int sumi = __dp4a((int) (q.x & m), x[t][0].x, 0);
+                sumi = __dp4a((int) (q.y & m), x[t][0].y, sumi);
+                sumi = __dp4a((int) (q.z & m), x[t][1].x, sumi);
+                sumi = __dp4a((int) (q.w & m), x[t][1].y, sumi);
+                sumi = __dp4a((int) (q.x >> 4 & m), x[t][2].x, sumi);
+                sumi = __dp4a((int) (q.y >> 4 & m), x[t][2].y, sumi);
+                sumi = __dp4a((int) (q.z >> 4 & m), x[t][3].x, sumi);
+                sumi = __dp4a((int) (q.w >> 4 & m), x[t][3].y, sumi);
+                acc[r][t] += d * (ds[t].x * (float) sumi - 8.0f * ds[t].y);
+            }
         }
     }
 #pragma unroll
-    for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) out[r][t] = warp_sum(acc[r][t]);
+}
+
+template <int R, int U, int W>
+__device__ __forceinline__ void mmvq_rows_x8(const uint8_t * const (&rows)[R], int64_t n_in,
+                                             const cq8x * xq, float (&out)[R], int wr) {
+    float o[R][1];
+    mmvq_rows_x8_nt<R, U, W, 1>(rows, n_in, xq, 0, 1, o, wr);
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] = o[r][0];
 }
 
 // CT_Q6_K_X8 (regrouped q6_K): 8 lanes per super-block, lane part p = 4 h + m reads 16
@@ -422,24 +448,35 @@ __device__ __forceinline__ void mmvq_rows_x8(const uint8_t * const (&rows)[R], i
 // base .. base + 15 (low nibbles) and base + 64 .. base + 79 (high nibbles) with
 // base = 128 h + 32 (m / 2) + 16 (m % 2), each 16 under one scale (dequantize_row_q6_K's
 // value order). Those are halves of activation blocks base / 32 and base / 32 + 2.
-template <int R, int U, int W>
-__device__ __forceinline__ void mmvq_rows_q6x8(const uint8_t * const (&rows)[R], int64_t n_in,
-                                               const cq8x * xq, float (&out)[R], int wr) {
+template <int R, int U, int W, int NT>
+__device__ __forceinline__ void mmvq_rows_q6x8_nt(const uint8_t * const (&rows)[R], int64_t n_in, const cq8x * xq,
+                                                  int64_t x_stride, int n_tok, float (&out)[R][NT], int wr) {
     int   lane = threadIdx.x % CKV_WARP;
-    float acc[R];
+    float acc[R][NT];
 #pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) acc[r][t] = 0.0f;
     const int64_t n_units = n_in / 32;
 #pragma unroll U
     for (int64_t u = wr * CKV_WARP + lane; u < n_units; u += CKV_WARP * W) {
         int64_t sbi = u >> 3;
         int     p = (int) (u & 7), h = p >> 2, m = p & 3, half16 = 16 * (m & 1);
         int     base = 128 * h + 32 * (m >> 1) + half16;
-        const cq8x * xlo = xq + sbi * 8 + (base >> 5), * xhi = xlo + 2;
-        int2  xl0 = *(const int2 *) (xlo->qs + half16), xl1 = *(const int2 *) (xlo->qs + half16 + 8);
-        int2  xh0 = *(const int2 *) (xhi->qs + half16), xh1 = *(const int2 *) (xhi->qs + half16 + 8);
-        float dlo = xlo->ds.x, dhi = xhi->ds.x;
-        int   shift = 2 * (m >> 1);
+        int     xl[NT][4], xh[NT][4];
+        float   dlo[NT], dhi[NT];
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            if (t >= n_tok) break;
+            const cq8x * xlo = xq + t * x_stride + sbi * 8 + (base >> 5), * xhi = xlo + 2;
+            int2 l0 = *(const int2 *) (xlo->qs + half16), l1 = *(const int2 *) (xlo->qs + half16 + 8);
+            int2 h0 = *(const int2 *) (xhi->qs + half16), h1 = *(const int2 *) (xhi->qs + half16 + 8);
+            xl[t][0] = l0.x; xl[t][1] = l0.y; xl[t][2] = l1.x; xl[t][3] = l1.y;
+            xh[t][0] = h0.x; xh[t][1] = h0.y; xh[t][2] = h1.x; xh[t][3] = h1.y;
+            dlo[t] = xlo->ds.x;
+            dhi[t] = xhi->ds.x;
+        }
+        int     shift = 2 * (m >> 1);
         int64_t goff = (sbi >> 3) * Q6X_GROUP_BYTES;
         int     sb = (int) (sbi & 7);
 #pragma unroll
@@ -451,20 +488,38 @@ __device__ __forceinline__ void mmvq_rows_q6x8(const uint8_t * const (&rows)[R],
             float slo = (float) sc[base >> 4], shi = (float) sc[(base >> 4) + 4];
             float d = __half2float(((const __half *) (g + Q6X_D))[sb]);
             const uint32_t q[4] = {ql.x, ql.y, ql.z, ql.w}, hb[4] = {qh.x, qh.y, qh.z, qh.w};
-            const int xl[4] = {xl0.x, xl0.y, xl1.x, xl1.y}, xh[4] = {xh0.x, xh0.y, xh1.x, xh1.y};
-            int sumlo = 0, sumhi = 0;
+            int lo[4], hi[4];
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                int lo = sub_bytes((q[k] & 0x0F0F0F0Fu) | (hb[k] >> shift & 0x03030303u) << 4, 0x20202020u);
-                int hi = sub_bytes((q[k] >> 4 & 0x0F0F0F0Fu) | (hb[k] >> (shift + 4) & 0x03030303u) << 4, 0x20202020u);
-                sumlo = __dp4a(lo, xl[k], sumlo);
-                sumhi = __dp4a(hi, xh[k], sumhi);
+                lo[k] = sub_bytes((q[k] & 0x0F0F0F0Fu) | (hb[k] >> shift & 0x03030303u) << 4, 0x20202020u);
+                hi[k] = sub_bytes((q[k] >> 4 & 0x0F0F0F0Fu) | (hb[k] >> (shift + 4) & 0x03030303u) << 4, 0x20202020u);
             }
-            acc[r] += d * (slo * dlo * (float) sumlo + shi * dhi * (float) sumhi);
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t >= n_tok) break;
+                int sumlo = 0, sumhi = 0;
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    sumlo = __dp4a(lo[k], xl[t][k], sumlo);
+                    sumhi = __dp4a(hi[k], xh[t][k], sumhi);
+                }
+                acc[r][t] += d * (slo * dlo[t] * (float) sumlo + shi * dhi[t] * (float) sumhi);
+            }
         }
     }
 #pragma unroll
-    for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) out[r][t] = warp_sum(acc[r][t]);
+}
+
+template <int R, int U, int W>
+__device__ __forceinline__ void mmvq_rows_q6x8(const uint8_t * const (&rows)[R], int64_t n_in,
+                                               const cq8x * xq, float (&out)[R], int wr) {
+    float o[R][1];
+    mmvq_rows_q6x8_nt<R, U, W, 1>(rows, n_in, xq, 0, 1, o, wr);
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] = o[r][0];
 }
 
 template <int T, int R, int U, int W>
@@ -616,6 +671,77 @@ mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq,
             }
         }
     }
+}
+
+// A batched decode step's GEMV (regrouped q4_0 / q6_K): n_tok <= NT inputs, quantised one
+// after the other (xq, n_in / 32 blocks each), share every weight load, so a step of n tokens
+// reads the weights once instead of n times. Layout as mmvq_split_kernel (W warps per group of
+// R rows); one job; token t's outputs at y + t * ldy.
+template <int T, int W, int R, int NT>
+static __global__ void __launch_bounds__(MMVQ_THREADS)
+mmvq_tokens_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq, int n_tok, int64_t ldy,
+                   int64_t total_rows) {
+    pdl_begin();
+    __shared__ float part[MMVQ_WARPS][R][NT];
+    int     warp = threadIdx.x / CKV_WARP, wr = warp % W;
+    int64_t row0 = ((int64_t) blockIdx.x * (MMVQ_WARPS / W) + warp / W) * R;
+    mmv_row jr[R];
+    const uint8_t * rows[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {   // a row past the end reads row 0 and is not written
+        jr[r] = mmv_job_row(j, row0 + r < total_rows ? row0 + r : 0);
+        rows[r] = jr[r].w;
+    }
+    float sum[R][NT];
+    if constexpr (T == CT_Q4_0_X8) {
+        mmvq_rows_x8_nt<R, 1, W, NT>(rows, n_in, xq, n_in / 32, n_tok, sum, wr);
+    } else {
+        mmvq_rows_q6x8_nt<R, 1, W, NT>(rows, n_in, xq, n_in / 32, n_tok, sum, wr);
+    }
+    if constexpr (W > 1) {
+        if (threadIdx.x % CKV_WARP == 0) {
+#pragma unroll
+            for (int r = 0; r < R; r++)
+#pragma unroll
+                for (int t = 0; t < NT; t++) part[warp][r][t] = sum[r][t];
+        }
+        __syncthreads();
+        if (wr == 0) {
+            for (int k = 1; k < W; k++)
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int t = 0; t < NT; t++) sum[r][t] += part[warp + k][r][t];
+        }
+    }
+    if (threadIdx.x % CKV_WARP == 0 && wr == 0) {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            if (row0 + r >= total_rows) continue;
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (t >= n_tok) break;
+                float * y = jr[r].y + t * ldy;
+                float   v = sum[r][t] + (jr[r].bias ? *jr[r].bias : 0.0f);
+                *y = jr[r].accumulate ? *y + v : v;
+            }
+        }
+    }
+}
+
+template <int T>
+static cudaError_t launch_mmvq_tokens(const struct mmv_jobs & j, int64_t n_in, int64_t rows, const cq8x * xq,
+                                      int n_tok, int64_t ldy, cudaStream_t s) {
+    constexpr int R = 2;
+    // W as launch_mmvq chooses it for one token, capped at 2 (NT accumulators per row).
+    int W = 1;
+    while (W < 2 && rows / R * W < 4096 && n_in / 32 >= 2 * CKV_WARP * W) W *= 2;
+    int64_t  per_block = (int64_t) (MMVQ_WARPS / W) * R;
+    unsigned grid = (unsigned) ((rows + per_block - 1) / per_block);
+    auto go = [&](auto kern) { return launch_pdl(kern, grid, MMVQ_THREADS, 0, s, j, n_in, xq, n_tok, ldy, rows); };
+    if (n_tok <= 2) return W == 1 ? go(mmvq_tokens_kernel<T, 1, R, 2>) : go(mmvq_tokens_kernel<T, 2, R, 2>);
+    if (n_tok <= 4) return W == 1 ? go(mmvq_tokens_kernel<T, 1, R, 4>) : go(mmvq_tokens_kernel<T, 2, R, 4>);
+    return W == 1 ? go(mmvq_tokens_kernel<T, 1, R, 8>) : go(mmvq_tokens_kernel<T, 2, R, 8>);
 }
 
 // The GLU on a quantised input: 32 rows per block as mmvq_glu_kernel, 4 rows (gate and up) per
@@ -1048,7 +1174,28 @@ int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s) {
         return launch_gemv_jobs(a, 1, s);
     }
     if (a->n_tokens <= CKV_GEMV_MAX_TOKENS && !a->xq) {
-        for (int64_t t = 0; t < a->n_tokens; t++) {
+        const struct cuda_weight * w = a->w;
+        const bool regrouped = w->type == CT_Q4_0_X8 || w->type == CT_Q6_K_X8;
+        if (regrouped && a->ws && a->ws->gemv_xq &&
+            a->ws->gemv_xq_bytes >= sizeof(cq8x) * (size_t) (a->n_tokens * w->n_in / 32)) {
+            // the inputs quantised once, then one launch reads each weight row for all of them
+            int32_t st = ckv_cuda_quantize_q8(a->x, a->ws->gemv_xq, a->n_tokens * w->n_in, s);
+            if (st != CKV_OK) return st;
+            struct mmv_jobs j = {};
+            j.w[0] = (const uint8_t *) w->data;
+            j.row_size[0] = w->row_size;
+            j.n_out[0] = w->n_out;
+            j.y[0] = a->y;
+            j.bias[0] = a->bias;
+            j.accumulate[0] = a->accumulate;
+            j.n_jobs = 1;
+            const cq8x * xq = (const cq8x *) a->ws->gemv_xq;
+            CKV_CUDA_CHECK(w->type == CT_Q4_0_X8
+                               ? launch_mmvq_tokens<CT_Q4_0_X8>(j, w->n_in, w->n_out, xq, (int) a->n_tokens, a->ldy, s)
+                               : launch_mmvq_tokens<CT_Q6_K_X8>(j, w->n_in, w->n_out, xq, (int) a->n_tokens, a->ldy, s));
+            return CKV_OK;
+        }
+        for (int64_t t = 0; t < a->n_tokens; t++) {   // other types: one GEMV per token
             struct cuda_matmul_args one = *a;
             one.x        = a->x + t * a->w->n_in;
             one.y        = a->y + t * a->ldy;

@@ -208,7 +208,7 @@ static void test_matmul_type(uint32_t type, bool regrouped = false, int64_t n_in
     dbuf<float> dbias(bias);
     char name[64];
 
-    for (int64_t n_tok : {1, 5, 70}) {
+    for (int64_t n_tok : {1, 3, 5, 8, 70}) {
         std::vector<float> x = rnd_vec(n_tok * n_in), y0 = rnd_vec(n_tok * n_out);
         // The int8 GEMV (one token, or each of up to CKV_GEMV_MAX_TOKENS) computes with each
         // token's x quantised: its exact reference uses those values.
@@ -260,6 +260,21 @@ static void test_matmul_type(uint32_t type, bool regrouped = false, int64_t n_in
         }
         snprintf(name, sizeof(name), "matmul %-5s n=%-3lld accumulate", tname, (long long) n_tok);
         expect(name, rel_err(dacc.get(), ref_acc), bound);
+        if (gemv && n_tok > 1 && regrouped) {   // one launch for all the tokens (the batch step's path)
+            struct cuda_gemm_ws ws = {};
+            dbuf<cq8x> dq((size_t) CKV_GEMV_MAX_TOKENS * n_in / 32);
+            ws.gemv_xq = dq.p;
+            ws.gemv_xq_bytes = dq.n * sizeof(cq8x);
+            dbuf<float> dyt(n_tok * n_out), dacct(y0);
+            struct cuda_matmul_args at = {&cw, dx.p, dyt.p, n_out, dbias.p, n_tok, false, NULL, 0.0f, NULL, &ws};
+            CHECK_OK(ckv_cuda_matmul(&at, 0));
+            struct cuda_matmul_args bt = {&cw, dx.p, dacct.p, n_out, NULL, n_tok, true, NULL, 0.0f, NULL, &ws};
+            CHECK_OK(ckv_cuda_matmul(&bt, 0));
+            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld all tokens in one launch", tname, (long long) n_tok);
+            expect(name, rel_err(dyt.get(), ref), bound);
+            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld all tokens, accumulate", tname, (long long) n_tok);
+            expect(name, rel_err(dacct.get(), ref_acc), bound);
+        }
         if (n_tok >= CKV_BLAS_MIN_TOKENS && ckv_cuda_have_cublas()) {
             // cuBLAS path with a scratch of 32 weight rows: 3 slices, the last one partial.
             struct cuda_gemm_ws ws;
