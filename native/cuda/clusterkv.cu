@@ -743,18 +743,20 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
         // a page's members are consecutive positions from its first non-sink one
         return pages ? max((lay.first_page + c) * a.page_size, sinks) + m : mem[poffs[c] + m];
     };
-    constexpr int MU = 4;   // members per thread in flight
-    for (int32_t f0 = threadIdx.x; f0 < n_members; f0 += MU * blockDim.x) {
-        int32_t p[MU];
+    // use(position) for every member, each thread MU members with their loads in flight together
+    auto for_each_member = [&](auto && use) {
+        constexpr int MU = 4;
+        for (int32_t f0 = threadIdx.x; f0 < n_members; f0 += MU * blockDim.x) {
+            int32_t p[MU];
 #pragma unroll
-        for (int u = 0; u < MU; u++) p[u] = f0 + u * blockDim.x < n_members ? member(f0 + u * blockDim.x) : -1;
+            for (int u = 0; u < MU; u++) p[u] = f0 + u * blockDim.x < n_members ? member(f0 + u * blockDim.x) : -1;
 #pragma unroll
-        for (int u = 0; u < MU; u++) {
-            if (p[u] < 0) continue;
-            const int32_t bit = p[u] - sinks;
-            atomicOr(&marked[bit >> 5], 1u << (bit & 31));
+            for (int u = 0; u < MU; u++) {
+                if (p[u] >= 0) use(p[u]);
+            }
         }
-    }
+    };
+    for_each_member([&](int32_t p) { atomicOr(&marked[(p - sinks) >> 5], 1u << ((p - sinks) & 31)); });
     __syncthreads();
 
     // Emit sinks, the marked positions in ascending order, then the tail, to every head served.
@@ -771,18 +773,11 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
         at += __popc(marked[w]);
     }
     __syncthreads();
-    for (int32_t f0 = threadIdx.x; f0 < n_members; f0 += MU * blockDim.x) {
-        int32_t p[MU];
-#pragma unroll
-        for (int u = 0; u < MU; u++) p[u] = f0 + u * blockDim.x < n_members ? member(f0 + u * blockDim.x) : -1;
-#pragma unroll
-        for (int u = 0; u < MU; u++) {
-            if (p[u] < 0) continue;
-            const int32_t bit = p[u] - sinks, w = bit >> 5;
-            const int32_t rank = w_base[w] + __popc(marked[w] & ((1u << (bit & 31)) - 1u));
-            for (int o = 0; o < n_out; o++) a.list_pos[(int64_t) (h_first + o) * a.list_stride + sinks + rank] = p[u];
-        }
-    }
+    for_each_member([&](int32_t p) {
+        const int32_t bit = p - sinks, w = bit >> 5;
+        const int32_t rank = w_base[w] + __popc(marked[w] & ((1u << (bit & 31)) - 1u));
+        for (int o = 0; o < n_out; o++) a.list_pos[(int64_t) (h_first + o) * a.list_stride + sinks + rank] = p;
+    });
     for (int o = 0; o < n_out; o++) {
         int32_t * out = a.list_pos + (int64_t) (h_first + o) * a.list_stride;
         for (int i = threadIdx.x; i < sinks; i += blockDim.x) out[i] = i;

@@ -370,6 +370,22 @@ __device__ __forceinline__ const cq8x * mmvq_input(const float * __restrict__ x,
     return sq;
 }
 
+// out[r][t] = the warp's sum of acc[r][t] (every lane gets it).
+template <int R, int NT>
+__device__ __forceinline__ void warp_sums(const float (&acc)[R][NT], float (&out)[R][NT]) {
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int t = 0; t < NT; t++) out[r][t] = warp_sum(acc[r][t]);
+}
+
+// The one-input (NT = 1) results of a multi-input row dot, as the one-token kernels take them.
+template <int R>
+__device__ __forceinline__ void first_input(const float (&o)[R][1], float (&out)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] = o[r][0];
+}
+
 // R rows' dots with the quantised input by one warp, U warp steps (8 chunks each) unrolled so
 // that R * U steps' weight loads are in flight together. Every lane gets the sums.
 // With W > 1, W warps share each row: warp part wr takes chunks 8 wr .. 8 wr + 7 of every
@@ -428,19 +444,7 @@ __device__ __forceinline__ void mmvq_rows_x8_nt(const uint8_t * const (&rows)[R]
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int t = 0; t < NT; t++) out[r][t] = warp_sum(acc[r][t]);
-}
-
-template <int R, int U, int W>
-__device__ __forceinline__ void mmvq_rows_x8(const uint8_t * const (&rows)[R], int64_t n_in,
-                                             const cq8x * xq, float (&out)[R], int wr) {
-    float o[R][1];
-    mmvq_rows_x8_nt<R, U, W, 1>(rows, n_in, xq, 0, 1, o, wr);
-#pragma unroll
-    for (int r = 0; r < R; r++) out[r] = o[r][0];
+    warp_sums(acc, out);
 }
 
 // CT_Q6_K_X8 (regrouped q6_K): 8 lanes per super-block, lane part p = 4 h + m reads 16
@@ -507,19 +511,7 @@ __device__ __forceinline__ void mmvq_rows_q6x8_nt(const uint8_t * const (&rows)[
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int t = 0; t < NT; t++) out[r][t] = warp_sum(acc[r][t]);
-}
-
-template <int R, int U, int W>
-__device__ __forceinline__ void mmvq_rows_q6x8(const uint8_t * const (&rows)[R], int64_t n_in,
-                                               const cq8x * xq, float (&out)[R], int wr) {
-    float o[R][1];
-    mmvq_rows_q6x8_nt<R, U, W, 1>(rows, n_in, xq, 0, 1, o, wr);
-#pragma unroll
-    for (int r = 0; r < R; r++) out[r] = o[r][0];
+    warp_sums(acc, out);
 }
 
 template <int T, int R, int U, int W>
@@ -544,10 +536,14 @@ __device__ __forceinline__ void mmvq_rows_parts(const uint8_t * const (&rows)[R]
 template <int T, int R, int U, int W = 1>
 __device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int64_t n_in,
                                           const cq8x * xq, float (&out)[R], int wr = 0) {
-    if constexpr (T == CT_Q4_0_X8) {
-        mmvq_rows_x8<R, U, W>(rows, n_in, xq, out, wr);
-    } else if constexpr (T == CT_Q6_K_X8) {
-        mmvq_rows_q6x8<R, U, W>(rows, n_in, xq, out, wr);
+    if constexpr (T == CT_Q4_0_X8 || T == CT_Q6_K_X8) {   // the multi-input dots with one input
+        float o[R][1];
+        if constexpr (T == CT_Q4_0_X8) {
+            mmvq_rows_x8_nt<R, U, W, 1>(rows, n_in, xq, 0, 1, o, wr);
+        } else {
+            mmvq_rows_q6x8_nt<R, U, W, 1>(rows, n_in, xq, 0, 1, o, wr);
+        }
+        first_input(o, out);
     } else {
         mmvq_rows_parts<T, R, U, W>(rows, n_in, xq, out, wr);
     }
@@ -631,6 +627,18 @@ mmvq_glu_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu
     }
 }
 
+// Rows row0 .. row0 + R - 1 of the concatenated jobs; a row past the end reads row 0 (its
+// result is not written).
+template <int R>
+__device__ __forceinline__ void job_rows(const struct mmv_jobs & j, int64_t row0, int64_t total_rows,
+                                         mmv_row (&jr)[R], const uint8_t * (&rows)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        jr[r] = mmv_job_row(j, row0 + r < total_rows ? row0 + r : 0);
+        rows[r] = jr[r].w;
+    }
+}
+
 // The decode path's GEMV (input quantised beforehand, xq): W warps per row group of R rows,
 // so a block has a whole row's loads in flight at once (one warp per row left each warp with a
 // single step of loads in flight: ~1 TB/s); no prologue. Block: 8 warps = 8 / W row groups.
@@ -643,11 +651,7 @@ mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq,
     int64_t row0 = ((int64_t) blockIdx.x * (MMVQ_WARPS / W) + warp / W) * R;
     mmv_row jr[R];
     const uint8_t * rows[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {   // a row past the end reads row 0 and is not written
-        jr[r] = mmv_job_row(j, row0 + r < total_rows ? row0 + r : 0);
-        rows[r] = jr[r].w;
-    }
+    job_rows(j, row0, total_rows, jr, rows);
     float sum[R];
     mmvq_rows<T, R, (R == 1 ? 4 : 2), W>(rows, n_in, xq, sum, wr);
     if constexpr (W > 1) {
@@ -687,11 +691,7 @@ mmvq_tokens_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq
     int64_t row0 = ((int64_t) blockIdx.x * (MMVQ_WARPS / W) + warp / W) * R;
     mmv_row jr[R];
     const uint8_t * rows[R];
-#pragma unroll
-    for (int r = 0; r < R; r++) {   // a row past the end reads row 0 and is not written
-        jr[r] = mmv_job_row(j, row0 + r < total_rows ? row0 + r : 0);
-        rows[r] = jr[r].w;
-    }
+    job_rows(j, row0, total_rows, jr, rows);
     float sum[R][NT];
     if constexpr (T == CT_Q4_0_X8) {
         mmvq_rows_x8_nt<R, 1, W, NT>(rows, n_in, xq, n_in / 32, n_tok, sum, wr);
