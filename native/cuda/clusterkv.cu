@@ -425,7 +425,8 @@ int32_t ckv_cuda_kmeans(const struct cuda_kmeans_args * ap, cudaStream_t st) {
 // hold at least `room` positions (the walk stops right after taking T): T is found by a radix
 // select over the 64-bit keys, 8 bits at a time, with histograms weighted by cluster size. The
 // members of every taken cluster (the first `room - taken before T` of T's) are marked in a
-// bitmap over the clustered span, which is read back in ascending order: the CPU's list.
+// bitmap over the clustered span, and each is written at its rank in the bitmap: ascending
+// order, the CPU's list.
 
 enum { SEL_THREADS = 512 };
 
