@@ -409,19 +409,18 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
     gc->use_graph = !(env && strcmp(env, "0") == 0);
     // cuBLAS scratch: the chunk's activations in f16 plus 128 MiB of f16 weight rows per slice.
     // Optional: without it (no cuBLAS, CKV_CUBLAS=0, or no room) prefill uses the WMMA kernel.
+    // The widest matmul input: n_embd, q_dim (out projection) or n_ff (down projection).
+    int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
+    widest = widest > hp->n_embd ? widest : hp->n_embd;
     const char * blas_env = getenv("CKV_CUBLAS");
     if (err == cudaSuccess && ckv_cuda_have_cublas() && n_batch >= CKV_BLAS_MIN_TOKENS &&
         !(blas_env && strcmp(blas_env, "0") == 0)) {
-        int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
-        widest = widest > hp->n_embd ? widest : hp->n_embd;
         size_t bytes = ((size_t) n_batch * widest * sizeof(__half) + 255) / 256 * 256 + ((size_t) 128 << 20);
         if (ckv_cuda_gemm_ws_create(&gc->blas, bytes) != CKV_OK) {
             gc->blas = {};   // not fatal: the WMMA kernel serves
         }
     }
     if (err == cudaSuccess && n_batch > 1) {   // batched decode steps: the multi-token GEMV's inputs
-        int64_t widest = hp->n_ff > q_dim ? hp->n_ff : q_dim;
-        widest = widest > hp->n_embd ? widest : hp->n_embd;
         gc->blas.gemv_xq_bytes = sizeof(cq8x) * (size_t) CKV_GEMV_MAX_TOKENS * (widest / 32);
         err = cudaMalloc(&gc->blas.gemv_xq, gc->blas.gemv_xq_bytes);
     }

@@ -640,23 +640,18 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     uint64_t * keys    = (uint64_t *) (sel_smem + 4 * 256);        // [n_cap]
     uint32_t * marked  = (uint32_t *) (keys + n_cap);              // [words_cap], bit j: position sinks + j
     int32_t *  w_base  = (int32_t *) (marked + words_cap);         // [words_cap] marked bits before word w
-    int32_t *  psizes  = w_base + words_cap;                       // [n_cap] sizes
-    int32_t *  poffs   = psizes + n_cap;                           // [n_cap] clusters: CSR offsets
+    int32_t *  sizes   = w_base + words_cap;                       // [n_cap] sizes
+    int32_t *  poffs   = sizes + n_cap;                            // [n_cap] clusters: CSR offsets
     int32_t *  t_clust = poffs + n_cap;                            // [n_cap] taken clusters (any order)
     int32_t *  t_end   = t_clust + n_cap;                          // [n_cap] their members' running count
     __shared__ int32_t total_s, n_taken_s;
 
-    // Pages: the query, one head's (quest ranks per query head).
-    for (int t = threadIdx.x; pages && t < d; t += blockDim.x) {
-        float v = 0.0f;
-        for (int i = 0; i < (a.per_kv_head ? group : 1); i++) v += a.q[(int64_t) (h_first + i) * d + t];
-        qs[t] = v;
-    }
+    // Pages: the query, its head's (quest ranks per query head, never per KV head).
+    for (int t = threadIdx.x; pages && t < d; t += blockDim.x) qs[t] = a.q[(int64_t) list * d + t];
     if (threadIdx.x == 0) total_s = n_taken_s = 0;
     for (int w = threadIdx.x; w < n_words; w += blockDim.x) marked[w] = 0;
     __syncthreads();
 
-    const int32_t * sizes = psizes;   // filled below, for pages and clusters
     const int32_t * mem   = a.positions + g * a.pos_stride;
     const __half *  pmin  = pages ? a.page_min + g * a.page_stride + (int64_t) lay.first_page * d : NULL;
     const __half *  pmax  = pages ? a.page_max + g * a.page_stride + (int64_t) lay.first_page * d : NULL;
@@ -675,14 +670,14 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
             const int32_t p0 = (lay.first_page + c0) * a.page_size, p1 = (lay.first_page + c1) * a.page_size;
             if (sub == 0 && c0 < n) {
                 keys[c0]   = sel_rank_key(s0, c0);
-                psizes[c0] = p0 + a.page_size - max(p0, sinks);
-                my_total  += psizes[c0];
+                sizes[c0]  = p0 + a.page_size - max(p0, sinks);
+                my_total   += sizes[c0];
                 if (a.scores) a.scores[(int64_t) list * n + c0] = s0;
             }
             if (sub == 0 && c1 < n) {
                 keys[c1]   = sel_rank_key(s1, c1);
-                psizes[c1] = p1 + a.page_size - max(p1, sinks);
-                my_total  += psizes[c1];
+                sizes[c1]  = p1 + a.page_size - max(p1, sinks);
+                my_total   += sizes[c1];
                 if (a.scores) a.scores[(int64_t) list * n + c1] = s1;
             }
         }
@@ -690,9 +685,9 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
         const int32_t * gsizes = a.sizes + g * a.csr_stride, * goffs = a.offsets + g * a.csr_stride;
         for (int c = threadIdx.x; c < n; c += blockDim.x) {
             keys[c]   = a.keys[(int64_t) list * n + c];
-            psizes[c] = gsizes[c];
+            sizes[c]  = gsizes[c];
             poffs[c]  = goffs[c];
-            my_total += psizes[c];
+            my_total += sizes[c];
         }
     }
     my_total = (int32_t) __reduce_add_sync(0xffffffffu, (unsigned) my_total);

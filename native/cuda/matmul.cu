@@ -1132,9 +1132,10 @@ static int32_t check_matmul(const struct cuda_matmul_args * a) {
 }
 
 // One-token jobs over the same input, one launch (the caller checked they may share it).
-static int32_t launch_gemv_jobs(const struct cuda_matmul_args * jobs, int n_jobs, cudaStream_t s) {
+// The GEMV kernels' job table of n_jobs (<= 3) matmuls; *rows = their output rows together.
+static struct mmv_jobs jobs_of(const struct cuda_matmul_args * jobs, int n_jobs, int64_t * rows) {
     struct mmv_jobs j = {};
-    int64_t rows = 0;
+    *rows = 0;
     for (int i = 0; i < n_jobs; i++) {
         j.w[i] = (const uint8_t *) jobs[i].w->data;
         j.row_size[i] = jobs[i].w->row_size;
@@ -1142,9 +1143,15 @@ static int32_t launch_gemv_jobs(const struct cuda_matmul_args * jobs, int n_jobs
         j.y[i] = jobs[i].y;
         j.bias[i] = jobs[i].bias;
         j.accumulate[i] = jobs[i].accumulate;
-        rows += jobs[i].w->n_out;
+        *rows += jobs[i].w->n_out;
     }
     j.n_jobs = n_jobs;
+    return j;
+}
+
+static int32_t launch_gemv_jobs(const struct cuda_matmul_args * jobs, int n_jobs, cudaStream_t s) {
+    int64_t rows;
+    const struct mmv_jobs j = jobs_of(jobs, n_jobs, &rows);
     const float * norm = jobs[0].norm_w;
     int64_t       n_in = jobs[0].w->n_in;
     const cq8x *  xq = (const cq8x *) jobs[0].xq;
@@ -1181,18 +1188,12 @@ int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s) {
             // the inputs quantised once, then one launch reads each weight row for all of them
             int32_t st = ckv_cuda_quantize_q8(a->x, a->ws->gemv_xq, a->n_tokens * w->n_in, s);
             if (st != CKV_OK) return st;
-            struct mmv_jobs j = {};
-            j.w[0] = (const uint8_t *) w->data;
-            j.row_size[0] = w->row_size;
-            j.n_out[0] = w->n_out;
-            j.y[0] = a->y;
-            j.bias[0] = a->bias;
-            j.accumulate[0] = a->accumulate;
-            j.n_jobs = 1;
+            int64_t rows;
+            const struct mmv_jobs j = jobs_of(a, 1, &rows);
             const cq8x * xq = (const cq8x *) a->ws->gemv_xq;
             CKV_CUDA_CHECK(w->type == CT_Q4_0_X8
-                               ? launch_mmvq_tokens<CT_Q4_0_X8>(j, w->n_in, w->n_out, xq, (int) a->n_tokens, a->ldy, s)
-                               : launch_mmvq_tokens<CT_Q6_K_X8>(j, w->n_in, w->n_out, xq, (int) a->n_tokens, a->ldy, s));
+                               ? launch_mmvq_tokens<CT_Q4_0_X8>(j, w->n_in, rows, xq, (int) a->n_tokens, a->ldy, s)
+                               : launch_mmvq_tokens<CT_Q6_K_X8>(j, w->n_in, rows, xq, (int) a->n_tokens, a->ldy, s));
             return CKV_OK;
         }
         for (int64_t t = 0; t < a->n_tokens; t++) {   // other types: one GEMV per token
