@@ -488,6 +488,25 @@ static void test_select(void) {
 
 // --- the CPU policy as the twin -------------------------------------------------------------------
 
+// Runs selection s into lists of stride cap (dlist, dn) and compares head h's list with the CPU's
+// (cpu_n[h] positions at cpu_pos + h * cap) for every head with compare(h); returns the equal ones.
+template <typename F>
+static int select_lists_equal(cuda_select_args s, dbuf<int32_t> & dlist, dbuf<int32_t> & dn, int cap, int H,
+                              const int32_t * cpu_n, const int32_t * cpu_pos, F && compare) {
+    s.list_pos = dlist.p;
+    s.list_n = dn.p;
+    s.list_stride = cap;
+    CHECK_OK(ckv_cuda_select(&s, 0));
+    std::vector<int32_t> gl = dlist.get(), gn = dn.get();
+    int same = 0;
+    for (int h = 0; h < H; h++) {
+        if (!compare(h)) continue;
+        const int32_t * want = cpu_pos + (size_t) h * cap;
+        same += gn[h] == cpu_n[h] && std::equal(want, want + gn[h], gl.begin() + (size_t) h * cap);
+    }
+    return same;
+}
+
 // A small model's cache (f16), the ClusterKV policy on the CPU selecting at position L, and the
 // same with the GPU kernels: k-means of every compressed (layer, KV head) in one batched call,
 // then the selection per layer.
@@ -597,20 +616,11 @@ static void test_policy_twin(bool per_kv_head) {
         s.pos = L;
         s.room = room;
         s.per_kv_head = per_kv_head;
-        s.list_pos = dlist.p;
-        s.list_n = dn.p;
-        s.list_stride = cap;
-        CHECK_OK(ckv_cuda_select(&s, 0));
-        std::vector<int32_t> gl = dlist.get(), gn = dn.get();
-        for (int h = 0; h < H; h++) {
-            if (!head_same[p0 + h / (H / G)]) {
-                lists_skipped++;
-                continue;
-            }
-            const int32_t * want = &cpu_pos[((size_t) il * H + h) * cap];
-            lists_same += gn[h] == cpu_n[(size_t) il * H + h] && std::equal(want, want + gn[h], gl.begin() + (size_t) h * cap);
-            lists++;
-        }
+        // heads whose KV head's clusters differ from the CPU's are not compared (counted apart)
+        auto clusters_same = [&](int h) { return head_same[p0 + h / (H / G)]; };
+        for (int h = 0; h < H; h++) (clusters_same(h) ? lists : lists_skipped)++;
+        lists_same += select_lists_equal(s, dlist, dn, cap, H, &cpu_n[(size_t) il * H], &cpu_pos[(size_t) il * H * cap],
+                                         clusters_same);
     }
     double agree = (double) pos_same / ((double) P * n);
     expect(agree >= 0.999 && csr_same > 0 && cent_rel <= 1e-6 && lists_same == lists,
@@ -694,16 +704,8 @@ static void test_window_policy_twin(int policy, int page_size) {
             s.page_stride = (int64_t) n_pages * d;
             s.page_min = pmin.p + (size_t) (il - 2) * G * s.page_stride;
             s.page_max = pmax.p + (size_t) (il - 2) * G * s.page_stride;
-            s.list_pos = dlist.p;
-            s.list_n = dn.p;
-            s.list_stride = cap;
-            CHECK_OK(ckv_cuda_select(&s, 0));
-            std::vector<int32_t> gl = dlist.get(), gn = dn.get();
-            for (int h = 0; h < H; h++) {
-                const int32_t * want = &cpu_pos[(size_t) h * cap];
-                same += gn[h] == cpu_n[h] && std::equal(want, want + gn[h], gl.begin() + (size_t) h * cap);
-                lists++;
-            }
+            same += select_lists_equal(s, dlist, dn, cap, H, cpu_n.data(), cpu_pos.data(), [](int) { return true; });
+            lists += H;
         }
     }
     expect(same == lists, "policy twin %-9s page_size=%-2d (L=%d, budget %d, 7 positions): lists same %d/%d",

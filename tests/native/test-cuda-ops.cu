@@ -260,35 +260,31 @@ static void test_matmul_type(uint32_t type, bool regrouped = false, int64_t n_in
         }
         snprintf(name, sizeof(name), "matmul %-5s n=%-3lld accumulate", tname, (long long) n_tok);
         expect(name, rel_err(dacc.get(), ref_acc), bound);
+        // The plain and the accumulating product through workspace ws, against the f64 references.
+        auto expect_through = [&](const struct cuda_gemm_ws * ws, const char * path, double bnd) {
+            dbuf<float> dyw(n_tok * n_out), daccw(y0);
+            struct cuda_matmul_args aw = {&cw, dx.p, dyw.p, n_out, dbias.p, n_tok, false, NULL, 0.0f, NULL, ws};
+            CHECK_OK(ckv_cuda_matmul(&aw, 0));
+            struct cuda_matmul_args bw = {&cw, dx.p, daccw.p, n_out, NULL, n_tok, true, NULL, 0.0f, NULL, ws};
+            CHECK_OK(ckv_cuda_matmul(&bw, 0));
+            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld %s vs f64", tname, (long long) n_tok, path);
+            expect(name, rel_err(dyw.get(), ref), bnd);
+            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld %s accumulate", tname, (long long) n_tok, path);
+            expect(name, rel_err(daccw.get(), ref_acc), bnd);
+        };
         if (gemv && n_tok > 1 && regrouped) {   // one launch for all the tokens (the batch step's path)
             struct cuda_gemm_ws ws = {};
             dbuf<cq8x> dq((size_t) CKV_GEMV_MAX_TOKENS * n_in / 32);
             ws.gemv_xq = dq.p;
             ws.gemv_xq_bytes = dq.n * sizeof(cq8x);
-            dbuf<float> dyt(n_tok * n_out), dacct(y0);
-            struct cuda_matmul_args at = {&cw, dx.p, dyt.p, n_out, dbias.p, n_tok, false, NULL, 0.0f, NULL, &ws};
-            CHECK_OK(ckv_cuda_matmul(&at, 0));
-            struct cuda_matmul_args bt = {&cw, dx.p, dacct.p, n_out, NULL, n_tok, true, NULL, 0.0f, NULL, &ws};
-            CHECK_OK(ckv_cuda_matmul(&bt, 0));
-            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld all tokens in one launch", tname, (long long) n_tok);
-            expect(name, rel_err(dyt.get(), ref), bound);
-            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld all tokens, accumulate", tname, (long long) n_tok);
-            expect(name, rel_err(dacct.get(), ref_acc), bound);
+            expect_through(&ws, "all tokens in one launch", bound);
         }
         if (n_tok >= CKV_BLAS_MIN_TOKENS && ckv_cuda_have_cublas()) {
             // cuBLAS path with a scratch of 32 weight rows: 3 slices, the last one partial.
             struct cuda_gemm_ws ws;
             size_t x_bytes = ((size_t) (n_tok * n_in) * 2 + 255) / 256 * 256;
             CHECK_OK(ckv_cuda_gemm_ws_create(&ws, x_bytes + 32 * n_in * 2));
-            dbuf<float> dyb(n_tok * n_out), daccb(y0);
-            struct cuda_matmul_args ab = {&cw, dx.p, dyb.p, n_out, dbias.p, n_tok, false, NULL, 0.0f, NULL, &ws};
-            CHECK_OK(ckv_cuda_matmul(&ab, 0));
-            struct cuda_matmul_args bb = {&cw, dx.p, daccb.p, n_out, NULL, n_tok, true, NULL, 0.0f, NULL, &ws};
-            CHECK_OK(ckv_cuda_matmul(&bb, 0));
-            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld cuBLAS vs f64", tname, (long long) n_tok);
-            expect(name, rel_err(dyb.get(), ref), 2e-3);
-            snprintf(name, sizeof(name), "matmul %-5s n=%-3lld cuBLAS accumulate", tname, (long long) n_tok);
-            expect(name, rel_err(daccb.get(), ref_acc), 2e-3);
+            expect_through(&ws, "cuBLAS", 2e-3);
             ckv_cuda_gemm_ws_free(&ws);
         }
         snprintf(name, sizeof(name), "matmul %-5s n=%-3lld vs CPU vec_dot", tname, (long long) n_tok);
