@@ -273,6 +273,16 @@ struct cuda_context {
     // re-captured for another sequence or when cuda_kv_policy_layout moves past graph_layout.
     int32_t         graph_seq;
     uint64_t        graph_layout;
+    // A batch step (n_seq > 1) replays its own graph: tokens and positions come from h_batch
+    // through d_batch_pos, logits go to h_batch_logits. It bakes in which sequence each row
+    // belongs to and their policies' layouts (batch_key), and is re-captured when those change.
+    cudaGraphExec_t batch_graph;
+    int32_t         batch_n;
+    int32_t *       batch_seqs;      // host [n_seq]: the captured rows' sequences
+    uint64_t *      batch_layouts;   // host [n_seq]: their layouts at capture
+    int32_t *       h_batch;         // pinned [2 * n_seq]: tokens, then positions
+    int32_t *       d_batch_pos;     // device [n_seq]
+    float *         h_batch_logits;  // pinned [n_seq][n_vocab]
     bool            decode_step;  // the running forward is a decode step (policy applies)
 };
 
@@ -405,6 +415,14 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
     if (err == cudaSuccess) err = cudaMalloc(&gc->d_pos, sizeof(int32_t));
     if (err == cudaSuccess) err = cudaMallocHost(&gc->h_step, 2 * sizeof(int32_t));
     if (err == cudaSuccess) err = cudaMallocHost(&gc->h_logits, sizeof(float) * hp->n_vocab);
+    if (err == cudaSuccess && n_seq > 1) {   // batch-step graphs
+        gc->batch_seqs    = (int32_t *) calloc((size_t) n_seq, sizeof(int32_t));
+        gc->batch_layouts = (uint64_t *) calloc((size_t) n_seq, sizeof(uint64_t));
+        err = gc->batch_seqs && gc->batch_layouts ? cudaSuccess : cudaErrorMemoryAllocation;
+        if (err == cudaSuccess) err = cudaMallocHost(&gc->h_batch, 2 * sizeof(int32_t) * n_seq);
+        if (err == cudaSuccess) err = cudaMalloc(&gc->d_batch_pos, sizeof(int32_t) * n_seq);
+        if (err == cudaSuccess) err = cudaMallocHost(&gc->h_batch_logits, sizeof(float) * n_seq * hp->n_vocab);
+    }
     const char * env = getenv("CKV_CUDA_GRAPH");
     gc->use_graph = !(env && strcmp(env, "0") == 0);
     // cuBLAS scratch: the chunk's activations in f16 plus 128 MiB of f16 weight rows per slice.
@@ -444,6 +462,14 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
     if (gc->decode_graph) {
         cudaGraphExecDestroy(gc->decode_graph);
     }
+    if (gc->batch_graph) {
+        cudaGraphExecDestroy(gc->batch_graph);
+    }
+    free(gc->batch_seqs);
+    free(gc->batch_layouts);
+    cudaFreeHost(gc->h_batch);
+    cudaFreeHost(gc->h_batch_logits);
+    cudaFree(gc->d_batch_pos);
     for (int32_t i = 0; gc->seqs && i < gc->n_seq; i++) free_seq(&gc->seqs[i]);
     free(gc->seqs);
     ckv_cuda_gemm_ws_free(&gc->blas);
@@ -547,7 +573,8 @@ static int32_t store_and_attend(struct cuda_context * gc, int il, struct cuda_se
 }
 
 // Attention block of layer il for n tokens: one sequence (seqs NULL: gc->cur, positions pos0..,
-// or *pos_dev in a graph), or a batch step (token t of sequence seqs[t] at position pos[t]).
+// or *pos_dev in a graph), or a batch step (token t of sequence seqs[t] at position pos[t], or
+// pos_dev[t] in a graph).
 static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int64_t pos0, const int32_t * pos_dev,
                                const int32_t * seqs, const int32_t * pos) {
     const struct hparams *    hp = &gc->gm->hp;
@@ -570,9 +597,10 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
         {&L->attn_v, in, gc->v, L->attn_v.n_out, L->attn_v_bias, n, false, NULL, 0.0f, xq, &gc->blas},
     };
     TRY_OK(ckv_cuda_matmul_multi(qkv, 3, s));
-    if (seqs) {
+    if (seqs) {   // pos NULL: a captured batch step, token t's position at pos_dev[t]
         for (int64_t t = 0; t < n; t++) {
-            TRY_OK(store_and_attend(gc, il, &gc->seqs[seqs[t]], t, 1, pos[t], NULL, xq));   // xq: n == 1
+            TRY_OK(store_and_attend(gc, il, &gc->seqs[seqs[t]], t, 1, pos ? pos[t] : 0, pos ? NULL : pos_dev + t,
+                                    xq));   // xq: n == 1
         }
     } else {
         TRY_OK(store_and_attend(gc, il, gc->cur, 0, n, pos0, pos_dev, xq));
@@ -638,7 +666,8 @@ static int32_t output_head(struct cuda_context * gc, int64_t first, int64_t n, f
 }
 
 // Device work of one chunk: tokens already in gc->tokens, logits rows to `logits_out`.
-// seqs != NULL: a batch step, token t of sequence seqs[t] at position pos[t] (attention_block).
+// seqs != NULL: a batch step, token t of sequence seqs[t] at position pos[t] (attention_block),
+// or with pos NULL at pos_dev[t] (a captured batch step).
 static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
                               const int32_t * seqs, const int32_t * pos, int32_t first_output, float * logits_out) {
     const struct hparams * hp = &gc->gm->hp;
@@ -698,6 +727,70 @@ static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t
     CKV_CUDA_CHECK(cudaGraphLaunch(gc->decode_graph, gc->stream));
     CKV_CUDA_CHECK(cudaStreamSynchronize(gc->stream));
     memcpy(logits_host, gc->h_logits, sizeof(float) * gc->gm->hp.n_vocab);
+    return CKV_OK;
+}
+
+// Captures a batch step of n rows of sequences seqs (tokens and positions from h_batch, logits
+// to h_batch_logits) as gc->batch_graph.
+static int32_t capture_batch_graph(struct cuda_context * gc, const int32_t * seqs, int32_t n) {
+    cudaGraph_t graph = NULL;
+    CKV_CUDA_CHECK(cudaStreamBeginCapture(gc->stream, cudaStreamCaptureModeThreadLocal));
+    cudaError_t err = cudaMemcpyAsync(gc->tokens, gc->h_batch, sizeof(int32_t) * n, cudaMemcpyHostToDevice,
+                                      gc->stream);
+    if (err == cudaSuccess) {
+        err = cudaMemcpyAsync(gc->d_batch_pos, gc->h_batch + gc->n_seq, sizeof(int32_t) * n,
+                              cudaMemcpyHostToDevice, gc->stream);
+    }
+    int32_t st = err == cudaSuccess ? forward_device(gc, n, 0, gc->d_batch_pos, seqs, NULL, 0, gc->h_batch_logits)
+                                    : ckv_fail(CKV_ERR_CUDA, "batch graph capture: %s", cudaGetErrorString(err));
+    cudaError_t end = cudaStreamEndCapture(gc->stream, &graph);
+    if (st == CKV_OK && end != cudaSuccess) {
+        st = ckv_fail(CKV_ERR_CUDA, "batch graph capture failed: %s", cudaGetErrorString(end));
+    }
+    if (st == CKV_OK) {
+        err = cudaGraphInstantiate(&gc->batch_graph, graph, 0);
+        if (err != cudaSuccess) {
+            gc->batch_graph = NULL;
+            st = ckv_fail(CKV_ERR_CUDA, "cudaGraphInstantiate (batch) failed: %s", cudaGetErrorString(err));
+        }
+    }
+    if (graph) {
+        cudaGraphDestroy(graph);
+    }
+    return st;
+}
+
+// The policy layout a batch graph bakes in for sequence seq (0 without a policy).
+static uint64_t seq_layout(const struct cuda_context * gc, int32_t seq) {
+    const struct cuda_kv_policy * p = gc->seqs[seq].policy;
+    return p ? cuda_kv_policy_layout(p) : 0;
+}
+
+// One batch step through the batch graph, re-captured when the rows' sequences or their
+// layouts differ from the captured ones.
+static int32_t decode_batch_graph(struct cuda_context * gc, const int32_t * seqs, const int32_t * tokens,
+                                  const int32_t * pos, int32_t n, float * logits_host) {
+    bool same = gc->batch_graph && gc->batch_n == n;
+    for (int32_t t = 0; same && t < n; t++) {
+        same = gc->batch_seqs[t] == seqs[t] && gc->batch_layouts[t] == seq_layout(gc, seqs[t]);
+    }
+    if (!same) {
+        if (gc->batch_graph) {
+            cudaGraphExecDestroy(gc->batch_graph);
+            gc->batch_graph = NULL;
+        }
+        TRY_OK(capture_batch_graph(gc, seqs, n));
+        gc->batch_n = n;
+        for (int32_t t = 0; t < n; t++) {
+            gc->batch_seqs[t]    = seqs[t];
+            gc->batch_layouts[t] = seq_layout(gc, seqs[t]);
+        }
+    }
+    memcpy(gc->h_batch, tokens, sizeof(int32_t) * n);
+    memcpy(gc->h_batch + gc->n_seq, pos, sizeof(int32_t) * n);
+    CKV_CUDA_CHECK(cudaGraphLaunch(gc->batch_graph, gc->stream));
+    CKV_CUDA_CHECK(cudaStreamSynchronize(gc->stream));
+    memcpy(logits_host, gc->h_batch_logits, sizeof(float) * n * gc->gm->hp.n_vocab);
     return CKV_OK;
 }
 
@@ -783,7 +876,9 @@ extern "C" int32_t ckv_cuda_decode_batch(struct cuda_context * gc, const int32_t
         struct cuda_seq * sq = &gc->seqs[seqs[t]];
         st = sq->policy ? cuda_kv_policy_prepare(sq->policy, sq->k_layers, pos[t], true, gc->stream) : CKV_OK;
     }
-    if (st == CKV_OK) {
+    if (st == CKV_OK && gc->use_graph && gc->batch_seqs) {
+        st = decode_batch_graph(gc, seqs, tokens, pos, n, logits_host);
+    } else if (st == CKV_OK) {
         CKV_CUDA_CHECK(cudaMemcpyAsync(gc->tokens, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice, gc->stream));
         st = forward_device(gc, n, 0, NULL, seqs, pos, 0, logits_host);
     }
@@ -839,6 +934,10 @@ extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct
     if (st == CKV_OK && gc->decode_graph) {   // it attends through the old policy's buffers
         cudaGraphExecDestroy(gc->decode_graph);
         gc->decode_graph = NULL;
+    }
+    if (st == CKV_OK && gc->batch_graph) {
+        cudaGraphExecDestroy(gc->batch_graph);
+        gc->batch_graph = NULL;
     }
     return st;
 }
