@@ -197,6 +197,8 @@ struct cuda_sparse_attention_args {
     float           scale;
     void *          out_q;          // NULL, or out also quantised (cq8x [n_head * head_dim / 32],
                                     // as ckv_cuda_quantize_q8 writes it) for the next GEMV
+    bool            shared_lists;   // every head of a KV group has its first head's list (per-KV-
+                                    // head selection): each row is read once for the group
 };
 // A split count that fills the GPU for lists of up to max_list positions.
 int32_t ckv_cuda_sparse_attention_splits(int32_t n_head, int32_t max_list);

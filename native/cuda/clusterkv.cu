@@ -1163,6 +1163,128 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
     }
 }
 
+// shared_lists (per-KV-head selection: every head of a KV group has the same list): block (KV
+// head, split) reads each listed K/V row once for all GMAX >= group heads, in the layout of
+// sparse_decode_kernel, with per-head scores, running max/sum and accumulators. Each head's
+// arithmetic is sparse_decode_kernel's, in the same order.
+template <int HD, int GMAX>
+static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sparse_attention_args a) {
+    pdl_begin();
+    constexpr int NCG = HD / 8, PG = SP_THREADS / NCG, VPOS = SP_TILE / PG;
+    __shared__ __align__(16) float qs[GMAX][HD];
+    __shared__ float sc[GMAX][SP_TILE];
+    __shared__ int32_t ps[SP_TILE];
+    __shared__ float m_s[GMAX], l_s[GMAX], corr_s[GMAX];
+    __shared__ __align__(16) float red[PG][HD];
+    const int kvh = blockIdx.x, split = blockIdx.y, tid = threadIdx.x, lane = tid % CKV_WARP;
+    const int group = a.n_head / a.n_head_kv, h0 = kvh * group, warp = tid / CKV_WARP;
+    const int32_t n_list = a.list_n[h0];
+    int32_t j0, j1;
+    sp_chunk(a, split, n_list, &j0, &j1);
+    const int32_t * list = a.list_pos + (int64_t) h0 * a.list_stride;
+    const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
+    const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
+    for (int i = tid; i < group * HD; i += SP_THREADS) qs[i / HD][i % HD] = a.q[(int64_t) h0 * HD + i];
+    if (tid < GMAX) {
+        m_s[tid] = -INFINITY;
+        l_s[tid] = 0.0f;
+    }
+    float acc[GMAX][8] = {};
+    const int cg = tid % NCG, pg = tid / NCG;
+    for (int32_t tile = j0; tile < j1; tile += SP_TILE) {
+        const int n_pos = min(SP_TILE, j1 - tile);
+        __syncthreads();   // ps / sc of the previous tile are consumed (first time: qs ready)
+        if (tid < SP_TILE) ps[tid] = tid < n_pos ? list[tile + tid] : 0;
+        __syncthreads();
+        const int p = tid >> 1, half = tid & 1;
+        uint4 kraw[HD / 16], vraw[VPOS];
+        const uint4 * kr = (const uint4 *) (kbase + (size_t) ps[p] * HD + half * (HD / 2));
+#pragma unroll
+        for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int k = 0; k < VPOS; k++) {
+            int vp = pg + PG * k;
+            vraw[k] = vp < n_pos ? ((const uint4 *) (vbase + (size_t) ps[vp] * HD))[cg] : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int h = 0; h < GMAX; h++) {
+            if (h >= group) break;
+            float dot = 0.0f;
+#pragma unroll
+            for (int i = 0; i < HD / 16; i++) {
+                float kf[8];
+                sp_half8(kraw[i], kf);
+                const float * qq = &qs[h][half * (HD / 2) + 8 * i];
+#pragma unroll
+                for (int e = 0; e < 8; e++) dot = fmaf(qq[e], kf[e], dot);
+            }
+            dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+            if (half == 0) sc[h][p] = p < n_pos ? dot * a.scale : -INFINITY;
+        }
+        __syncthreads();
+        for (int h = warp; h < group; h += SP_THREADS / CKV_WARP) {   // online softmax, a warp per head
+            float s0 = sc[h][lane], s1 = sc[h][lane + 32];
+            float m_old = m_s[h], m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+            float p0 = 0.0f, p1 = 0.0f, corr = 1.0f;
+            if (m_new != -INFINITY) {
+                p0 = expf(s0 - m_new);
+                p1 = expf(s1 - m_new);
+                corr = expf(m_old - m_new);
+            }
+            float sum = warp_sum(p0 + p1);
+            sc[h][lane] = p0;
+            sc[h][lane + 32] = p1;
+            __syncwarp();
+            if (lane == 0) {
+                l_s[h] = l_s[h] * corr + sum;
+                m_s[h] = m_new;
+                corr_s[h] = corr;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int h = 0; h < GMAX; h++) {
+            if (h >= group) break;
+            const float corr = corr_s[h];
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[h][e] *= corr;
+#pragma unroll
+            for (int k = 0; k < VPOS; k++) {
+                float vf[8];
+                sp_half8(vraw[k], vf);
+                const float w = sc[h][pg + PG * k];   // 0 past n_pos, where v is 0 too
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[h][e] = fmaf(w, vf[e], acc[h][e]);
+            }
+        }
+    }
+#pragma unroll
+    for (int hh = 0; hh < GMAX; hh++) {   // each head's position groups summed, as sparse_decode_kernel
+        if (hh >= group) break;
+        const int h = h0 + hh;
+        __syncthreads();
+        *(float4 *) &red[pg][8 * cg]     = make_float4(acc[hh][0], acc[hh][1], acc[hh][2], acc[hh][3]);
+        *(float4 *) &red[pg][8 * cg + 4] = make_float4(acc[hh][4], acc[hh][5], acc[hh][6], acc[hh][7]);
+        __syncthreads();
+        for (int dd = tid; dd < HD; dd += SP_THREADS) {
+            float o = 0.0f;
+            for (int k = 0; k < PG; k++) o += red[k][dd];
+            if (a.n_split == 1) {
+                const float val = l_s[hh] > 0.0f ? o / l_s[hh] : 0.0f;
+                a.out[(int64_t) h * HD + dd] = val;
+                if (a.out_q) quantize_chunk_warp(val, (cq8x *) a.out_q + ((int64_t) h * HD + dd) / 32);
+            } else {
+                float * slot = a.partial + ((int64_t) h * a.n_split + split) * (HD + 4);
+                slot[dd] = o;
+                if (dd == 0) {
+                    slot[HD]     = m_s[hh];
+                    slot[HD + 1] = l_s[hh];
+                }
+            }
+        }
+    }
+}
+
 // out[h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits that saw positions.
 static __global__ void sparse_merge_kernel(cuda_sparse_attention_args a) {
     pdl_begin();
@@ -1197,7 +1319,16 @@ int32_t ckv_cuda_sparse_attention_splits(int32_t n_head, int32_t max_list) {
 }
 
 template <int HD> static cudaError_t launch_sparse(const cuda_sparse_attention_args & a, cudaStream_t st) {
-    cudaError_t e = launch_pdl(sparse_decode_kernel<HD>, dim3(a.n_head, a.n_split), dim3(SP_THREADS), 0, st, a);
+    const int  group = a.n_head / a.n_head_kv;
+    const dim3 per_group(a.n_head_kv, a.n_split);
+    cudaError_t e;
+    if (a.shared_lists && group <= 4) {
+        e = launch_pdl(sparse_group_kernel<HD, 4>, per_group, dim3(SP_THREADS), 0, st, a);
+    } else if (HD <= 128 && a.shared_lists && group <= 8) {   // 8 heads x 256 dims would spill
+        e = launch_pdl(sparse_group_kernel<HD <= 128 ? HD : 128, 8>, per_group, dim3(SP_THREADS), 0, st, a);
+    } else {
+        e = launch_pdl(sparse_decode_kernel<HD>, dim3(a.n_head, a.n_split), dim3(SP_THREADS), 0, st, a);
+    }
     if (e == cudaSuccess && a.n_split > 1) e = launch_pdl(sparse_merge_kernel, dim3(a.n_head), dim3(HD), 0, st, a);
     return e;
 }

@@ -470,7 +470,8 @@ int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_polic
     n_split = n_split < fit ? n_split : (int32_t) (fit > 1 ? fit : 1);
     struct cuda_sparse_attention_args aa = {at->q, k_rows, v_rows, n_rows, lists, sa.list_n,
                                             p->list_stride, max_list, at->out, at->partial, p->n_head, G, d,
-                                            n_split, at->scale, at->out_q};
+                                            n_split, at->scale, at->out_q,
+                                            p->mode == CKV_SELECT_CLUSTERS && p->params.select_per_kv_head != 0};
     return ckv_cuda_sparse_attention(&aa, s);
 }
 

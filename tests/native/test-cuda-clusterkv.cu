@@ -849,7 +849,7 @@ static void attend_list_ref(const att_cache & c, int g, const float * q, const i
 
 static std::vector<float> run_sparse(const att_cache & c, const std::vector<float> & q, int H,
                                      const std::vector<int32_t> & lists, const std::vector<int32_t> & ns,
-                                     int64_t stride, int n_split, float scale) {
+                                     int64_t stride, int n_split, float scale, bool shared = false) {
     int max_list = 0;
     for (int x : ns) max_list = std::max(max_list, x);
     dbuf<float> dq(q), dout((size_t) H * c.hd), dpart((size_t) H * n_split * (c.hd + 4));
@@ -858,7 +858,7 @@ static std::vector<float> run_sparse(const att_cache & c, const std::vector<floa
     const size_t q_bytes = (size_t) H * c.hd / 32 * 40;   // cq8x blocks of 32 values
     dbuf<char> dout_q(q_bytes), dref_q(q_bytes);
     cuda_sparse_attention_args a = {dq.p, c.dk.p, c.dv.p, c.n_ctx, dl.p, dn.p, stride, max_list, dout.p, dpart.p,
-                                    H, c.n_head_kv, c.hd, n_split, scale, dout_q.p};
+                                    H, c.n_head_kv, c.hd, n_split, scale, dout_q.p, shared};
     CHECK_OK(ckv_cuda_sparse_attention(&a, 0));
     CHECK_OK(ckv_cuda_quantize_q8(dout.p, dref_q.p, (int64_t) H * c.hd, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
@@ -944,7 +944,41 @@ static void test_sparse_vs_dense(int hd, int H, int G, int pos) {
            pos + 1, hd, H / G, err);
 }
 
+// Per-KV-head lists (every head of a group has the group's list): the group kernel, which reads
+// each row once for the group, gives the per-head kernel's results bit for bit.
+static void test_sparse_shared(int hd, int H, int G, int pos, int len, int n_split_wanted) {
+    att_cache c(pos + 9, G, hd, pos + 1);
+    int64_t stride = pos + 1;
+    std::vector<int32_t> lists((size_t) H * stride, -1), ns(H), all(pos);
+    const int group = H / G;
+    len = std::min(len, pos + 1);
+    for (int g = 0; g < G; g++) {
+        for (int i = 0; i < pos; i++) all[i] = i;
+        for (int i = 0; i < len - 1; i++) std::swap(all[i], all[i + rnd_u32() % (uint32_t) (pos - i)]);
+        std::vector<int32_t> l(all.begin(), all.begin() + (len - 1));
+        l.push_back(pos);
+        std::sort(l.begin(), l.end());
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            std::copy(l.begin(), l.end(), lists.begin() + (size_t) h * stride);
+            ns[h] = len;
+        }
+    }
+    std::vector<float> q((size_t) H * hd);
+    for (auto & e : q) e = rnd_uniform(-2, 2);
+    float scale = 1.0f / sqrtf((float) hd);
+    int n_split = n_split_wanted > 0 ? n_split_wanted : ckv_cuda_sparse_attention_splits(H, len);
+    std::vector<float> per_head = run_sparse(c, q, H, lists, ns, stride, n_split, scale, false);
+    std::vector<float> grouped = run_sparse(c, q, H, lists, ns, stride, n_split, scale, true);
+    expect(per_head == grouped, "sparse attention, shared lists hd=%d gqa=%d len=%d splits=%d: group kernel == "
+           "per-head kernel, bit for bit", hd, group, len, n_split);
+}
+
 static void test_sparse(void) {
+    test_sparse_shared(128, 32, 8, 3000, 2100, 0);   // 8B shape
+    test_sparse_shared(128, 32, 8, 3000, 777, 1);    // one split: the group kernel writes out itself
+    test_sparse_shared(64, 9, 3, 1500, 1024, 0);     // SmolLM2
+    test_sparse_shared(64, 14, 2, 2000, 999, 0);     // GQA 7 (group kernel with 8 slots)
+    test_sparse_shared(256, 4, 1, 900, 400, 0);      // head_dim 256, group 4
     test_sparse_case(128, 32, 8, 3000, {1, 2, 63, 64, 65, 127, 129, 1000, 2048, 2999, 3001}, 0);
     test_sparse_case(128, 32, 8, 3000, {1, 64, 65, 777, 2048}, 1);   // one split: long serial walk
     if (!g_quick) test_sparse_case(128, 32, 8, 5000, {4000, 10, 1}, 64);   // more splits than a short list needs
