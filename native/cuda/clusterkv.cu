@@ -628,7 +628,6 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     const int g = a.per_kv_head ? list : list / group;
     const int h_first = a.per_kv_head ? g * group : list, n_out = a.per_kv_head ? group : 1;
     const int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP;
-    const int n_warps = blockDim.x / CKV_WARP;
     const bool pages = a.mode == CKV_SELECT_PAGES;
     const sel_layout lay = sel_layout_of(a);
     const int n = lay.n, sinks = lay.sinks;
