@@ -665,11 +665,9 @@ static int32_t output_head(struct cuda_context * gc, int64_t first, int64_t n, f
     return CKV_OK;
 }
 
-// Device work of one chunk: tokens already in gc->tokens, logits rows to `logits_out`.
-// seqs != NULL: a batch step, token t of sequence seqs[t] at position pos[t] (attention_block),
-// or with pos NULL at pos_dev[t] (a captured batch step).
-static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
-                              const int32_t * seqs, const int32_t * pos, int32_t first_output, float * logits_out) {
+static int32_t layers_and_output(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
+                                 const int32_t * seqs, const int32_t * pos, int32_t first_output,
+                                 float * logits_out) {
     const struct hparams * hp = &gc->gm->hp;
     TRY_OK(ckv_cuda_embed(&gc->gm->token_embd, gc->tokens, n, hp->embd_scale, gc->x, gc->stream));
     for (int il = 0; il < hp->n_layer; il++) {
@@ -680,6 +678,18 @@ static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0,
         TRY_OK(output_head(gc, first_output, n, logits_out));
     }
     return CKV_OK;
+}
+
+// Device work of one chunk: tokens already in gc->tokens, logits rows to `logits_out`.
+// seqs != NULL: a batch step, token t of sequence seqs[t] at position pos[t] (attention_block),
+// or with pos NULL at pos_dev[t] (a captured batch step).
+static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
+                              const int32_t * seqs, const int32_t * pos, int32_t first_output, float * logits_out) {
+    int32_t st = layers_and_output(gc, n, pos0, pos_dev, seqs, pos, first_output, logits_out);
+    // kv_offload (one sequence): the slot fetches overlapped the later layers and the output
+    // head; the stream waits for them here, also after an error.
+    int32_t joined = seqs ? CKV_OK : cuda_kv_policy_join(gc->cur->policy, gc->stream);
+    return st != CKV_OK ? st : joined;
 }
 
 // Captures the one-token decode (inputs from gc->h_step, logits to gc->h_logits) as a graph.

@@ -143,18 +143,17 @@ int32_t ckv_cuda_quest_pages(const struct cuda_quest_pages_args * a, cudaStream_
 //
 // With kv_offload the K/V of a compressed layer live in host memory (pinned, mapped: the GPU
 // reads them over PCIe) and the GPU keeps n_slots rows per (layer, KV head) for the positions
-// recent steps selected. After a step's selection, the fetch gives every listed position of KV
-// head g's lists a slot: a resident position keeps its slot and is not copied again; a missing
+// the last step selected. A step's sparse decode reads a listed position from its slot when it
+// has one and from host memory otherwise (cuda_sparse_attention_args.slot_of); afterwards, off
+// the critical path (a side stream, while later layers compute), the fetch brings the step's
+// lists into the slots: a resident position keeps its slot and is not copied again; a missing
 // one takes a slot that no list of this step references (its old position is evicted) and its K
-// and V rows are copied from host memory. The lists are rewritten as slot lists (same order), so
-// the sparse flash-decode reads the slot rows in place of the cache and gives the same result.
-// n_slots >= the size of the union of a group's lists leaves a free slot for every miss. One
-// block per KV head; nothing is read back by the host.
+// and V rows are copied from host memory. n_slots >= the size of the union of a group's lists
+// leaves a free slot for every miss. One block per KV head; nothing is read back by the host.
 struct cuda_kv_fetch_args {
     const int32_t * list_pos;       // [n_head][list_stride] positions (the selection)
     const int32_t * list_n;         // [n_head]
     int64_t         list_stride;
-    int32_t *       list_slot;      // out [n_head][list_stride]: the slot of each listed position
     int32_t         n_head, n_head_kv, head_dim;
     const __half *  src_k;          // KV head g's rows at src_k + g * n_ctx * head_dim (host memory)
     const __half *  src_v;
@@ -199,6 +198,13 @@ struct cuda_sparse_attention_args {
                                     // as ckv_cuda_quantize_q8 writes it) for the next GEMV
     bool            shared_lists;   // every head of a KV group has its first head's list (per-KV-
                                     // head selection): each row is read once for the group
+    // kv_offload (NULL otherwise): k_cache / v_cache are in host memory and position p of KV head
+    // g is read from slot slot_of[g * n_ctx + p] of slot_k / slot_v ([n_head_kv][n_slots][head_dim])
+    // when that is >= 0 (the row is on the GPU), else from the cache over PCIe.
+    const int32_t * slot_of;
+    const __half *  slot_k;
+    const __half *  slot_v;
+    int32_t         n_slots;
 };
 // A split count that fills the GPU for lists of up to max_list positions.
 int32_t ckv_cuda_sparse_attention_splits(int32_t n_head, int32_t max_list);

@@ -918,7 +918,7 @@ int32_t ckv_cuda_quest_pages(const struct cuda_quest_pages_args * ap, cudaStream
 // One block per KV head: (1) hits stamp their slot with this fetch's epoch, each missing
 // position is claimed once (slot_of -2) and queued; (2) a block scan finds the first free slots
 // (stamp != epoch) in slot order; (3) miss i takes free slot i, evicting its old position, and a
-// warp copies its K and V rows in 16-byte loads; (4) the group's lists become slot lists.
+// warp copies its K and V rows in 16-byte loads.
 
 enum { FETCH_THREADS = 1024 };
 
@@ -981,18 +981,12 @@ static __global__ void __launch_bounds__(FETCH_THREADS) kv_fetch_kernel(cuda_kv_
             else dv[c - chunks] = sv[c - chunks];
         }
     }
-    __syncthreads();
-    for (int o = 0; o < group; o++) {   // (4)
-        const int64_t   row  = (int64_t) (g * group + o) * a.list_stride;
-        const int32_t   n    = a.list_n[g * group + o];
-        for (int i = threadIdx.x; i < n; i += blockDim.x) a.list_slot[row + i] = slot_of[a.list_pos[row + i]];
-    }
     if (threadIdx.x == 0 && a.n_copied && n_miss) atomicAdd(a.n_copied, (unsigned long long) n_miss);
 }
 
 int32_t ckv_cuda_kv_fetch(const struct cuda_kv_fetch_args * ap, cudaStream_t st) {
     const cuda_kv_fetch_args & a = *ap;
-    if (!a.list_pos || !a.list_n || !a.list_slot || !a.src_k || !a.src_v || !a.slot_k || !a.slot_v || !a.slot_of ||
+    if (!a.list_pos || !a.list_n || !a.src_k || !a.src_v || !a.slot_k || !a.slot_v || !a.slot_of ||
         !a.owner || !a.stamp || !a.epoch || !a.scratch || a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 ||
         a.head_dim % 8 != 0 || a.head_dim < 8 || a.n_ctx < 1 || a.n_slots < 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "cuda kv fetch: bad arguments (n_head %d, n_head_kv %d, head_dim %d, "
@@ -1056,6 +1050,20 @@ __device__ __forceinline__ void sp_chunk(const cuda_sparse_attention_args & a, i
     *j1 = min(n_list, *j0 + chunk);
 }
 
+// The row a listed position p is read from: p itself (a row of the cache), or under kv_offload
+// its slot (>= 0) when it has one and ~p (< 0: the cache in host memory) when it has none.
+__device__ __forceinline__ int32_t sp_row(const cuda_sparse_attention_args & a, int kvh, int32_t p) {
+    if (!a.slot_of) return p;
+    const int32_t sl = a.slot_of[(int64_t) kvh * a.n_ctx + p];
+    return sl >= 0 ? sl : ~p;
+}
+
+// Row r of sp_row: rows_pos (the cache, or the slots under kv_offload) for r >= 0, the cache for r < 0.
+template <int HD>
+__device__ __forceinline__ const __half * sp_addr(const __half * cache, const __half * rows_pos, int32_t r) {
+    return r >= 0 ? rows_pos + (size_t) r * HD : cache + (size_t) ~r * HD;
+}
+
 template <int HD>
 static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_sparse_attention_args a) {
     pdl_begin();
@@ -1074,6 +1082,8 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
     const int32_t * list = a.list_pos + (int64_t) h * a.list_stride;
     const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
     const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
+    const __half * kpos = a.slot_of ? a.slot_k + (size_t) kvh * a.n_slots * HD : kbase;   // rows of ps >= 0
+    const __half * vpos = a.slot_of ? a.slot_v + (size_t) kvh * a.n_slots * HD : vbase;
     for (int i = tid; i < HD; i += SP_THREADS) qs[i] = a.q[(int64_t) h * HD + i];
     if (tid == 0) {
         m_s = -INFINITY;
@@ -1084,17 +1094,17 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
     for (int32_t tile = j0; tile < j1; tile += SP_TILE) {
         const int n_pos = min(SP_TILE, j1 - tile);
         __syncthreads();   // ps / sc of the previous tile are consumed (first time: qs ready)
-        if (tid < SP_TILE) ps[tid] = tid < n_pos ? list[tile + tid] : 0;
+        if (tid < SP_TILE) ps[tid] = tid < n_pos ? sp_row(a, kvh, list[tile + tid]) : 0;
         __syncthreads();
         const int p = tid >> 1, half = tid & 1;
         uint4 kraw[HD / 16], vraw[VPOS];
-        const uint4 * kr = (const uint4 *) (kbase + (size_t) ps[p] * HD + half * (HD / 2));
+        const uint4 * kr = (const uint4 *) (sp_addr<HD>(kbase, kpos, ps[p]) + half * (HD / 2));
 #pragma unroll
         for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int k = 0; k < VPOS; k++) {
             int vp = pg + PG * k;
-            vraw[k] = vp < n_pos ? ((const uint4 *) (vbase + (size_t) ps[vp] * HD))[cg] : make_uint4(0, 0, 0, 0);
+            vraw[k] = vp < n_pos ? ((const uint4 *) sp_addr<HD>(vbase, vpos, ps[vp]))[cg] : make_uint4(0, 0, 0, 0);
         }
         float dot = 0.0f;
 #pragma unroll
@@ -1183,6 +1193,8 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
     const int32_t * list = a.list_pos + (int64_t) h0 * a.list_stride;
     const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
     const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
+    const __half * kpos = a.slot_of ? a.slot_k + (size_t) kvh * a.n_slots * HD : kbase;   // rows of ps >= 0
+    const __half * vpos = a.slot_of ? a.slot_v + (size_t) kvh * a.n_slots * HD : vbase;
     for (int i = tid; i < group * HD; i += SP_THREADS) qs[i / HD][i % HD] = a.q[(int64_t) h0 * HD + i];
     if (tid < GMAX) {
         m_s[tid] = -INFINITY;
@@ -1193,17 +1205,17 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
     for (int32_t tile = j0; tile < j1; tile += SP_TILE) {
         const int n_pos = min(SP_TILE, j1 - tile);
         __syncthreads();   // ps / sc of the previous tile are consumed (first time: qs ready)
-        if (tid < SP_TILE) ps[tid] = tid < n_pos ? list[tile + tid] : 0;
+        if (tid < SP_TILE) ps[tid] = tid < n_pos ? sp_row(a, kvh, list[tile + tid]) : 0;
         __syncthreads();
         const int p = tid >> 1, half = tid & 1;
         uint4 kraw[HD / 16], vraw[VPOS];
-        const uint4 * kr = (const uint4 *) (kbase + (size_t) ps[p] * HD + half * (HD / 2));
+        const uint4 * kr = (const uint4 *) (sp_addr<HD>(kbase, kpos, ps[p]) + half * (HD / 2));
 #pragma unroll
         for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
 #pragma unroll
         for (int k = 0; k < VPOS; k++) {
             int vp = pg + PG * k;
-            vraw[k] = vp < n_pos ? ((const uint4 *) (vbase + (size_t) ps[vp] * HD))[cg] : make_uint4(0, 0, 0, 0);
+            vraw[k] = vp < n_pos ? ((const uint4 *) sp_addr<HD>(vbase, vpos, ps[vp]))[cg] : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int h = 0; h < GMAX; h++) {
@@ -1336,7 +1348,7 @@ int32_t ckv_cuda_sparse_attention(const struct cuda_sparse_attention_args * ap, 
     const cuda_sparse_attention_args & a = *ap;
     if (a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 || a.n_split < 1 || a.max_list < 0 ||
         a.list_stride < a.max_list || (a.n_split > 1 && !a.partial) || !a.q || !a.out || !a.list_pos ||
-        !a.list_n) {
+        !a.list_n || (a.slot_of && (!a.slot_k || !a.slot_v || a.n_slots < 1))) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "cuda sparse attention: bad shape (n_head %d, n_head_kv %d, "
                         "n_split %d, max_list %d)", a.n_head, a.n_head_kv, a.n_split, a.max_list);
     }

@@ -38,9 +38,15 @@ struct cuda_kv_policy {
     __half *  page_min;        // quest: [P][n_pages][head_dim]
     __half *  page_max;
     // kv_offload (clusterkv): the compressed layers' K/V are in host memory; the GPU keeps
-    // n_slots rows per problem for the selected positions (ckv_cuda_kv_fetch) and attends
-    // through list_slot. Positions < cached_hi may be in the slots.
+    // n_slots rows per problem for the positions the last step selected. The sparse decode reads
+    // a position's slot when it has one (else host memory); the fetch that refills the slots with
+    // this step's lists runs on fetch_stream while later layers compute, and the stream rejoins
+    // the context's at the end of the step (cuda_kv_policy_join). Positions < cached_hi may be in
+    // the slots.
     bool       offload;
+    cudaStream_t fetch_stream;
+    cudaEvent_t  attended_ev, fetched_ev;   // a layer's attention done; the step's fetches done
+    bool         fetch_pending;             // fetches launched since the last join
     int32_t    n_slots, cached_hi;
     __half *   slot_k;         // [P][n_slots][head_dim]
     __half *   slot_v;
@@ -49,7 +55,6 @@ struct cuda_kv_policy {
     uint32_t * slot_stamp;     // [P][n_slots]
     uint32_t * slot_epoch;     // [P]
     int32_t *  slot_scratch;   // [P][2][n_slots]
-    int32_t *  list_slot;      // [n_layer][n_head][list_stride]
     unsigned long long * fetched;   // rows copied from host memory (stats)
     size_t     device_bytes;   // everything allocated above
     // Device state, problem p = compressed layer * n_head_kv + KV head.
@@ -89,8 +94,14 @@ void cuda_kv_policy_free(struct cuda_kv_policy * p) {
     void * dev[] = {p->centroids, p->sizes, p->offsets, p->positions, p->labels, p->init_rows,
                     p->list_pos, p->list_n, p->attended, p->scratch, p->page_min, p->page_max,
                     p->slot_k, p->slot_v, p->slot_of, p->slot_owner, p->slot_stamp, p->slot_epoch,
-                    p->slot_scratch, p->list_slot, p->fetched, p->sel_keys};
+                    p->slot_scratch, p->fetched, p->sel_keys};
     for (void * d : dev) cudaFree(d);
+    if (p->fetch_stream) {
+        cudaStreamSynchronize(p->fetch_stream);
+        cudaStreamDestroy(p->fetch_stream);
+    }
+    if (p->attended_ev) cudaEventDestroy(p->attended_ev);
+    if (p->fetched_ev) cudaEventDestroy(p->fetched_ev);
     void * host[] = {p->comp_of, p->last_sparse, p->span_end, p->span_clusters, p->h_init, p->perm};
     for (void * h : host) free(h);
     free(p);
@@ -182,7 +193,6 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
         {(void **) &p->slot_stamp, sizeof(uint32_t) * P * p->n_slots},
         {(void **) &p->slot_epoch, offload ? sizeof(uint32_t) * P : 0},
         {(void **) &p->slot_scratch, sizeof(int32_t) * P * 2 * p->n_slots},
-        {(void **) &p->list_slot, offload ? sizeof(int32_t) * hp->n_layer * hp->n_head * (size_t) p->list_stride : 0},
         {(void **) &p->fetched, sizeof(unsigned long long)},
         {(void **) &p->list_pos, sizeof(int32_t) * hp->n_layer * hp->n_head * (size_t) p->list_stride},
         {(void **) &p->list_n, sizeof(int32_t) * hp->n_layer * hp->n_head},
@@ -203,6 +213,13 @@ int32_t cuda_kv_policy_create(const struct ckv_kv_policy_params * params, const 
     CKV_CUDA_CHECK(cudaMemset(p->attended, 0, sizeof(unsigned long long)));
     CKV_CUDA_CHECK(cudaMemset(p->fetched, 0, sizeof(unsigned long long)));
     if (offload) {   // no position resident, every slot empty and never stamped
+        if (cudaStreamCreateWithFlags(&p->fetch_stream, cudaStreamNonBlocking) != cudaSuccess ||
+            cudaEventCreateWithFlags(&p->attended_ev, cudaEventDisableTiming) != cudaSuccess ||
+            cudaEventCreateWithFlags(&p->fetched_ev, cudaEventDisableTiming) != cudaSuccess) {
+            cudaError_t err = cudaGetLastError();
+            cuda_kv_policy_free(p);
+            return ckv_fail(CKV_ERR_CUDA, "kv_offload: creating the fetch stream failed: %s", cudaGetErrorString(err));
+        }
         CKV_CUDA_CHECK(cudaMemset(p->slot_of, 0xFF, sizeof(int32_t) * P * n_ctx));
         CKV_CUDA_CHECK(cudaMemset(p->slot_owner, 0xFF, sizeof(int32_t) * P * p->n_slots));
         CKV_CUDA_CHECK(cudaMemset(p->slot_stamp, 0, sizeof(uint32_t) * P * p->n_slots));
@@ -378,6 +395,37 @@ bool cuda_kv_policy_sparse(const struct cuda_kv_policy * p, int32_t il) {
     return p->n_clusters > 0 && p->params.budget < p->end;
 }
 
+// kv_offload, after layer il's sparse decode: the slots take this step's lists (the rows the
+// next step will most likely list again), on fetch_stream so later layers need not wait.
+static int32_t fetch_after_attention(struct cuda_kv_policy * p, const struct cuda_select_args * sa,
+                                     const struct cuda_policy_attend_args * at, int64_t p0, cudaStream_t s) {
+    const int32_t d = p->head_dim;
+    struct cuda_kv_fetch_args fa = {};
+    fa.list_pos    = sa->list_pos;
+    fa.list_n      = sa->list_n;
+    fa.list_stride = p->list_stride;
+    fa.n_head      = p->n_head;
+    fa.n_head_kv   = p->n_head_kv;
+    fa.head_dim    = d;
+    fa.src_k       = at->k_layer;
+    fa.src_v       = at->v_layer;
+    fa.n_ctx       = p->n_ctx;
+    fa.n_slots     = p->n_slots;
+    fa.slot_k      = p->slot_k + p0 * p->n_slots * d;
+    fa.slot_v      = p->slot_v + p0 * p->n_slots * d;
+    fa.slot_of     = p->slot_of + p0 * p->n_ctx;
+    fa.owner       = p->slot_owner + p0 * p->n_slots;
+    fa.stamp       = p->slot_stamp + p0 * p->n_slots;
+    fa.epoch       = p->slot_epoch + p0;
+    fa.scratch     = p->slot_scratch + p0 * 2 * p->n_slots;
+    fa.n_copied    = p->fetched;
+    CKV_CUDA_CHECK(cudaEventRecord(p->attended_ev, s));
+    CKV_CUDA_CHECK(cudaStreamWaitEvent(p->fetch_stream, p->attended_ev, 0));
+    TRY_OK(ckv_cuda_kv_fetch(&fa, p->fetch_stream));
+    p->fetch_pending = true;
+    return CKV_OK;
+}
+
 int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_policy_attend_args * at,
                               cudaStream_t s) {
     const int32_t il = at->il, G = p->n_head_kv, d = p->head_dim, n_sink = p->params.n_sink;
@@ -426,38 +474,6 @@ int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_polic
     }
     TRY_OK(ckv_cuda_select(&sa, s));
 
-    // kv_offload: bring the listed rows into the slots, attend through the slot lists.
-    const __half * k_rows = at->k_layer, * v_rows = at->v_layer;
-    const int32_t * lists = sa.list_pos;
-    int32_t n_rows = p->n_ctx;
-    if (p->offload) {
-        struct cuda_kv_fetch_args fa = {};
-        fa.list_pos    = sa.list_pos;
-        fa.list_n      = sa.list_n;
-        fa.list_stride = p->list_stride;
-        fa.list_slot   = p->list_slot + (int64_t) il * p->n_head * p->list_stride;
-        fa.n_head      = p->n_head;
-        fa.n_head_kv   = G;
-        fa.head_dim    = d;
-        fa.src_k       = at->k_layer;
-        fa.src_v       = at->v_layer;
-        fa.n_ctx       = p->n_ctx;
-        fa.n_slots     = p->n_slots;
-        fa.slot_k      = p->slot_k + p0 * p->n_slots * d;
-        fa.slot_v      = p->slot_v + p0 * p->n_slots * d;
-        fa.slot_of     = p->slot_of + p0 * p->n_ctx;
-        fa.owner       = p->slot_owner + p0 * p->n_slots;
-        fa.stamp       = p->slot_stamp + p0 * p->n_slots;
-        fa.epoch       = p->slot_epoch + p0;
-        fa.scratch     = p->slot_scratch + p0 * 2 * p->n_slots;
-        fa.n_copied    = p->fetched;
-        TRY_OK(ckv_cuda_kv_fetch(&fa, s));
-        k_rows = fa.slot_k;
-        v_rows = fa.slot_v;
-        lists  = fa.list_slot;
-        n_rows = p->n_slots;
-    }
-
     int32_t max_list;
     if (p->mode == CKV_SELECT_CLUSTERS) {
         int32_t clustered_taken = room < p->end - n_sink ? room : p->end - n_sink;
@@ -468,11 +484,28 @@ int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_polic
     int32_t n_split = ckv_cuda_sparse_attention_splits(p->n_head, max_list);
     int64_t fit = at->partial_cap / p->n_head;
     n_split = n_split < fit ? n_split : (int32_t) (fit > 1 ? fit : 1);
-    struct cuda_sparse_attention_args aa = {at->q, k_rows, v_rows, n_rows, lists, sa.list_n,
+    struct cuda_sparse_attention_args aa = {at->q, at->k_layer, at->v_layer, p->n_ctx, sa.list_pos, sa.list_n,
                                             p->list_stride, max_list, at->out, at->partial, p->n_head, G, d,
                                             n_split, at->scale, at->out_q,
                                             p->mode == CKV_SELECT_CLUSTERS && p->params.select_per_kv_head != 0};
-    return ckv_cuda_sparse_attention(&aa, s);
+    if (p->offload) {   // resident rows from the slots, the others over PCIe
+        aa.slot_of = p->slot_of + p0 * p->n_ctx;
+        aa.slot_k  = p->slot_k + p0 * p->n_slots * d;
+        aa.slot_v  = p->slot_v + p0 * p->n_slots * d;
+        aa.n_slots = p->n_slots;
+    }
+    TRY_OK(ckv_cuda_sparse_attention(&aa, s));
+    return p->offload ? fetch_after_attention(p, &sa, at, p0, s) : CKV_OK;
+}
+
+int32_t cuda_kv_policy_join(struct cuda_kv_policy * p, cudaStream_t s) {
+    if (!p || !p->fetch_pending) {
+        return CKV_OK;
+    }
+    CKV_CUDA_CHECK(cudaEventRecord(p->fetched_ev, p->fetch_stream));
+    CKV_CUDA_CHECK(cudaStreamWaitEvent(s, p->fetched_ev, 0));
+    p->fetch_pending = false;
+    return CKV_OK;
 }
 
 void cuda_kv_policy_count_step(struct cuda_kv_policy * p, int32_t pos, bool decode_step) {

@@ -26,11 +26,13 @@ struct ckv_kv_stats;
 struct hparams;
 struct cuda_kv_policy;
 
-// kv_offload (offload, clusterkv only): the compressed layers' K/V live in host memory; after
-// each step's selection ckv_cuda_kv_fetch brings the listed rows into a per-(layer, KV head)
-// cache of slots (a group's lists' union: budget + tail rows per query head, or per KV head when
-// selecting per KV head), copying only rows not already there, and the sparse decode reads the
-// slots. The GPU's KV memory is then the slots, not n_ctx.
+// kv_offload (offload, clusterkv only): the compressed layers' K/V live in host memory and the GPU
+// keeps a per-(layer, KV head) cache of slots for the rows the last step selected (a group's
+// lists' union: budget + tail rows per query head, or per KV head when selecting per KV head).
+// The sparse decode reads a listed row from its slot, or over PCIe when it has none; then
+// ckv_cuda_kv_fetch refills the slots with this step's lists, copying only rows not already
+// there, on the policy's own stream while later layers compute (cuda_kv_policy_join waits for
+// it). The GPU's KV memory is then the slots, not n_ctx.
 //
 // params must be a validated streaming, quest or clusterkv policy (kv_policy_init_params_only;
 // other policies fail with CKV_ERR_UNSUPPORTED); layer_compressed
@@ -75,6 +77,11 @@ struct cuda_policy_attend_args {
 };
 int32_t cuda_kv_policy_attend(struct cuda_kv_policy * p, const struct cuda_policy_attend_args * a,
                               cudaStream_t s);
+
+// kv_offload: makes stream s wait for the slot fetches this step's attention launched (NULL or
+// no offload: nothing). Call once per forward, before anything else uses the slots or the
+// stream is synchronised; a captured step must call it before its capture ends.
+int32_t cuda_kv_policy_join(struct cuda_kv_policy * p, cudaStream_t s);
 
 // Bookkeeping after a forward at pos: for a decode step the positions cached / attended per
 // compressed layer; which layers used lists (for cuda_kv_policy_selection; none in prefill).

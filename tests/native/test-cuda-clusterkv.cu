@@ -25,6 +25,8 @@
 //                                memory: lists identical (quest's bounds sum in the CPU's order)
 //   kv fetch (offload)           rows in the slots identical to the host rows listed, copies
 //                                = listed positions without a slot, maps consistent, forget
+//   sparse attention, offload    some rows from slots, the rest from mapped host memory: bit-
+//                                equal to reading the cache (both kernels)
 //   sparse attention vs f64      rel 1e-4 (f32 online softmax), lists of 1 .. 4000 positions,
 //                                tile remainders, split-K, GQA 1/4/7, head_dim 64/128/256
 //   all positions listed         equal to ckv_cuda_attention (dense decode) within rel 1e-5
@@ -717,8 +719,8 @@ static void test_window_policy_twin(int policy, int page_size) {
 // --- host offload: the fetch into the GPU's slots ----------------------------------------------------
 
 // Six steps of random position lists over rows in mapped host memory: after each fetch every
-// slot-list entry must hold its position's K and V rows, exactly the listed positions that had
-// no slot are copied (a repeated step copies nothing), slot_of / owner stay each other's
+// listed position must have a slot holding its K and V rows, exactly the listed positions that
+// had no slot are copied (a repeated step copies nothing), slot_of / owner stay each other's
 // inverse, and a forget drops the positions from a point on.
 static void test_kv_fetch(void) {
     const int G = 2, H = 8, group = H / G, d = 128, n_ctx = 3000, stride = 300, n_slots = group * stride;
@@ -733,14 +735,14 @@ static void test_kv_fetch(void) {
     dbuf<__half> sk((size_t) G * n_slots * d), sv(sk.n);
     dbuf<int32_t> slot_of((size_t) G * n_ctx), owner((size_t) G * n_slots), scratch((size_t) G * 2 * n_slots);
     dbuf<uint32_t> stamp((size_t) G * n_slots), epoch(G);
-    dbuf<int32_t> lpos((size_t) H * stride), ln(H), lslot((size_t) H * stride);
+    dbuf<int32_t> lpos((size_t) H * stride), ln(H);
     dbuf<unsigned long long> copied(1);
     CHECK_CUDA(cudaMemset(slot_of.p, 0xFF, slot_of.n * 4));
     CHECK_CUDA(cudaMemset(owner.p, 0xFF, owner.n * 4));
     CHECK_CUDA(cudaMemset(stamp.p, 0, stamp.n * 4));
     CHECK_CUDA(cudaMemset(epoch.p, 0, epoch.n * 4));
     CHECK_CUDA(cudaMemset(copied.p, 0, 8));
-    cuda_kv_fetch_args a = {lpos.p, ln.p, stride, lslot.p, H, G, d, hk, hv, n_ctx, sk.p, sv.p, n_slots,
+    cuda_kv_fetch_args a = {lpos.p, ln.p, stride, H, G, d, hk, hv, n_ctx, sk.p, sv.p, n_slots,
                             slot_of.p, owner.p, stamp.p, epoch.p, scratch.p, copied.p};
     std::vector<int32_t> lists((size_t) H * stride), n(H);
     int bad_rows = 0, bad_counts = 0, bad_maps = 0;
@@ -769,7 +771,7 @@ static void test_kv_fetch(void) {
                 }
         }
         CHECK_OK(ckv_cuda_kv_fetch(&a, 0));
-        std::vector<int32_t> sl = lslot.get(), map = slot_of.get(), own = owner.get();
+        std::vector<int32_t> map = slot_of.get(), own = owner.get();
         std::vector<__half> gk = sk.get(), gv = sv.get();
         unsigned long long total = copied.get()[0];
         bad_counts += total - copied_before != expect_copies;
@@ -777,8 +779,8 @@ static void test_kv_fetch(void) {
         for (int h = 0; h < H; h++) {
             const int g = h / group;
             for (int i = 0; i < n[h]; i++) {
-                int32_t p = lists[(size_t) h * stride + i], slot = sl[(size_t) h * stride + i];
-                bool ok = slot >= 0 && slot < n_slots && map[(size_t) g * n_ctx + p] == slot;
+                int32_t p = lists[(size_t) h * stride + i], slot = map[(size_t) g * n_ctx + p];
+                bool ok = slot >= 0 && slot < n_slots;
                 ok = ok && !memcmp(&gk[((size_t) g * n_slots + slot) * d], &hk[((size_t) g * n_ctx + p) * d], d * 2) &&
                      !memcmp(&gv[((size_t) g * n_slots + slot) * d], &hv[((size_t) g * n_ctx + p) * d], d * 2);
                 bad_rows += !ok;
@@ -847,9 +849,46 @@ static void attend_list_ref(const att_cache & c, int g, const float * q, const i
     }
 }
 
+// kv_offload's view of an att_cache: the rows in mapped host memory, a random part of them also
+// in slots (slot_of says which), so a sparse decode reads some rows from slots, the rest over PCIe.
+struct offload_rows {
+    __half * hk = NULL, * hv = NULL;
+    int n_slots;
+    dbuf<int32_t> slot_of;
+    dbuf<__half> sk, sv;
+    offload_rows(const att_cache & c, double resident)
+        : n_slots(c.n_ctx), slot_of((size_t) c.n_head_kv * c.n_ctx), sk(c.k.size()), sv(c.k.size()) {
+        CHECK_CUDA(cudaHostAlloc(&hk, c.k.size() * 2, cudaHostAllocMapped));
+        CHECK_CUDA(cudaHostAlloc(&hv, c.k.size() * 2, cudaHostAllocMapped));
+        memcpy(hk, c.k.data(), c.k.size() * 2);
+        memcpy(hv, c.v.data(), c.v.size() * 2);
+        std::vector<int32_t> map((size_t) c.n_head_kv * c.n_ctx, -1), perm(n_slots);
+        std::vector<__half> k(c.k.size()), v(c.k.size());
+        for (int g = 0; g < c.n_head_kv; g++) {
+            for (int i = 0; i < n_slots; i++) perm[i] = i;
+            for (int i = n_slots - 1; i > 0; i--) std::swap(perm[i], perm[rnd_u32() % (uint32_t) (i + 1)]);
+            for (int p = 0; p < c.n_ctx; p++) {
+                if (rnd_uniform(0, 1) >= resident) continue;
+                const int32_t sl = perm[p];   // a slot per position, in scrambled order
+                map[(size_t) g * c.n_ctx + p] = sl;
+                memcpy(&k[((size_t) g * n_slots + sl) * c.hd], &c.k[((size_t) g * c.n_ctx + p) * c.hd], c.hd * 2);
+                memcpy(&v[((size_t) g * n_slots + sl) * c.hd], &c.v[((size_t) g * c.n_ctx + p) * c.hd], c.hd * 2);
+            }
+        }
+        CHECK_CUDA(cudaMemcpy(slot_of.p, map.data(), map.size() * 4, cudaMemcpyHostToDevice));
+        CHECK_CUDA(cudaMemcpy(sk.p, k.data(), k.size() * 2, cudaMemcpyHostToDevice));
+        CHECK_CUDA(cudaMemcpy(sv.p, v.data(), v.size() * 2, cudaMemcpyHostToDevice));
+    }
+    ~offload_rows() {
+        cudaFreeHost(hk);
+        cudaFreeHost(hv);
+    }
+};
+
 static std::vector<float> run_sparse(const att_cache & c, const std::vector<float> & q, int H,
                                      const std::vector<int32_t> & lists, const std::vector<int32_t> & ns,
-                                     int64_t stride, int n_split, float scale, bool shared = false) {
+                                     int64_t stride, int n_split, float scale, bool shared = false,
+                                     const offload_rows * off = NULL) {
     int max_list = 0;
     for (int x : ns) max_list = std::max(max_list, x);
     dbuf<float> dq(q), dout((size_t) H * c.hd), dpart((size_t) H * n_split * (c.hd + 4));
@@ -859,6 +898,14 @@ static std::vector<float> run_sparse(const att_cache & c, const std::vector<floa
     dbuf<char> dout_q(q_bytes), dref_q(q_bytes);
     cuda_sparse_attention_args a = {dq.p, c.dk.p, c.dv.p, c.n_ctx, dl.p, dn.p, stride, max_list, dout.p, dpart.p,
                                     H, c.n_head_kv, c.hd, n_split, scale, dout_q.p, shared};
+    if (off) {
+        a.k_cache = off->hk;
+        a.v_cache = off->hv;
+        a.slot_of = off->slot_of.p;
+        a.slot_k  = off->sk.p;
+        a.slot_v  = off->sv.p;
+        a.n_slots = off->n_slots;
+    }
     CHECK_OK(ckv_cuda_sparse_attention(&a, 0));
     CHECK_OK(ckv_cuda_quantize_q8(dout.p, dref_q.p, (int64_t) H * c.hd, 0));
     CHECK_CUDA(cudaDeviceSynchronize());
@@ -971,6 +1018,12 @@ static void test_sparse_shared(int hd, int H, int G, int pos, int len, int n_spl
     std::vector<float> grouped = run_sparse(c, q, H, lists, ns, stride, n_split, scale, true);
     expect(per_head == grouped, "sparse attention, shared lists hd=%d gqa=%d len=%d splits=%d: group kernel == "
            "per-head kernel, bit for bit", hd, group, len, n_split);
+    // kv_offload: 70% of the rows in slots, the rest read from host memory; same bits
+    offload_rows off(c, 0.7);
+    std::vector<float> per_head_off = run_sparse(c, q, H, lists, ns, stride, n_split, scale, false, &off);
+    std::vector<float> grouped_off  = run_sparse(c, q, H, lists, ns, stride, n_split, scale, true, &off);
+    expect(per_head_off == per_head && grouped_off == grouped, "sparse attention through slots (kv_offload) hd=%d "
+           "gqa=%d len=%d: per-head and group kernels == reading the cache, bit for bit", hd, group, len);
 }
 
 static void test_sparse(void) {
