@@ -23,7 +23,8 @@ __device__ __forceinline__ float load_elt(const void * x, bool f16, int64_t i) {
 // (per-chunk histograms, a per-problem scan, a stable warp-serial scatter), the update as a
 // segmented reduction over each cluster's rows in ascending row order (f64, the CPU's order, so
 // the centroids are bit-identical for identical labels), the normalised centroid table, and the
-// fused assignment (register-tiled dot products with a running argmax; no n x k matrix). A
+// fused assignment (dot products with a running argmax; no n x k matrix: on the tensor cores
+// for f16 keys, register-tiled f32 FMAs otherwise). A
 // problem whose last assignment changed nothing is marked inactive on the device and every
 // later kernel returns at once for it, so the host launches max_iter iterations without waiting.
 
@@ -39,7 +40,9 @@ enum {
 
 // Scratch carved out of cuda_kmeans_args.scratch.
 struct km_scratch {
-    float *   cn;          // [P][d][k_pad] normalised centroids, transposed (columns >= k zero)
+    float *   cn;          // [P][d][k_pad] normalised centroids, transposed (columns >= k zero);
+                           // for f16 keys the same bytes hold them split in two f16 tables
+                           // [P][hi | lo][k_pad][d] (km_split_centroid)
     int32_t * chunk_base;  // [P][n_chunks][k] per-chunk histogram, then write cursors
     int32_t * sizes;       // [P][k] this sort's cluster sizes
     int32_t * offsets;     // [P][k]
@@ -96,24 +99,38 @@ static __global__ void km_init_kernel(cuda_kmeans_args a, km_scratch s) {
     }
 }
 
+// A normalised centroid value as hi + lo / KM_LO_SCALE, both f16: the tensor cores multiply f16
+// keys by each part exactly and accumulate in f32, so the score keeps ~22 bits of the centroid
+// (a lone f16 would keep 11 and flip near ties the CPU's f32 decides).
+#define KM_LO_SCALE 2048.0f
+__device__ __forceinline__ void km_split_centroid(float v, __half * hi, __half * lo) {
+    *hi = __float2half_rn(v);
+    *lo = __float2half_rn((v - __half2float(*hi)) * KM_LO_SCALE);
+}
+
 // cn_j = c_j * (float) (1 / sqrt(sum c_j[t]^2 in f64)), a zero centroid staying zero: the CPU's
 // normalise_centroids operation for operation (one thread per centroid, the same summation
 // order), so both assignments see the same table. Stored transposed, [d][k_pad], so the
-// assignment's tile loads are coalesced (the CPU's AVX2 path uses the same layout).
-static __global__ void km_normalise_kernel(cuda_kmeans_args a, km_scratch s, bool only_active) {
+// assignment's tile loads are coalesced (the CPU's AVX2 path uses the same layout); for f16
+// keys (split) as hi / lo rows [k_pad][d] for the tensor-core assignment.
+static __global__ void km_normalise_kernel(cuda_kmeans_args a, km_scratch s, bool only_active, bool split) {
     int p = blockIdx.y, k_pad = ceil_div(a.k, KM_BN) * KM_BN;
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if ((only_active && !s.active[p]) || j >= k_pad) return;
-    float * cn = s.cn + (int64_t) p * a.d * k_pad + j;
-    if (j >= a.k) {
-        for (int t = 0; t < a.d; t++) cn[(int64_t) t * k_pad] = 0.0f;
-        return;
-    }
+    float *  cn = s.cn + (int64_t) p * a.d * k_pad + j;
+    __half * hi = (__half *) (s.cn + (int64_t) p * a.d * k_pad) + (int64_t) j * a.d, * lo = hi + (int64_t) k_pad * a.d;
     const float * c = a.centroids + p * a.cent_stride + (int64_t) j * a.d;
-    double ss = 0.0;
-    for (int t = 0; t < a.d; t++) ss += (double) c[t] * c[t];
-    float inv = ss > 0.0 ? (float) (1.0 / sqrt(ss)) : 0.0f;
-    for (int t = 0; t < a.d; t++) cn[(int64_t) t * k_pad] = c[t] * inv;
+    float inv = 0.0f;
+    if (j < a.k) {
+        double ss = 0.0;
+        for (int t = 0; t < a.d; t++) ss += (double) c[t] * c[t];
+        inv = ss > 0.0 ? (float) (1.0 / sqrt(ss)) : 0.0f;
+    }
+    for (int t = 0; t < a.d; t++) {
+        float v = j < a.k ? c[t] * inv : 0.0f;
+        if (split) km_split_centroid(v, &hi[t], &lo[t]);
+        else cn[(int64_t) t * k_pad] = v;
+    }
 }
 
 // Running argmax merge: the higher score, and on equal scores the lower centroid index.
@@ -203,6 +220,125 @@ static __global__ void __launch_bounds__(KM_THREADS) km_assign_kernel(cuda_kmean
     }
     changed = __reduce_add_sync(0xffffffffu, changed);
     if ((tid % CKV_WARP) == 0 && changed) atomicAdd(&s.changed[p], changed);
+}
+
+// Fused assignment on the tensor cores (f16 keys): block = KT_BM rows of problem blockIdx.y,
+// f16 in shared memory as they are in the cache (no normalisation needed: a row's norm scales
+// all its scores alike); centroid tiles of KM_BN rows stream through, hi and lo parts. Warp
+// (wm, wn) of 4 x 2 computes rows 32 wm .. + 31 against centroids 32 wn .. + 31 of each tile
+// with mma m16n8k16 (score = hi + lo / KM_LO_SCALE, f32), keeps a running argmax per row over
+// its columns in ascending j (strict >), and the lanes of a quad, then the two column warps,
+// merge (equal scores: the lower index, as the CPU). Rows padded by 16 bytes keep the fragment
+// loads on distinct banks.
+enum { KT_BM = 128, KT_THREADS = 256, KT_PAD = 8 };
+
+__device__ __forceinline__ uint32_t ld_h2(const __half * p) { return *(const uint32_t *) p; }
+
+static size_t km_assign_tc_smem(int d) { return sizeof(__half) * (size_t) (KT_BM + 2 * KM_BN) * (d + KT_PAD); }
+
+static __global__ void __launch_bounds__(KT_THREADS) km_assign_tc_kernel(cuda_kmeans_args a, km_scratch s,
+                                                                         bool only_active) {
+    const int p = blockIdx.y;
+    if (only_active && !s.active[p]) return;
+    extern __shared__ __align__(16) unsigned char kt_smem[];
+    __shared__ float best_s[2][KT_BM];
+    __shared__ int   bj_s[2][KT_BM];
+    const int d = a.d, ld = d + KT_PAD, vec = d / 8;   // halves per shared row, 16-byte chunks per row
+    __half * xs = (__half *) kt_smem;   // [KT_BM][ld]
+    __half * ch = xs + KT_BM * ld;      // [KM_BN][ld] centroid tile, hi
+    __half * cl = ch + KM_BN * ld;      // [KM_BN][ld] lo
+    const int tid = threadIdx.x, lane = tid % CKV_WARP, warp = tid / CKV_WARP;
+    const int wm = warp % 4, wn = warp / 4, g = lane / 4, t4 = lane % 4;
+    const int64_t row0 = (int64_t) blockIdx.x * KT_BM;
+    const int k_pad = ceil_div(a.k, KM_BN) * KM_BN;
+    const __half * x = (const __half *) a.x + p * a.x_stride;
+    for (int i = tid; i < KT_BM * vec; i += KT_THREADS) {
+        const int r = i / vec, c = i % vec;
+        const int64_t row = row0 + r;
+        *(uint4 *) &xs[r * ld + 8 * c] = row < a.n ? ((const uint4 *) (x + row * d))[c] : make_uint4(0, 0, 0, 0);
+    }
+    const __half * c_hi = (const __half *) (s.cn + (int64_t) p * d * k_pad), * c_lo = c_hi + (int64_t) k_pad * d;
+    float best[2][2];   // [m tile][row g | g + 8]
+    int   bj[2][2];
+    for (int m = 0; m < 4; m++) {
+        best[m / 2][m % 2] = -INFINITY;
+        bj[m / 2][m % 2]   = 0;
+    }
+    for (int j0 = 0; j0 < a.k; j0 += KM_BN) {
+        __syncthreads();   // the previous tile is consumed (first time: xs is written)
+        for (int i = tid; i < KM_BN * vec; i += KT_THREADS) {
+            const int r = i / vec, c = i % vec;
+            *(uint4 *) &ch[r * ld + 8 * c] = ((const uint4 *) (c_hi + (int64_t) (j0 + r) * d))[c];
+            *(uint4 *) &cl[r * ld + 8 * c] = ((const uint4 *) (c_lo + (int64_t) (j0 + r) * d))[c];
+        }
+        __syncthreads();
+        float hi[2][4][4] = {}, lo[2][4][4] = {};   // [m tile][n tile][C regs]
+        for (int k0 = 0; k0 < d; k0 += 16) {
+            uint32_t af[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) {
+                const __half * r = xs + (32 * wm + 16 * mt + g) * ld + k0 + 2 * t4;
+                af[mt][0] = ld_h2(r);
+                af[mt][1] = ld_h2(r + 8 * ld);
+                af[mt][2] = ld_h2(r + 8);
+                af[mt][3] = ld_h2(r + 8 * ld + 8);
+            }
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const int off = (32 * wn + 8 * nt + g) * ld + k0 + 2 * t4;
+                const uint32_t h0 = ld_h2(ch + off), h1 = ld_h2(ch + off + 8);
+                const uint32_t l0 = ld_h2(cl + off), l1 = ld_h2(cl + off + 8);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma_16816(hi[mt][nt], af[mt], h0, h1);
+                    mma_16816(lo[mt][nt], af[mt], l0, l1);
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {   // C reg e: row g + 8 (e / 2), column 2 t4 + e % 2
+                    const int   j  = j0 + 32 * wn + 8 * nt + 2 * t4 + e % 2;
+                    const float sc = hi[mt][nt][e] + lo[mt][nt][e] * (1.0f / KM_LO_SCALE);
+                    if (j < a.k && sc > best[mt][e / 2]) {
+                        best[mt][e / 2] = sc;
+                        bj[mt][e / 2]   = j;
+                    }
+                }
+    }
+#pragma unroll
+    for (int m = 0; m < 4; m++) {
+        float & b = best[m / 2][m % 2];
+        int &   j = bj[m / 2][m % 2];
+        for (int o = 1; o < 4; o <<= 1) {   // the quad's columns
+            float ob = __shfl_xor_sync(0xffffffffu, b, o);
+            int   oj = __shfl_xor_sync(0xffffffffu, j, o);
+            argmax_merge(b, j, ob, oj);
+        }
+        if (t4 == 0) {
+            const int r = 32 * wm + 16 * (m / 2) + g + 8 * (m % 2);
+            best_s[wn][r] = b;
+            bj_s[wn][r]   = j;
+        }
+    }
+    __syncthreads();
+    if (tid < KT_BM) {   // warps 0-3, whole
+        float b = best_s[0][tid];
+        int   j = bj_s[0][tid];
+        argmax_merge(b, j, best_s[1][tid], bj_s[1][tid]);
+        const int64_t row = row0 + tid;
+        int changed = 0;
+        if (row < a.n) {
+            int32_t * lab = a.labels + (int64_t) p * a.n + row;
+            changed = *lab != j;
+            *lab = j;
+        }
+        changed = __reduce_add_sync(0xffffffffu, changed);
+        if (lane == 0 && changed) atomicAdd(&s.changed[p], changed);
+    }
 }
 
 // Counting sort, pass 1: the histogram of labels over each chunk of KM_CHUNK rows.
@@ -385,24 +521,33 @@ int32_t ckv_cuda_kmeans(const struct cuda_kmeans_args * ap, cudaStream_t st) {
     km_scratch s;
     km_layout(a.n_problems, a.n, a.k, a.d, (char *) a.scratch, &s);
     CKV_CUDA_CHECK(cudaFuncSetAttribute(km_chunk_hist_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) hist_smem));
-    auto assign = a.x_f16 ? km_assign_kernel<true> : km_assign_kernel<false>;
     auto update = a.x_f16 ? km_update_kernel<true> : km_update_kernel<false>;
-    CKV_CUDA_CHECK(cudaFuncSetAttribute(assign, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) asg_smem));
+    // f16 keys whose rows start on 16 bytes (the cache's) take the tensor-core assignment
+    const bool tc = a.x_f16 && (uintptr_t) a.x % 16 == 0 && a.x_stride % 8 == 0;
+    auto simt = a.x_f16 ? km_assign_kernel<true> : km_assign_kernel<false>;
+    const size_t tc_smem = km_assign_tc_smem(a.d);
+    CKV_CUDA_CHECK(cudaFuncSetAttribute(simt, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) asg_smem));
+    CKV_CUDA_CHECK(cudaFuncSetAttribute(km_assign_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int) tc_smem));
     int  k_pad = ceil_div(a.k, KM_BN) * KM_BN, P = a.n_problems;
-    dim3 g_norm(ceil_div(k_pad, 128), P), g_asg(ceil_div(a.n, KM_BM), P), g_upd(ceil_div(a.k, 8), P);
+    dim3 g_norm(ceil_div(k_pad, 128), P), g_upd(ceil_div(a.k, 8), P);
+    auto assign = [&](bool only_active) {
+        if (tc) km_assign_tc_kernel<<<dim3(ceil_div(a.n, KT_BM), P), KT_THREADS, tc_smem, st>>>(a, s, only_active);
+        else simt<<<dim3(ceil_div(a.n, KM_BM), P), KM_THREADS, asg_smem, st>>>(a, s, only_active);
+    };
     int  n_chunks = ceil_div(a.n, KM_CHUNK);
     int64_t init_items = (int64_t) a.k * a.d > a.n ? (int64_t) a.k * a.d : a.n;
     km_init_kernel<<<dim3(min(ceil_div(init_items, 256), 1024), P), 256, 0, st>>>(a, s);
-    km_normalise_kernel<<<g_norm, 128, 0, st>>>(a, s, false);
-    assign<<<g_asg, KM_THREADS, asg_smem, st>>>(a, s, false);
+    km_normalise_kernel<<<g_norm, 128, 0, st>>>(a, s, false, tc);
+    assign(false);
     km_step_kernel<<<ceil_div(P, 128), 128, 0, st>>>(s, P, -1);
     for (int it = 0; it < a.max_iter; it++) {
         km_chunk_hist_kernel<<<dim3(n_chunks, P), 256, hist_smem, st>>>(a, s, true);
         km_scan_kernel<<<P, KM_SCAN_THREADS, 0, st>>>(a, s, n_chunks, true);
         km_scatter_kernel<<<dim3(ceil_div(n_chunks, 4), P), 4 * CKV_WARP, 0, st>>>(a, s, n_chunks, true);
         update<<<g_upd, 8 * CKV_WARP, 0, st>>>(a, s);
-        km_normalise_kernel<<<g_norm, 128, 0, st>>>(a, s, true);
-        assign<<<g_asg, KM_THREADS, asg_smem, st>>>(a, s, true);
+        km_normalise_kernel<<<g_norm, 128, 0, st>>>(a, s, true, tc);
+        assign(true);
         km_step_kernel<<<ceil_div(P, 128), 128, 0, st>>>(s, P, it);
     }
     km_chunk_hist_kernel<<<dim3(n_chunks, P), 256, hist_smem, st>>>(a, s, false);

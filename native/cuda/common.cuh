@@ -315,4 +315,14 @@ __device__ __forceinline__ void quantize_chunk_warp(float v, struct cq8x * dst) 
     }
 }
 
+// c += a b on the tensor cores: one m16n8k16 tile, f16 in, f32 accumulate. Fragment layouts
+// are the PTX ISA's: lane = 4 g + t4; A regs (row g | g+8, cols 2t4 | 2t4+8), B regs (k rows
+// 2t4 | 2t4+8, col g), C (row g | g+8, cols 2t4, 2t4+1).
+__device__ __forceinline__ void mma_16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 #endif  // CKV_CUDA_COMMON_CUH
