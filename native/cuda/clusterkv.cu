@@ -439,44 +439,57 @@ static __global__ void km_scatter_kernel(cuda_kmeans_args a, km_scratch s, int n
 }
 
 // Update: one warp per cluster sums its member rows in ascending row order in f64 (lane l holds
-// dims l, l + 32, ...), then c = (float) (sum / size); an empty cluster keeps its centroid.
-template <bool F16>
+// dims l, l + 32, ..., ND of them), then c = (float) (sum / size); an empty cluster keeps its
+// centroid. The rows are scattered, so the warp keeps many in flight: the next 32 members' row
+// indices come in one coalesced load (shuffled out), then R rows' loads at a time (~32 values a
+// lane) before their adds, which stay in row order.
+template <int ND, bool F16>
 static __global__ void km_update_kernel(cuda_kmeans_args a, km_scratch s) {
+    constexpr int R = 32 / ND > 16 ? 16 : (32 / ND < 4 ? 4 : 32 / ND);
     int p = blockIdx.y, j = blockIdx.x * (blockDim.x / CKV_WARP) + threadIdx.x / CKV_WARP;
     int lane = threadIdx.x % CKV_WARP;
     if (!s.active[p] || j >= a.k) return;
     int32_t size = s.sizes[(int64_t) p * a.k + j];
     if (size == 0) return;
     const int32_t * mem = s.order + (int64_t) p * a.n + s.offsets[(int64_t) p * a.k + j];
-    const int nd = a.d / CKV_WARP;   // <= 8
-    double acc[8] = {};
-    int64_t xb = p * a.x_stride;
-    int m = 0;
-    for (; m + 4 <= size; m += 4) {   // four rows' loads in flight, added in row order
-        float v[4][8];
+    double acc[ND] = {};
+    const int64_t xb = p * a.x_stride;
+    for (int32_t m0 = 0; m0 < size; m0 += CKV_WARP) {
+        const int     cnt  = min(CKV_WARP, size - m0);
+        const int32_t mine = lane < cnt ? mem[m0 + lane] : 0;
+        for (int u0 = 0; u0 < cnt; u0 += R) {
+            float v[R][ND];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int64_t row = mem[m + u];
+            for (int u = 0; u < R; u++) {
+                const int64_t row = __shfl_sync(0xffffffffu, mine, (u0 + u) % CKV_WARP);
 #pragma unroll
-            for (int i = 0; i < 8; i++)
-                if (i < nd) v[u][i] = load_elt(a.x, F16, xb + row * a.d + lane + 32 * i);
+                for (int i = 0; i < ND; i++)
+                    v[u][i] = u0 + u < cnt ? load_elt(a.x, F16, xb + row * a.d + lane + 32 * i) : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < R; u++)
+                if (u0 + u < cnt)
+#pragma unroll
+                    for (int i = 0; i < ND; i++) acc[i] += (double) v[u][i];
         }
-#pragma unroll
-        for (int u = 0; u < 4; u++)
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                if (i < nd) acc[i] += (double) v[u][i];
-    }
-    for (; m < size; m++) {
-        int64_t row = mem[m];
-#pragma unroll
-        for (int i = 0; i < 8; i++)
-            if (i < nd) acc[i] += (double) load_elt(a.x, F16, xb + row * a.d + lane + 32 * i);
     }
     float * c = a.centroids + p * a.cent_stride + (int64_t) j * a.d;
 #pragma unroll
-    for (int i = 0; i < 8; i++)
-        if (i < nd) c[lane + 32 * i] = (float) (acc[i] / size);
+    for (int i = 0; i < ND; i++) c[lane + 32 * i] = (float) (acc[i] / size);
+}
+
+// km_update_kernel for d = 32 nd (nd in 1..8, as ckv_cuda_kmeans checks).
+template <bool F16> static void (*km_update_for(int nd))(cuda_kmeans_args, km_scratch) {
+    switch (nd) {
+        case 1: return km_update_kernel<1, F16>;
+        case 2: return km_update_kernel<2, F16>;
+        case 3: return km_update_kernel<3, F16>;
+        case 4: return km_update_kernel<4, F16>;
+        case 5: return km_update_kernel<5, F16>;
+        case 6: return km_update_kernel<6, F16>;
+        case 7: return km_update_kernel<7, F16>;
+        default: return km_update_kernel<8, F16>;
+    }
 }
 
 // After iteration `it`'s assignment (it < 0: the initial one, whose changes do not count):
@@ -521,7 +534,7 @@ int32_t ckv_cuda_kmeans(const struct cuda_kmeans_args * ap, cudaStream_t st) {
     km_scratch s;
     km_layout(a.n_problems, a.n, a.k, a.d, (char *) a.scratch, &s);
     CKV_CUDA_CHECK(cudaFuncSetAttribute(km_chunk_hist_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) hist_smem));
-    auto update = a.x_f16 ? km_update_kernel<true> : km_update_kernel<false>;
+    auto update = a.x_f16 ? km_update_for<true>(a.d / 32) : km_update_for<false>(a.d / 32);
     // f16 keys whose rows start on 16 bytes (the cache's) take the tensor-core assignment
     const bool tc = a.x_f16 && (uintptr_t) a.x % 16 == 0 && a.x_stride % 8 == 0;
     auto simt = a.x_f16 ? km_assign_kernel<true> : km_assign_kernel<false>;
