@@ -1222,6 +1222,42 @@ __device__ __forceinline__ const __half * sp_addr(const __half * cache, const __
     return r >= 0 ? rows_pos + (size_t) r * HD : cache + (size_t) ~r * HD;
 }
 
+// KV head kvh's rows: the cache, and those sp_row's r >= 0 address (the cache, or the slots).
+struct sp_rows {
+    const __half * k, * v, * k_pos, * v_pos;
+};
+template <int HD> __device__ __forceinline__ sp_rows sp_rows_of(const cuda_sparse_attention_args & a, int kvh) {
+    sp_rows r;
+    r.k     = a.k_cache + (size_t) kvh * a.n_ctx * HD;
+    r.v     = a.v_cache + (size_t) kvh * a.n_ctx * HD;
+    r.k_pos = a.slot_of ? a.slot_k + (size_t) kvh * a.n_slots * HD : r.k;
+    r.v_pos = a.slot_of ? a.slot_v + (size_t) kvh * a.n_slots * HD : r.v;
+    return r;
+}
+
+// One tile's loads, all in flight before any use: the rows of list[tile .. tile + n_pos) into
+// ps (shared), then thread pair p / 2 loads half of K row p each, and thread (pg, cg) V chunk
+// cg of rows pg, pg + PG, ...; rows past n_pos load zeros. Every thread of the block calls it.
+template <int HD, int VPOS>
+__device__ __forceinline__ void sp_load_tile(const cuda_sparse_attention_args & a, int kvh, const sp_rows & rows,
+                                             const int32_t * list, int32_t tile, int n_pos, int32_t * ps,
+                                             uint4 kraw[HD / 16], uint4 vraw[VPOS]) {
+    constexpr int NCG = HD / 8, PG = SP_THREADS / NCG;
+    const int tid = threadIdx.x, cg = tid % NCG, pg = tid / NCG;
+    __syncthreads();   // ps / sc of the previous tile are consumed (first time: qs ready)
+    if (tid < SP_TILE) ps[tid] = tid < n_pos ? sp_row(a, kvh, list[tile + tid]) : 0;
+    __syncthreads();
+    const int p = tid >> 1, half = tid & 1;
+    const uint4 * kr = (const uint4 *) (sp_addr<HD>(rows.k, rows.k_pos, ps[p]) + half * (HD / 2));
+#pragma unroll
+    for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int k = 0; k < VPOS; k++) {
+        int vp = pg + PG * k;
+        vraw[k] = vp < n_pos ? ((const uint4 *) sp_addr<HD>(rows.v, rows.v_pos, ps[vp]))[cg] : make_uint4(0, 0, 0, 0);
+    }
+}
+
 template <int HD>
 static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_sparse_attention_args a) {
     pdl_begin();
@@ -1238,10 +1274,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
     int32_t j0, j1;
     sp_chunk(a, split, n_list, &j0, &j1);
     const int32_t * list = a.list_pos + (int64_t) h * a.list_stride;
-    const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
-    const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
-    const __half * kpos = a.slot_of ? a.slot_k + (size_t) kvh * a.n_slots * HD : kbase;   // rows of ps >= 0
-    const __half * vpos = a.slot_of ? a.slot_v + (size_t) kvh * a.n_slots * HD : vbase;
+    const sp_rows rows = sp_rows_of<HD>(a, kvh);
     for (int i = tid; i < HD; i += SP_THREADS) qs[i] = a.q[(int64_t) h * HD + i];
     if (tid == 0) {
         m_s = -INFINITY;
@@ -1251,19 +1284,9 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
     const int cg = tid % NCG, pg = tid / NCG;
     for (int32_t tile = j0; tile < j1; tile += SP_TILE) {
         const int n_pos = min(SP_TILE, j1 - tile);
-        __syncthreads();   // ps / sc of the previous tile are consumed (first time: qs ready)
-        if (tid < SP_TILE) ps[tid] = tid < n_pos ? sp_row(a, kvh, list[tile + tid]) : 0;
-        __syncthreads();
-        const int p = tid >> 1, half = tid & 1;
         uint4 kraw[HD / 16], vraw[VPOS];
-        const uint4 * kr = (const uint4 *) (sp_addr<HD>(kbase, kpos, ps[p]) + half * (HD / 2));
-#pragma unroll
-        for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int k = 0; k < VPOS; k++) {
-            int vp = pg + PG * k;
-            vraw[k] = vp < n_pos ? ((const uint4 *) sp_addr<HD>(vbase, vpos, ps[vp]))[cg] : make_uint4(0, 0, 0, 0);
-        }
+        sp_load_tile<HD, VPOS>(a, kvh, rows, list, tile, n_pos, ps, kraw, vraw);
+        const int p = tid >> 1, half = tid & 1;
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < HD / 16; i++) {
@@ -1349,10 +1372,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
     int32_t j0, j1;
     sp_chunk(a, split, n_list, &j0, &j1);
     const int32_t * list = a.list_pos + (int64_t) h0 * a.list_stride;
-    const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
-    const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
-    const __half * kpos = a.slot_of ? a.slot_k + (size_t) kvh * a.n_slots * HD : kbase;   // rows of ps >= 0
-    const __half * vpos = a.slot_of ? a.slot_v + (size_t) kvh * a.n_slots * HD : vbase;
+    const sp_rows rows = sp_rows_of<HD>(a, kvh);
     for (int i = tid; i < group * HD; i += SP_THREADS) qs[i / HD][i % HD] = a.q[(int64_t) h0 * HD + i];
     if (tid < GMAX) {
         m_s[tid] = -INFINITY;
@@ -1362,19 +1382,9 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
     const int cg = tid % NCG, pg = tid / NCG;
     for (int32_t tile = j0; tile < j1; tile += SP_TILE) {
         const int n_pos = min(SP_TILE, j1 - tile);
-        __syncthreads();   // ps / sc of the previous tile are consumed (first time: qs ready)
-        if (tid < SP_TILE) ps[tid] = tid < n_pos ? sp_row(a, kvh, list[tile + tid]) : 0;
-        __syncthreads();
-        const int p = tid >> 1, half = tid & 1;
         uint4 kraw[HD / 16], vraw[VPOS];
-        const uint4 * kr = (const uint4 *) (sp_addr<HD>(kbase, kpos, ps[p]) + half * (HD / 2));
-#pragma unroll
-        for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
-#pragma unroll
-        for (int k = 0; k < VPOS; k++) {
-            int vp = pg + PG * k;
-            vraw[k] = vp < n_pos ? ((const uint4 *) sp_addr<HD>(vbase, vpos, ps[vp]))[cg] : make_uint4(0, 0, 0, 0);
-        }
+        sp_load_tile<HD, VPOS>(a, kvh, rows, list, tile, n_pos, ps, kraw, vraw);
+        const int p = tid >> 1, half = tid & 1;
 #pragma unroll
         for (int h = 0; h < GMAX; h++) {
             if (h >= group) break;
