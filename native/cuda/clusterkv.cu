@@ -1258,6 +1258,60 @@ __device__ __forceinline__ void sp_load_tile(const cuda_sparse_attention_args & 
     }
 }
 
+// The online softmax over one tile's SP_TILE scores (sc, shared), by one warp: sc becomes the
+// weights e^(s - m_new), the running max *m and sum *l move on, *corr rescales the accumulators.
+__device__ __forceinline__ void sp_softmax_tile(float * sc, float * m, float * l, float * corr_out) {
+    const int lane = threadIdx.x % CKV_WARP;
+    float s0 = sc[lane], s1 = sc[lane + 32];
+    float m_old = *m, m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
+    float p0 = 0.0f, p1 = 0.0f, corr = 1.0f;
+    if (m_new != -INFINITY) {
+        p0 = expf(s0 - m_new);
+        p1 = expf(s1 - m_new);
+        corr = expf(m_old - m_new);
+    }
+    float sum = warp_sum(p0 + p1);
+    sc[lane] = p0;
+    sc[lane + 32] = p1;
+    __syncwarp();
+    if (lane == 0) {
+        *l = *l * corr + sum;
+        *m = m_new;
+        *corr_out = corr;
+    }
+}
+
+// Head h's output from every thread's acc (its position group pg and 8 dims): the groups summed
+// through red, then out (one split: / l, also quantised when asked) or the split's partial
+// (acc, m, l). m and l point to shared memory, read after the barriers. Every thread calls it.
+template <int HD>
+__device__ __forceinline__ void sp_finish_head(const cuda_sparse_attention_args & a, float (*red)[HD],
+                                               const float acc[8], int h, int split, const float * m,
+                                               const float * l) {
+    constexpr int NCG = HD / 8, PG = SP_THREADS / NCG;
+    const int tid = threadIdx.x, cg = tid % NCG, pg = tid / NCG;
+    __syncthreads();
+    *(float4 *) &red[pg][8 * cg]     = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    *(float4 *) &red[pg][8 * cg + 4] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+    __syncthreads();
+    for (int dd = tid; dd < HD; dd += SP_THREADS) {
+        float o = 0.0f;
+        for (int k = 0; k < PG; k++) o += red[k][dd];
+        if (a.n_split == 1) {
+            const float val = *l > 0.0f ? o / *l : 0.0f;
+            a.out[(int64_t) h * HD + dd] = val;
+            if (a.out_q) quantize_chunk_warp(val, (cq8x *) a.out_q + ((int64_t) h * HD + dd) / 32);
+        } else {
+            float * slot = a.partial + ((int64_t) h * a.n_split + split) * (HD + 4);
+            slot[dd] = o;
+            if (dd == 0) {
+                slot[HD]     = *m;
+                slot[HD + 1] = *l;
+            }
+        }
+    }
+}
+
 template <int HD>
 static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_sparse_attention_args a) {
     pdl_begin();
@@ -1268,7 +1322,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
     __shared__ int32_t ps[SP_TILE];
     __shared__ float m_s, l_s, corr_s;
     __shared__ __align__(16) float red[PG][HD];
-    const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x, lane = tid % CKV_WARP;
+    const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
     const int kvh = h / (a.n_head / a.n_head_kv);
     const int32_t n_list = a.list_n[h];
     int32_t j0, j1;
@@ -1281,7 +1335,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
         l_s = 0.0f;
     }
     float acc[8] = {};
-    const int cg = tid % NCG, pg = tid / NCG;
+    const int pg = tid / NCG;
     for (int32_t tile = j0; tile < j1; tile += SP_TILE) {
         const int n_pos = min(SP_TILE, j1 - tile);
         uint4 kraw[HD / 16], vraw[VPOS];
@@ -1299,25 +1353,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
         dot += __shfl_xor_sync(0xffffffffu, dot, 1);
         if (half == 0) sc[p] = p < n_pos ? dot * a.scale : -INFINITY;
         __syncthreads();
-        if (tid < CKV_WARP) {   // online softmax over the tile, one warp
-            float s0 = sc[lane], s1 = sc[lane + 32];
-            float m_old = m_s, m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
-            float p0 = 0.0f, p1 = 0.0f, corr = 1.0f;
-            if (m_new != -INFINITY) {
-                p0 = expf(s0 - m_new);
-                p1 = expf(s1 - m_new);
-                corr = expf(m_old - m_new);
-            }
-            float sum = warp_sum(p0 + p1);
-            sc[lane] = p0;
-            sc[lane + 32] = p1;
-            __syncwarp();
-            if (lane == 0) {
-                l_s = l_s * corr + sum;
-                m_s = m_new;
-                corr_s = corr;
-            }
-        }
+        if (tid < CKV_WARP) sp_softmax_tile(sc, &m_s, &l_s, &corr_s);
         __syncthreads();
         const float corr = corr_s;
 #pragma unroll
@@ -1331,26 +1367,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_decode_kernel(cuda_s
             for (int e = 0; e < 8; e++) acc[e] = fmaf(w, vf[e], acc[e]);
         }
     }
-    __syncthreads();
-    *(float4 *) &red[pg][8 * cg]     = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    *(float4 *) &red[pg][8 * cg + 4] = make_float4(acc[4], acc[5], acc[6], acc[7]);
-    __syncthreads();
-    for (int dd = tid; dd < HD; dd += SP_THREADS) {
-        float o = 0.0f;
-        for (int k = 0; k < PG; k++) o += red[k][dd];
-        if (a.n_split == 1) {
-            const float val = l_s > 0.0f ? o / l_s : 0.0f;
-            a.out[(int64_t) h * HD + dd] = val;
-            if (a.out_q) quantize_chunk_warp(val, (cq8x *) a.out_q + ((int64_t) h * HD + dd) / 32);
-        } else {
-            float * slot = a.partial + ((int64_t) h * a.n_split + split) * (HD + 4);
-            slot[dd] = o;
-            if (dd == 0) {
-                slot[HD]     = m_s;
-                slot[HD + 1] = l_s;
-            }
-        }
-    }
+    sp_finish_head<HD>(a, red, acc, h, split, &m_s, &l_s);
 }
 
 // shared_lists (per-KV-head selection: every head of a KV group has the same list): block (KV
@@ -1366,7 +1383,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
     __shared__ int32_t ps[SP_TILE];
     __shared__ float m_s[GMAX], l_s[GMAX], corr_s[GMAX];
     __shared__ __align__(16) float red[PG][HD];
-    const int kvh = blockIdx.x, split = blockIdx.y, tid = threadIdx.x, lane = tid % CKV_WARP;
+    const int kvh = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
     const int group = a.n_head / a.n_head_kv, h0 = kvh * group, warp = tid / CKV_WARP;
     const int32_t n_list = a.list_n[h0];
     int32_t j0, j1;
@@ -1379,7 +1396,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
         l_s[tid] = 0.0f;
     }
     float acc[GMAX][8] = {};
-    const int cg = tid % NCG, pg = tid / NCG;
+    const int pg = tid / NCG;
     for (int32_t tile = j0; tile < j1; tile += SP_TILE) {
         const int n_pos = min(SP_TILE, j1 - tile);
         uint4 kraw[HD / 16], vraw[VPOS];
@@ -1401,24 +1418,8 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
             if (half == 0) sc[h][p] = p < n_pos ? dot * a.scale : -INFINITY;
         }
         __syncthreads();
-        for (int h = warp; h < group; h += SP_THREADS / CKV_WARP) {   // online softmax, a warp per head
-            float s0 = sc[h][lane], s1 = sc[h][lane + 32];
-            float m_old = m_s[h], m_new = fmaxf(m_old, warp_max(fmaxf(s0, s1)));
-            float p0 = 0.0f, p1 = 0.0f, corr = 1.0f;
-            if (m_new != -INFINITY) {
-                p0 = expf(s0 - m_new);
-                p1 = expf(s1 - m_new);
-                corr = expf(m_old - m_new);
-            }
-            float sum = warp_sum(p0 + p1);
-            sc[h][lane] = p0;
-            sc[h][lane + 32] = p1;
-            __syncwarp();
-            if (lane == 0) {
-                l_s[h] = l_s[h] * corr + sum;
-                m_s[h] = m_new;
-                corr_s[h] = corr;
-            }
+        for (int h = warp; h < group; h += SP_THREADS / CKV_WARP) {   // a warp per head
+            sp_softmax_tile(sc[h], &m_s[h], &l_s[h], &corr_s[h]);
         }
         __syncthreads();
 #pragma unroll
@@ -1440,27 +1441,7 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
 #pragma unroll
     for (int hh = 0; hh < GMAX; hh++) {   // each head's position groups summed, as sparse_decode_kernel
         if (hh >= group) break;
-        const int h = h0 + hh;
-        __syncthreads();
-        *(float4 *) &red[pg][8 * cg]     = make_float4(acc[hh][0], acc[hh][1], acc[hh][2], acc[hh][3]);
-        *(float4 *) &red[pg][8 * cg + 4] = make_float4(acc[hh][4], acc[hh][5], acc[hh][6], acc[hh][7]);
-        __syncthreads();
-        for (int dd = tid; dd < HD; dd += SP_THREADS) {
-            float o = 0.0f;
-            for (int k = 0; k < PG; k++) o += red[k][dd];
-            if (a.n_split == 1) {
-                const float val = l_s[hh] > 0.0f ? o / l_s[hh] : 0.0f;
-                a.out[(int64_t) h * HD + dd] = val;
-                if (a.out_q) quantize_chunk_warp(val, (cq8x *) a.out_q + ((int64_t) h * HD + dd) / 32);
-            } else {
-                float * slot = a.partial + ((int64_t) h * a.n_split + split) * (HD + 4);
-                slot[dd] = o;
-                if (dd == 0) {
-                    slot[HD]     = m_s[hh];
-                    slot[HD + 1] = l_s[hh];
-                }
-            }
-        }
+        sp_finish_head<HD>(a, red, acc[hh], h0 + hh, split, &m_s[hh], &l_s[hh]);
     }
 }
 
