@@ -110,6 +110,10 @@ enum ckv_kv_policy {
     CKV_KV_POLICY_H2O = 3,
     CKV_KV_POLICY_CLUSTERKV = 4,
 };
+enum ckv_kmeans_init {
+    CKV_KMEANS_INIT_RANDOM = 0,
+    CKV_KMEANS_INIT_STRIDED = 1,
+};
 struct ckv_kv_policy_params {
     int32_t policy;
     int32_t budget;
@@ -122,6 +126,7 @@ struct ckv_kv_policy_params {
     uint32_t seed;
     int32_t select_per_kv_head;
     float recent_ratio;
+    int32_t kmeans_init;
 };
 struct ckv_context_params {
     uint32_t n_ctx;

@@ -271,8 +271,10 @@ _KV_POLICY_KEYS = {
     "quest": _KV_COMMON_KEYS + ("page_size",),
     "h2o": _KV_COMMON_KEYS + ("recent_ratio",),
     "clusterkv": _KV_COMMON_KEYS + ("recluster_interval", "tokens_per_cluster", "kmeans_iters",
-                                    "seed", "select_per_kv_head"),
+                                    "seed", "select_per_kv_head", "kmeans_init"),
 }
+# kv_policy_params["kmeans_init"]: enum ckv_kmeans_init by name (the number works too)
+KMEANS_INITS = {"random": 0, "strided": 1}
 _KV_PARAM_KEYS = tuple(k for k in KV_POLICY_FIELDS if k not in ("policy", "budget"))
 
 
@@ -281,6 +283,11 @@ def _kv_param_value(key: str, value: Any) -> Any:
         return _require_float("kv_policy_params[%r]" % key, value)
     if key == "select_per_kv_head" and isinstance(value, bool):
         return int(value)
+    if key == "kmeans_init" and isinstance(value, str):
+        if value.lower() not in KMEANS_INITS:
+            raise ValueError("kv_policy_params['kmeans_init']: unknown %r; valid: %s"
+                             % (value, ", ".join(KMEANS_INITS)))
+        return KMEANS_INITS[value.lower()]
     return _require_int("kv_policy_params[%r]" % key, value,
                         0 if KV_POLICY_FIELDS[key].startswith("uint") else None)
 

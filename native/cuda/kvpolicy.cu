@@ -289,9 +289,13 @@ static int32_t cluster_span(struct cuda_kv_policy * p, const __half * const * k_
                             int32_t stop, cudaStream_t s) {
     const int32_t n = stop - start, k = ceil_div32(n, p->params.tokens_per_cluster), G = p->n_head_kv;
     const int32_t d = p->head_dim, n_sink = p->params.n_sink;
-    for (int32_t il = 0; il < p->n_layer; il++) {   // the CPU policy's seeded init rows
+    for (int32_t il = 0; il < p->n_layer; il++) {   // the CPU policy's init rows
         for (int32_t g = 0; p->comp_of[il] >= 0 && g < G; g++) {
-            kmeans_init_rows(clusterkv_span_seed(p->params.seed, il, g, start), n, k, p->perm);
+            if (p->params.kmeans_init == CKV_KMEANS_INIT_STRIDED) {
+                kmeans_strided_rows(n, k, p->perm);
+            } else {
+                kmeans_init_rows(clusterkv_span_seed(p->params.seed, il, g, start), n, k, p->perm);
+            }
             memcpy(p->h_init + ((size_t) p->comp_of[il] * G + g) * k, p->perm, sizeof(int32_t) * k);
         }
     }

@@ -220,6 +220,13 @@ enum ckv_kv_policy {
     CKV_KV_POLICY_CLUSTERKV = 4,  // ClusterKV: cosine k-means clusters of keys ranked by q.centroid
 };
 
+// How clusterkv picks a span's k initial centroids among its n keys (kv_policy_params.kmeans_init).
+enum ckv_kmeans_init {
+    CKV_KMEANS_INIT_RANDOM  = 0,  // k distinct keys drawn with the seed (kv_policy_params.seed)
+    CKV_KMEANS_INIT_STRIDED = 1,  // keys (2i + 1) n / 2k, i < k: evenly spaced over the span,
+                                  // which is in position order (no seed)
+};
+
 struct ckv_kv_policy_params {
     int32_t  policy;              // enum ckv_kv_policy; default CKV_KV_POLICY_FULL
     int32_t  budget;              // max positions one query head attends to per step in a
@@ -243,6 +250,8 @@ struct ckv_kv_policy_params {
                                   // default 0 = one selection per query head
     float    recent_ratio;        // h2o: share of the budget kept for the most recent positions;
                                   // default 0.5
+    int32_t  kmeans_init;         // clusterkv: a span's initial centroids (enum ckv_kmeans_init);
+                                  // default CKV_KMEANS_INIT_RANDOM
 };
 
 struct ckv_context_params {

@@ -44,6 +44,12 @@ void kmeans_init_rows(uint64_t seed, int32_t n, int32_t k, int32_t * perm) {
     }
 }
 
+void kmeans_strided_rows(int32_t n, int32_t k, int32_t * rows) {
+    for (int32_t i = 0; i < k; i++) {
+        rows[i] = (int32_t) (((int64_t) 2 * i + 1) * n / (2 * (int64_t) k));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scratch
 // ---------------------------------------------------------------------------------------------
@@ -216,7 +222,11 @@ int32_t kmeans_cosine_run(const struct kmeans_args * a, struct kmeans_work * w,
     // The labels buffer doubles as the shuffle scratch before the first assignment.
     const int32_t * rows = a->init_rows;
     if (!rows) {
-        kmeans_init_rows(a->seed, a->n, a->k, a->labels);
+        if (a->strided_init) {
+            kmeans_strided_rows(a->n, a->k, a->labels);
+        } else {
+            kmeans_init_rows(a->seed, a->n, a->k, a->labels);
+        }
         rows = a->labels;
     }
     for (int32_t j = 0; j < a->k; j++) {

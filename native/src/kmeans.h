@@ -4,6 +4,7 @@
 //
 // k-means, as implemented (the numpy reference in tests/python/test_kmeans.py is the same):
 //   init     centroids = rows init_rows[0..k), or k distinct rows drawn by kmeans_init_rows
+//            (or evenly spaced ones, kmeans_strided_rows)
 //   assign   label[i] = argmax_j x_i . c_j / |c_j|  (= argmax of the cosine: |x_i| > 0 is the
 //            same for every j; ties and all-zero rows go to the lowest j; a zero centroid
 //            scores 0)
@@ -48,7 +49,8 @@ struct kmeans_args {
     int32_t         d;
     int32_t         k;          // 1 <= k <= n
     int32_t         max_iter;   // >= 1
-    uint64_t        seed;       // used when init_rows is NULL
+    uint64_t        seed;       // used when init_rows is NULL and strided_init false
+    bool            strided_init;   // init_rows NULL: kmeans_strided_rows instead of the seed
     const int32_t * init_rows;  // [k] rows used as initial centroids, or NULL
     float *         centroids;  // out [k][d]
     int32_t *       labels;     // out [n]
@@ -65,6 +67,9 @@ int32_t kmeans_cosine_run(const struct kmeans_args * a, struct kmeans_work * w,
 // j = i + ((r >> 32) * (n - i) >> 32) for the next 64-bit output r. Afterwards perm[0..k) are
 // k distinct rows. perm is [n].
 void kmeans_init_rows(uint64_t seed, int32_t n, int32_t k, int32_t * perm);
+
+// Rows (2i + 1) n / 2k for i < k: k distinct rows (k <= n) evenly spaced over 0..n-1.
+void kmeans_strided_rows(int32_t n, int32_t k, int32_t * rows);
 
 uint64_t kmeans_splitmix64(uint64_t * state);
 

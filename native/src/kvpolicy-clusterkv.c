@@ -154,7 +154,8 @@ static void cluster_span(struct kv_policy * p, int32_t il, int32_t start, int32_
         load_keys(p->kv, il, g, start, n, st->keys);
         struct kmeans_args a = {
             .x = st->keys, .n = n, .d = d, .k = k, .max_iter = p->params.kmeans_iters,
-            .seed = clusterkv_span_seed(p->params.seed, il, g, start), .init_rows = NULL,
+            .seed = clusterkv_span_seed(p->params.seed, il, g, start),
+            .strided_init = p->params.kmeans_init == CKV_KMEANS_INIT_STRIDED, .init_rows = NULL,
             .centroids = H->centroids + (size_t) L->n_clusters * d, .labels = st->labels,
         };
         kmeans_cosine_run(&a, &st->work, p->pool);
@@ -413,6 +414,10 @@ static int32_t check_params(const struct kv_policy * p) {
     if (kp->select_per_kv_head != 0 && kp->select_per_kv_head != 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "clusterkv: select_per_kv_head must be 0 or 1, got %d",
                         kp->select_per_kv_head);
+    }
+    if (kp->kmeans_init != CKV_KMEANS_INIT_RANDOM && kp->kmeans_init != CKV_KMEANS_INIT_STRIDED) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "clusterkv: kmeans_init must be random (0) or strided (1), "
+                        "got %d", kp->kmeans_init);
     }
     if (kp->n_sink < 0 || (int64_t) kp->budget < (int64_t) kp->n_sink + 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "clusterkv: budget (%d) must be at least n_sink (%d) "

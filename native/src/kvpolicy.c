@@ -26,6 +26,7 @@ void kv_policy_default_params(struct ckv_kv_policy_params * out) {
     out->seed               = 0;
     out->select_per_kv_head = 0;
     out->recent_ratio       = 0.5f;
+    out->kmeans_init        = CKV_KMEANS_INIT_RANDOM;
 }
 
 static const char * const policy_names[] = {"full", "streaming", "quest", "h2o", "clusterkv"};
@@ -67,6 +68,10 @@ static int32_t check_ranges(const struct ckv_kv_policy_params * k, int32_t n_lay
     if (k->select_per_kv_head != 0 && k->select_per_kv_head != 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "kv_policy.select_per_kv_head must be 0 or 1, got %d",
                         k->select_per_kv_head);
+    }
+    if (k->kmeans_init != CKV_KMEANS_INIT_RANDOM && k->kmeans_init != CKV_KMEANS_INIT_STRIDED) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "kv_policy.kmeans_init must be random (0) or strided (1), "
+                        "got %d", k->kmeans_init);
     }
     if (!(k->recent_ratio >= 0.0f && k->recent_ratio <= 1.0f)) {  // NaN fails too
         return ckv_fail(CKV_ERR_INVALID_ARG, "kv_policy.recent_ratio must be in [0, 1], got %g",

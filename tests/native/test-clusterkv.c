@@ -437,15 +437,58 @@ static void test_budget_covers_context(void) {
     fixture_free(&f);
 }
 
+// kmeans_init = strided: the prompt span's centroids are k-means run from the keys at
+// (2i + 1) n / 2k (written out here, not taken from kmeans.c), and differ from the seeded ones.
+static void test_strided_init(void) {
+    struct ckv_kv_policy_params kp = base_params();
+    kp.kmeans_init                 = CKV_KMEANS_INIT_STRIDED;
+    struct fixture f;
+    CHECK(fixture_init(&f, &kp, GGML_TYPE_F16, 2) == CKV_OK, "init: %s", ckv_last_error());
+    const int32_t L = 600, start = kp.n_sink, n = L - start, k = (n + kp.tokens_per_cluster - 1) / kp.tokens_per_cluster;
+    store_tokens(&f, 0, L);
+    decode_step(&f, L);   // clusters the prompt
+    float *   x    = malloc(sizeof(float) * n * HEAD_DIM);
+    float *   c    = malloc(sizeof(float) * k * HEAD_DIM);
+    float *   c_rnd = malloc(sizeof(float) * k * HEAD_DIM);
+    int32_t * lab  = malloc(sizeof(int32_t) * n);
+    int32_t * rows = malloc(sizeof(int32_t) * k);
+    for (int32_t i = 0; i < k; i++) rows[i] = (int32_t) ((2 * i + 1) * (int64_t) n / (2 * k));
+    struct kmeans_work w;
+    CHECK(kmeans_work_init(&w, n, k, HEAD_DIM, 1) == CKV_OK, "kmeans_work_init");
+    const int32_t il = 1;
+    for (int32_t g = 0; g < N_HEAD_KV; g++) {
+        for (int32_t i = 0; i < n; i++) key_row(&f.kv, il, g, start + i, x + (size_t) i * HEAD_DIM);
+        struct kmeans_args a = {.x = x, .n = n, .d = HEAD_DIM, .k = k, .max_iter = kp.kmeans_iters,
+                                .init_rows = rows, .centroids = c, .labels = lab};
+        kmeans_cosine_run(&a, &w, NULL);
+        a.init_rows = NULL;
+        a.seed      = clusterkv_span_seed(kp.seed, il, g, start);
+        a.centroids = c_rnd;
+        kmeans_cosine_run(&a, &w, NULL);
+        struct clusterkv_view v;
+        clusterkv_get_view(&f.p, il, g, &v);
+        CHECK(v.n_clusters == k && !memcmp(v.centroids, c, sizeof(float) * k * HEAD_DIM) &&
+              memcmp(c, c_rnd, sizeof(float) * k * HEAD_DIM) != 0,
+              "strided init, layer %d head %d: %d clusters (expected %d), centroids %s the strided run's, "
+              "%s the seeded run's", il, g, v.n_clusters, k,
+              memcmp(v.centroids, c, sizeof(float) * k * HEAD_DIM) ? "differ from" : "equal",
+              memcmp(c, c_rnd, sizeof(float) * k * HEAD_DIM) ? "unlike" : "equal to");
+    }
+    kmeans_work_free(&w);
+    free(x); free(c); free(c_rnd); free(lab); free(rows);
+    fixture_free(&f);
+}
+
 static void test_invalid_params(void) {
     const char * fields[] = {"budget (15)", "tokens_per_cluster", "kmeans_iters",
-                             "select_per_kv_head"};
-    for (int i = 0; i < 4; i++) {
+                             "select_per_kv_head", "kmeans_init"};
+    for (int i = 0; i < 5; i++) {
         struct ckv_kv_policy_params kp = base_params();
         if (i == 0) kp.budget = 15;               // < n_sink 16 + 1
         if (i == 1) kp.tokens_per_cluster = 0;
         if (i == 2) kp.kmeans_iters = 0;
         if (i == 3) kp.select_per_kv_head = 2;
+        if (i == 4) kp.kmeans_init = 2;
         struct fixture f;
         int32_t        st = fixture_init(&f, &kp, GGML_TYPE_F32, 1);
         CHECK(st == CKV_ERR_INVALID_ARG && strstr(ckv_last_error(), fields[i]),
@@ -462,6 +505,7 @@ int main(void) {
     run_policy(GGML_TYPE_F16, 1, 2, 20);
     run_policy(GGML_TYPE_F32, 0, 2, 1000);   // converged: centroids are member means
     test_budget_covers_context();
+    test_strided_init();
     test_invalid_params();
     CHECK(g_near_ties * 100 <= g_lists, "near-tie cuts are rare: %lld of %lld lists",
           (long long) g_near_ties, (long long) g_lists);

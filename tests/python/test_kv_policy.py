@@ -266,6 +266,8 @@ def test_selection_api_errors(model, tokens):
     (dict(tokens_per_cluster=0), "tokens_per_cluster"),
     (dict(kmeans_iters=0), "kmeans_iters"),
     (dict(select_per_kv_head=2), "select_per_kv_head"),
+    (dict(kmeans_init=2), "kv_policy.kmeans_init"),
+    (dict(kmeans_init=-1), "kv_policy.kmeans_init"),
 ])
 def test_parameter_validation(model, kv, needle):
     status, ctx = make_context(model, n_ctx=64, **kv)
@@ -279,7 +281,7 @@ def test_defaults(model):
     k = params.kv_policy
     assert (k.policy, k.budget, k.n_sink, k.n_dense_layers, k.page_size) == (0, 1024, 16, 2, 16)
     assert (k.recluster_interval, k.tokens_per_cluster, k.kmeans_iters) == (320, 80, 8)
-    assert k.select_per_kv_head == 0 and k.recent_ratio == 0.5
+    assert k.select_per_kv_head == 0 and k.recent_ratio == 0.5 and k.kmeans_init == 0
 
 
 def test_gemma3_sliding_window_layers_stay_windowed(tokens):

@@ -43,6 +43,11 @@ def test_settings_map_keywords_to_struct_fields():
         "policy": 2, "budget": 256, "page_size": 32}
     assert kv_policy_settings("h2o", 512, {"recent_ratio": 0.25}) == {
         "policy": 3, "budget": 512, "recent_ratio": 0.25}
+    # kmeans_init by name (enum ckv_kmeans_init) or number
+    assert kv_policy_settings("clusterkv", 1024, {"kmeans_init": "Strided"}) == {
+        "policy": 4, "budget": 1024, "kmeans_init": 1}
+    assert kv_policy_settings("clusterkv", 1024, {"kmeans_init": "random"})["kmeans_init"] == 0
+    assert kv_policy_settings("clusterkv", 1024, {"kmeans_init": 1})["kmeans_init"] == 1
 
 
 @pytest.mark.parametrize("args, words", [
@@ -55,6 +60,7 @@ def test_settings_map_keywords_to_struct_fields():
     (("full", 512, None), ["kv_budget does not apply", "clusterkv"]),
     (("full", None, {"n_sink": 4}), ["not used by kv_policy='full'", "none"]),
     (("clusterkv", 512, {"budget": 5}), ["kv_budget argument"]),
+    (("clusterkv", 512, {"kmeans_init": "kmeans++"}), ["unknown 'kmeans++'", "random, strided"]),
 ])
 def test_bad_names_keys_and_combinations_raise_value_error(args, words):
     with pytest.raises(ValueError) as info:
