@@ -220,7 +220,12 @@ def _kv_params(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         if key not in _KV_PARAM_KEYS:
             raise ValueError("--kv-param %r: unknown key %r; valid keys: %s"
                              % (item, key, ", ".join(_KV_PARAM_KEYS)))
-        number = float(value) if key == "recent_ratio" else int(value)
+        if key == "recent_ratio":
+            number: Any = float(value)
+        elif key == "kmeans_init" and not value.lstrip("-").isdigit():
+            number = value   # a name: random, strided (checked by kv_policy_settings)
+        else:
+            number = int(value)
         targets = [policy] if policy else [p for p, keys in _KV_POLICY_KEYS.items() if key in keys]
         for target in targets:
             out.setdefault(target, {})[key] = number

@@ -63,6 +63,10 @@ def parse_config(text: str) -> PolicyConfig:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError("configuration %r: %r is not KEY=VALUE" % (text, item))
+        value = value.strip()
+        if not value.lstrip("-").replace(".", "", 1).isdigit():
+            extra.append((key.strip(), value))   # a name, e.g. kmeans_init=strided
+            continue
         extra.append((key.strip(), float(value) if "." in value else int(value)))
     return PolicyConfig(policy.strip(), int(budget), tuple(extra))
 

@@ -104,7 +104,8 @@ def test_run_with_a_kv_policy_reports_it(default_model_path):
     prompt = "Caches keep recently used data close to the processor. " * 12   # ~130 tokens
     result = cli("run", prompt, "-m", default_model_path, "-n", "6", "--temp", "0", "-c", "256",
                  "-t", str(N_THREADS), "--kv-policy", "clusterkv", "--kv-budget", "32",
-                 "--kv-param", "tokens_per_cluster=20", "--kv-param", "recluster_interval=32")
+                 "--kv-param", "tokens_per_cluster=20", "--kv-param", "recluster_interval=32",
+                 "--kv-param", "kmeans_init=strided")
     assert result.returncode == 0, result.stderr
     line = [x for x in result.stderr.splitlines() if x.startswith("kv policy clusterkv (budget 32)")]
     assert line, result.stderr
@@ -112,6 +113,9 @@ def test_run_with_a_kv_policy_reports_it(default_model_path):
     assert 0 < density < 1
     bad = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-policy", "nope")
     assert bad.returncode == 1 and "clusterkv" in bad.stderr and "nope" in bad.stderr
+    bad_init = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-policy", "clusterkv",
+                   "--kv-param", "kmeans_init=kmeans++")
+    assert bad_init.returncode == 1 and "random, strided" in bad_init.stderr
     orphan = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-budget", "8")
     assert orphan.returncode == 1 and "need --kv-policy" in orphan.stderr
     offload = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-policy",

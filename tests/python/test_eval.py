@@ -161,6 +161,8 @@ def test_configurations_and_their_labels():
     assert runner.config_params(configs[-1], {"clusterkv": {"n_sink": 8}}) == {
         "n_sink": 8, "select_per_kv_head": 1, "tokens_per_cluster": 40}
     assert runner.config_params(configs[2], {}) is None  # the library's defaults
+    assert runner.parse_config("clusterkv@512:kmeans_init=strided,recent_ratio=0.5").extra == (
+        ("kmeans_init", "strided"), ("recent_ratio", 0.5))
     for bad in ("clusterkv", "clusterkv@x", "clusterkv@64:select_per_kv_head"):
         with pytest.raises(ValueError, match="POLICY@BUDGET|KEY=VALUE"):
             runner.parse_config(bad)
