@@ -3,7 +3,7 @@
 Do not edit: run `python tools/gen_cdef.py`."""
 
 CDEF = r"""
-#define CKV_API_VERSION 1
+#define CKV_API_VERSION 2
 enum ckv_status {
     CKV_OK = 0,
     CKV_ERR_INVALID_ARG = -1,
@@ -19,6 +19,7 @@ enum ckv_status {
 const char * ckv_last_error(void);
 const char * ckv_status_name(int32_t status);
 const char * ckv_version(void);
+int32_t ckv_api_version(void);
 const char * ckv_system_info(void);
 enum ckv_log_level {
     CKV_LOG_DEBUG = 0,

@@ -50,6 +50,18 @@ def _installed_package_dir():
         return None
 
 
+def api_mismatch(library, want: int) -> str:
+    """Why `library` cannot be driven by declarations of API version `want` ("" if it can): its
+    structs and signatures are those of the CKV_API_VERSION it reports."""
+    try:
+        have = library.ckv_api_version()
+    except AttributeError:   # built before the version was exported
+        return "an older build without ckv_api_version; this package needs API version %d" % want
+    if have != want:
+        return "API version %d, this package needs %d" % (have, want)
+    return ""
+
+
 def _load():
     errors = []
     for path in _candidate_paths():
@@ -57,9 +69,15 @@ def _load():
             errors.append("%s (not found)" % path)
             continue
         try:
-            return ffi.dlopen(path), path
+            library = ffi.dlopen(path)
         except OSError as exc:
             errors.append("%s (%s)" % (path, exc))
+            continue
+        why = api_mismatch(library, library.CKV_API_VERSION)   # the constant comes from _cdef.py
+        if not why:
+            return library, path
+        ffi.dlclose(library)
+        errors.append("%s (%s: rebuild it from this source tree)" % (path, why))
     raise ImportError("could not load the clusterkv native library; looked in:\n  "
                       + "\n  ".join(errors)
                       + "\nInstall the package with `pip install .` or set CLUSTERKV_LIB.")

@@ -34,7 +34,9 @@ extern "C" {
 #    define CKV_API
 #endif
 
-#define CKV_API_VERSION 1
+// Bumped whenever a public struct's layout or a function's signature changes: a binding built
+// for one version must not drive a library of another (ckv_api_version says which it is).
+#define CKV_API_VERSION 2
 
 // ---------------------------------------------------------------------------------------------
 // Status codes and errors
@@ -61,6 +63,9 @@ CKV_API const char * ckv_status_name(int32_t status);
 
 // Library version string, e.g. "0.1.0".
 CKV_API const char * ckv_version(void);
+
+// CKV_API_VERSION of the header this library was built from.
+CKV_API int32_t ckv_api_version(void);
 
 // What this build and this machine can do, e.g.
 // "CPU: AVX2=1 FMA=1 F16C=1 AVX512=0 AVX512_VNNI=0 | CUDA: not built"; the CUDA part is

@@ -16,6 +16,8 @@
 
 const char * ckv_version(void) { return CKV_VERSION_STRING; }
 
+int32_t ckv_api_version(void) { return CKV_API_VERSION; }
+
 // "NVIDIA H200, 139.8 GiB, sm_90", "no device" or "not built".
 static const char * cuda_summary(void) {
 #ifdef CKV_HAVE_CUDA

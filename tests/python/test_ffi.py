@@ -70,8 +70,21 @@ def test_library_identity():
     assert _internals.native_version() == clusterkv_local.__version__
     with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
         assert 'version = "%s"' % clusterkv_local.__version__ in f.read()
-    assert lib.CKV_API_VERSION == 1
+    assert lib.CKV_API_VERSION == 2 and lib.ckv_api_version() == lib.CKV_API_VERSION
     assert "CPU" in _internals.system_info()
+
+
+def test_a_library_of_another_api_version_is_refused():
+    """The binding's structs must be the library's: a build of another API version (or one from
+    before the version was exported) is named, not driven."""
+    class Built:   # a library reporting its version
+        def __init__(self, version):
+            self.ckv_api_version = lambda: version
+
+    assert _ffi.api_mismatch(lib, lib.CKV_API_VERSION) == ""
+    assert _ffi.api_mismatch(Built(2), 2) == ""
+    assert _ffi.api_mismatch(Built(1), 2) == "API version 1, this package needs 2"
+    assert "older build without ckv_api_version" in _ffi.api_mismatch(object(), 2)
 
 
 @pytest.mark.parametrize("status, cls, builtin", [
