@@ -692,25 +692,27 @@ static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0,
     return st != CKV_OK ? st : joined;
 }
 
-// Captures the one-token decode (inputs from gc->h_step, logits to gc->h_logits) as a graph.
-static int32_t capture_decode_graph(struct cuda_context * gc) {
+// Captures a decode step of n rows as *out: tokens from h_tokens and positions from h_pos (pinned)
+// copied in first (positions to d_pos, which the kernels read), seqs as forward_device takes it,
+// logits to the pinned logits_host.
+static int32_t capture_step(struct cuda_context * gc, int32_t n, const int32_t * h_tokens, const int32_t * h_pos,
+                            int32_t * d_pos, const int32_t * seqs, float * logits_host, cudaGraphExec_t * out) {
     cudaGraph_t graph = NULL;
     CKV_CUDA_CHECK(cudaStreamBeginCapture(gc->stream, cudaStreamCaptureModeThreadLocal));
-    cudaError_t err = cudaMemcpyAsync(gc->tokens, gc->h_step, sizeof(int32_t), cudaMemcpyHostToDevice,
-                                      gc->stream);
+    cudaError_t err = cudaMemcpyAsync(gc->tokens, h_tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice, gc->stream);
     if (err == cudaSuccess) {
-        err = cudaMemcpyAsync(gc->d_pos, gc->h_step + 1, sizeof(int32_t), cudaMemcpyHostToDevice, gc->stream);
+        err = cudaMemcpyAsync(d_pos, h_pos, sizeof(int32_t) * n, cudaMemcpyHostToDevice, gc->stream);
     }
-    int32_t st = err == cudaSuccess ? forward_device(gc, 1, 0, gc->d_pos, NULL, NULL, 0, gc->h_logits)
+    int32_t st = err == cudaSuccess ? forward_device(gc, n, 0, d_pos, seqs, NULL, 0, logits_host)
                                     : ckv_fail(CKV_ERR_CUDA, "graph capture: %s", cudaGetErrorString(err));
     cudaError_t end = cudaStreamEndCapture(gc->stream, &graph);
     if (st == CKV_OK && end != cudaSuccess) {
         st = ckv_fail(CKV_ERR_CUDA, "graph capture failed: %s", cudaGetErrorString(end));
     }
     if (st == CKV_OK) {
-        err = cudaGraphInstantiate(&gc->decode_graph, graph, 0);
+        err = cudaGraphInstantiate(out, graph, 0);
         if (err != cudaSuccess) {
-            gc->decode_graph = NULL;
+            *out = NULL;
             st = ckv_fail(CKV_ERR_CUDA, "cudaGraphInstantiate failed: %s", cudaGetErrorString(err));
         }
     }
@@ -728,7 +730,7 @@ static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t
         gc->decode_graph = NULL;
     }
     if (!gc->decode_graph) {
-        TRY_OK(capture_decode_graph(gc));
+        TRY_OK(capture_step(gc, 1, gc->h_step, gc->h_step + 1, gc->d_pos, NULL, gc->h_logits, &gc->decode_graph));
         gc->graph_layout = layout;
         gc->graph_seq    = seq;
     }
@@ -738,36 +740,6 @@ static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t
     CKV_CUDA_CHECK(cudaStreamSynchronize(gc->stream));
     memcpy(logits_host, gc->h_logits, sizeof(float) * gc->gm->hp.n_vocab);
     return CKV_OK;
-}
-
-// Captures a batch step of n rows of sequences seqs (tokens and positions from h_batch, logits
-// to h_batch_logits) as gc->batch_graph.
-static int32_t capture_batch_graph(struct cuda_context * gc, const int32_t * seqs, int32_t n) {
-    cudaGraph_t graph = NULL;
-    CKV_CUDA_CHECK(cudaStreamBeginCapture(gc->stream, cudaStreamCaptureModeThreadLocal));
-    cudaError_t err = cudaMemcpyAsync(gc->tokens, gc->h_batch, sizeof(int32_t) * n, cudaMemcpyHostToDevice,
-                                      gc->stream);
-    if (err == cudaSuccess) {
-        err = cudaMemcpyAsync(gc->d_batch_pos, gc->h_batch + gc->n_seq, sizeof(int32_t) * n,
-                              cudaMemcpyHostToDevice, gc->stream);
-    }
-    int32_t st = err == cudaSuccess ? forward_device(gc, n, 0, gc->d_batch_pos, seqs, NULL, 0, gc->h_batch_logits)
-                                    : ckv_fail(CKV_ERR_CUDA, "batch graph capture: %s", cudaGetErrorString(err));
-    cudaError_t end = cudaStreamEndCapture(gc->stream, &graph);
-    if (st == CKV_OK && end != cudaSuccess) {
-        st = ckv_fail(CKV_ERR_CUDA, "batch graph capture failed: %s", cudaGetErrorString(end));
-    }
-    if (st == CKV_OK) {
-        err = cudaGraphInstantiate(&gc->batch_graph, graph, 0);
-        if (err != cudaSuccess) {
-            gc->batch_graph = NULL;
-            st = ckv_fail(CKV_ERR_CUDA, "cudaGraphInstantiate (batch) failed: %s", cudaGetErrorString(err));
-        }
-    }
-    if (graph) {
-        cudaGraphDestroy(graph);
-    }
-    return st;
 }
 
 // The policy layout a batch graph bakes in for sequence seq (0 without a policy).
@@ -789,7 +761,8 @@ static int32_t decode_batch_graph(struct cuda_context * gc, const int32_t * seqs
             cudaGraphExecDestroy(gc->batch_graph);
             gc->batch_graph = NULL;
         }
-        TRY_OK(capture_batch_graph(gc, seqs, n));
+        TRY_OK(capture_step(gc, n, gc->h_batch, gc->h_batch + gc->n_seq, gc->d_batch_pos, seqs, gc->h_batch_logits,
+                            &gc->batch_graph));
         gc->batch_n = n;
         for (int32_t t = 0; t < n; t++) {
             gc->batch_seqs[t]    = seqs[t];
