@@ -22,7 +22,10 @@
 // max_iter times: update (c_j = mean of the raw member rows, summed in f64 in ascending row
 // order, so identical to the CPU's for identical labels; an empty cluster keeps c_j), assign,
 // and stop once no label changed. Each problem stops on its own (a device flag per problem),
-// and the launch sequence never waits for the host.
+// and the launch sequence never waits for the host. f16 rows aligned to 16 bytes (the KV
+// cache) are assigned on the tensor cores against centroids split in two f16 parts (~22 bits,
+// f32 accumulation): labels then match the CPU's f32 ones except where two cosines tie to
+// within rounding (the tests bound that at 0.1% of rows).
 //
 // Outputs per problem, as append_clusters (kvpolicy-clusterkv.c) writes them: centroids [k][d],
 // sizes [k], offsets [k] (= pos_base + start of the cluster in positions), positions [n] (= start
@@ -37,7 +40,8 @@ struct cuda_kmeans_args {
     int32_t         d;              // values per row, 32 .. 256, a multiple of 32
     int32_t         k;              // clusters per problem, 1 <= k <= n
     int32_t         max_iter;       // >= 1
-    const int32_t * init_rows;      // device [n_problems][k] (kmeans_init_rows, host-computed)
+    const int32_t * init_rows;      // device [n_problems][k] (kmeans_init_rows or kmeans_strided_rows,
+                                    // host-computed)
     float *         centroids;      // out, problem p at centroids + p * cent_stride, [k][d]
     int64_t         cent_stride;    // floats
     int32_t *       sizes;          // out, problem p at sizes + p * csr_stride, [k]
