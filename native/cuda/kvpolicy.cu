@@ -291,11 +291,7 @@ static int32_t cluster_span(struct cuda_kv_policy * p, const __half * const * k_
     const int32_t d = p->head_dim, n_sink = p->params.n_sink;
     for (int32_t il = 0; il < p->n_layer; il++) {   // the CPU policy's init rows
         for (int32_t g = 0; p->comp_of[il] >= 0 && g < G; g++) {
-            if (p->params.kmeans_init == CKV_KMEANS_INIT_STRIDED) {
-                kmeans_strided_rows(n, k, p->perm);
-            } else {
-                kmeans_init_rows(clusterkv_span_seed(p->params.seed, il, g, start), n, k, p->perm);
-            }
+            clusterkv_span_init_rows(&p->params, il, g, start, n, k, p->perm);
             memcpy(p->h_init + ((size_t) p->comp_of[il] * G + g) * k, p->perm, sizeof(int32_t) * k);
         }
     }

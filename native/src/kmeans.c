@@ -222,11 +222,7 @@ int32_t kmeans_cosine_run(const struct kmeans_args * a, struct kmeans_work * w,
     // The labels buffer doubles as the shuffle scratch before the first assignment.
     const int32_t * rows = a->init_rows;
     if (!rows) {
-        if (a->strided_init) {
-            kmeans_strided_rows(a->n, a->k, a->labels);
-        } else {
-            kmeans_init_rows(a->seed, a->n, a->k, a->labels);
-        }
+        kmeans_init_rows(a->seed, a->n, a->k, a->labels);
         rows = a->labels;
     }
     for (int32_t j = 0; j < a->k; j++) {

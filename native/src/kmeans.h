@@ -49,9 +49,9 @@ struct kmeans_args {
     int32_t         d;
     int32_t         k;          // 1 <= k <= n
     int32_t         max_iter;   // >= 1
-    uint64_t        seed;       // used when init_rows is NULL and strided_init false
-    bool            strided_init;   // init_rows NULL: kmeans_strided_rows instead of the seed
-    const int32_t * init_rows;  // [k] rows used as initial centroids, or NULL
+    uint64_t        seed;       // used when init_rows is NULL
+    const int32_t * init_rows;  // [k] rows used as initial centroids, or NULL; may point into
+                                // labels (the rows are read before any label is written)
     float *         centroids;  // out [k][d]
     int32_t *       labels;     // out [n]
 };
@@ -95,8 +95,14 @@ void clusterkv_get_view(const struct kv_policy * p, int32_t il, int32_t g,
                         struct clusterkv_view * out);
 
 // The k-means seed the policy uses for the span starting at `start` of (layer il, KV head g):
-// distinct and reproducible per (seed, il, g, start); the GPU twin draws the same init with it.
+// distinct and reproducible per (seed, il, g, start).
 uint64_t clusterkv_span_seed(uint32_t seed, int32_t il, int32_t g, int32_t start);
+
+struct ckv_kv_policy_params;
+// The initial centroid rows the policy (CPU and GPU alike) gives the k-means of that span of n
+// keys, as params.kmeans_init says: rows[0..k) (rows is [n], the seeded draw's scratch).
+void clusterkv_span_init_rows(const struct ckv_kv_policy_params * params, int32_t il, int32_t g,
+                              int32_t start, int32_t n, int32_t k, int32_t * rows);
 
 #if defined(CKV_HAVE_X86_KERNELS)
 // AVX2 + FMA assignment of rows [row0, row1) (kmeans-avx2.c); same contract as the scalar

@@ -119,6 +119,15 @@ uint64_t clusterkv_span_seed(uint32_t seed, int32_t il, int32_t g, int32_t start
     return kmeans_splitmix64(&state);
 }
 
+void clusterkv_span_init_rows(const struct ckv_kv_policy_params * params, int32_t il, int32_t g,
+                              int32_t start, int32_t n, int32_t k, int32_t * rows) {
+    if (params->kmeans_init == CKV_KMEANS_INIT_STRIDED) {
+        kmeans_strided_rows(n, k, rows);
+    } else {
+        kmeans_init_rows(clusterkv_span_seed(params->seed, il, g, start), n, k, rows);
+    }
+}
+
 // Appends k clusters (labels[n] over positions start..start+n-1) to the head's CSR: sizes,
 // offsets after the existing positions, positions counting-sorted by label (stable, so
 // ascending within each cluster).
@@ -152,11 +161,10 @@ static void cluster_span(struct kv_policy * p, int32_t il, int32_t start, int32_
     for (int32_t g = 0; g < p->n_head_kv; g++) {
         struct ckv_head_state * H = &L->heads[g];
         load_keys(p->kv, il, g, start, n, st->keys);
+        clusterkv_span_init_rows(&p->params, il, g, start, n, k, st->labels);
         struct kmeans_args a = {
             .x = st->keys, .n = n, .d = d, .k = k, .max_iter = p->params.kmeans_iters,
-            .seed = clusterkv_span_seed(p->params.seed, il, g, start),
-            .strided_init = p->params.kmeans_init == CKV_KMEANS_INIT_STRIDED, .init_rows = NULL,
-            .centroids = H->centroids + (size_t) L->n_clusters * d, .labels = st->labels,
+            .init_rows = st->labels, .centroids = H->centroids + (size_t) L->n_clusters * d, .labels = st->labels,
         };
         kmeans_cosine_run(&a, &st->work, p->pool);
         append_clusters(H, L->n_clusters, k, st->labels, n, start, start - p->params.n_sink,

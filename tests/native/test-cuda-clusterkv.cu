@@ -144,14 +144,14 @@ struct km_result {
     std::vector<int32_t> labels, sizes, offsets, positions, n_iter;
 };
 
-// The first k rows of clusterkv_span_seed's permutation for problem p = (layer il0 + p / G, KV
-// head p % G), span start n_sink: the init the CPU policy draws, for P problems at once.
-static std::vector<int32_t> policy_init_rows(uint32_t seed, int il0, int G, int P, int n, int k,
+// The init rows the CPU policy with params kp gives problem p = (layer il0 + p / G, KV head
+// p % G), span start n_sink (clusterkv_span_init_rows), for P problems at once.
+static std::vector<int32_t> policy_init_rows(const ckv_kv_policy_params & kp, int il0, int G, int P, int n, int k,
                                              int n_sink) {
-    std::vector<int32_t> init((size_t) P * k), perm(n);
+    std::vector<int32_t> init((size_t) P * k), rows(n);
     for (int p = 0; p < P; p++) {
-        kmeans_init_rows(clusterkv_span_seed(seed, il0 + p / G, p % G, n_sink), n, k, perm.data());
-        std::copy(perm.begin(), perm.begin() + k, init.begin() + (size_t) p * k);
+        clusterkv_span_init_rows(&kp, il0 + p / G, p % G, n_sink, n, k, rows.data());
+        std::copy(rows.begin(), rows.begin() + k, init.begin() + (size_t) p * k);
     }
     return init;
 }
@@ -556,7 +556,7 @@ static void test_policy_twin(bool per_kv_head) {
     dbuf<__half> dk((size_t) n_layer * G * n_ctx * d);
     CHECK_CUDA(cudaMemcpy(dk.p, kv.k, (size_t) n_layer * G * n_ctx * d * 2, cudaMemcpyHostToDevice));
     gpu_kmeans_run km(dk.p + ((size_t) 2 * G * n_ctx + n_sink) * d, true, (int64_t) n_ctx * d, P, n, d, kc,
-                      n_sink, kp.kmeans_iters, policy_init_rows(kp.seed, 2, G, P, n, kc, n_sink));
+                      n_sink, kp.kmeans_iters, policy_init_rows(kp, 2, G, P, n, kc, n_sink));
     CHECK_OK(ckv_cuda_kmeans(&km.a, 0));
     std::vector<float> gcent = km.centroids.get();
     std::vector<int32_t> gsz = km.sizes.get(), gof = km.offsets.get(), gps = km.positions.get();
@@ -1088,7 +1088,9 @@ static void bench(void) {
         for (size_t i = 0; i < rows.size(); i++) kh[(size_t) g * n_ctx * d + i] = __float2half_rn(rows[i]);
     }
     dbuf<__half> dk(kh), dv(kh);
-    const std::vector<int32_t> init = policy_init_rows(0, 2, G, G, n, k, n_sink);
+    struct ckv_kv_policy_params kp;
+    kv_policy_default_params(&kp);   // seed 0, random init
+    const std::vector<int32_t> init = policy_init_rows(kp, 2, G, G, n, k, n_sink);
     gpu_kmeans_run km(dk.p + (size_t) n_sink * d, true, (int64_t) n_ctx * d, G, n, d, k, n_sink, 20, init);
     cuda_kmeans_args & a = km.a;
     for (int max_iter : {1, 20}) {
