@@ -209,7 +209,7 @@ def _int_list(text: str) -> List[int]:
 def _kv_params(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     """["clusterkv.tokens_per_cluster=40", "n_sink=4"] -> {policy: {key: value}}; a key without
     a policy prefix applies to every policy that uses it."""
-    from .llama import _KV_POLICY_KEYS, _KV_PARAM_KEYS
+    from .llama import _KV_POLICY_KEYS, _KV_PARAM_KEYS, kv_param_from_text
 
     out: Dict[str, Dict[str, Any]] = {}
     for item in items:
@@ -220,12 +220,7 @@ def _kv_params(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         if key not in _KV_PARAM_KEYS:
             raise ValueError("--kv-param %r: unknown key %r; valid keys: %s"
                              % (item, key, ", ".join(_KV_PARAM_KEYS)))
-        if key == "recent_ratio":
-            number: Any = float(value)
-        elif key == "kmeans_init" and not value.lstrip("-").isdigit():
-            number = value   # a name: random, strided (checked by kv_policy_settings)
-        else:
-            number = int(value)
+        number = kv_param_from_text(key, value)
         targets = [policy] if policy else [p for p, keys in _KV_POLICY_KEYS.items() if key in keys]
         for target in targets:
             out.setdefault(target, {})[key] = number

@@ -278,6 +278,23 @@ KMEANS_INITS = {"random": 0, "strided": 1}
 _KV_PARAM_KEYS = tuple(k for k in KV_POLICY_FIELDS if k not in ("policy", "budget"))
 
 
+def kv_param_from_text(key: str, text: str) -> Any:
+    """A kv_policy_params value written as text (CLI --kv-param, eval --extra): a float for the
+    float fields, a name or a number for kmeans_init, an int otherwise. Keys and ranges are
+    checked later, by kv_policy_settings and the library.
+
+    Example:
+        >>> kv_param_from_text("recent_ratio", "0.25"), kv_param_from_text("kmeans_init", "strided")
+        (0.25, 'strided')
+    """
+    text = text.strip()
+    if KV_POLICY_FIELDS.get(key) == "float":
+        return float(text)
+    if key == "kmeans_init" and not text.lstrip("-").isdigit():
+        return text   # a name: random, strided
+    return int(text)
+
+
 def _kv_param_value(key: str, value: Any) -> Any:
     if KV_POLICY_FIELDS[key] == "float":
         return _require_float("kv_policy_params[%r]" % key, value)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 
-from ..llama import Llama
+from ..llama import Llama, kv_param_from_text
 from . import tasks as _tasks
 from .metrics import StepFidelity
 
@@ -48,7 +48,7 @@ def policy_configs(policies: Sequence[str], budgets: Sequence[int],
 
 
 def parse_config(text: str) -> PolicyConfig:
-    """"POLICY@BUDGET[:KEY=VALUE,...]" -> PolicyConfig (values are int, or float with a dot).
+    """"POLICY@BUDGET[:KEY=VALUE,...]" -> PolicyConfig (values typed by kv_param_from_text).
 
     Example:
         >>> parse_config("clusterkv@1024:select_per_kv_head=1")
@@ -63,11 +63,7 @@ def parse_config(text: str) -> PolicyConfig:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError("configuration %r: %r is not KEY=VALUE" % (text, item))
-        value = value.strip()
-        if not value.lstrip("-").replace(".", "", 1).isdigit():
-            extra.append((key.strip(), value))   # a name, e.g. kmeans_init=strided
-            continue
-        extra.append((key.strip(), float(value) if "." in value else int(value)))
+        extra.append((key.strip(), kv_param_from_text(key.strip(), value)))
     return PolicyConfig(policy.strip(), int(budget), tuple(extra))
 
 
