@@ -283,6 +283,12 @@ struct cuda_context {
     int32_t *       h_batch;         // pinned [2 * n_seq]: tokens, then positions
     int32_t *       d_batch_pos;     // device [n_seq]
     float *         h_batch_logits;  // pinned [n_seq][n_vocab]
+    // A batch step runs each row's attention (RoPE and KV write, selection, decode) on a stream
+    // of its own, forked from `stream` after the QKV projections and joined before the output
+    // projection, with its own slice of `partial`: the rows' small launches run side by side.
+    cudaStream_t *  row_streams;     // [n_seq]
+    cudaEvent_t     rows_fork;
+    cudaEvent_t *   rows_join;       // [n_seq]
     bool            decode_step;  // the running forward is a decode step (policy applies)
 };
 
@@ -422,6 +428,14 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
         if (err == cudaSuccess) err = cudaMallocHost(&gc->h_batch, 2 * sizeof(int32_t) * n_seq);
         if (err == cudaSuccess) err = cudaMalloc(&gc->d_batch_pos, sizeof(int32_t) * n_seq);
         if (err == cudaSuccess) err = cudaMallocHost(&gc->h_batch_logits, sizeof(float) * n_seq * hp->n_vocab);
+        gc->row_streams = (cudaStream_t *) calloc((size_t) n_seq, sizeof(cudaStream_t));
+        gc->rows_join   = (cudaEvent_t *) calloc((size_t) n_seq, sizeof(cudaEvent_t));
+        if (err == cudaSuccess && (!gc->row_streams || !gc->rows_join)) err = cudaErrorMemoryAllocation;
+        if (err == cudaSuccess) err = cudaEventCreateWithFlags(&gc->rows_fork, cudaEventDisableTiming);
+        for (int32_t i = 0; err == cudaSuccess && i < n_seq; i++) {
+            err = cudaStreamCreateWithFlags(&gc->row_streams[i], cudaStreamNonBlocking);
+            if (err == cudaSuccess) err = cudaEventCreateWithFlags(&gc->rows_join[i], cudaEventDisableTiming);
+        }
     }
     const char * env = getenv("CKV_CUDA_GRAPH");
     gc->use_graph = !(env && strcmp(env, "0") == 0);
@@ -459,6 +473,13 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
         cudaStreamSynchronize(gc->stream);
         cudaStreamDestroy(gc->stream);
     }
+    for (int32_t i = 0; gc->row_streams && i < gc->n_seq; i++) {
+        if (gc->row_streams[i]) cudaStreamDestroy(gc->row_streams[i]);
+        if (gc->rows_join[i]) cudaEventDestroy(gc->rows_join[i]);
+    }
+    if (gc->rows_fork) cudaEventDestroy(gc->rows_fork);
+    free(gc->row_streams);
+    free(gc->rows_join);
     if (gc->decode_graph) {
         cudaGraphExecDestroy(gc->decode_graph);
     }
@@ -491,9 +512,25 @@ static int32_t matmul(struct cuda_context * gc, const struct cuda_weight * w, co
     return ckv_cuda_matmul(&a, gc->stream);
 }
 
+// Where one row's (or one chunk's) attention runs: a stream and the split-K scratch it may use.
+struct attn_lane {
+    cudaStream_t s;
+    float *      partial;
+    int64_t      partial_cap;
+};
+
+static attn_lane main_lane(const struct cuda_context * gc) { return {gc->stream, gc->partial, gc->partial_cap}; }
+
+// Row t of an n-row batch step: its stream and an n-th of the scratch.
+static attn_lane row_lane(const struct cuda_context * gc, int64_t t, int64_t n) {
+    const int64_t slice = gc->partial_cap / n;
+    const size_t  floats = (size_t) ckv_cuda_attention_partial_floats(gc->gm->hp.head_dim);
+    return {gc->row_streams[t], gc->partial + (size_t) t * slice * floats, slice};
+}
+
 // Attention of layer il for query rows q (n tokens at pos0..) over every cached position (or
 // its window) into out, also quantised into xq when it is not NULL.
-static int32_t dense_attention(struct cuda_context * gc, int il, const float * q, float * out,
+static int32_t dense_attention(struct cuda_context * gc, const attn_lane & lane, int il, const float * q, float * out,
                                const __half * k_rows, const __half * v_rows, int64_t n, int64_t pos0,
                                const int32_t * pos_dev, const void * xq) {
     const struct hparams * hp = &gc->gm->hp;
@@ -503,11 +540,11 @@ static int32_t dense_attention(struct cuda_context * gc, int il, const float * q
         n_kv = window;  // no query of the chunk sees more positions than the window
     }
     struct cuda_attention_args at = {q, k_rows, v_rows, out,
-                                     gc->partial, n, pos0, gc->n_ctx, hp->n_head, hp->n_head_kv,
+                                     lane.partial, n, pos0, gc->n_ctx, hp->n_head, hp->n_head_kv,
                                      hp->head_dim, window,
-                                     ckv_cuda_attention_splits(n, hp->n_head, n_kv, gc->partial_cap),
+                                     ckv_cuda_attention_splits(n, hp->n_head, n_kv, lane.partial_cap),
                                      hp->attn_scale, pos_dev, (void *) xq};   // xq: att quantised
-    return ckv_cuda_attention(&at, gc->stream);
+    return ckv_cuda_attention(&at, lane.s);
 }
 
 // Positions [first, first + n) of every KV head of one layer, K and V, between two stores of the
@@ -530,11 +567,11 @@ static int32_t copy_kv_rows(struct cuda_context * gc, __half * dst_k, __half * d
 // Tokens [t0, t0 + n) of the chunk, all of sequence sq at positions pos0..: RoPE, their K/V
 // rows into the cache, and their attention into gc->att (quantised into xq for one token).
 // pos_dev != NULL: the position lives in device memory (graph capture) and pos0 is unused.
-static int32_t store_and_attend(struct cuda_context * gc, int il, struct cuda_seq * sq, int64_t t0, int64_t n,
-                                int64_t pos0, const int32_t * pos_dev, const void * xq) {
+static int32_t store_and_attend(struct cuda_context * gc, const attn_lane & lane, int il, struct cuda_seq * sq,
+                                int64_t t0, int64_t n, int64_t pos0, const int32_t * pos_dev, const void * xq) {
     const struct hparams *    hp = &gc->gm->hp;
     const struct cuda_layer * L  = &gc->gm->layers[il];
-    cudaStream_t              s  = gc->stream;
+    cudaStream_t              s  = lane.s;
     bool gemma = hp->arch == ARCH_GEMMA3, swa = hparams_is_swa_layer(hp, il);
     const int64_t q_dim = (int64_t) hp->n_head * hp->head_dim, kv_dim = (int64_t) hp->n_head_kv * hp->head_dim;
     float * q = gc->q + t0 * q_dim, * out = gc->att + t0 * q_dim;
@@ -560,10 +597,10 @@ static int32_t store_and_attend(struct cuda_context * gc, int il, struct cuda_se
     if (gc->decode_step && sq->policy && cuda_kv_policy_sparse(sq->policy, il)) {
         // The KV policy's positions only, att also quantised (xq) for the out-projection's GEMV.
         struct cuda_policy_attend_args pa = {il, q, k_rows, v_rows, (int32_t) pos0, pos_dev, out, (void *) xq,
-                                             gc->partial, gc->partial_cap, hp->attn_scale};
+                                             lane.partial, lane.partial_cap, hp->attn_scale};
         TRY_OK(cuda_kv_policy_attend(sq->policy, &pa, s));
     } else {
-        TRY_OK(dense_attention(gc, il, q, out, k_rows, v_rows, n, pos0, pos_dev, xq));
+        TRY_OK(dense_attention(gc, lane, il, q, out, k_rows, v_rows, n, pos0, pos_dev, xq));
     }
     if (staged) {   // the chunk's new rows to host memory
         TRY_OK(copy_kv_rows(gc, (__half *) sq->k_layers[il], (__half *) sq->v_layers[il], gc->stage_k, gc->stage_v,
@@ -598,12 +635,16 @@ static int32_t attention_block(struct cuda_context * gc, int il, int64_t n, int6
     };
     TRY_OK(ckv_cuda_matmul_multi(qkv, 3, s));
     if (seqs) {   // pos NULL: a captured batch step, token t's position at pos_dev[t]
+        CKV_CUDA_CHECK(cudaEventRecord(gc->rows_fork, s));
         for (int64_t t = 0; t < n; t++) {
-            TRY_OK(store_and_attend(gc, il, &gc->seqs[seqs[t]], t, 1, pos ? pos[t] : 0, pos ? NULL : pos_dev + t,
-                                    xq));   // xq: n == 1
+            CKV_CUDA_CHECK(cudaStreamWaitEvent(gc->row_streams[t], gc->rows_fork, 0));
+            TRY_OK(store_and_attend(gc, row_lane(gc, t, n), il, &gc->seqs[seqs[t]], t, 1, pos ? pos[t] : 0,
+                                    pos ? NULL : pos_dev + t, xq));   // xq: n == 1
+            CKV_CUDA_CHECK(cudaEventRecord(gc->rows_join[t], gc->row_streams[t]));
+            CKV_CUDA_CHECK(cudaStreamWaitEvent(s, gc->rows_join[t], 0));
         }
     } else {
-        TRY_OK(store_and_attend(gc, il, gc->cur, 0, n, pos0, pos_dev, xq));
+        TRY_OK(store_and_attend(gc, main_lane(gc), il, gc->cur, 0, n, pos0, pos_dev, xq));
     }
     struct cuda_matmul_args o = {&L->attn_output, gc->att, gemma ? gc->xb2 : gc->x, L->attn_output.n_out,
                                  NULL, n, !gemma, NULL, 0.0f, xq, &gc->blas};
