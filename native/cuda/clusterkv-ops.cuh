@@ -182,8 +182,8 @@ int32_t ckv_cuda_kv_fetch_forget(int32_t * slot_of, int32_t * owner, int32_t n_p
 //
 // out[h] = softmax_j(scale q[h] . K[g][j]) . V[g][j] over the positions j of list h (g = h /
 // group), read in place from one layer of the f16 cache ([n_head_kv][n_ctx][head_dim]), f32
-// accumulation. Each list is cut into n_split contiguous chunks (blocks) merged with the online
-// softmax rule; an empty list gives zeros. Twin: ops_attention_selected.
+// accumulation. Each list is cut into n_split <= 64 contiguous chunks (blocks) merged with the
+// online softmax rule; an empty list gives zeros. Twin: ops_attention_selected.
 struct cuda_sparse_attention_args {
     const float *   q;              // [n_head][head_dim]
     const __half *  k_cache;        // one layer

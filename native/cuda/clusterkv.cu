@@ -576,8 +576,9 @@ int32_t ckv_cuda_kmeans(const struct cuda_kmeans_args * ap, cudaStream_t st) {
 // =============================================================================================
 //
 // Clusters: score_kernel computes every list's rank keys (many blocks, each centroid row read
-// once for all the lists of its KV head), then select_kernel, one block per list (a query head,
-// or a KV head with per_kv_head), ranks them. Pages (quest) score inside select_kernel, whose
+// once for all the lists of its KV head; few clusters select_kernel scores itself), then
+// select_kernel, one block per list (a query head, or a KV head with per_kv_head), ranks
+// them. Pages (quest) score inside select_kernel, whose
 // bound must follow the CPU's lane order. The clusters cluster_select would take are
 // exactly those whose rank key is >= T, where T is the largest key whose clusters of key >= T
 // hold at least `room` positions (the walk stops right after taking T): T is found by a radix
@@ -728,6 +729,51 @@ static __global__ void __launch_bounds__(SC_WARPS * CKV_WARP) score_kernel(cuda_
     }
 }
 
+// The rank keys of a list with few clusters, inside select_kernel (a launch of score_kernel
+// costs more than the work: SmolLM2 at 8000 has ~110 clusters of 64 dims): warp w scores rows
+// w, w + n_warps, ..., 32 / PER of them (PER dims per lane) with their loads in flight together,
+// each product as score_kernel forms it (the same lane-strided fmaf chain, then warp_sum), so
+// the keys are the same. qs holds the list's query (or its KV head's summed queries).
+// Scored here only when every warp has at most one round of rows: n_clusters x PER <=
+// SEL_THREADS (SmolLM2: ~110 x 2); more rounds lose to score_kernel's wide grid (8B at 32k,
+// ~410 x 4: -2% per query head, more with 8 per-KV-head lists).
+enum { SEL_SCORE_HERE_MAX = SEL_THREADS };
+template <int PER>
+__device__ void sel_score_here(const cuda_select_args & a, const float * qs, int g, int list, int n,
+                               uint64_t * keys) {
+    constexpr int ROUND = 32 / PER;
+    const int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP, n_warps = blockDim.x / CKV_WARP;
+    const int d = a.d;
+    const float * cent = a.centroids + g * a.cent_stride;
+    float qr[PER];
+#pragma unroll
+    for (int i = 0; i < PER; i++) qr[i] = lane + CKV_WARP * i < d ? qs[lane + CKV_WARP * i] : 0.0f;
+    for (int c0 = warp; c0 < n; c0 += ROUND * n_warps) {
+        float row[ROUND][PER];
+#pragma unroll
+        for (int r = 0; r < ROUND; r++) {
+            const int c = c0 + r * n_warps;
+            const float * src = cent + (int64_t) (c < n ? c : 0) * d;
+#pragma unroll
+            for (int i = 0; i < PER; i++) {
+                row[r][i] = c < n && lane + CKV_WARP * i < d ? src[lane + CKV_WARP * i] : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < ROUND; r++) {
+            const int c = c0 + r * n_warps;
+            float sum = 0.0f;
+#pragma unroll
+            for (int i = 0; i < PER; i++) sum = fmaf(qr[i], row[r][i], sum);
+            sum = warp_sum(sum);
+            if (lane == 0 && c < n) {
+                keys[c] = sel_rank_key(sum, c);
+                if (a.scores) a.scores[(int64_t) list * n + c] = sum;
+            }
+        }
+    }
+}
+
 // One list's layout at run time: the clusters' from the arguments; the pages' and the window's
 // from the position (kept in device memory by decode graphs).
 struct sel_layout {
@@ -778,8 +824,9 @@ __device__ __forceinline__ float sel_page_bound(const float * qs, const __half *
 }
 
 // n_cap, words_cap: the key and bitmap slots shared memory was sized for.
+// score_here: the cluster scores are computed here (sel_score_here), not read from a.keys.
 static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_args a, int32_t n_cap,
-                                                                    int32_t words_cap) {
+                                                                    int32_t words_cap, bool score_here) {
     pdl_begin();
     extern __shared__ __align__(16) unsigned char sel_smem[];
     const int d = a.d, group = a.n_head / a.n_head_kv, list = blockIdx.x;
@@ -803,8 +850,17 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     int32_t *  t_end   = t_clust + n_cap;                          // [n_cap] their members' running count
     __shared__ int32_t total_s, n_taken_s;
 
-    // Pages: the query, its head's (quest ranks per query head, never per KV head).
-    for (int t = threadIdx.x; pages && t < d; t += blockDim.x) qs[t] = a.q[(int64_t) list * d + t];
+    // The list's query: pages (quest ranks per query head, never per KV head), or clusters
+    // scored here (per KV head: the group's queries summed in head order, score_kernel's q).
+    for (int t = threadIdx.x; (pages || score_here) && t < d; t += blockDim.x) {
+        float v = 0.0f;
+        if (a.per_kv_head && !pages) {
+            for (int h = 0; h < group; h++) v += a.q[(int64_t) (g * group + h) * d + t];
+        } else {
+            v = a.q[(int64_t) list * d + t];
+        }
+        qs[t] = v;
+    }
     if (threadIdx.x == 0) total_s = n_taken_s = 0;
     for (int w = threadIdx.x; w < n_words; w += blockDim.x) marked[w] = 0;
     __syncthreads();
@@ -838,10 +894,15 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
                 if (a.scores) a.scores[(int64_t) list * n + c1] = s1;
             }
         }
-    } else {   // clusters: score_kernel's keys; sizes and offsets beside them, all loads together
+    } else {   // clusters: their keys (score_kernel's, or scored here); sizes and offsets beside them
+        if (score_here) {
+            if (d <= 64) sel_score_here<2>(a, qs, g, list, n, keys);
+            else if (d <= 128) sel_score_here<4>(a, qs, g, list, n, keys);
+            else sel_score_here<8>(a, qs, g, list, n, keys);
+        }
         const int32_t * gsizes = a.sizes + g * a.csr_stride, * goffs = a.offsets + g * a.csr_stride;
         for (int c = threadIdx.x; c < n; c += blockDim.x) {
-            keys[c]   = a.keys[(int64_t) list * n + c];
+            if (!score_here) keys[c] = a.keys[(int64_t) list * n + c];
             sizes[c]  = gsizes[c];
             poffs[c]  = goffs[c];
             my_total += sizes[c];
@@ -1018,7 +1079,10 @@ int32_t ckv_cuda_select(const struct cuda_select_args * ap, cudaStream_t st) {
     int32_t n_cap, words_cap;
     select_caps(a, &n_cap, &words_cap);
     CKV_CUDA_CHECK(cudaFuncSetAttribute(select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem));
-    if (a.mode == CKV_SELECT_CLUSTERS && a.n_clusters > 0) {
+    // Few clusters are scored inside the selection; many by score_kernel's wide grid first.
+    const int  per        = a.d <= 64 ? 2 : a.d <= 128 ? 4 : 8;   // sel_score_here's PER
+    const bool score_here = a.mode == CKV_SELECT_CLUSTERS && (int64_t) a.n_clusters * per <= SEL_SCORE_HERE_MAX;
+    if (a.mode == CKV_SELECT_CLUSTERS && a.n_clusters > 0 && !score_here) {
         const dim3   grid((unsigned) a.n_head_kv, (unsigned) ceil_div(a.n_clusters, SC_ROWS));
         const size_t q_bytes = (size_t) (a.per_kv_head ? 1 : a.n_head / a.n_head_kv) * a.d * sizeof(float);
         const dim3   block(SC_WARPS * CKV_WARP);
@@ -1028,7 +1092,8 @@ int32_t ckv_cuda_select(const struct cuda_select_args * ap, cudaStream_t st) {
         CKV_CUDA_CHECK(e);
     }
     int n_lists = a.per_kv_head ? a.n_head_kv : a.n_head;
-    CKV_CUDA_CHECK(launch_pdl(select_kernel, dim3(n_lists), dim3(SEL_THREADS), smem, st, a, n_cap, words_cap));
+    CKV_CUDA_CHECK(launch_pdl(select_kernel, dim3(n_lists), dim3(SEL_THREADS), smem, st, a, n_cap, words_cap,
+                              score_here));
     return CKV_OK;
 }
 
@@ -1187,7 +1252,9 @@ int32_t ckv_cuda_kv_fetch_forget(int32_t * slot_of, int32_t * owner, int32_t n_p
 // row, HD / 8 threads per V row), then the pairs' dot products give the scores, warp 0 updates
 // the running max / sum, and every thread accumulates p * V for its positions and 8 dims; the
 // position groups are summed through shared memory at the end. Splits write (acc, m, l) and a
-// second kernel merges them (the online-softmax rule), as the dense decode path does.
+// second kernel merges them (the online-softmax rule), as the dense decode path does. (The last
+// split block merging instead, behind an arrival counter, measured the same for SmolLM2 at
+// 8000, within 1%, and 2-3% slower for the 8B shape per query head at 32k.)
 
 enum { SP_THREADS = 128, SP_TILE = 64, SP_MAX_SPLITS = 64 };
 
@@ -1309,6 +1376,62 @@ __device__ __forceinline__ void sp_finish_head(const cuda_sparse_attention_args 
                 slot[HD + 1] = *l;
             }
         }
+    }
+}
+
+// out[h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits that saw positions
+// (m_s > -inf); block = head h. Lane j of every warp holds the (m, l) of splits j and j + 32;
+// warp w sums splits w, w + 4, ... of dims j, j + 32, ..., MERGE_U of them per round with their
+// loads in flight together (the naive loop over splits, one load after another, took 6.4 us for
+// SmolLM2's 21 splits), and warp 0 adds the four sums in warp order.
+template <int HD>
+static __global__ void __launch_bounds__(SP_THREADS) sparse_merge_kernel(cuda_sparse_attention_args a) {
+    pdl_begin();
+    constexpr int PER = HD / CKV_WARP, MERGE_U = 8, NW = SP_THREADS / CKV_WARP;
+    static_assert(SP_MAX_SPLITS <= 2 * CKV_WARP, "two splits' (m, l) per lane");
+    __shared__ __align__(16) float warp_acc[NW][HD];
+    const int lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP, n = a.n_split, h = blockIdx.x;
+    const float * part = a.partial + (int64_t) h * n * (HD + 4);
+    float m[2], l[2], w[2];
+#pragma unroll
+    for (int j = 0; j < 2; j++) {
+        const int sp = lane + CKV_WARP * j;
+        m[j] = sp < n ? part[(int64_t) sp * (HD + 4) + HD] : -INFINITY;
+        l[j] = sp < n ? part[(int64_t) sp * (HD + 4) + HD + 1] : 0.0f;
+    }
+    const float M = warp_max(fmaxf(m[0], m[1]));
+#pragma unroll
+    for (int j = 0; j < 2; j++) w[j] = m[j] != -INFINITY ? expf(m[j] - M) : 0.0f;
+    const float L = warp_sum(l[0] * w[0] + l[1] * w[1]);
+    float acc[PER] = {};
+    for (int sp0 = warp; sp0 < n; sp0 += MERGE_U * NW) {
+        float v[MERGE_U][PER];
+#pragma unroll
+        for (int u = 0; u < MERGE_U; u++) {
+            const int     sp  = sp0 + u * NW;
+            const float * row = part + (int64_t) (sp < n ? sp : 0) * (HD + 4);
+#pragma unroll
+            for (int i = 0; i < PER; i++) v[u][i] = sp < n ? row[lane + CKV_WARP * i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < MERGE_U; u++) {
+            const int   sp = sp0 + u * NW;   // the same in every lane; past n its v is 0
+            const float ww = __shfl_sync(0xffffffffu, (sp / CKV_WARP) % 2 ? w[1] : w[0], sp % CKV_WARP);
+#pragma unroll
+            for (int i = 0; i < PER; i++) acc[i] = fmaf(ww, v[u][i], acc[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < PER; i++) warp_acc[warp][lane + CKV_WARP * i] = acc[i];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < PER; i++) {   // dims 32 i .. 32 i + 31: one q8 chunk across the lanes
+        float o = warp_acc[0][lane + CKV_WARP * i];
+        for (int k = 1; k < NW; k++) o += warp_acc[k][lane + CKV_WARP * i];
+        const float val = L > 0.0f ? o / L : 0.0f;
+        a.out[(int64_t) h * HD + lane + CKV_WARP * i] = val;
+        if (a.out_q) quantize_chunk_warp(val, (cq8x *) a.out_q + ((int64_t) h * HD) / 32 + i);
     }
 }
 
@@ -1445,30 +1568,6 @@ static __global__ void __launch_bounds__(SP_THREADS) sparse_group_kernel(cuda_sp
     }
 }
 
-// out[h] = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s over the splits that saw positions.
-static __global__ void sparse_merge_kernel(cuda_sparse_attention_args a) {
-    pdl_begin();
-    const int h = blockIdx.x, hd = a.head_dim;
-    const float * part = a.partial + (int64_t) h * a.n_split * (hd + 4);
-    float M = -INFINITY;
-    for (int sp = 0; sp < a.n_split; sp++) M = fmaxf(M, part[sp * (hd + 4) + hd]);
-    float L = 0.0f;
-    for (int sp = 0; sp < a.n_split; sp++) {
-        float m = part[sp * (hd + 4) + hd];
-        if (m != -INFINITY) L += part[sp * (hd + 4) + hd + 1] * expf(m - M);
-    }
-    for (int dd = threadIdx.x; dd < hd; dd += blockDim.x) {
-        float o = 0.0f;
-        for (int sp = 0; sp < a.n_split; sp++) {
-            float m = part[sp * (hd + 4) + hd];
-            if (m != -INFINITY) o += part[sp * (hd + 4) + dd] * expf(m - M);
-        }
-        const float val = L > 0.0f ? o / L : 0.0f;
-        a.out[(int64_t) h * hd + dd] = val;
-        if (a.out_q) quantize_chunk_warp(val, (cq8x *) a.out_q + ((int64_t) h * hd + dd) / 32);
-    }
-}
-
 int32_t ckv_cuda_sparse_attention_splits(int32_t n_head, int32_t max_list) {
     // About two blocks per multiprocessor of an H100/H200 (132), chunks of whole tiles.
     int32_t want = ceil_div(264, n_head > 0 ? n_head : 1);
@@ -1489,15 +1588,17 @@ template <int HD> static cudaError_t launch_sparse(const cuda_sparse_attention_a
     } else {
         e = launch_pdl(sparse_decode_kernel<HD>, dim3(a.n_head, a.n_split), dim3(SP_THREADS), 0, st, a);
     }
-    if (e == cudaSuccess && a.n_split > 1) e = launch_pdl(sparse_merge_kernel, dim3(a.n_head), dim3(HD), 0, st, a);
+    if (e == cudaSuccess && a.n_split > 1) {
+        e = launch_pdl(sparse_merge_kernel<HD>, dim3(a.n_head), dim3(SP_THREADS), 0, st, a);
+    }
     return e;
 }
 
 int32_t ckv_cuda_sparse_attention(const struct cuda_sparse_attention_args * ap, cudaStream_t st) {
     const cuda_sparse_attention_args & a = *ap;
-    if (a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 || a.n_split < 1 || a.max_list < 0 ||
-        a.list_stride < a.max_list || (a.n_split > 1 && !a.partial) || !a.q || !a.out || !a.list_pos ||
-        !a.list_n || (a.slot_of && (!a.slot_k || !a.slot_v || a.n_slots < 1))) {
+    if (a.n_head_kv < 1 || a.n_head % a.n_head_kv != 0 || a.n_split < 1 || a.n_split > SP_MAX_SPLITS ||
+        a.max_list < 0 || a.list_stride < a.max_list || (a.n_split > 1 && !a.partial) || !a.q || !a.out ||
+        !a.list_pos || !a.list_n || (a.slot_of && (!a.slot_k || !a.slot_v || a.n_slots < 1))) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "cuda sparse attention: bad shape (n_head %d, n_head_kv %d, "
                         "n_split %d, max_list %d)", a.n_head, a.n_head_kv, a.n_split, a.max_list);
     }

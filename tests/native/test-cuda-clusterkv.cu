@@ -486,6 +486,10 @@ static void test_select(void) {
     test_select_case({7, 7, 64, 300, 30, 0, 1, 500, false, true});    // no sinks, GQA 1, tail of 1
     test_select_case({4, 1, 256, 50, 30, 4, 300, 400, true, true});   // head_dim 256, long tail
     test_select_case({4, 1, 32, 0, 1, 4, 10, 64, false, true});       // nothing clustered yet
+    // The most clusters select_kernel still scores itself (n x ceil(d / 32) = 512), and one more.
+    test_select_case({9, 3, 64, 256, 40, 16, 20, 2000, false, false});
+    test_select_case({9, 3, 64, 257, 40, 16, 20, 2000, false, false});
+    test_select_case({8, 2, 128, 128, 40, 16, 20, 1500, true, true});
 }
 
 // --- the CPU policy as the twin -------------------------------------------------------------------
