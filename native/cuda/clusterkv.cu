@@ -674,6 +674,16 @@ __device__ sel_plan sel_threshold(const uint64_t * keys, const int32_t * sizes, 
     return {prefix, need};
 }
 
+// Dim t of the query list `list` ranks with: its query head's, or with per_kv_head (list = KV
+// head) the group's queries summed in head order (the CPU's q_sum).
+__device__ __forceinline__ float sel_list_query(const cuda_select_args & a, int list, int t) {
+    if (!a.per_kv_head) return a.q[(int64_t) list * a.d + t];
+    const int group = a.n_head / a.n_head_kv;
+    float     v     = 0.0f;
+    for (int h = 0; h < group; h++) v += a.q[(int64_t) (list * group + h) * a.d + t];
+    return v;
+}
+
 // Cluster scores q . centroid: block (KV head g, SC_ROWS consecutive clusters), SC_ROWS_PER_WARP
 // rows per warp with lanes over the dims, every row's loads issued before any product, so a
 // block waits for memory once. (One block per list walking all rows a few at a time queued one
@@ -688,16 +698,7 @@ static __global__ void __launch_bounds__(SC_WARPS * CKV_WARP) score_kernel(cuda_
     extern __shared__ float sc_q[];   // [lists of g][d]
     const int d = a.d, n = a.n_clusters, group = a.n_head / a.n_head_kv, g = blockIdx.x;
     const int n_lists = a.per_kv_head ? 1 : group, list0 = a.per_kv_head ? g : g * group;
-    for (int i = threadIdx.x; i < n_lists * d; i += blockDim.x) {
-        const int l = i / d, t = i % d;
-        float v = 0.0f;
-        if (a.per_kv_head) {
-            for (int h = 0; h < group; h++) v += a.q[(int64_t) (g * group + h) * d + t];
-        } else {
-            v = a.q[(int64_t) (list0 + l) * d + t];
-        }
-        sc_q[i] = v;
-    }
+    for (int i = threadIdx.x; i < n_lists * d; i += blockDim.x) sc_q[i] = sel_list_query(a, list0 + i / d, i % d);
     const int lane = threadIdx.x % CKV_WARP, c0 = blockIdx.y * SC_ROWS + threadIdx.x / CKV_WARP * SC_ROWS_PER_WARP;
     const float * cent = a.centroids + g * a.cent_stride;
     float row[SC_ROWS_PER_WARP][PER];
@@ -850,17 +851,9 @@ static __global__ void __launch_bounds__(SEL_THREADS) select_kernel(cuda_select_
     int32_t *  t_end   = t_clust + n_cap;                          // [n_cap] their members' running count
     __shared__ int32_t total_s, n_taken_s;
 
-    // The list's query: pages (quest ranks per query head, never per KV head), or clusters
-    // scored here (per KV head: the group's queries summed in head order, score_kernel's q).
-    for (int t = threadIdx.x; (pages || score_here) && t < d; t += blockDim.x) {
-        float v = 0.0f;
-        if (a.per_kv_head && !pages) {
-            for (int h = 0; h < group; h++) v += a.q[(int64_t) (g * group + h) * d + t];
-        } else {
-            v = a.q[(int64_t) list * d + t];
-        }
-        qs[t] = v;
-    }
+    // The list's query, for pages (quest ranks per query head: per_kv_head is refused for it)
+    // or for clusters scored here.
+    for (int t = threadIdx.x; (pages || score_here) && t < d; t += blockDim.x) qs[t] = sel_list_query(a, list, t);
     if (threadIdx.x == 0) total_s = n_taken_s = 0;
     for (int w = threadIdx.x; w < n_words; w += blockDim.x) marked[w] = 0;
     __syncthreads();
