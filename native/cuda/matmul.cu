@@ -92,6 +92,7 @@ struct mmv_jobs {
     float *         y[3];
     const float *   bias[3];
     bool            accumulate[3];
+    int64_t         ldy[3];   // a multi-token GEMV: token t's outputs at y + t * ldy
     int             n_jobs;
 };
 
@@ -104,16 +105,17 @@ struct mmv_row {
     float *         y;   // its output element
     const float *   bias;
     bool            accumulate;
+    int64_t         ldy;
 };
 __device__ __forceinline__ mmv_row mmv_job_row(const struct mmv_jobs & j, int64_t row) {
     mmv_row out = {j.w[0] + row * j.row_size[0], j.y[0] + row, j.bias[0] ? j.bias[0] + row : nullptr,
-                   j.accumulate[0]};
+                   j.accumulate[0], j.ldy[0]};
 #pragma unroll
     for (int k = 1; k < 3; k++) {
         row -= j.n_out[k - 1];
         if (k < j.n_jobs && row >= 0) {
             out = {j.w[k] + row * j.row_size[k], j.y[k] + row, j.bias[k] ? j.bias[k] + row : nullptr,
-                   j.accumulate[k]};
+                   j.accumulate[k], j.ldy[k]};
         }
     }
     return out;
@@ -680,11 +682,10 @@ mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq,
 // A batched decode step's GEMV (regrouped q4_0 / q6_K): n_tok <= NT inputs, quantised one
 // after the other (xq, n_in / 32 blocks each), share every weight load, so a step of n tokens
 // reads the weights once instead of n times. Layout as mmvq_split_kernel (W warps per group of
-// R rows); one job; token t's outputs at y + t * ldy.
+// R rows); up to three jobs over the same input (q, k, v), token t's outputs at y + t * ldy.
 template <int T, int W, int R, int NT>
 static __global__ void __launch_bounds__(MMVQ_THREADS)
-mmvq_tokens_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq, int n_tok, int64_t ldy,
-                   int64_t total_rows) {
+mmvq_tokens_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq, int n_tok, int64_t total_rows) {
     pdl_begin();
     __shared__ float part[MMVQ_WARPS][R][NT];
     int     warp = threadIdx.x / CKV_WARP, wr = warp % W;
@@ -721,7 +722,7 @@ mmvq_tokens_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 if (t >= n_tok) break;
-                float * y = jr[r].y + t * ldy;
+                float * y = jr[r].y + t * jr[r].ldy;
                 float   v = sum[r][t] + (jr[r].bias ? *jr[r].bias : 0.0f);
                 *y = jr[r].accumulate ? *y + v : v;
             }
@@ -731,17 +732,20 @@ mmvq_tokens_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq
 
 template <int T>
 static cudaError_t launch_mmvq_tokens(const struct mmv_jobs & j, int64_t n_in, int64_t rows, const cq8x * xq,
-                                      int n_tok, int64_t ldy, cudaStream_t s) {
-    constexpr int R = 2;
-    // W as launch_mmvq chooses it for one token, capped at 2 (NT accumulators per row).
-    int W = 1;
-    while (W < 2 && rows / R * W < 4096 && n_in / 32 >= 2 * CKV_WARP * W) W *= 2;
+                                      int n_tok, cudaStream_t s) {
+    // Rows per warp group: 2, or 4 for more than 4 tokens (each activation load then serves
+    // more weight rows); warps per group: 1, or as launch_mmvq for 4 rows (8B Q4_0 on the H200,
+    // aggregate t/s at depth 0: batch 4 786 with R = 2, W = 1 vs 765 with W = 2 and 741 with
+    // R = 4; batch 8 816 with R = 4 vs 728 with R = 2; unrolling 2 steps was slower).
+    const int R = n_tok > 4 ? 4 : 2;
+    int       W = 1;
+    while (R == 4 && W < 2 && rows / R * W < 4096 && n_in / 32 >= 2 * CKV_WARP * W) W *= 2;
     int64_t  per_block = (int64_t) (MMVQ_WARPS / W) * R;
     unsigned grid = (unsigned) ((rows + per_block - 1) / per_block);
-    auto go = [&](auto kern) { return launch_pdl(kern, grid, MMVQ_THREADS, 0, s, j, n_in, xq, n_tok, ldy, rows); };
-    if (n_tok <= 2) return W == 1 ? go(mmvq_tokens_kernel<T, 1, R, 2>) : go(mmvq_tokens_kernel<T, 2, R, 2>);
-    if (n_tok <= 4) return W == 1 ? go(mmvq_tokens_kernel<T, 1, R, 4>) : go(mmvq_tokens_kernel<T, 2, R, 4>);
-    return W == 1 ? go(mmvq_tokens_kernel<T, 1, R, 8>) : go(mmvq_tokens_kernel<T, 2, R, 8>);
+    auto go = [&](auto kern) { return launch_pdl(kern, grid, MMVQ_THREADS, 0, s, j, n_in, xq, n_tok, rows); };
+    if (n_tok <= 2) return go(mmvq_tokens_kernel<T, 1, 2, 2>);
+    if (n_tok <= 4) return go(mmvq_tokens_kernel<T, 1, 2, 4>);
+    return W == 1 ? go(mmvq_tokens_kernel<T, 1, 4, 8>) : go(mmvq_tokens_kernel<T, 2, 4, 8>);
 }
 
 // The GLU on a quantised input: 32 rows per block as mmvq_glu_kernel, 4 rows (gate and up) per
@@ -1143,6 +1147,7 @@ static struct mmv_jobs jobs_of(const struct cuda_matmul_args * jobs, int n_jobs,
         j.y[i] = jobs[i].y;
         j.bias[i] = jobs[i].bias;
         j.accumulate[i] = jobs[i].accumulate;
+        j.ldy[i] = jobs[i].ldy;
         *rows += jobs[i].w->n_out;
     }
     j.n_jobs = n_jobs;
@@ -1172,6 +1177,29 @@ static int32_t launch_gemv_jobs(const struct cuda_matmul_args * jobs, int n_jobs
     return CKV_OK;
 }
 
+// A few tokens (2 .. CKV_GEMV_MAX_TOKENS) through regrouped q4_0 / q6_K weights: the inputs
+// quantised once into the workspace, then one launch reads each weight row for all of them.
+static bool tokens_gemv_fits(const struct cuda_matmul_args * a) {
+    const struct cuda_weight * w = a->w;
+    return a->n_tokens >= 2 && a->n_tokens <= CKV_GEMV_MAX_TOKENS && !a->xq && !a->norm_w &&
+           (w->type == CT_Q4_0_X8 || w->type == CT_Q6_K_X8) && a->ws && a->ws->gemv_xq &&
+           a->ws->gemv_xq_bytes >= sizeof(cq8x) * (size_t) (a->n_tokens * w->n_in / 32);
+}
+
+// Jobs that fit (tokens_gemv_fits) over the same input x and weight type: one quantisation,
+// one launch.
+static int32_t tokens_gemv(const struct cuda_matmul_args * jobs, int n_jobs, cudaStream_t s) {
+    const struct cuda_weight * w = jobs[0].w;
+    TRY_OK(ckv_cuda_quantize_q8(jobs[0].x, jobs[0].ws->gemv_xq, jobs[0].n_tokens * w->n_in, s));
+    int64_t rows;
+    const struct mmv_jobs j = jobs_of(jobs, n_jobs, &rows);
+    const cq8x * xq = (const cq8x *) jobs[0].ws->gemv_xq;
+    const int    n  = (int) jobs[0].n_tokens;
+    CKV_CUDA_CHECK(w->type == CT_Q4_0_X8 ? launch_mmvq_tokens<CT_Q4_0_X8>(j, w->n_in, rows, xq, n, s)
+                                         : launch_mmvq_tokens<CT_Q6_K_X8>(j, w->n_in, rows, xq, n, s));
+    return CKV_OK;
+}
+
 int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s) {
     int32_t st = check_matmul(a);
     if (st != CKV_OK) {
@@ -1181,20 +1209,8 @@ int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s) {
         return launch_gemv_jobs(a, 1, s);
     }
     if (a->n_tokens <= CKV_GEMV_MAX_TOKENS && !a->xq) {
-        const struct cuda_weight * w = a->w;
-        const bool regrouped = w->type == CT_Q4_0_X8 || w->type == CT_Q6_K_X8;
-        if (regrouped && a->ws && a->ws->gemv_xq &&
-            a->ws->gemv_xq_bytes >= sizeof(cq8x) * (size_t) (a->n_tokens * w->n_in / 32)) {
-            // the inputs quantised once, then one launch reads each weight row for all of them
-            int32_t st = ckv_cuda_quantize_q8(a->x, a->ws->gemv_xq, a->n_tokens * w->n_in, s);
-            if (st != CKV_OK) return st;
-            int64_t rows;
-            const struct mmv_jobs j = jobs_of(a, 1, &rows);
-            const cq8x * xq = (const cq8x *) a->ws->gemv_xq;
-            CKV_CUDA_CHECK(w->type == CT_Q4_0_X8
-                               ? launch_mmvq_tokens<CT_Q4_0_X8>(j, w->n_in, rows, xq, (int) a->n_tokens, a->ldy, s)
-                               : launch_mmvq_tokens<CT_Q6_K_X8>(j, w->n_in, rows, xq, (int) a->n_tokens, a->ldy, s));
-            return CKV_OK;
+        if (tokens_gemv_fits(a)) {
+            return tokens_gemv(a, 1, s);
         }
         for (int64_t t = 0; t < a->n_tokens; t++) {   // other types: one GEMV per token
             struct cuda_matmul_args one = *a;
@@ -1224,22 +1240,26 @@ int32_t ckv_cuda_matmul(const struct cuda_matmul_args * a, cudaStream_t s) {
     return CKV_OK;
 }
 
-// Jobs over one input: fused into one launch for a single token when the weights share type
-// and shape of input; otherwise one ckv_cuda_matmul per job.
+// Jobs over one input: fused into one launch when the weights share type and shape of input,
+// for a single token or a few (tokens_gemv); otherwise one ckv_cuda_matmul per job.
 int32_t ckv_cuda_matmul_multi(const struct cuda_matmul_args * jobs, int n_jobs, cudaStream_t s) {
-    bool fuse = n_jobs >= 1 && n_jobs <= 3;
+    bool fuse = n_jobs >= 1 && n_jobs <= 3, few = true;
     for (int i = 0; i < n_jobs; i++) {
         int32_t st = check_matmul(&jobs[i]);
         if (st != CKV_OK) {
             return st;
         }
-        fuse = fuse && jobs[i].n_tokens == 1 && jobs[i].w->type == jobs[0].w->type &&
+        fuse = fuse && jobs[i].n_tokens == jobs[0].n_tokens && jobs[i].w->type == jobs[0].w->type &&
                jobs[i].w->n_in == jobs[0].w->n_in && jobs[i].x == jobs[0].x &&
                jobs[i].norm_w == jobs[0].norm_w && jobs[i].norm_eps == jobs[0].norm_eps &&
                jobs[i].xq == jobs[0].xq;
+        few = few && tokens_gemv_fits(&jobs[i]);
     }
-    if (fuse) {
+    if (fuse && jobs[0].n_tokens == 1) {
         return launch_gemv_jobs(jobs, n_jobs, s);
+    }
+    if (fuse && few) {
+        return tokens_gemv(jobs, n_jobs, s);
     }
     for (int i = 0; i < n_jobs; i++) {
         int32_t st = ckv_cuda_matmul(&jobs[i], s);
@@ -1266,9 +1286,9 @@ int32_t ckv_cuda_matmul_glu(const struct cuda_weight * gate, const struct cuda_w
     }
     bool fuse = n_tokens == 1 && gate->type == up->type && gate->n_in == up->n_in &&
                 gate->n_out == up->n_out && gate->row_size == up->row_size;
-    if (!fuse) {
-        st = ckv_cuda_matmul(&g, s);
-        if (st == CKV_OK) st = ckv_cuda_matmul(&u, s);
+    if (!fuse) {   // gate and up as two jobs over one input (one launch for a few tokens), then the GLU
+        struct cuda_matmul_args gu[2] = {g, u};
+        st = ckv_cuda_matmul_multi(gu, 2, s);
         if (st == CKV_OK) st = ckv_cuda_glu(y, up_out, n_tokens * gate->n_out, gelu, s);
         return st == CKV_OK && yq ? ckv_cuda_quantize_q8(y, yq, gate->n_out, s) : st;
     }

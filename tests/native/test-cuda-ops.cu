@@ -350,6 +350,38 @@ static void test_fused_matmuls(uint32_t type, bool regrouped = false, int64_t n_
         expect(name, rel_err(y.get(), to_double(gate)), 1e-5);
     }
 
+    if (regrouped) {   // a batch step's q, k and v: 5 tokens, one quantisation and one launch
+        const int64_t nt = 5;
+        std::vector<float> xs = rnd_vec(nt * n_in), xsq(xs);
+        for (int64_t t = 0; t < nt; t++) {
+            q8_ref row = quantize_q8_ref(&xs[t * n_in], n_in);
+            std::copy(row.values.begin(), row.values.begin() + n_in, xsq.begin() + t * n_in);
+        }
+        dbuf<float> dxs(xs), t0(nt * 67), t1(nt * 35), t2(nt * 35);
+        dbuf<cq8x>  dq((size_t) CKV_GEMV_MAX_TOKENS * n_in / 32);
+        struct cuda_gemm_ws ws = {};
+        ws.gemv_xq       = dq.p;
+        ws.gemv_xq_bytes = dq.n * sizeof(cq8x);
+        struct cuda_matmul_args tj[3] = {{&cw[0], dxs.p, t0.p, 67, dbias.p, nt, false, NULL, 0.0f, NULL, &ws},
+                                         {&cw[1], dxs.p, t1.p, 35, NULL, nt, false, NULL, 0.0f, NULL, &ws},
+                                         {&cw[2], dxs.p, t2.p, 35, NULL, nt, false, NULL, 0.0f, NULL, &ws}};
+        CHECK_OK(ckv_cuda_matmul_multi(tj, 3, 0));
+        dbuf<float> * outs[3] = {&t0, &t1, &t2};
+        double err = 0.0;
+        for (int i = 0; i < 3; i++) {
+            std::vector<double> ref;
+            for (int64_t t = 0; t < nt; t++)
+                for (int64_t r = 0; r < n_out[i]; r++) {
+                    double sum = i == 0 ? bias[r] : 0.0;
+                    for (int64_t k = 0; k < n_in; k++) sum += (double) deq[i][r * n_in + k] * xsq[t * n_in + k];
+                    ref.push_back(sum);
+                }
+            err = fmax(err, rel_err(outs[i]->get(), ref));
+        }
+        snprintf(name, sizeof(name), "matmul_multi %-5s 5 tokens (q, k, v)", tname);
+        expect(name, err, 1e-5);
+    }
+
     // The same with the RMSNorm of x fused in (norm weights nw): reference = f64 dot with the
     // CPU's ops_rmsnorm output.
     std::vector<float> nw = rnd_vec(n_in, 0.5f, 1.5f), xn32(n_in);
