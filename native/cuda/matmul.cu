@@ -730,9 +730,114 @@ mmvq_tokens_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq
     }
 }
 
+// The same product for regrouped q4_0 on the tensor cores: a warp computes a tile of 16 rows x
+// 8 tokens with mma.sync m16n8k32 (s8 x s8 -> s32), one q4_0 block (32 values under one
+// scale) per k step, and applies the block's weight and activation scales to the s32 results,
+// so the multiply costs one instruction per 16 x 8 x 32 instead of a __dp4a per 4 values and
+// token. Fragments (PTX ISA, lane = 4 g + t): A rows g, g + 8, k 4t..4t+3 and 16+4t..16+4t+3,
+// which are the low and high nibbles of the block's quant word t (q4_0 packs values i and
+// i + 16 in byte i); B token g, the same k, i.e. words t and 4 + t of its activation block;
+// C rows g, g + 8 x tokens 2t, 2t + 1. The nibbles enter unsigned and the -8 comes from the
+// activation block's sum, as in mmvq_rows_x8_nt. KW warps split a tile's groups of 8 blocks
+// and add their sums through shared memory; tokens >= n_tok read zeros and are not written.
+// Its weight loads are 4-byte words (a lane quad reads one block's 16 bytes), so it moves
+// weights slower than the __dp4a kernel's 16-byte loads: that kernel still wins up to 4 tokens.
+// Staging weight tiles through shared memory with 16-byte copies is the next step here.
+enum { MMQ_WARPS = 8 };
+__device__ __forceinline__ void mma_s8_16x8x32(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int KW>
+static __global__ void __launch_bounds__(MMQ_WARPS * CKV_WARP)
+mmq_tokens_q4x8_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq, int n_tok,
+                       int64_t total_rows) {
+    pdl_begin();
+    __shared__ float part[MMQ_WARPS][CKV_WARP][4];
+    const int     lane = threadIdx.x % CKV_WARP, warp = threadIdx.x / CKV_WARP, g = lane >> 2, t = lane & 3;
+    const int     kw = warp % KW, t0 = 2 * t, t1 = 2 * t + 1;
+    const int64_t row = ((int64_t) blockIdx.x * (MMQ_WARPS / KW) + warp / KW) * 16 + g;   // and row + 8
+    const mmv_row jr[2] = {mmv_job_row(j, row < total_rows ? row : 0),
+                           mmv_job_row(j, row + 8 < total_rows ? row + 8 : 0)};
+    const int64_t n_blocks = n_in / 32;
+    const cq8x *  xb  = xq + (g < n_tok ? g : 0) * n_blocks;     // B: token g
+    const cq8x *  xd0 = xq + (t0 < n_tok ? t0 : 0) * n_blocks;   // the scales of C's tokens
+    const cq8x *  xd1 = xq + (t1 < n_tok ? t1 : 0) * n_blocks;
+    const bool    has_b = g < n_tok, has0 = t0 < n_tok, has1 = t1 < n_tok;
+    const uint32_t m = 0x0F0F0F0Fu;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t grp = kw; grp < n_blocks / 8; grp += KW) {
+        const uint8_t * w0 = jr[0].w + grp * X8_GROUP_BYTES, * w1 = jr[1].w + grp * X8_GROUP_BYTES;
+        const uint4     s0 = *(const uint4 *) w0, s1 = *(const uint4 *) w1;   // the group's 8 scales
+        const __half *  d0 = (const __half *) &s0, * d1 = (const __half *) &s1;
+#pragma unroll
+        for (int jb = 0; jb < 8; jb++) {
+            const int64_t  b  = grp * 8 + jb;
+            const uint32_t q0 = *(const uint32_t *) (w0 + X8_SCALES_BYTES + 16 * jb + 4 * t);
+            const uint32_t q1 = *(const uint32_t *) (w1 + X8_SCALES_BYTES + 16 * jb + 4 * t);
+            const uint32_t b0 = has_b ? ((const uint32_t *) xb[b].qs)[t] : 0u;
+            const uint32_t b1 = has_b ? ((const uint32_t *) xb[b].qs)[4 + t] : 0u;
+            const float2   x0 = has0 ? xd0[b].ds : make_float2(0.0f, 0.0f);
+            const float2   x1 = has1 ? xd1[b].ds : make_float2(0.0f, 0.0f);
+            int c[4] = {0, 0, 0, 0};
+            mma_s8_16x8x32(c, q0 & m, q1 & m, q0 >> 4 & m, q1 >> 4 & m, b0, b1);
+            const float dw0 = __half2float(d0[jb]), dw1 = __half2float(d1[jb]);
+            acc[0] += dw0 * (x0.x * (float) c[0] - 8.0f * x0.y);
+            acc[1] += dw0 * (x1.x * (float) c[1] - 8.0f * x1.y);
+            acc[2] += dw1 * (x0.x * (float) c[2] - 8.0f * x0.y);
+            acc[3] += dw1 * (x1.x * (float) c[3] - 8.0f * x1.y);
+        }
+    }
+    if constexpr (KW > 1) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) part[warp][lane][i] = acc[i];
+        __syncthreads();
+        if (kw != 0) return;
+        for (int k = 1; k < KW; k++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[i] += part[warp + k][lane][i];
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int     r = i / 2, tok = i % 2 ? t1 : t0;
+        const int64_t rr = row + 8 * r;
+        if (rr >= total_rows || tok >= n_tok) continue;
+        float * y = jr[r].y + tok * jr[r].ldy;
+        float   v = acc[i] + (jr[r].bias ? *jr[r].bias : 0.0f);
+        *y = jr[r].accumulate ? *y + v : v;
+    }
+}
+
+// 16-row tiles, KW warps each (split over the groups) for ~4096 warps in all.
+static cudaError_t launch_mmq_tokens_q4x8(const struct mmv_jobs & j, int64_t n_in, int64_t rows, const cq8x * xq,
+                                          int n_tok, cudaStream_t s) {
+    const int64_t tiles = (rows + 15) / 16, groups = n_in / 256;
+    int KW = 1;
+    while (KW < 8 && tiles * KW < 4096 && groups >= 2 * KW) KW *= 2;
+    const int64_t per_block = MMQ_WARPS / KW;
+    const unsigned grid = (unsigned) ((tiles + per_block - 1) / per_block);
+    auto go = [&](auto kern) { return launch_pdl(kern, grid, MMQ_WARPS * CKV_WARP, 0, s, j, n_in, xq, n_tok, rows); };
+    switch (KW) {
+        case 1: return go(mmq_tokens_q4x8_kernel<1>);
+        case 2: return go(mmq_tokens_q4x8_kernel<2>);
+        case 4: return go(mmq_tokens_q4x8_kernel<4>);
+        default: return go(mmq_tokens_q4x8_kernel<8>);
+    }
+}
+
 template <int T>
 static cudaError_t launch_mmvq_tokens(const struct mmv_jobs & j, int64_t n_in, int64_t rows, const cq8x * xq,
                                       int n_tok, cudaStream_t s) {
+    // q4_0 for more than 4 tokens: the tensor cores, whose cost does not grow with the tokens
+    // (8B Q4_0 aggregate t/s at depth 0 on the H200, __dp4a vs mma: batch 4 818-827 vs 734-754,
+    // 5 646 vs 805, 6 711 vs 860, 8 848-850 vs 1008-1032; 2026-11-29_h200_session9.json).
+    if constexpr (T == CT_Q4_0_X8) {
+        if (n_tok > 4) return launch_mmq_tokens_q4x8(j, n_in, rows, xq, n_tok, s);
+    }
     // Rows per warp group: 2, or 4 for more than 4 tokens (each activation load then serves
     // more weight rows); warps per group: 1, or as launch_mmvq for 4 rows (8B Q4_0 on the H200,
     // aggregate t/s at depth 0: batch 4 786 with R = 2, W = 1 vs 765 with W = 2 and 741 with
