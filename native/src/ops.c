@@ -104,21 +104,41 @@ struct matmul_region {
 
 enum { ROW_BLOCK = 16 };  // weight rows kept hot in L1 while every token row streams past
 
+// Rows [rb, re) of job for tokens [t0, t1), one vec_dot each.
+static void dot_each(const struct matmul_region * r, const struct matmul_job * job, const uint8_t * act,
+                     int64_t rb, int64_t re, int64_t t0, int64_t t1) {
+    const struct weight * w  = job->w;
+    ggml_vec_dot_fn       dot = ggml_type_traits_get(w->type)->vec_dot;
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t * xt = act + t * r->act_row;
+        float *         yt = job->y + t * job->ldy;
+        for (int64_t row = rb; row < re; row++) {
+            yt[row] = dot(w->ne[0], (const uint8_t *) w->data + row * w->row_size, xt);
+        }
+    }
+}
+
+// y = W x (+ bias) for rows [r0, r1), a block of rows at a time. With a tile kernel (prefill of
+// types that have one) whole tiles of rows x tokens go through it, bit for bit the vec_dots.
 static void matmul_rows(const struct matmul_region * r, const struct matmul_job * job,
                         const uint8_t * act, int64_t r0, int64_t r1) {
-    const struct weight *           w   = job->w;
-    const struct ggml_type_traits * tt  = ggml_type_traits_get(w->type);
-    int64_t                         n   = w->ne[0];
+    const struct weight * w    = job->w;
+    ggml_vec_dot_tile_fn  tile = ggml_type_traits_get(w->type)->vec_dot_tile;
     for (int64_t rb = r0; rb < r1; rb += ROW_BLOCK) {
         int64_t re = rb + ROW_BLOCK < r1 ? rb + ROW_BLOCK : r1;
-        for (int64_t t = 0; t < r->n_tokens; t++) {
-            const uint8_t * xt = act + t * r->act_row;
-            float *         yt = job->y + t * job->ldy;
-            for (int64_t row = rb; row < re; row++) {
-                const uint8_t * wrow = (const uint8_t *) w->data + row * w->row_size;
-                float           v    = tt->vec_dot(n, wrow, xt);
-                yt[row] = job->bias ? v + job->bias[row] : v;
+        int64_t t  = 0;
+        for (; tile && t + VEC_DOT_TILE_TOKENS <= r->n_tokens; t += VEC_DOT_TILE_TOKENS) {
+            int64_t row = rb;
+            for (; row + VEC_DOT_TILE_ROWS <= re; row += VEC_DOT_TILE_ROWS) {
+                tile(w->ne[0], (const uint8_t *) w->data + row * w->row_size, w->row_size,
+                     act + t * r->act_row, r->act_row, job->y + t * job->ldy + row, job->ldy);
             }
+            dot_each(r, job, act, row, re, t, t + VEC_DOT_TILE_TOKENS);
+        }
+        dot_each(r, job, act, rb, re, t, r->n_tokens);
+        for (int64_t tk = 0; job->bias && tk < r->n_tokens; tk++) {
+            float * yt = job->y + tk * job->ldy;
+            for (int64_t row = rb; row < re; row++) yt[row] += job->bias[row];
         }
     }
 }

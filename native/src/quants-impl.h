@@ -130,6 +130,7 @@ typedef void (*quantize_row_fn)(const float * src, void * dst, int64_t n);
 struct quants_kernels {
     ggml_vec_dot_fn      vec_dot[GGML_TYPE_COUNT_MAX];       // by weight type
     ggml_vec_dot_rows_fn vec_dot_rows[GGML_TYPE_COUNT_MAX];  // NULL: loop over vec_dot
+    ggml_vec_dot_tile_fn vec_dot_tile[GGML_TYPE_COUNT_MAX];  // NULL: none (matmuls use vec_dot)
     quantize_row_fn      quantize_row[GGML_TYPE_COUNT_MAX];  // by activation type
     float (*dot_f16_f32)(int64_t n, const ckv_fp16 * a, const float * b);
     void  (*axpy_f16_f32)(int64_t n, float alpha, const ckv_fp16 * x, float * y);

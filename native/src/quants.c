@@ -743,6 +743,7 @@ static void apply_kernels(int isa) {
         tt->vec_dot      = kernels.vec_dot[t];
         tt->quantize_row = kernels.quantize_row[t];
         tt->vec_dot_rows = kernels.vec_dot_rows[t] ? kernels.vec_dot_rows[t] : rows_loops[t];
+        tt->vec_dot_tile = kernels.vec_dot_tile[t];
     }
     isa_current = isa;
 }

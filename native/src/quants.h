@@ -38,6 +38,13 @@ typedef float (*ggml_vec_dot_fn)(int64_t n, const void * w_row, const void * x_r
 // activation once per group and reduce several rows together (the GEMV fast path).
 typedef void (*ggml_vec_dot_rows_fn)(int64_t n, int64_t n_rows, const void * w, size_t w_stride,
                                      const void * x_row, float * out);
+// A tile of VEC_DOT_TILE_ROWS weight rows x VEC_DOT_TILE_TOKENS activation rows (prefill):
+// out[t * out_stride + r] = vec_dot(n, w + r * w_stride, x + t * x_stride), bit for bit, with
+// each weight block unpacked once for all the tokens and each activation block once for all
+// the rows.
+enum { VEC_DOT_TILE_ROWS = 2, VEC_DOT_TILE_TOKENS = 4 };
+typedef void (*ggml_vec_dot_tile_fn)(int64_t n, const void * w, size_t w_stride, const void * x, size_t x_stride,
+                                     float * out, int64_t out_stride);
 
 // Every ggml type id a GGUF file may hold has traits (name and block layout), so files with
 // other quantisations still open and list; only the types with is_weight set have kernels:
@@ -53,6 +60,7 @@ struct ggml_type_traits {
     void (*quantize_row)(const float * src, void * dst, int64_t n);  // activation types only
                                     // (and F32, a copy, so F16/BF16/F32 weights fit the scheme)
     ggml_vec_dot_rows_fn vec_dot_rows;  // weight types: several rows at once (set by quants_init)
+    ggml_vec_dot_tile_fn vec_dot_tile;  // NULL, or a rows x tokens tile kernel (set by quants_init)
 };
 
 // Detects CPU features and selects kernels; idempotent and thread-safe (call once at load).

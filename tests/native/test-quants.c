@@ -432,6 +432,50 @@ static void test_dots(void) {
     quants_set_isa(best);
 }
 
+// The prefill tile kernels (types that have one at an ISA level) against vec_dot at the same
+// level: bit for bit, for VEC_DOT_TILE_ROWS rows x VEC_DOT_TILE_TOKENS tokens in exact-size heap
+// buffers (odd block counts take the single-block tail), written at a row stride of 7.
+static void test_tiles(void) {
+    const int best = quants_isa_best();
+    int       tested = 0;
+    for (int isa = QUANTS_ISA_SCALAR; isa <= best; isa++) {
+        quants_set_isa(isa);
+        for (size_t ti = 0; ti < N_WEIGHT_TYPES; ti++) {
+            const uint32_t                  type = weight_types[ti];
+            const struct ggml_type_traits * t    = ggml_type_traits_get(type);
+            if (!t->vec_dot_tile) continue;
+            const int64_t blocks[] = {1, 2, 3, 7, 18, 28};   // 28: Qwen2.5-0.5B's n_embd 896
+            for (size_t b = 0; b < sizeof(blocks) / sizeof(blocks[0]); b++) {
+                const int64_t n   = blocks[b] * t->block_size;
+                const size_t  wsz = ggml_row_size(type, n), xsz = ggml_row_size(t->vec_dot_type, n);
+                uint8_t *     w   = malloc(VEC_DOT_TILE_ROWS * wsz);
+                uint8_t *     xq  = malloc(VEC_DOT_TILE_TOKENS * xsz);
+                float *       x   = malloc((size_t) n * sizeof(float));
+                for (int r = 0; r < VEC_DOT_TILE_ROWS; r++) random_weights(type, w + r * wsz, n);
+                for (int k = 0; k < VEC_DOT_TILE_TOKENS; k++) {
+                    random_floats(x, n, 1.0f);
+                    quantize_row_act(t->vec_dot_type, x, xq + k * xsz, n);
+                }
+                enum { OUT_STRIDE = 7 };
+                float got[VEC_DOT_TILE_TOKENS * OUT_STRIDE], want[VEC_DOT_TILE_TOKENS * OUT_STRIDE];
+                t->vec_dot_tile(n, w, wsz, xq, xsz, got, OUT_STRIDE);
+                int bad = 0;
+                for (int k = 0; k < VEC_DOT_TILE_TOKENS; k++)
+                    for (int r = 0; r < VEC_DOT_TILE_ROWS; r++) {
+                        want[k * OUT_STRIDE + r] = vec_dot(type, n, w + r * wsz, xq + k * xsz);
+                        bad += memcmp(&got[k * OUT_STRIDE + r], &want[k * OUT_STRIDE + r], sizeof(float)) != 0;
+                    }
+                CHECK(bad == 0, "isa %d %s n=%lld: %d tile results differ from vec_dot", isa, t->name,
+                      (long long) n, bad);
+                tested++;
+                free(w); free(xq); free(x);
+            }
+        }
+    }
+    quants_set_isa(best);
+    printf("tile kernels: %d cases\n", tested);
+}
+
 // Rows in heap buffers of exactly their size, short rows included, so ASan flags any kernel
 // that reads past a row (the row tail paths use masked or partial loads).
 static void test_exact_buffers(void) {
@@ -506,6 +550,7 @@ int main(void) {
     }
     test_dots();
     test_exact_buffers();
+    test_tiles();
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail != 0;
 }
