@@ -539,6 +539,43 @@ static void vec_dot_tile_q5_0_avx2(int64_t n, const void * w, size_t ws, const v
     tile32_avx2(GGML_TYPE_Q5_0, sizeof(block_q5_0), n, w, ws, x, xs, out, os);
 }
 
+// q4_1 against q8_1: DOT_32_MIN's steps for every (row, token) of the tile (two blocks per step
+// into two chains, the m * s terms summed pairwise in the same order), each block's nibbles
+// and scales unpacked once for the tile's tokens.
+static void vec_dot_tile_q4_1_avx2(int64_t n, const void * w, size_t w_stride, const void * x, size_t x_stride,
+                                   float * out, int64_t out_stride) {
+    __m256        acc0[TR][TT], acc1[TR][TT];
+    float         summs[TR][TT];
+    const int64_t nb = n / 32;
+    for (int r = 0; r < TR; r++)
+        for (int t = 0; t < TT; t++) acc0[r][t] = acc1[r][t] = _mm256_setzero_ps(), summs[r][t] = 0.0f;
+    for (int64_t i = 0; i < nb; i += 2) {
+        const int          pair = i + 1 < nb;
+        const block_q8_1 * bx[TT];
+        for (int t = 0; t < TT; t++) bx[t] = (const block_q8_1 *) ((const uint8_t *) x + (size_t) t * x_stride) + i;
+        for (int r = 0; r < TR; r++) {
+            const block_q4_1 * bw = (const block_q4_1 *) ((const uint8_t *) w + (size_t) r * w_stride) + i;
+            PREFETCH(bw);
+            const __m256i u0 = unpack_nibbles(bw[0].qs), u1 = pair ? unpack_nibbles(bw[1].qs) : u0;
+            for (int t = 0; t < TT; t++) {
+                const __m256 d0 = _mm256_set1_ps(h2f(bw[0].d) * h2f(bx[t][0].d));
+                if (pair) {
+                    const __m256 d1 = _mm256_set1_ps(h2f(bw[1].d) * h2f(bx[t][1].d));
+                    summs[r][t] += h2f(bw[0].m) * h2f(bx[t][0].s) + h2f(bw[1].m) * h2f(bx[t][1].s);
+                    acc0[r][t] = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(dot_u8s8(u0, load256(bx[t][0].qs))), acc0[r][t]);
+                    acc1[r][t] = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(dot_u8s8(u1, load256(bx[t][1].qs))), acc1[r][t]);
+                } else {
+                    summs[r][t] += h2f(bw[0].m) * h2f(bx[t][0].s);
+                    acc0[r][t] = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(dot_u8s8(u0, load256(bx[t][0].qs))), acc0[r][t]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < TR; r++)
+        for (int t = 0; t < TT; t++)
+            out[t * out_stride + r] = hsum_ps(_mm256_add_ps(acc0[r][t], acc1[r][t])) + summs[r][t];
+}
+
 static void vec_dot_tile_q4_K_avx2(int64_t n, const void * w, size_t w_stride, const void * x, size_t x_stride,
                                    float * out, int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -658,6 +695,7 @@ void quants_register_avx2(struct quants_kernels * k) {
     k->vec_dot[GGML_TYPE_Q6_K] = vec_dot_q6_K_q8_K_avx2;
     k->vec_dot_tile[GGML_TYPE_Q4_0] = vec_dot_tile_q4_0_avx2;
     k->vec_dot_tile[GGML_TYPE_Q5_0] = vec_dot_tile_q5_0_avx2;
+    k->vec_dot_tile[GGML_TYPE_Q4_1] = vec_dot_tile_q4_1_avx2;
     k->vec_dot_tile[GGML_TYPE_Q4_K] = vec_dot_tile_q4_K_avx2;
     k->vec_dot_tile[GGML_TYPE_Q6_K] = vec_dot_tile_q6_K_avx2;
     k->quantize_row[GGML_TYPE_Q8_0] = quantize_row_q8_0_avx2;

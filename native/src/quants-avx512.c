@@ -73,9 +73,14 @@ static ALWAYS_INLINE struct q8_1_group load_q8_1_group(const block_q8_1 * y, int
     return g;
 }
 
-// acc += four q4_1 blocks of one row against g; acc_ms collects m * s in its odd lanes.
-static ALWAYS_INLINE void q4_1_group(const block_q4_1 * w, int nblk, const struct q8_1_group * g,
-                                     __m512 * acc, __m256 * acc_ms) {
+// Four q4_1 blocks of one row unpacked: low and high nibbles (quants 0..15 and 16..31 of block
+// k in 128-bit lane k, as in q8_1_group) and the (d_k, m_k) pairs as floats.
+struct q4_1_group {
+    __m512i lo, hi;
+    __m256  dm;
+};
+
+static ALWAYS_INLINE struct q4_1_group load_q4_1_group(const block_q4_1 * w, int nblk) {
     const int32_t * p  = (const int32_t *) w;
     const int       nd = 5 * nblk;
     const __m512i   a  = _mm512_maskz_loadu_epi32(dword_mask(nd, 0), p);
@@ -84,14 +89,30 @@ static ALWAYS_INLINE void q4_1_group(const block_q4_1 * w, int nblk, const struc
         a, _mm512_setr_epi32(1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14, 16, 17, 18, 19), b);
     const __m512i dm = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 5, 10, 15, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), a);
     const __m512i m4 = _mm512_set1_epi8(0x0F);
-    __m512i       isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(qs, m4), g->lo);
-    isum = _mm512_dpbusd_epi32(isum, _mm512_and_si512(_mm512_srli_epi16(qs, 4), m4), g->hi);
+    struct q4_1_group q;
+    q.lo = _mm512_and_si512(qs, m4);
+    q.hi = _mm512_and_si512(_mm512_srli_epi16(qs, 4), m4);
+    q.dm = _mm256_cvtph_ps(_mm512_castsi512_si128(dm));
+    return q;
+}
+
+// acc += four q4_1 blocks of one row (q) against g; acc_ms collects m * s in its odd lanes.
+static ALWAYS_INLINE void q4_1_dot_group(const struct q4_1_group * q, const struct q8_1_group * g, __m512 * acc,
+                                         __m256 * acc_ms) {
+    __m512i isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q->lo, g->lo);
+    isum = _mm512_dpbusd_epi32(isum, q->hi, g->hi);
     // (d_k dy_k, m_k s_k) pairs; block k's d dy spread over lane k's four int32 sums
-    const __m256 dd    = _mm256_mul_ps(_mm256_cvtph_ps(_mm512_castsi512_si128(dm)), g->ds);
+    const __m256 dd    = _mm256_mul_ps(q->dm, g->ds);
     const __m512 scale = _mm512_permutexvar_ps(
         _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), _mm512_castps256_ps512(dd));
     *acc    = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
     *acc_ms = _mm256_add_ps(*acc_ms, dd);
+}
+
+static ALWAYS_INLINE void q4_1_group(const block_q4_1 * w, int nblk, const struct q8_1_group * g,
+                                     __m512 * acc, __m256 * acc_ms) {
+    const struct q4_1_group q = load_q4_1_group(w, nblk);
+    q4_1_dot_group(&q, g, acc, acc_ms);
 }
 
 static ALWAYS_INLINE float q4_1_finish(__m512 acc, __m256 acc_ms) {
@@ -290,7 +311,7 @@ static float vec_dot_q5_0_q8_0_avx512(int64_t n, const void * w, const void * x)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill tiles: VEC_DOT_TILE_ROWS weight rows x VEC_DOT_TILE_TOKENS tokens, q4_0 / q5_0
+// Prefill tiles: VEC_DOT_TILE_ROWS weight rows x VEC_DOT_TILE_TOKENS tokens: q4_0 / q5_0, q4_1
 // ---------------------------------------------------------------------------------------------
 //
 // Every (row, token) pair runs the very instructions of its vec_dot above, in the same order,
@@ -391,6 +412,43 @@ static void vec_dot_tile_q5_0_avx512(int64_t n, const void * w, size_t ws, const
     tile_offset_pairs(GGML_TYPE_Q5_0, n, w, ws, x, xs, out, os);
 }
 
+// q4_1 (SmolLM2's matrices): four blocks per step as q4_1_rows_r, each row's group unpacked
+// once for the tile's tokens and each token's q8_1 group once for its rows.
+static ALWAYS_INLINE void q4_1_tile_step(int nblk, const uint8_t * w, size_t w_stride, const uint8_t * x,
+                                         size_t x_stride, int64_t i, __m512 acc[TR][TT], __m256 acc_ms[TR][TT]) {
+    struct q8_1_group g[TT];
+    for (int t = 0; t < TT; t++) {
+        g[t] = load_q8_1_group((const block_q8_1 *) (x + (size_t) t * x_stride) + i, nblk);
+    }
+    for (int r = 0; r < TR; r++) {
+        const block_q4_1 * wr = (const block_q4_1 *) (w + (size_t) r * w_stride) + i;
+        PREFETCH(wr);
+        PREFETCH((const uint8_t *) wr + 64);
+        const struct q4_1_group q = load_q4_1_group(wr, nblk);
+        for (int t = 0; t < TT; t++) {
+            q4_1_dot_group(&q, &g[t], &acc[r][t], &acc_ms[r][t]);
+        }
+    }
+}
+
+static void vec_dot_tile_q4_1_avx512(int64_t n, const void * w, size_t w_stride, const void * x, size_t x_stride,
+                                     float * out, int64_t out_stride) {
+    __m512 acc[TR][TT];
+    __m256 acc_ms[TR][TT];
+    for (int r = 0; r < TR; r++)
+        for (int t = 0; t < TT; t++) acc[r][t] = _mm512_setzero_ps(), acc_ms[r][t] = _mm256_setzero_ps();
+    const int64_t nb = n / QK4_1;
+    int64_t       i  = 0;
+    for (; i + 4 <= nb; i += 4) {
+        q4_1_tile_step(4, w, w_stride, x, x_stride, i, acc, acc_ms);
+    }
+    if (i < nb) {
+        q4_1_tile_step((int) (nb - i), w, w_stride, x, x_stride, i, acc, acc_ms);
+    }
+    for (int r = 0; r < TR; r++)
+        for (int t = 0; t < TT; t++) out[t * out_stride + r] = q4_1_finish(acc[r][t], acc_ms[r][t]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Registration
 // ---------------------------------------------------------------------------------------------
@@ -402,6 +460,7 @@ void quants_register_avx512(struct quants_kernels * k) {
     k->vec_dot[GGML_TYPE_Q8_0]      = vec_dot_q8_0_q8_0_avx512;
     k->vec_dot_rows[GGML_TYPE_Q4_1] = vec_dot_rows_q4_1_avx512;
     k->vec_dot_tile[GGML_TYPE_Q4_0] = vec_dot_tile_q4_0_avx512;
+    k->vec_dot_tile[GGML_TYPE_Q4_1] = vec_dot_tile_q4_1_avx512;
     k->vec_dot_tile[GGML_TYPE_Q5_0] = vec_dot_tile_q5_0_avx512;
     // No multi-row q8_0 kernel: on the output head (576 x 49152, streamed from DRAM) four
     // interleaved row streams ran at 15 GB/s against 35 GB/s for vec_dot row by row with its
