@@ -248,10 +248,22 @@ static inline __m256i q6_K_scale_pair(__m128i scales, int k) {
     return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(scales, idx));
 }
 
+// The 6-bit quants of half h (128 elements) of a q6_K block, unsigned (q + 32), as 4 x 32
+// bytes in activation order: ql[64h..64h+63] gives the low 4 bits, qh[32h..32h+31] the top 2.
+static inline void q6_K_unpack_half(const block_q6_K * b, int h, __m256i q[4]) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
+    const __m256i ql0 = load256(b->ql + 64 * h), ql1 = load256(b->ql + 64 * h + 32);
+    const __m256i qh  = load256(b->qh + 32 * h);
+    q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2));
+    q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2));
+    q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m2));
+    q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                           _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2));
+}
+
 static float vec_dot_q6_K_q8_K_avx2(int64_t n, const void * w, const void * x) {
     const block_q6_K * bw = w;
     const block_q8_K * bx = x;
-    const __m256i      m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
     __m256             acc = _mm256_setzero_ps();
     for (int64_t i = 0; i < n / QK_K; i++) {
         for (size_t o = 0; o < sizeof(bw[i]); o += 64) PREFETCH((const uint8_t *) &bw[i] + o);
@@ -262,15 +274,8 @@ static float vec_dot_q6_K_q8_K_avx2(int64_t n, const void * w, const void * x) {
         const int      offset = 32 * hsum_epi32(_mm256_madd_epi16(sc16, load256(bx[i].bsums)));
         __m256i        sumi   = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {  // 128 elements: ql[64h..64h+63], qh[32h..32h+31]
-            const __m256i ql0 = load256(bw[i].ql + 64 * h), ql1 = load256(bw[i].ql + 64 * h + 32);
-            const __m256i qh  = load256(bw[i].qh + 32 * h);
-            const __m256i q[4] = {
-                _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2)),
-                _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m2)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
-            };
+            __m256i q[4];
+            q6_K_unpack_half(&bw[i], h, q);
             for (int k = 0; k < 4; k++) {
                 const __m256i p = _mm256_maddubs_epi16(q[k], load256(y + 128 * h + 32 * k));
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, q6_K_scale_pair(scales, 4 * h + k)));
@@ -576,6 +581,15 @@ static void vec_dot_tile_q4_1_avx2(int64_t n, const void * w, size_t w_stride, c
             out[t * out_stride + r] = hsum_ps(_mm256_add_ps(acc0[r][t], acc1[r][t])) + summs[r][t];
 }
 
+// A K-quant super-block's integer sums into the tile's chains: acc += d_x d_w * sumi, with
+// vec_dot's d_x * d_w.
+static inline void k_tile_fold(__m256 acc[TR][TT], __m256i sumi[TR][TT], const block_q8_K * const bx[TT],
+                               const ckv_fp16 dw[TR]) {
+    for (int r = 0; r < TR; r++)
+        for (int t = 0; t < TT; t++)
+            acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(bx[t]->d * h2f(dw[r])), _mm256_cvtepi32_ps(sumi[r][t]), acc[r][t]);
+}
+
 static void vec_dot_tile_q4_K_avx2(int64_t n, const void * w, size_t w_stride, const void * x, size_t x_stride,
                                    float * out, int64_t out_stride) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -615,10 +629,9 @@ static void vec_dot_tile_q4_K_avx2(int64_t n, const void * w, size_t w_stride, c
                 }
             }
         }
-        for (int r = 0; r < TR; r++)
-            for (int t = 0; t < TT; t++)
-                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(bx[t]->d * h2f(bw[r]->d)), _mm256_cvtepi32_ps(sumi[r][t]),
-                                            acc[r][t]);
+        ckv_fp16 dw[TR];
+        for (int r = 0; r < TR; r++) dw[r] = bw[r]->d;
+        k_tile_fold(acc, sumi, bx, dw);
     }
     for (int r = 0; r < TR; r++)
         for (int t = 0; t < TT; t++) out[t * out_stride + r] = hsum_ps(acc[r][t]) - acc_m[r][t];
@@ -626,7 +639,6 @@ static void vec_dot_tile_q4_K_avx2(int64_t n, const void * w, size_t w_stride, c
 
 static void vec_dot_tile_q6_K_avx2(int64_t n, const void * w, size_t w_stride, const void * x, size_t x_stride,
                                    float * out, int64_t out_stride) {
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(0x30);
     __m256        acc[TR][TT];
     for (int r = 0; r < TR; r++)
         for (int t = 0; t < TT; t++) acc[r][t] = _mm256_setzero_ps();
@@ -650,15 +662,8 @@ static void vec_dot_tile_q6_K_avx2(int64_t n, const void * w, size_t w_stride, c
         }
         for (int h = 0; h < 2; h++) {  // 128 elements: ql[64h..64h+63], qh[32h..32h+31]
             for (int r = 0; r < TR; r++) {
-                const __m256i ql0 = load256(bw[r]->ql + 64 * h), ql1 = load256(bw[r]->ql + 64 * h + 32);
-                const __m256i qh  = load256(bw[r]->qh + 32 * h);
-                const __m256i q[4] = {
-                    _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m2)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m2)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m2)),
-                };
+                __m256i q[4];
+                q6_K_unpack_half(bw[r], h, q);
                 for (int k = 0; k < 4; k++) {
                     const __m256i sc = q6_K_scale_pair(scales[r], 4 * h + k);
                     for (int t = 0; t < TT; t++) {
@@ -668,10 +673,9 @@ static void vec_dot_tile_q6_K_avx2(int64_t n, const void * w, size_t w_stride, c
                 }
             }
         }
-        for (int r = 0; r < TR; r++)
-            for (int t = 0; t < TT; t++)
-                acc[r][t] = _mm256_fmadd_ps(_mm256_set1_ps(bx[t]->d * h2f(bw[r]->d)), _mm256_cvtepi32_ps(sumi[r][t]),
-                                            acc[r][t]);
+        ckv_fp16 dw[TR];
+        for (int r = 0; r < TR; r++) dw[r] = bw[r]->d;
+        k_tile_fold(acc, sumi, bx, dw);
     }
     for (int r = 0; r < TR; r++)
         for (int t = 0; t < TT; t++) out[t * out_stride + r] = hsum_ps(acc[r][t]);
