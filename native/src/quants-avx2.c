@@ -79,15 +79,23 @@ static inline uint32_t load_u32(const uint8_t * p) {
 // 32-element blocks against q8_0 / q8_1
 // ---------------------------------------------------------------------------------------------
 
+// The quants of a q4_0 / q5_0 block as signed bytes (also the prefill tile's unpacking).
+static inline __m256i q4_0_quants(const block_q4_0 * w) {
+    return _mm256_sub_epi8(unpack_nibbles(w->qs), _mm256_set1_epi8(8));
+}
+
+static inline __m256i q5_0_quants(const block_q5_0 * w) {
+    // nib | 0xF0 reads as nib - 16 in int8: the offset, cancelled where the 5th bit is set.
+    const __m256i hi = _mm256_andnot_si256(bits_to_bytes(load_u32(w->qh)), _mm256_set1_epi8((char) 0xF0));
+    return _mm256_or_si256(unpack_nibbles(w->qs), hi);
+}
+
 static inline __m256i q4_0_block(const block_q4_0 * w, const block_q8_0 * x) {
-    const __m256i q = _mm256_sub_epi8(unpack_nibbles(w->qs), _mm256_set1_epi8(8));
-    return dot_s8s8(q, load256(x->qs));
+    return dot_s8s8(q4_0_quants(w), load256(x->qs));
 }
 
 static inline __m256i q5_0_block(const block_q5_0 * w, const block_q8_0 * x) {
-    // nib | 0xF0 reads as nib - 16 in int8: the offset, cancelled where the 5th bit is set.
-    const __m256i hi = _mm256_andnot_si256(bits_to_bytes(load_u32(w->qh)), _mm256_set1_epi8((char) 0xF0));
-    return dot_s8s8(_mm256_or_si256(unpack_nibbles(w->qs), hi), load256(x->qs));
+    return dot_s8s8(q5_0_quants(w), load256(x->qs));
 }
 
 static inline __m256i q8_0_block(const block_q8_0 * w, const block_q8_0 * x) {
@@ -488,20 +496,10 @@ static void quantize_row_q8_K_avx2(const float * src, void * dst, int64_t n) {
 
 enum { TR = VEC_DOT_TILE_ROWS, TT = VEC_DOT_TILE_TOKENS };
 
-// The quants of a q4_0 / q5_0 block as signed bytes (q4_0_block / q5_0_block without the dot),
-// so that the tile can take their magnitudes once per row. (q8_0 has no tile: with nothing to
-// unpack it ran slower than vec_dot, 0.83x in a 896 x 1024 x 64-token loop.)
-static inline __m256i w32_quants(uint32_t type, const uint8_t * block) {
-    if (type == GGML_TYPE_Q4_0) {
-        return _mm256_sub_epi8(unpack_nibbles(((const block_q4_0 *) block)->qs), _mm256_set1_epi8(8));
-    }
-    const block_q5_0 * b  = (const block_q5_0 *) block;
-    const __m256i      hi = _mm256_andnot_si256(bits_to_bytes(load_u32(b->qh)), _mm256_set1_epi8((char) 0xF0));
-    return _mm256_or_si256(unpack_nibbles(b->qs), hi);
-}
-
 // DOT_32's two chains (even blocks into acc[0], odd into acc[1]) for every (row, token) of the
-// tile; dot_s8s8 split so that |w| is computed once per row. q4_0 / q5_0 only.
+// tile; dot_s8s8 split so that |w| is computed once per row. q4_0 / q5_0 only (q8_0 has no
+// tile: with nothing to unpack it ran slower than vec_dot, 0.83x in a 896 x 1024 x 64-token
+// loop).
 static inline void tile32_avx2(uint32_t type, size_t bsz, int64_t n, const uint8_t * w, size_t w_stride,
                                const uint8_t * x, size_t x_stride, float * out, int64_t out_stride) {
     __m256 acc[2][TR][TT];
@@ -521,7 +519,8 @@ static inline void tile32_avx2(uint32_t type, size_t bsz, int64_t n, const uint8
         for (int r = 0; r < TR; r++) {
             const uint8_t * blk = w + (size_t) r * w_stride + (size_t) i * bsz;
             PREFETCH(blk);
-            const __m256i q   = w32_quants(type, blk);
+            const __m256i q   = type == GGML_TYPE_Q4_0 ? q4_0_quants((const block_q4_0 *) blk)
+                                                         : q5_0_quants((const block_q5_0 *) blk);
             const __m256i mag = _mm256_sign_epi8(q, q);
             const float   dw  = h2f(*(const ckv_fp16 *) blk);   // d leads every one of these blocks
             for (int t = 0; t < TT; t++) {
@@ -563,15 +562,13 @@ static void vec_dot_tile_q4_1_avx2(int64_t n, const void * w, size_t w_stride, c
             PREFETCH(bw);
             const __m256i u0 = unpack_nibbles(bw[0].qs), u1 = pair ? unpack_nibbles(bw[1].qs) : u0;
             for (int t = 0; t < TT; t++) {
+                const float ms0 = h2f(bw[0].m) * h2f(bx[t][0].s);
+                summs[r][t] += pair ? ms0 + h2f(bw[1].m) * h2f(bx[t][1].s) : ms0;
                 const __m256 d0 = _mm256_set1_ps(h2f(bw[0].d) * h2f(bx[t][0].d));
+                acc0[r][t] = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(dot_u8s8(u0, load256(bx[t][0].qs))), acc0[r][t]);
                 if (pair) {
                     const __m256 d1 = _mm256_set1_ps(h2f(bw[1].d) * h2f(bx[t][1].d));
-                    summs[r][t] += h2f(bw[0].m) * h2f(bx[t][0].s) + h2f(bw[1].m) * h2f(bx[t][1].s);
-                    acc0[r][t] = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(dot_u8s8(u0, load256(bx[t][0].qs))), acc0[r][t]);
                     acc1[r][t] = _mm256_fmadd_ps(d1, _mm256_cvtepi32_ps(dot_u8s8(u1, load256(bx[t][1].qs))), acc1[r][t]);
-                } else {
-                    summs[r][t] += h2f(bw[0].m) * h2f(bx[t][0].s);
-                    acc0[r][t] = _mm256_fmadd_ps(d0, _mm256_cvtepi32_ps(dot_u8s8(u0, load256(bx[t][0].qs))), acc0[r][t]);
                 }
             }
         }

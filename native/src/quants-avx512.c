@@ -265,57 +265,12 @@ static ALWAYS_INLINE __m512i nibble_pair(const uint8_t * qs0, const uint8_t * qs
     return _mm512_and_si512(_mm512_mask_srli_epi16(z, 0xFF00FF00, z, 4), _mm512_set1_epi8(0x0F));
 }
 
-// Unsigned quants u = q + offset against y: sum q y = sum u y - offset * sum y.
-static ALWAYS_INLINE __m512 offset_pair_dot(__m512i u, __m512i y, char offset, __m512 d, __m512 acc) {
-    const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, y);
-    const __m512i c = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(offset), y);
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(s, c)), d, acc);
-}
-
-static float vec_dot_q4_0_q8_0_avx512(int64_t n, const void * w, const void * x) {
-    const block_q4_0 * bw = w;
-    const block_q8_0 * bx = x;
-    const int64_t      nb = n / QK4_0;
-    __m512             acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < nb; i += 2) {
-        const int nblk = nb - i < 2 ? 1 : 2;
-        PREFETCH(&bw[i]);
-        const __m512i u = nibble_pair(bw[i].qs, bw[i + nblk - 1].qs, nblk);
-        const __m512  d = _mm512_mul_ps(f16_pair(bw[i].d, nblk > 1 ? bw[i + 1].d : 0), q8_0_pair_d(bx + i, nblk));
-        acc = offset_pair_dot(u, q8_0_pair_qs(bx + i, nblk), 8, d, acc);
-    }
-    return hsum512(acc);
-}
-
-static float vec_dot_q5_0_q8_0_avx512(int64_t n, const void * w, const void * x) {
-    const block_q5_0 * bw = w;
-    const block_q8_0 * bx = x;
-    const int64_t      nb = n / QK5_0;
-    __m512             acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < nb; i += 2) {
-        const int nblk = nb - i < 2 ? 1 : 2;
-        PREFETCH(&bw[i]);
-        uint32_t qh0, qh1 = 0;
-        memcpy(&qh0, bw[i].qh, 4);
-        if (nblk > 1) {
-            memcpy(&qh1, bw[i + 1].qh, 4);
-        }
-        // bit j of the pair's 64-bit mask is the 5th bit of quant j, in activation order
-        const __mmask64 hbits = (__mmask64) qh0 | (__mmask64) qh1 << 32;
-        const __m512i   u = _mm512_or_si512(nibble_pair(bw[i].qs, bw[i + nblk - 1].qs, nblk),
-                                            _mm512_maskz_mov_epi8(hbits, _mm512_set1_epi8(0x10)));
-        const __m512    d = _mm512_mul_ps(f16_pair(bw[i].d, nblk > 1 ? bw[i + 1].d : 0), q8_0_pair_d(bx + i, nblk));
-        acc = offset_pair_dot(u, q8_0_pair_qs(bx + i, nblk), 16, d, acc);
-    }
-    return hsum512(acc);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Prefill tiles: VEC_DOT_TILE_ROWS weight rows x VEC_DOT_TILE_TOKENS tokens: q4_0 / q5_0, q4_1
 // ---------------------------------------------------------------------------------------------
 //
-// Every (row, token) pair runs the very instructions of its vec_dot above, in the same order,
-// so a tile equals vec_dot bit for bit; what the tile saves is the repeated work around them:
+// Every (row, token) pair runs the very instructions of its vec_dot (below for q4_0 / q5_0,
+// above for q4_1), so a tile equals vec_dot bit for bit; what the tile saves is the work around:
 // a weight block pair (nibble unpacking, 5th bits, scales) is prepared once for all the tokens
 // and an activation block pair (quants, offset term, scale) once for all the rows.
 
@@ -342,6 +297,7 @@ static ALWAYS_INLINE struct wpair load_wpair(uint32_t type, const uint8_t * row,
         if (nblk > 1) {
             memcpy(&qh1, bw[1].qh, 4);
         }
+        // bit j of the pair's 64-bit mask is the 5th bit of quant j, in activation order
         const __mmask64 hbits = (__mmask64) qh0 | (__mmask64) qh1 << 32;
         p.q = _mm512_or_si512(nibble_pair(bw[0].qs, bw[nblk - 1].qs, nblk),
                               _mm512_maskz_mov_epi8(hbits, _mm512_set1_epi8(0x10)));
@@ -365,7 +321,7 @@ static ALWAYS_INLINE struct xpair load_xpair(uint32_t type, const block_q8_0 * x
     return p;
 }
 
-// acc += one (row, token) block pair: offset_pair_dot's instructions.
+// acc += one (row, token) block pair: sum u y - offset * sum y, times both scales.
 static ALWAYS_INLINE __m512 tile_step(const struct wpair * w, const struct xpair * x, __m512 acc) {
     const __m512  d = _mm512_mul_ps(w->d, x->d);
     const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w->q, x->y);
@@ -401,6 +357,30 @@ static ALWAYS_INLINE void tile_offset_pairs(uint32_t type, int64_t n, const void
     }
     for (int r = 0; r < TR; r++)
         for (int t = 0; t < TT; t++) out[t * out_stride + r] = hsum512(acc[r][t]);
+}
+
+// q4_0 / q5_0 x q8_0, row by row: block pairs through the tile's (row, token) step, so that
+// the tiles above equal these bit for bit. Unsigned quants u = q + offset against y:
+// sum q y = sum u y - offset * sum y.
+static ALWAYS_INLINE float offset_pairs_dot(uint32_t type, size_t bsz, int64_t n, const void * w, const void * x) {
+    const int64_t nb  = n / 32;
+    __m512        acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < nb; i += 2) {
+        const int nblk = nb - i < 2 ? 1 : 2;
+        PREFETCH((const uint8_t *) w + (size_t) i * bsz);
+        const struct wpair wp = load_wpair(type, w, i, nblk);
+        const struct xpair xp = load_xpair(type, x, i, nblk);
+        acc = tile_step(&wp, &xp, acc);
+    }
+    return hsum512(acc);
+}
+
+static float vec_dot_q4_0_q8_0_avx512(int64_t n, const void * w, const void * x) {
+    return offset_pairs_dot(GGML_TYPE_Q4_0, sizeof(block_q4_0), n, w, x);
+}
+
+static float vec_dot_q5_0_q8_0_avx512(int64_t n, const void * w, const void * x) {
+    return offset_pairs_dot(GGML_TYPE_Q5_0, sizeof(block_q5_0), n, w, x);
 }
 
 static void vec_dot_tile_q4_0_avx512(int64_t n, const void * w, size_t ws, const void * x, size_t xs, float * out,
