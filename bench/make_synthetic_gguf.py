@@ -32,12 +32,19 @@ import time
 import numpy as np
 
 # ggml type ids, block sizes (values) and bytes per block.
-GGML_TYPES = {"F32": (0, 1, 4), "Q4_0": (2, 32, 18), "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
-FILE_TYPE = {"q4_0": 2, "q4_k_m": 15}   # llama_ftype: MOSTLY_Q4_0, MOSTLY_Q4_K_M
+GGML_TYPES = {"F32": (0, 1, 4), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
+              "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
+FILE_TYPE = {"q4_0": 2, "q4_1": 3, "q4_k_m": 15}   # llama_ftype: MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q4_K_M
 ALIGN = 32
 
 SHAPES = dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_ff=14336,
               n_vocab=128256, rope_base=500000.0, eps=1e-5, n_ctx_train=8192)
+# SmolLM2-135M's shapes (--shape smollm2; with --mix q4_1 also its types: Q4_1 layers and a
+# Q8_0 embedding table that is also the output head): the default model's speed on a machine
+# without the file, in one device call.
+SMOLLM2_SHAPES = dict(n_layer=30, n_embd=576, n_head=9, n_head_kv=3, head_dim=64, n_ff=1536,
+                      n_vocab=49152, rope_base=100000.0, eps=1e-5, n_ctx_train=8192)
+SHAPE_SETS = {"llama3-8b": SHAPES, "smollm2": SMOLLM2_SHAPES}
 
 # GGUF metadata value types
 U32, I32, F32, BOOL, STR, ARR = 4, 5, 6, 7, 8, 9
@@ -122,10 +129,13 @@ def _use_more_bits(i: int, n: int) -> bool:   # llama.cpp's llama-quant.cpp
 def tensor_plan(mix: str, s: dict) -> list:
     """(name, ne list, type name) of every tensor, in file order."""
     e, f, kv = s["n_embd"], s["n_ff"], s["n_head_kv"] * s["head_dim"]
-    base = "Q4_0" if mix == "q4_0" else "Q4_K"
-    plan = [("token_embd.weight", [e, s["n_vocab"]], base),
-            ("output_norm.weight", [e], "F32"),
-            ("output.weight", [e, s["n_vocab"]], "Q6_K")]
+    base = {"q4_0": "Q4_0", "q4_1": "Q4_1"}.get(mix, "Q4_K")
+    if mix == "q4_1":   # SmolLM2's file: the embedding table (Q8_0) is also the output head
+        plan = [("token_embd.weight", [e, s["n_vocab"]], "Q8_0"), ("output_norm.weight", [e], "F32")]
+    else:
+        plan = [("token_embd.weight", [e, s["n_vocab"]], base),
+                ("output_norm.weight", [e], "F32"),
+                ("output.weight", [e, s["n_vocab"]], "Q6_K")]
     for i in range(s["n_layer"]):
         more = mix == "q4_k_m" and _use_more_bits(i, s["n_layer"])
         p = "blk.%d." % i
@@ -161,8 +171,11 @@ def random_blocks(rng, tname: str, nbytes: int) -> np.ndarray:
         v = rng.uniform(lo, hi, size=n).astype("<f2").view(np.uint8).reshape(n, 2)
         blocks[:, offset:offset + 2] = v
 
-    if tname == "Q4_0":
+    if tname in ("Q4_0", "Q8_0"):
         put_f16(0, 0.002, 0.006)                 # d
+    elif tname == "Q4_1":
+        put_f16(0, 0.002, 0.006)                 # d
+        put_f16(2, -0.045, -0.015)               # m (values d * q + m centred near 0)
     elif tname == "Q4_K":
         put_f16(0, 0.0002, 0.0006)               # d (times 6-bit sub-block scales)
         put_f16(2, 0.0002, 0.0006)               # dmin
@@ -196,7 +209,8 @@ def write_gguf(path: str, mix: str, seed: int = 0, s: dict = SHAPES) -> int:
     plan = tensor_plan(mix, s)
     kvs = [
         _kv("general.architecture", STR, "llama"),
-        _kv("general.name", STR, "synthetic Llama-3-8B shapes (%s, random weights)" % mix),
+        _kv("general.name", STR, "synthetic %s shapes (%s, random weights)" % (
+            "SmolLM2-135M" if s is SMOLLM2_SHAPES else "Llama-3-8B", mix)),
         _kv("general.file_type", U32, FILE_TYPE[mix]),
         _kv("general.alignment", U32, ALIGN),
         _kv("llama.context_length", U32, s["n_ctx_train"]),
@@ -233,9 +247,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mix", choices=sorted(FILE_TYPE), default="q4_0")
     ap.add_argument("--out", required=True, help="output .gguf path")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", choices=sorted(SHAPE_SETS), default="llama3-8b")
     args = ap.parse_args(argv)
     t0 = time.time()
-    size = write_gguf(args.out, args.mix, args.seed)
+    size = write_gguf(args.out, args.mix, args.seed, SHAPE_SETS[args.shape])
     print("%s: %.2f GB in %.1f s" % (args.out, size / 1e9, time.time() - t0))
     return 0
 
