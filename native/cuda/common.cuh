@@ -274,6 +274,27 @@ __device__ __forceinline__ void pdl_begin() {
 #endif
 }
 
+// pdl_begin in two halves, for kernels with work that needs nothing of the previous kernel
+// (their weights): that work goes between them.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Asks L2 for the 128-byte lines of [p, p + n), thread `lane` of `lanes` taking every lanes-th
+// line: a GEMV's weight rows fetched while the kernel before it still runs.
+__device__ __forceinline__ void prefetch_l2(const void * p, size_t n, int lane, int lanes) {
+    for (size_t off = (size_t) lane * 128; off < n; off += (size_t) lanes * 128) {
+        asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *) p + off));
+    }
+}
+
 // kern<<<grid, block, smem, s>>>(args...), with programmatic stream serialisation on streams
 // other than the legacy default stream (which the op tests use).
 template <typename... K, typename... A>

@@ -14,6 +14,7 @@
 // mantissa, more than the CPU's 8-bit activation quantisation.
 #include <mma.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "common.cuh"
 #include "cuda-ops.cuh"
@@ -646,14 +647,19 @@ __device__ __forceinline__ void job_rows(const struct mmv_jobs & j, int64_t row0
 // single step of loads in flight: ~1 TB/s); no prologue. Block: 8 warps = 8 / W row groups.
 template <int T, int W, int R = 1>
 static __global__ void __launch_bounds__(MMVQ_THREADS)
-mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq, int64_t total_rows) {
-    pdl_begin();
+mmvq_split_kernel(struct mmv_jobs j, int64_t n_in, const cq8x * __restrict__ xq, int64_t total_rows, bool prefetch) {
+    pdl_launch_dependents();
     __shared__ float part[MMVQ_WARPS][R];
     int     warp = threadIdx.x / CKV_WARP, wr = warp % W;
     int64_t row0 = ((int64_t) blockIdx.x * (MMVQ_WARPS / W) + warp / W) * R;
     mmv_row jr[R];
     const uint8_t * rows[R];
     job_rows(j, row0, total_rows, jr, rows);
+    if (prefetch) {   // the weights do not depend on the kernel before: L2 fetches them meanwhile
+#pragma unroll
+        for (int r = 0; r < R; r++) prefetch_l2(rows[r], j.row_size[0], wr * CKV_WARP + threadIdx.x % CKV_WARP, W * CKV_WARP);
+    }
+    pdl_wait();
     float sum[R];
     mmvq_rows<T, R, (R == 1 ? 4 : 2), W>(rows, n_in, xq, sum, wr);
     if constexpr (W > 1) {
@@ -859,8 +865,8 @@ template <int T, int W>
 static __global__ void __launch_bounds__(8 * W * CKV_WARP)
 mmvq_glu_split_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu, size_t row_size,
                       int64_t n_in, int64_t n_out, const cq8x * __restrict__ xq, float * __restrict__ y,
-                      cq8x * yq, bool gelu) {
-    pdl_begin();
+                      cq8x * yq, bool gelu, bool prefetch) {
+    pdl_launch_dependents();
     constexpr int R = 4;
     __shared__ float part[8 * W][2 * R];
     __shared__ float outs[32];
@@ -873,6 +879,11 @@ mmvq_glu_split_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restric
         rows[r] = wg + rr * row_size;
         rows[R + r] = wu + rr * row_size;
     }
+    if (prefetch) {   // as mmvq_split_kernel
+#pragma unroll
+        for (int r = 0; r < 2 * R; r++) prefetch_l2(rows[r], row_size, wr * CKV_WARP + lane, W * CKV_WARP);
+    }
+    pdl_wait();
     float sum[2 * R];
     mmvq_rows<T, 2 * R, (is_regrouped<T>() ? 1 : 2), W>(rows, n_in, xq, sum, wr);
     if constexpr (W > 1) {
@@ -903,6 +914,7 @@ mmvq_glu_split_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restric
 static int g_split_w = 0, g_glu_w = 0;   // CKV_MMVQ_W / CKV_GLU_W (A/B runs), 0 = default
 
 static int g_mmvq_rows = 0, g_glu_rows = 0;   // CKV_MMVQ_ROWS / CKV_GLU_ROWS (A/B runs), 0 = auto
+static int g_prefetch = 1;   // CKV_GEMV_PREFETCH=0: no weight prefetch before the PDL wait (A/B runs)
 
 static void read_mmvq_env(void) {
     static bool done = false;
@@ -915,6 +927,8 @@ static void read_mmvq_env(void) {
         g_split_w = e ? atoi(e) : 0;
         e = getenv("CKV_GLU_W");
         g_glu_w = e ? atoi(e) : 0;
+        e = getenv("CKV_GEMV_PREFETCH");
+        g_prefetch = !(e && strcmp(e, "0") == 0);
         done = true;
     }
 }
@@ -957,7 +971,7 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
             if (g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8) W = g_split_w;
             int64_t  per_block = (int64_t) (MMVQ_WARPS / W) * R;
             unsigned grid = (unsigned) ((rows + per_block - 1) / per_block);
-            auto go = [&](auto kern) { return launch_pdl(kern, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows); };
+            auto go = [&](auto kern) { return launch_pdl(kern, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0); };
             switch (W * 10 + R) {
                 case 11: return go(mmvq_split_kernel<T, 1, 1>);
                 case 12: return go(mmvq_split_kernel<T, 1, 2>);
@@ -975,10 +989,10 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
         }
         unsigned grid = (unsigned) ((rows + MMVQ_WARPS / W - 1) / (MMVQ_WARPS / W));
         switch (W) {
-            case 1: return launch_pdl(mmvq_split_kernel<T, 1>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
-            case 2: return launch_pdl(mmvq_split_kernel<T, 2>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
-            case 8: return launch_pdl(mmvq_split_kernel<T, 8>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
-            default: return launch_pdl(mmvq_split_kernel<T, 4>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows);
+            case 1: return launch_pdl(mmvq_split_kernel<T, 1>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0);
+            case 2: return launch_pdl(mmvq_split_kernel<T, 2>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0);
+            case 8: return launch_pdl(mmvq_split_kernel<T, 8>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0);
+            default: return launch_pdl(mmvq_split_kernel<T, 4>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0);
         }
     }
     int    R = g_mmvq_rows == 1 || g_mmvq_rows == 2 ? g_mmvq_rows : (rows > 32768 ? 2 : 1);
@@ -1012,9 +1026,9 @@ static cudaError_t launch_mmvq_glu(const uint8_t * wg, const uint8_t * wu, size_
         int      W = g_glu_w == 1 || g_glu_w == 2 || g_glu_w == 4 ? g_glu_w : w_default;
         unsigned grid = (unsigned) ((n_out + 31) / 32);
         switch (W) {
-            case 1: return launch_pdl(mmvq_glu_split_kernel<T, 1>, grid, 8 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
-            case 2: return launch_pdl(mmvq_glu_split_kernel<T, 2>, grid, 16 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
-            default: return launch_pdl(mmvq_glu_split_kernel<T, 4>, grid, 32 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu);
+            case 1: return launch_pdl(mmvq_glu_split_kernel<T, 1>, grid, 8 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, g_prefetch != 0);
+            case 2: return launch_pdl(mmvq_glu_split_kernel<T, 2>, grid, 16 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, g_prefetch != 0);
+            default: return launch_pdl(mmvq_glu_split_kernel<T, 4>, grid, 32 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, g_prefetch != 0);
         }
     }
     int      R = g_glu_rows == 1 || g_glu_rows == 2 || g_glu_rows == 4 ? g_glu_rows : 2;
