@@ -916,6 +916,13 @@ static int g_split_w = 0, g_glu_w = 0;   // CKV_MMVQ_W / CKV_GLU_W (A/B runs), 0
 static int g_mmvq_rows = 0, g_glu_rows = 0;   // CKV_MMVQ_ROWS / CKV_GLU_ROWS (A/B runs), 0 = auto
 static int g_prefetch = 1;   // CKV_GEMV_PREFETCH=0: no weight prefetch before the PDL wait (A/B runs)
 
+// Whether a decode GEMV over `bytes` of weights prefetches them before its PDL wait: only small
+// launches, which wait on latency. H100, same call (bench/results/2026-12-07_h100_prefetch.json):
+// SmolLM2-shape tg128 (every per-layer matrix < 1 MB) +4-5% at depths 0 / 2048 / 8000; 8B Q4_0
+// tg64 (14-33 MB per launch, bandwidth-bound: the prefetches are extra requests) -3.5% at d0.
+enum { PREFETCH_MAX_BYTES = 4 << 20 };
+static bool prefetch_weights(size_t bytes) { return g_prefetch && bytes <= PREFETCH_MAX_BYTES; }
+
 static void read_mmvq_env(void) {
     static bool done = false;
     if (!done) {
@@ -957,6 +964,7 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
                                const cq8x * xq, const float * norm_w, float eps, cudaStream_t s) {
     read_mmvq_env();
     if (xq) {
+        const bool prefetch = prefetch_weights((size_t) rows * j.row_size[0]);
         // Warps per row: 2 measured best on the H200 (8B Q4_0 tg128: 2 -> 286, 4 -> 276, 8 -> 245
         // tok/s; bench/results/2026-11-28_h200_gpu-3.json).
         int      W = g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8 ? g_split_w : 2;
@@ -971,7 +979,7 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
             if (g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8) W = g_split_w;
             int64_t  per_block = (int64_t) (MMVQ_WARPS / W) * R;
             unsigned grid = (unsigned) ((rows + per_block - 1) / per_block);
-            auto go = [&](auto kern) { return launch_pdl(kern, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0); };
+            auto go = [&](auto kern) { return launch_pdl(kern, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, prefetch); };
             switch (W * 10 + R) {
                 case 11: return go(mmvq_split_kernel<T, 1, 1>);
                 case 12: return go(mmvq_split_kernel<T, 1, 2>);
@@ -989,10 +997,10 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
         }
         unsigned grid = (unsigned) ((rows + MMVQ_WARPS / W - 1) / (MMVQ_WARPS / W));
         switch (W) {
-            case 1: return launch_pdl(mmvq_split_kernel<T, 1>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0);
-            case 2: return launch_pdl(mmvq_split_kernel<T, 2>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0);
-            case 8: return launch_pdl(mmvq_split_kernel<T, 8>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0);
-            default: return launch_pdl(mmvq_split_kernel<T, 4>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, g_prefetch != 0);
+            case 1: return launch_pdl(mmvq_split_kernel<T, 1>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, prefetch);
+            case 2: return launch_pdl(mmvq_split_kernel<T, 2>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, prefetch);
+            case 8: return launch_pdl(mmvq_split_kernel<T, 8>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, prefetch);
+            default: return launch_pdl(mmvq_split_kernel<T, 4>, grid, MMVQ_THREADS, 0, s, j, n_in, xq, rows, prefetch);
         }
     }
     int    R = g_mmvq_rows == 1 || g_mmvq_rows == 2 ? g_mmvq_rows : (rows > 32768 ? 2 : 1);
@@ -1019,6 +1027,7 @@ static cudaError_t launch_mmvq_glu(const uint8_t * wg, const uint8_t * wu, size_
                                    bool gelu, const float * norm_w, float eps, cudaStream_t s) {
     read_mmvq_env();
     if (xq) {
+        const bool prefetch = prefetch_weights(2 * (size_t) n_out * row_size);
         // 4 warps per row group where that fits 64 registers (1024 threads) without spills.
         // Regrouped types: 1 (8B q4_0 tg128 on the H200: 1 -> 413, 2 -> 402, 4 -> 372 tok/s;
         // 2026-11-29_h200_gpu-1.json); the others as measured before.
@@ -1026,9 +1035,9 @@ static cudaError_t launch_mmvq_glu(const uint8_t * wg, const uint8_t * wu, size_
         int      W = g_glu_w == 1 || g_glu_w == 2 || g_glu_w == 4 ? g_glu_w : w_default;
         unsigned grid = (unsigned) ((n_out + 31) / 32);
         switch (W) {
-            case 1: return launch_pdl(mmvq_glu_split_kernel<T, 1>, grid, 8 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, g_prefetch != 0);
-            case 2: return launch_pdl(mmvq_glu_split_kernel<T, 2>, grid, 16 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, g_prefetch != 0);
-            default: return launch_pdl(mmvq_glu_split_kernel<T, 4>, grid, 32 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, g_prefetch != 0);
+            case 1: return launch_pdl(mmvq_glu_split_kernel<T, 1>, grid, 8 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, prefetch);
+            case 2: return launch_pdl(mmvq_glu_split_kernel<T, 2>, grid, 16 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, prefetch);
+            default: return launch_pdl(mmvq_glu_split_kernel<T, 4>, grid, 32 * CKV_WARP, 0, s, wg, wu, row_size, n_in, n_out, xq, y, yq, gelu, prefetch);
         }
     }
     int      R = g_glu_rows == 1 || g_glu_rows == 2 || g_glu_rows == 4 ? g_glu_rows : 2;
