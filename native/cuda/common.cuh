@@ -266,16 +266,9 @@ static inline bool cuda_type_supported(uint32_t type) {
 // soon as all of this one's blocks have started, and then waits until the previous kernel has
 // finished and its writes are visible. A decode step is ~200 small dependent launches, so
 // overlapping each launch with its predecessor's tail is a large share of the step. Without
-// the launch attribute (or before sm_90) the wait returns at once.
-__device__ __forceinline__ void pdl_begin() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// pdl_begin in two halves, for kernels with work that needs nothing of the previous kernel
-// (their weights): that work goes between them.
+// the launch attribute (or before sm_90) the wait returns at once. Kernels with work that
+// needs nothing of the previous kernel (their weights) call the two halves with that work
+// between them.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -285,6 +278,10 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+__device__ __forceinline__ void pdl_begin() {
+    pdl_launch_dependents();
+    pdl_wait();
 }
 
 // Asks L2 for the 128-byte lines of [p, p + n), thread `lane` of `lanes` taking every lanes-th

@@ -918,8 +918,8 @@ static int g_prefetch = 1;   // CKV_GEMV_PREFETCH=0: no weight prefetch before t
 
 // Whether a decode GEMV over `bytes` of weights prefetches them before its PDL wait: only small
 // launches, which wait on latency. H100, same call (bench/results/2026-12-07_h100_prefetch.json):
-// SmolLM2-shape tg128 (every per-layer matrix < 1 MB) +4-5% at depths 0 / 2048 / 8000; 8B Q4_0
-// tg64 (14-33 MB per launch, bandwidth-bound: the prefetches are extra requests) -3.5% at d0.
+// SmolLM2-shape tg128 (per-layer launches of 0.2-1.1 MB) +4-5% at depths 0 / 2048 / 8000; 8B
+// Q4_0 tg64 (9-66 MB per launch, bandwidth-bound: the prefetches are extra requests) -3.5% at d0.
 enum { PREFETCH_MAX_BYTES = 4 << 20 };
 static bool prefetch_weights(size_t bytes) { return g_prefetch && bytes <= PREFETCH_MAX_BYTES; }
 
