@@ -10,6 +10,7 @@
 
 #include "common.cuh"
 #include "cuda-ops.cuh"
+#include "rope.cuh"
 
 // The positions [lo, hi] query t sees, and the part of them split `split` of n_split takes:
 // splits are at least ATT_MIN_CHUNK positions long, so with the position read from device
@@ -37,10 +38,20 @@ __device__ __forceinline__ int split_range(const struct cuda_attention_args & a,
 // DEC_THREADS / (HD / 8) positions at a time. The pairs compute the group's scores, one warp
 // per head updates its running max / sum, and each thread then accumulates p * V for its
 // positions and 8 dims; the position groups are summed through shared memory at the end.
+//
+// With a.rope set (one decode token) the kernel also does rope_kv's work: every block rotates
+// its query heads in shared memory, and the block(s) whose split ends at the new position
+// rotate its key, use the new K/V row from shared memory and store it to the cache. The first
+// tile's older rows are then loaded before the PDL wait, while the q/k/v GEMV still runs.
 
 // DEC_GMAX (a template parameter: 4 or 8) sizes the per-thread accumulators, so it is the
 // smallest that holds the group.
 enum { DEC_THREADS = 128, DEC_TILE = 64 };
+
+template <int HD> struct dec_layout {
+    static constexpr int NCG = HD / 8, PG = DEC_THREADS / NCG, VPOS = DEC_TILE / PG;   // V layout
+    static_assert(DEC_THREADS == 2 * DEC_TILE && DEC_THREADS % NCG == 0 && DEC_TILE % PG == 0, "layout");
+};
 
 __device__ __forceinline__ void half8_to_float(uint4 raw, float f[8]) {
     const __half2 * h = (const __half2 *) &raw;
@@ -51,54 +62,126 @@ __device__ __forceinline__ void half8_to_float(uint4 raw, float f[8]) {
     }
 }
 
+// This thread's loads of the tile's n_pos rows from `tile` on: half a K row of position tid / 2,
+// and 8 V dims (column group tid % NCG) of positions tid / NCG + PG k. Rows past the range
+// may hold NaN, and row `skip` (the new position, when its loads start before it is stored)
+// is not there yet: zeros instead.
+template <int HD>
+__device__ __forceinline__ void load_tile(const __half * kbase, const __half * vbase, int64_t tile, int n_pos,
+                                          int64_t skip, uint4 (&kraw)[HD / 16], uint4 (&vraw)[dec_layout<HD>::VPOS]) {
+    using L = dec_layout<HD>;
+    int tid = threadIdx.x, p = tid >> 1, half = tid & 1, cg = tid % L::NCG, pg = tid / L::NCG;
+    bool    kin = p < n_pos && tile + p != skip;
+    const uint4 * kr = (const uint4 *) (kbase + (tile + p) * HD + half * (HD / 2));
+#pragma unroll
+    for (int i = 0; i < HD / 16; i++) kraw[i] = kin ? kr[i] : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int k = 0; k < L::VPOS; k++) {
+        int  vp  = pg + L::PG * k;
+        bool vin = vp < n_pos && tile + vp != skip;
+        vraw[k] = vin ? ((const uint4 *) (vbase + (tile + vp) * HD))[cg] : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// rope_kv's work for one block: its G query heads rotated into qs, and (with_new) the new
+// position's K row rotated and V row, as f16, into kv_new. Same formulas as rope_kv_kernel.
+template <int HD, int DEC_GMAX>
+__device__ __forceinline__ void rope_block(const struct cuda_rope_kv_args & r, int h0, int G, int kvh, int64_t pos,
+                                           bool with_new, float (&qs)[DEC_GMAX][HD], float * kf,
+                                           __half (&kv_new)[2][HD]) {
+    int tid = threadIdx.x;
+    for (int i = tid; i < G * HD; i += DEC_THREADS) qs[i / HD][i % HD] = r.q[(size_t) h0 * HD + i];
+    if (with_new) {
+        for (int d = tid; d < HD; d += DEC_THREADS) {
+            kf[d] = r.k[(size_t) kvh * HD + d];
+            kv_new[1][d] = __float2half_rn(r.v[(size_t) kvh * HD + d]);
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < r.n_rot / 2; i += DEC_THREADS) {
+        float2 cs = rope_cos_sin(r, pos, i);
+        for (int g = 0; g < G; g++) rope_rotate_pair(qs[g], r, i, cs);
+        if (with_new) rope_rotate_pair(kf, r, i, cs);
+    }
+    __syncthreads();
+    if (with_new) {
+        for (int d = tid; d < HD; d += DEC_THREADS) kv_new[0][d] = __float2half_rn(kf[d]);
+    }
+}
+
 template <int HD, int DEC_GMAX>
 static __global__ void __launch_bounds__(DEC_THREADS) attention_decode_kernel(struct cuda_attention_args a) {
-    pdl_begin();
-    constexpr int NCG = HD / 8, PG = DEC_THREADS / NCG, VPOS = DEC_TILE / PG;   // V layout
-    static_assert(DEC_THREADS == 2 * DEC_TILE && DEC_THREADS % NCG == 0 && DEC_TILE % PG == 0, "layout");
+    using L = dec_layout<HD>;
+    constexpr int NCG = L::NCG, PG = L::PG, VPOS = L::VPOS;
     __shared__ __align__(16) float qs[DEC_GMAX][HD];
     __shared__ float sc[DEC_GMAX][DEC_TILE];
     __shared__ float m_s[DEC_GMAX], l_s[DEC_GMAX], corr_s[DEC_GMAX];
     __shared__ __align__(16) float red[PG][HD];
+    __shared__ __align__(16) __half kv_new[2][HD];   // the new position's K (rotated) and V rows
 
+    const bool fused = a.rope.k != nullptr;   // n_tokens == 1
+    if (fused) {
+        pdl_launch_dependents();   // the wait comes after the first tile's older rows are asked for
+    } else {
+        pdl_begin();
+    }
     int group = a.n_head / a.n_head_kv, n_gblk = (group + DEC_GMAX - 1) / DEC_GMAX;
     int kvh = blockIdx.x / n_gblk, g0 = (blockIdx.x % n_gblk) * DEC_GMAX;
     int G = min(DEC_GMAX, group - g0), split = blockIdx.y, tid = threadIdx.x;
     int lane = tid % CKV_WARP, warp = tid / CKV_WARP;
     int64_t t = blockIdx.z, j0, j1;
-    int active = split_range(a, t, split, &j0, &j1);
+    int active = split_range(a, t, split, &j0, &j1);   // the position is not written by the previous kernel
     if (split >= active) {
         return;   // past the current length (graph replay): the merge skips this split
     }
     // One split with positions (a short context in a graph captured for n_ctx): the final
     // output directly, and the merge returns at once.
-    bool direct = active == 1;
-    int h0 = kvh * group + g0;
-    for (int i = tid; i < G * HD; i += DEC_THREADS) qs[i / HD][i % HD] = a.q[(t * a.n_head + h0) * HD + i];
+    bool    direct = active == 1;
+    int     h0 = kvh * group + g0;
+    int64_t now = (a.pos_dev ? *a.pos_dev : a.pos0) + t;   // the query's own position
+    bool    with_new = fused && j1 == now + 1;             // this split ends at the new row
+    const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
+    const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
+    uint4 kraw[HD / 16], vraw[VPOS];
+    load_tile<HD>(kbase, vbase, j0, (int) min((int64_t) DEC_TILE, j1 - j0), fused ? now : -1, kraw, vraw);
+
+    if (fused) {
+        pdl_wait();
+        rope_block<HD, DEC_GMAX>(a.rope, h0, G, kvh, now, with_new, qs, red[0], kv_new);
+        if (with_new && g0 == 0) {   // one block per KV head stores the row for later steps
+            size_t row = ((size_t) kvh * a.n_ctx + now) * HD;
+            for (int d = tid; d < HD; d += DEC_THREADS) {
+                a.rope.k_cache[row + d] = kv_new[0][d];
+                a.rope.v_cache[row + d] = kv_new[1][d];
+            }
+        }
+    } else {
+        for (int i = tid; i < G * HD; i += DEC_THREADS) qs[i / HD][i % HD] = a.q[(t * a.n_head + h0) * HD + i];
+    }
     if (tid < DEC_GMAX) {
         m_s[tid] = -INFINITY;
         l_s[tid] = 0.0f;
     }
-    const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
-    const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
     float acc[DEC_GMAX][8];
     for (int g = 0; g < DEC_GMAX; g++)
         for (int e = 0; e < 8; e++) acc[g][e] = 0.0f;
     int cg = tid % NCG, pg = tid / NCG;
-    __syncthreads();
+    __syncthreads();   // qs, kv_new (red[0] is free again: the rotation's scratch)
 
     for (int64_t tile = j0; tile < j1; tile += DEC_TILE) {
         int n_pos = (int) min((int64_t) DEC_TILE, j1 - tile);
-        // Every load of the tile first. Rows past the range may hold NaN: zeros instead.
         int p = tid >> 1, half = tid & 1;
-        uint4 kraw[HD / 16], vraw[VPOS];
-        const uint4 * kr = (const uint4 *) (kbase + (tile + p) * HD + half * (HD / 2));
+        if (tile != j0) load_tile<HD>(kbase, vbase, tile, n_pos, fused ? now : -1, kraw, vraw);
+        if (with_new && now < tile + n_pos) {   // the last tile: the new row from shared memory
+            int r = (int) (now - tile);
 #pragma unroll
-        for (int i = 0; i < HD / 16; i++) kraw[i] = p < n_pos ? kr[i] : make_uint4(0, 0, 0, 0);
+            for (int i = 0; i < HD / 16; i++) {
+                if (p == r) kraw[i] = ((const uint4 *) &kv_new[0][half * (HD / 2)])[i];
+            }
 #pragma unroll
-        for (int k = 0; k < VPOS; k++) {
-            int vp = pg + PG * k;
-            vraw[k] = vp < n_pos ? ((const uint4 *) (vbase + (tile + vp) * HD))[cg] : make_uint4(0, 0, 0, 0);
+            for (int k = 0; k < VPOS; k++) {
+                if (pg + PG * k == r) vraw[k] = ((const uint4 *) kv_new[1])[cg];
+            }
         }
         {   // scores: thread pair (p, half) takes half the dims of position p
             float dot[DEC_GMAX];
@@ -490,6 +573,17 @@ int32_t ckv_cuda_attention(const struct cuda_attention_args * a, cudaStream_t s)
         return ckv_fail(CKV_ERR_INVALID_ARG, "cuda attention: bad shape (n_head %d, n_head_kv %d, "
                         "n_split %d, %lld tokens at %lld, n_ctx %d)", a->n_head, a->n_head_kv,
                         a->n_split, (long long) a->n_tokens, (long long) a->pos0, a->n_ctx);
+    }
+    const struct cuda_rope_kv_args * r = &a->rope;
+    if (r->k) {
+        TRY_OK(ckv_cuda_rope_kv_check(r));
+        if (a->n_tokens != 1 || r->n_tokens != 1 || r->q != a->q || r->k_cache != a->k_cache ||
+            r->v_cache != a->v_cache || r->q_norm || r->k_norm || r->n_head != a->n_head ||
+            r->n_head_kv != a->n_head_kv || r->head_dim != a->head_dim || r->n_ctx != a->n_ctx ||
+            r->pos_dev != a->pos_dev || (!a->pos_dev && r->pos0 != a->pos0)) {
+            return ckv_fail(CKV_ERR_INVALID_ARG, "cuda attention: RoPE inside the decode kernel takes one "
+                            "token, no q/k norm, and the attention's q, caches, heads and position");
+        }
     }
     bool        flash = a->n_tokens >= CKV_FLASH_MIN_TOKENS;
     cudaError_t err;

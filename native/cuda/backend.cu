@@ -529,10 +529,11 @@ static attn_lane row_lane(const struct cuda_context * gc, int64_t t, int64_t n) 
 }
 
 // Attention of layer il for query rows q (n tokens at pos0..) over every cached position (or
-// its window) into out, also quantised into xq when it is not NULL.
+// its window) into out, also quantised into xq when it is not NULL. rope NULL: q is rotated and
+// the rows are stored; otherwise (one token) the decode kernel does that work of *rope itself.
 static int32_t dense_attention(struct cuda_context * gc, const attn_lane & lane, int il, const float * q, float * out,
                                const __half * k_rows, const __half * v_rows, int64_t n, int64_t pos0,
-                               const int32_t * pos_dev, const void * xq) {
+                               const int32_t * pos_dev, const void * xq, const struct cuda_rope_kv_args * rope) {
     const struct hparams * hp = &gc->gm->hp;
     int32_t window = hparams_is_swa_layer(hp, il) ? hp->n_swa : 0;
     int64_t n_kv = pos_dev ? gc->n_ctx : pos0 + n;  // a graph serves every position up to n_ctx
@@ -544,7 +545,20 @@ static int32_t dense_attention(struct cuda_context * gc, const attn_lane & lane,
                                      hp->head_dim, window,
                                      ckv_cuda_attention_splits(n, hp->n_head, n_kv, lane.partial_cap),
                                      hp->attn_scale, pos_dev, (void *) xq};   // xq: att quantised
+    if (rope) {
+        at.rope = *rope;
+    }
     return ckv_cuda_attention(&at, lane.s);
+}
+
+// RoPE inside the decode attention kernel, unless CKV_ATT_ROPE=0 (A/B runs).
+static bool attention_does_rope(void) {
+    static int on = -1;
+    if (on < 0) {
+        const char * e = getenv("CKV_ATT_ROPE");
+        on = !(e && strcmp(e, "0") == 0);
+    }
+    return on != 0;
 }
 
 // Positions [first, first + n) of every KV head of one layer, K and V, between two stores of the
@@ -592,15 +606,21 @@ static int32_t store_and_attend(struct cuda_context * gc, const attn_lane & lane
                                    gc->gm->rope_freqs, hp->rope_mode == ROPE_NEOX,
                                    gemma ? L->attn_q_norm : NULL, gemma ? L->attn_k_norm : NULL,
                                    hp->rms_eps, pos_dev};
-    TRY_OK(ckv_cuda_rope_kv(&rk, s));
-
-    if (gc->decode_step && sq->policy && cuda_kv_policy_sparse(sq->policy, il)) {
+    // One token of a dense layer whose rows need no staging: the decode attention kernel does
+    // the RoPE and the row store itself (its older rows were written by earlier forwards).
+    const bool sparse = gc->decode_step && sq->policy && cuda_kv_policy_sparse(sq->policy, il);
+    const bool rope_in_attention = n == 1 && !sparse && !staged && !rk.q_norm && attention_does_rope();
+    if (!rope_in_attention) {
+        TRY_OK(ckv_cuda_rope_kv(&rk, s));
+    }
+    if (sparse) {
         // The KV policy's positions only, att also quantised (xq) for the out-projection's GEMV.
         struct cuda_policy_attend_args pa = {il, q, k_rows, v_rows, (int32_t) pos0, pos_dev, out, (void *) xq,
                                              lane.partial, lane.partial_cap, hp->attn_scale};
         TRY_OK(cuda_kv_policy_attend(sq->policy, &pa, s));
     } else {
-        TRY_OK(dense_attention(gc, lane, il, q, out, k_rows, v_rows, n, pos0, pos_dev, xq));
+        TRY_OK(dense_attention(gc, lane, il, q, out, k_rows, v_rows, n, pos0, pos_dev, xq,
+                               rope_in_attention ? &rk : NULL));
     }
     if (staged) {   // the chunk's new rows to host memory
         TRY_OK(copy_kv_rows(gc, (__half *) sq->k_layers[il], (__half *) sq->v_layers[il], gc->stage_k, gc->stage_v,

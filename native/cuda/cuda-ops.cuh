@@ -125,6 +125,7 @@ struct cuda_rope_kv_args {
     const int32_t * pos_dev;       // device copy of pos0 that overrides it when set (graph replay)
 };
 int32_t ckv_cuda_rope_kv(const struct cuda_rope_kv_args * a, cudaStream_t s);
+int32_t ckv_cuda_rope_kv_check(const struct cuda_rope_kv_args * a);   // the shape and position checks
 
 // gate = act(gate) * up over n values, act = silu or gelu(tanh). Twins: ops_silu_mul, ops_gelu_mul.
 int32_t ckv_cuda_glu(float * gate, const float * up, int64_t n, bool gelu, cudaStream_t s);
@@ -160,6 +161,13 @@ struct cuda_attention_args {
                               // as ckv_cuda_quantize_q8): the out-projection's int8 GEMV input,
                               // without a launch of its own. Decode kernel only (n_tokens <
                               // CKV_FLASH_MIN_TOKENS). Twin: quantize_row_q8_1_ref.
+    struct cuda_rope_kv_args rope;   // rope.k NULL, or one decode token (n_tokens 1, no q/k norm):
+                              // the decode kernel does ckv_cuda_rope_kv(&rope)'s work itself, one
+                              // launch fewer. q (== rope.q) is then the unrotated query, the
+                              // new position's K/V row comes from rope.k / rope.v and is stored
+                              // by the kernel, and the loads of the older rows start before the
+                              // PDL wait: they must have been written by an earlier forward,
+                              // which ended with a stream synchronisation.
 };
 int32_t ckv_cuda_attention(const struct cuda_attention_args * a, cudaStream_t s);
 

@@ -5,6 +5,7 @@
 // multiplication), so they agree to float rounding.
 #include "common.cuh"
 #include "cuda-ops.cuh"
+#include "rope.cuh"
 
 // --- RMSNorm: one block per row -------------------------------------------------------------
 
@@ -99,17 +100,8 @@ static __global__ void rope_kv_kernel(struct cuda_rope_kv_args a) {
     }
     __syncthreads();
     if (is_q || is_k) {
-        int half = a.n_rot / 2;
-        for (int i = threadIdx.x; i < half; i += blockDim.x) {
-            float theta = (float) (pos0 + t);
-            for (int k = 0; k < i; k++) theta *= a.theta_scale;   // the CPU's repeated product
-            float ff  = a.freq_factors ? a.freq_factors[i] : 1.0f;
-            float ang = a.freq_scale * (theta / ff);
-            float c = cosf(ang), sn = sinf(ang);
-            int   p = a.neox ? i : 2 * i, q = a.neox ? i + half : 2 * i + 1;
-            float x0 = head[p], x1 = head[q];
-            head[p] = x0 * c - x1 * sn;
-            head[q] = x0 * sn + x1 * c;
+        for (int i = threadIdx.x; i < a.n_rot / 2; i += blockDim.x) {
+            rope_rotate_pair(head, a, i, rope_cos_sin(a, pos0 + t, i));
         }
         __syncthreads();
     }
@@ -122,7 +114,7 @@ static __global__ void rope_kv_kernel(struct cuda_rope_kv_args a) {
     for (int d = threadIdx.x; d < hd; d += blockDim.x) dst[d] = __float2half_rn(head[d]);
 }
 
-int32_t ckv_cuda_rope_kv(const struct cuda_rope_kv_args * a, cudaStream_t s) {
+int32_t ckv_cuda_rope_kv_check(const struct cuda_rope_kv_args * a) {
     if (a->n_rot < 2 || a->n_rot % 2 || a->n_rot > a->head_dim || a->n_tokens < 1 ||
         a->n_head < 1 || a->n_head_kv < 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "cuda rope_kv: n_rot %d must be even and in [2, %d], "
@@ -133,6 +125,11 @@ int32_t ckv_cuda_rope_kv(const struct cuda_rope_kv_args * a, cudaStream_t s) {
         return ckv_fail(CKV_ERR_CTX_FULL, "cuda rope_kv: positions %lld..%lld exceed n_ctx %d",
                         (long long) a->pos0, (long long) (a->pos0 + a->n_tokens), a->n_ctx);
     }
+    return CKV_OK;
+}
+
+int32_t ckv_cuda_rope_kv(const struct cuda_rope_kv_args * a, cudaStream_t s) {
+    TRY_OK(ckv_cuda_rope_kv_check(a));
     dim3 grid((unsigned) (a->n_head + 2 * a->n_head_kv), (unsigned) a->n_tokens);
     int  threads = a->head_dim / 2 < 32 ? 32 : (a->head_dim / 2 + 31) / 32 * 32;
     CKV_CUDA_CHECK(launch_pdl(rope_kv_kernel, grid, threads, a->head_dim * sizeof(float), s, *a));

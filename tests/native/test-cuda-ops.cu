@@ -27,6 +27,8 @@
 //   kv store (inside rope_kv)    0     v: both round to nearest even; k: one f16 step (the
 //                                      rotation's f32 result may differ by an ulp)
 //   attention vs f64 reference   1e-4  decode kernel: f32 online softmax over <= 4096 positions
+//   attention with RoPE inside   0     vs rope_kv + attention: the same formulas on the same
+//                                      values (output, out_q and both caches bit for bit)
 //   flash prefill vs f64         2e-3  q and the probabilities rounded to f16 for the mma
 // Unwritten KV cache rows hold NaN, so a kernel that reads past the visible range fails.
 // Shapes include rows that are not a multiple of any tile (67), one token and token counts
@@ -645,6 +647,63 @@ static void test_attention_case(int hd, int n_head, int n_head_kv, int64_t pos0,
     }
 }
 
+// One decode token with RoPE inside the decode kernel (cuda_attention_args.rope) against
+// rope_kv followed by the plain decode kernel: the same formulas on the same values, so the
+// output, its quantisation and both caches (the new row stored, nothing else touched) must be
+// equal bit for bit. Rows before pos0 are random, the rest NaN until a kernel stores them.
+static void test_attention_rope_case(int hd, int n_head, int n_head_kv, int64_t pos0, int window,
+                                     int n_split_wanted, bool dev_pos, int n_rot, bool neox) {
+    const int n_ctx = (int) (pos0 + 4), kv_dim = n_head_kv * hd;
+    std::vector<ckv_fp16> kc((size_t) n_head_kv * n_ctx * hd, 0x7E00), vc = kc;
+    for (int64_t t = 0; t < pos0; t++)
+        for (int h = 0; h < n_head_kv; h++)
+            for (int d = 0; d < hd; d++) {
+                size_t i = ((size_t) h * n_ctx + t) * hd + d;
+                kc[i] = ckv_fp32_to_fp16(rnd_uniform(-1, 1));
+                vc[i] = ckv_fp32_to_fp16(rnd_uniform(-1, 1));
+            }
+    std::vector<float> q = rnd_vec(n_head * hd, -2, 2), k = rnd_vec(kv_dim), v = rnd_vec(kv_dim);
+    std::vector<float> ff = rnd_vec(n_rot / 2, 1.0f, 4.0f);
+    std::vector<int32_t> pos_host = {(int32_t) pos0};
+    dbuf<int32_t> dpos(pos_host);
+    dbuf<float> dk(k), dv(v), dff(ff);
+    int64_t n_kv = window > 0 && pos0 + 1 > window ? window : pos0 + 1;
+    int64_t cap = (int64_t) n_head * n_split_wanted;
+    int32_t n_split = dev_pos ? n_split_wanted : ckv_cuda_attention_splits(1, n_head, n_kv, cap);
+    float   scale = 1.0f / sqrtf((float) hd);
+
+    struct run { std::vector<float> out; std::vector<cq8x> out_q; std::vector<__half> kc, vc; } runs[2];
+    for (int fused = 0; fused < 2; fused++) {
+        dbuf<float>  dq(q), dout((size_t) n_head * hd), dpart((size_t) cap * ckv_cuda_attention_partial_floats(hd));
+        dbuf<cq8x>   dq8((size_t) n_head * hd / 32);
+        dbuf<__half> dkc(kc.size()), dvc(vc.size());
+        CHECK_CUDA(cudaMemcpy(dkc.p, kc.data(), kc.size() * 2, cudaMemcpyHostToDevice));
+        CHECK_CUDA(cudaMemcpy(dvc.p, vc.data(), vc.size() * 2, cudaMemcpyHostToDevice));
+        struct cuda_rope_kv_args r = {dq.p, dk.p, dv.p, dkc.p, dvc.p, 1, n_head, n_head_kv, hd, n_rot, n_ctx,
+                                      dev_pos ? -7 : pos0, powf(10000.0f, -2.0f / (float) n_rot), 0.5f, dff.p,
+                                      neox, NULL, NULL, 1e-6f, dev_pos ? dpos.p : NULL};
+        struct cuda_attention_args a = {dq.p, dkc.p, dvc.p, dout.p, dpart.p, 1, dev_pos ? -1 : pos0, n_ctx,
+                                        n_head, n_head_kv, hd, window, n_split, scale,
+                                        dev_pos ? dpos.p : NULL, dq8.p};
+        if (fused) {
+            a.rope = r;
+        } else {
+            CHECK_OK(ckv_cuda_rope_kv(&r, 0));
+        }
+        CHECK_OK(ckv_cuda_attention(&a, 0));
+        runs[fused] = {dout.get(), dq8.get(), dkc.get(), dvc.get()};
+    }
+    char name[128];
+    snprintf(name, sizeof(name), "attention with rope hd=%d heads=%d/%d pos0=%lld w=%d splits=%d rot=%d%s%s",
+             hd, n_head, n_head_kv, (long long) pos0, window, n_split, n_rot, neox ? " neox" : "",
+             dev_pos ? " (dev)" : "");
+    bool same = memcmp(runs[0].out.data(), runs[1].out.data(), runs[0].out.size() * sizeof(float)) == 0 &&
+                memcmp(runs[0].out_q.data(), runs[1].out_q.data(), runs[0].out_q.size() * sizeof(cq8x)) == 0 &&
+                memcmp(runs[0].kc.data(), runs[1].kc.data(), kc.size() * 2) == 0 &&
+                memcmp(runs[0].vc.data(), runs[1].vc.data(), vc.size() * 2) == 0;
+    expect(name, same ? 0.0 : 1.0, 0.0);
+}
+
 static void test_attention(void) {
     test_attention_case(64, 9, 3, 0, 1, 0, 1);          // first token
     test_attention_case(64, 9, 3, 1000, 1, 0, 8);       // SmolLM2 decode, split-K
@@ -665,6 +724,13 @@ static void test_attention(void) {
     test_attention_case(64, 9, 3, 5000, 1, 0, 128, true);  // graph decode, 79 of 128 splits active
     test_attention_case(64, 9, 3, 3, 1, 0, 8, true);    // graph decode: empty splits
     test_attention_case(256, 4, 1, 900, 1, 512, 16, true);  // graph decode, window
+    test_attention_rope_case(64, 9, 3, 0, 0, 1, false, 64, false);      // first token: only the new row
+    test_attention_rope_case(64, 9, 3, 1000, 0, 8, false, 64, true);    // SmolLM2 decode, split-K
+    test_attention_rope_case(64, 9, 3, 128, 0, 1, false, 64, false);    // new row alone in its tile
+    test_attention_rope_case(64, 32, 2, 300, 0, 4, false, 32, true);    // group 16: two blocks per KV head
+    test_attention_rope_case(128, 32, 8, 20000, 0, 400, false, 128, true);  // several tiles per split
+    test_attention_rope_case(64, 9, 3, 5000, 0, 128, true, 64, false);  // graph decode, empty splits
+    test_attention_rope_case(256, 4, 1, 900, 512, 16, true, 256, true); // window, hd 256
 }
 
 int main(void) {
