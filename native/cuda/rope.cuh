@@ -1,7 +1,8 @@
 // rope.cuh - RoPE's angle and rotation, shared by rope_kv_kernel (elementwise.cu) and the decode
-// attention kernel that does rope_kv's work itself (attention.cu), so the two give the same bits. The formulas are the CPU's
-// (ops_rope): theta = pos * theta_scale^i by repeated float multiplication, and the rotation's
-// products rounded before the sum (no FMA contraction, as the C compiler leaves them).
+// attention kernel that does rope_kv's work itself (attention.cu), so the two give the same
+// bits. The angle is the CPU's (ops_rope): theta = pos * theta_scale^i by repeated float
+// multiplication. The rotation keeps the form rope_kv had before this file (nvcc contracts it
+// into FMAs).
 #pragma once
 
 #include "cuda-ops.cuh"
@@ -20,6 +21,6 @@ __device__ __forceinline__ void rope_rotate_pair(float * head, const struct cuda
                                                  float2 cs) {
     int   p = a.neox ? i : 2 * i, q = a.neox ? i + a.n_rot / 2 : 2 * i + 1;
     float x0 = head[p], x1 = head[q];
-    head[p] = __fsub_rn(__fmul_rn(x0, cs.x), __fmul_rn(x1, cs.y));
-    head[q] = __fadd_rn(__fmul_rn(x0, cs.y), __fmul_rn(x1, cs.x));
+    head[p] = x0 * cs.x - x1 * cs.y;
+    head[q] = x0 * cs.y + x1 * cs.x;
 }
