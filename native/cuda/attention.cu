@@ -17,9 +17,12 @@
 // memory (a graph captured for n_ctx) only as many splits as the current length needs do work.
 // Returns the number of splits that have positions; [*j0, *j1) is empty for the others.
 enum { ATT_MIN_CHUNK = 64, ATT_MAX_SPLITS = 128 };
+__device__ __forceinline__ int64_t query_pos(const struct cuda_attention_args & a, int64_t t) {
+    return (a.pos_dev ? *a.pos_dev : a.pos0) + t;
+}
 __device__ __forceinline__ int split_range(const struct cuda_attention_args & a, int64_t t, int split,
                                            int64_t * j0, int64_t * j1) {
-    int64_t hi = (a.pos_dev ? *a.pos_dev : a.pos0) + t;   // inclusive
+    int64_t hi = query_pos(a, t);   // inclusive
     int64_t lo = a.window > 0 && hi - a.window + 1 > 0 ? hi - a.window + 1 : 0;
     int64_t len = hi - lo + 1, chunk = (len + a.n_split - 1) / a.n_split;
     chunk = chunk < ATT_MIN_CHUNK ? ATT_MIN_CHUNK : chunk;
@@ -138,7 +141,7 @@ static __global__ void __launch_bounds__(DEC_THREADS) attention_decode_kernel(st
     // output directly, and the merge returns at once.
     bool    direct = active == 1;
     int     h0 = kvh * group + g0;
-    int64_t now = (a.pos_dev ? *a.pos_dev : a.pos0) + t;   // the query's own position
+    int64_t now = query_pos(a, t);                         // the query's own position
     bool    with_new = fused && j1 == now + 1;             // this split ends at the new row
     const __half * kbase = a.k_cache + (size_t) kvh * a.n_ctx * HD;
     const __half * vbase = a.v_cache + (size_t) kvh * a.n_ctx * HD;
