@@ -536,6 +536,63 @@ __device__ __forceinline__ void mmvq_rows_parts(const uint8_t * const (&rows)[R]
     for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
 }
 
+// q4_K: one lane per sub-block pair, i.e. per 64 values (the 32 quant bytes whose low nibbles
+// are sub-block 2p and high nibbles 2p + 1), instead of vdot_q8's lane parts of 8 values that
+// each load 8 quant bytes and the header words. A lane issues three 16-byte loads per row:
+// the header (d, dmin, the 12 scale bytes; a super-block's four lanes read the same one) and
+// the two halves of its quants, and takes the two activation chunks whole.
+template <int R, int U, int W>
+__device__ __forceinline__ void mmvq_rows_q4k(const uint8_t * const (&rows)[R], int64_t n_in, const cq8x * xq,
+                                              float (&out)[R], int wr) {
+    int   lane = threadIdx.x % CKV_WARP;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    const int64_t  n_pairs = n_in / 64;
+    const uint32_t m = 0x0F0F0F0Fu;
+#pragma unroll U
+    for (int64_t p = wr * CKV_WARP + lane; p < n_pairs; p += CKV_WARP * W) {
+        const cq8x * xb = xq + 2 * p;   // chunk 2p: the low nibbles' values, 2p + 1: the high ones
+        int2 xl[4], xh[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            xl[k] = ((const int2 *) xb[0].qs)[k];
+            xh[k] = ((const int2 *) xb[1].qs)[k];
+        }
+        float2 dsl = xb[0].ds, dsh = xb[1].ds;
+        int    pair = (int) (p & 3);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const uint8_t * blk = rows[r] + (p >> 2) * sizeof(cq4_K);
+            uint4  hdr = ld_stream_u4(blk);
+            uint4  qa = ld_stream_u4(blk + 16 + 32 * pair), qb = ld_stream_u4(blk + 32 + 32 * pair);
+            float2 dm = __half22float2(*(const __half2 *) &hdr.x);
+            const uint32_t sw[3] = {hdr.y, hdr.z, hdr.w};
+            float sc_lo, mn_lo, sc_hi, mn_hi;
+            scale_min_k4_words(2 * pair, sw, &sc_lo, &mn_lo);
+            scale_min_k4_words(2 * pair + 1, sw, &sc_hi, &mn_hi);
+            const uint32_t q[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+            int sum_lo = 0, sum_hi = 0;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                sum_lo = __dp4a((int) (q[2 * k] & m), xl[k].x, sum_lo);
+                sum_lo = __dp4a((int) (q[2 * k + 1] & m), xl[k].y, sum_lo);
+                sum_hi = __dp4a((int) (q[2 * k] >> 4 & m), xh[k].x, sum_hi);
+                sum_hi = __dp4a((int) (q[2 * k + 1] >> 4 & m), xh[k].y, sum_hi);
+            }
+            acc[r] += dm.x * (sc_lo * dsl.x * (float) sum_lo + sc_hi * dsh.x * (float) sum_hi) -
+                      dm.y * (mn_lo * dsl.y + mn_hi * dsh.y);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
+}
+
+// Values one lane takes per step of a row: a whole chunk for the regrouped types, a sub-block
+// pair for q4_K, a quarter chunk (vdot_q8's lane part) for the others. Wide steps want fewer
+// warps per row and no extra unrolling (their loads are 16 bytes already).
+template <int T> __host__ __device__ constexpr int lane_step_values() { return is_regrouped<T>() ? 32 : T == CT_Q4_K ? 64 : 8; }
+
 template <int T, int R, int U, int W = 1>
 __device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int64_t n_in,
                                           const cq8x * xq, float (&out)[R], int wr = 0) {
@@ -547,6 +604,8 @@ __device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int6
             mmvq_rows_q6x8_nt<R, U, W, 1>(rows, n_in, xq, 0, 1, o, wr);
         }
         first_input(o, out);
+    } else if constexpr (T == CT_Q4_K) {
+        mmvq_rows_q4k<R, U, W>(rows, n_in, xq, out, wr);
     } else {
         mmvq_rows_parts<T, R, U, W>(rows, n_in, xq, out, wr);
     }
@@ -616,7 +675,7 @@ mmvq_glu_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restrict__ wu
         rows[R + r] = wu + rr * row_size;
     }
     float sum[2 * R];
-    mmvq_rows<T, 2 * R, (is_regrouped<T>() ? 1 : R >= 2 ? 2 : 4)>(rows, n_in, xin, sum);
+    mmvq_rows<T, 2 * R, (lane_step_values<T>() >= 32 ? 1 : R >= 2 ? 2 : 4)>(rows, n_in, xin, sum);
     if (lane < R) {
         float v = 0.0f;
 #pragma unroll
@@ -885,7 +944,7 @@ mmvq_glu_split_kernel(const uint8_t * __restrict__ wg, const uint8_t * __restric
     }
     pdl_wait();
     float sum[2 * R];
-    mmvq_rows<T, 2 * R, (is_regrouped<T>() ? 1 : 2), W>(rows, n_in, xq, sum, wr);
+    mmvq_rows<T, 2 * R, (lane_step_values<T>() >= 32 ? 1 : 2), W>(rows, n_in, xq, sum, wr);
     if constexpr (W > 1) {
         if (lane == 0) {
 #pragma unroll
@@ -968,14 +1027,14 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
         // Warps per row: 2 measured best on the H200 (8B Q4_0 tg128: 2 -> 286, 4 -> 276, 8 -> 245
         // tok/s; bench/results/2026-11-28_h200_gpu-3.json).
         int      W = g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8 ? g_split_w : 2;
-        if constexpr (is_regrouped<T>()) {
-            // Regrouped q4_0 / q6_K: a lane's step is 32 values, so rows are 4x shorter in steps;
-            // R rows per warp group keep R loads in flight per lane (CKV_MMVQ_ROWS, default 2).
-            // Default W: the fewest warps per row group that give ~4096 warps (a full wave at
-            // 32 warps per SM), while every lane still has a block of each row.
+        if constexpr (lane_step_values<T>() >= 32) {
+            // Regrouped q4_0 / q6_K (a lane's step is 32 values) and q4_K (64): rows are 4-8x
+            // shorter in steps; R rows per warp group keep R loads in flight per lane
+            // (CKV_MMVQ_ROWS, default 2). Default W: the fewest warps per row group that give
+            // ~4096 warps (a full wave at 32 warps per SM), while every lane still has two steps.
             int R = g_mmvq_rows == 1 || g_mmvq_rows == 2 || g_mmvq_rows == 4 ? g_mmvq_rows : 2;
             W = 1;
-            while (W < 8 && rows / R * W < 4096 && n_in / 32 >= 2 * CKV_WARP * W) W *= 2;
+            while (W < 8 && rows / R * W < 4096 && n_in / lane_step_values<T>() >= 2 * CKV_WARP * W) W *= 2;
             if (g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8) W = g_split_w;
             int64_t  per_block = (int64_t) (MMVQ_WARPS / W) * R;
             unsigned grid = (unsigned) ((rows + per_block - 1) / per_block);
@@ -1030,8 +1089,9 @@ static cudaError_t launch_mmvq_glu(const uint8_t * wg, const uint8_t * wu, size_
         const bool prefetch = prefetch_weights(2 * (size_t) n_out * row_size);
         // 4 warps per row group where that fits 64 registers (1024 threads) without spills.
         // Regrouped types: 1 (8B q4_0 tg128 on the H200: 1 -> 413, 2 -> 402, 4 -> 372 tok/s;
-        // 2026-11-29_h200_gpu-1.json); the others as measured before.
-        constexpr int w_default = is_regrouped<T>() ? 1 : T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q8_0 || T == CT_Q4_K ? 4 : 2;
+        // 2026-11-29_h200_gpu-1.json), and q4_K, whose lanes take 64 values a step; the others
+        // as measured before.
+        constexpr int w_default = lane_step_values<T>() >= 32 ? 1 : T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q8_0 ? 4 : 2;
         int      W = g_glu_w == 1 || g_glu_w == 2 || g_glu_w == 4 ? g_glu_w : w_default;
         unsigned grid = (unsigned) ((n_out + 31) / 32);
         switch (W) {
