@@ -280,20 +280,17 @@ __device__ __forceinline__ float vdot_q8(const uint8_t * __restrict__ row, int64
         wa = (int) ld_u32_a2((const uint8_t *) b->qs + 8 * s);
         wb = (int) ld_u32_a2((const uint8_t *) b->qs + 8 * s + 4);
         A = __half2float(b->d);
-    } else if constexpr (T == CT_Q4_K || T == CT_Q5_K) {
+    } else if constexpr (T == CT_Q5_K) {   // (q4_K has its own lane layout: mmvq_rows_q4k)
         int j = (int) (c & 7);
-        const uint8_t * blk = row + (c >> 3) * (T == CT_Q4_K ? sizeof(cq4_K) : sizeof(cq5_K));
+        const uint8_t * blk = row + (c >> 3) * sizeof(cq5_K);
         float2   dm = __half22float2(*(const __half2 *) blk);
         uint32_t sw[3] = {((const uint32_t *) blk)[1], ((const uint32_t *) blk)[2], ((const uint32_t *) blk)[3]};
-        const uint8_t * qs = blk + (T == CT_Q4_K ? 16 : 48);
-        uint2 q = *(const uint2 *) (qs + 32 * (j >> 1) + 8 * s);
+        uint2 q = *(const uint2 *) (blk + 48 + 32 * (j >> 1) + 8 * s);
         int   shift = (j & 1) * 4;
         uint32_t va = q.x >> shift & 0x0F0F0F0F, vb = q.y >> shift & 0x0F0F0F0F;
-        if constexpr (T == CT_Q5_K) {
-            uint2 h = *(const uint2 *) (blk + 16 + 8 * s);
-            va |= (h.x >> j & 0x01010101) << 4;
-            vb |= (h.y >> j & 0x01010101) << 4;
-        }
+        uint2 h = *(const uint2 *) (blk + 16 + 8 * s);
+        va |= (h.x >> j & 0x01010101) << 4;
+        vb |= (h.y >> j & 0x01010101) << 4;
         float sc, mn;
         scale_min_k4_words(j, sw, &sc, &mn);
         wa = (int) va;
