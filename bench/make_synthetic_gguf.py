@@ -7,6 +7,7 @@ so the GPU reads as much per token as for the real model. Weight mixes:
     q4_0    every matrix Q4_0, output Q6_K (what llama.cpp's quantize makes of Q4_0)
     q4_k_m  Q4_K, with Q6_K for output and for attn_v / ffn_down of the layers llama.cpp's
             Q4_K_M gives more bits (use_more_bits: the first and last eighth, every third between)
+    q5_k_m  the same with Q5_K in place of Q4_K
 
 Blocks are random bytes with sane fp16 scale fields (small d, so activations stay in f16
 range), written directly: quantising 8e9 floats with the gguf package's numpy quantisers would
@@ -33,8 +34,8 @@ import numpy as np
 
 # ggml type ids, block sizes (values) and bytes per block.
 GGML_TYPES = {"F32": (0, 1, 4), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20), "Q8_0": (8, 32, 34),
-              "Q4_K": (12, 256, 144), "Q6_K": (14, 256, 210)}
-FILE_TYPE = {"q4_0": 2, "q4_1": 3, "q4_k_m": 15}   # llama_ftype: MOSTLY_Q4_0, MOSTLY_Q4_1, MOSTLY_Q4_K_M
+              "Q4_K": (12, 256, 144), "Q5_K": (13, 256, 176), "Q6_K": (14, 256, 210)}
+FILE_TYPE = {"q4_0": 2, "q4_1": 3, "q4_k_m": 15, "q5_k_m": 17}   # llama_ftype MOSTLY_*
 ALIGN = 32
 
 SHAPES = dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_ff=14336,
@@ -129,7 +130,7 @@ def _use_more_bits(i: int, n: int) -> bool:   # llama.cpp's llama-quant.cpp
 def tensor_plan(mix: str, s: dict) -> list:
     """(name, ne list, type name) of every tensor, in file order."""
     e, f, kv = s["n_embd"], s["n_ff"], s["n_head_kv"] * s["head_dim"]
-    base = {"q4_0": "Q4_0", "q4_1": "Q4_1"}.get(mix, "Q4_K")
+    base = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_k_m": "Q5_K"}.get(mix, "Q4_K")
     if mix == "q4_1":   # SmolLM2's file: the embedding table (Q8_0) is also the output head
         plan = [("token_embd.weight", [e, s["n_vocab"]], "Q8_0"), ("output_norm.weight", [e], "F32")]
     else:
@@ -137,7 +138,7 @@ def tensor_plan(mix: str, s: dict) -> list:
                 ("output_norm.weight", [e], "F32"),
                 ("output.weight", [e, s["n_vocab"]], "Q6_K")]
     for i in range(s["n_layer"]):
-        more = mix == "q4_k_m" and _use_more_bits(i, s["n_layer"])
+        more = mix in ("q4_k_m", "q5_k_m") and _use_more_bits(i, s["n_layer"])
         p = "blk.%d." % i
         plan += [(p + "attn_norm.weight", [e], "F32"),
                  (p + "attn_q.weight", [e, e], base),
@@ -176,7 +177,7 @@ def random_blocks(rng, tname: str, nbytes: int) -> np.ndarray:
     elif tname == "Q4_1":
         put_f16(0, 0.002, 0.006)                 # d
         put_f16(2, -0.045, -0.015)               # m (values d * q + m centred near 0)
-    elif tname == "Q4_K":
+    elif tname in ("Q4_K", "Q5_K"):
         put_f16(0, 0.0002, 0.0006)               # d (times 6-bit sub-block scales)
         put_f16(2, 0.0002, 0.0006)               # dmin
     elif tname == "Q6_K":

@@ -188,11 +188,12 @@ static cudaError_t launch_mmv(K kern, bool norm, int64_t n_in, int64_t rows, cud
 // __dp4a. Against the f32 GEMV above this cuts the activation bytes each lane reads from 32 to
 // 8 (+ the block's scale pair) per 8 weights and the instructions per weight by ~4x, which is
 // what bound that kernel (on-chip bandwidth and issue, not HBM). Lane layout as dequant8: lane
-// part s = lane % 4 of chunk c; for the K-quants a warp step is one 256-value super-block.
+// part s = lane % 4 of chunk c; for q6_K a warp step is one 256-value super-block (q4_K and
+// q5_K take a lane per sub-block pair instead: mmvq_rows_k_pairs).
 //
 // A lane's result for its 8 values is A * d_x * sumi + B * s_x, where sumi is the integer dot,
 // d_x / s_x the chunk's activation scale and scale * sum(qs), A the weight scale of the lane's
-// values and B a quarter of the chunk's weight offset (q4_1 / q5_1 m, K-quant -dmin * min): the
+// values and B a quarter of the chunk's weight offset (q4_1 / q5_1 m): the
 // four lanes of a chunk add up to the whole offset term.
 
 // Bytes a - k for bytes 0 <= a < 128 and k <= 128, without borrows between bytes.
@@ -280,23 +281,6 @@ __device__ __forceinline__ float vdot_q8(const uint8_t * __restrict__ row, int64
         wa = (int) ld_u32_a2((const uint8_t *) b->qs + 8 * s);
         wb = (int) ld_u32_a2((const uint8_t *) b->qs + 8 * s + 4);
         A = __half2float(b->d);
-    } else if constexpr (T == CT_Q5_K) {   // (q4_K has its own lane layout: mmvq_rows_q4k)
-        int j = (int) (c & 7);
-        const uint8_t * blk = row + (c >> 3) * sizeof(cq5_K);
-        float2   dm = __half22float2(*(const __half2 *) blk);
-        uint32_t sw[3] = {((const uint32_t *) blk)[1], ((const uint32_t *) blk)[2], ((const uint32_t *) blk)[3]};
-        uint2 q = *(const uint2 *) (blk + 48 + 32 * (j >> 1) + 8 * s);
-        int   shift = (j & 1) * 4;
-        uint32_t va = q.x >> shift & 0x0F0F0F0F, vb = q.y >> shift & 0x0F0F0F0F;
-        uint2 h = *(const uint2 *) (blk + 16 + 8 * s);
-        va |= (h.x >> j & 0x01010101) << 4;
-        vb |= (h.y >> j & 0x01010101) << 4;
-        float sc, mn;
-        scale_min_k4_words(j, sw, &sc, &mn);
-        wa = (int) va;
-        wb = (int) vb;
-        A = dm.x * sc;
-        B = -0.25f * (dm.y * mn);
     } else if constexpr (T == CT_Q6_K) {
         const cq6_K * b = (const cq6_K *) row + (c >> 3);
         int j = (int) (c & 7), h = j >> 2, g = j & 3;
@@ -533,14 +517,17 @@ __device__ __forceinline__ void mmvq_rows_parts(const uint8_t * const (&rows)[R]
     for (int r = 0; r < R; r++) out[r] = warp_sum(acc[r]);
 }
 
-// q4_K: one lane per sub-block pair, i.e. per 64 values (the 32 quant bytes whose low nibbles
-// are sub-block 2p and high nibbles 2p + 1), instead of vdot_q8's lane parts of 8 values that
-// each load 8 quant bytes and the header words. A lane issues three 16-byte loads per row:
-// the header (d, dmin, the 12 scale bytes; a super-block's four lanes read the same one) and
-// the two halves of its quants, and takes the two activation chunks whole.
-template <int R, int U, int W>
-__device__ __forceinline__ void mmvq_rows_q4k(const uint8_t * const (&rows)[R], int64_t n_in, const cq8x * xq,
-                                              float (&out)[R], int wr) {
+// q4_K / q5_K: one lane per sub-block pair, i.e. per 64 values (the 32 quant bytes whose low
+// nibbles are sub-block 2p and high nibbles 2p + 1), instead of vdot_q8's lane parts of 8
+// values that each load 8 quant bytes and the header words. A lane issues three 16-byte loads
+// per row: the header (d, dmin, the 12 scale bytes; a super-block's four lanes read the same
+// one) and the two halves of its quants; q5_K adds the 32 high-bit bytes (bit j of byte i is
+// the fifth bit of value i of sub-block j) as two more. Both activation chunks are taken whole.
+template <int T, int R, int U, int W>
+__device__ __forceinline__ void mmvq_rows_k_pairs(const uint8_t * const (&rows)[R], int64_t n_in, const cq8x * xq,
+                                                  float (&out)[R], int wr) {
+    constexpr bool   Q5 = T == CT_Q5_K;
+    constexpr size_t BLOCK = Q5 ? sizeof(cq5_K) : sizeof(cq4_K), QS = Q5 ? 48 : 16;
     int   lane = threadIdx.x % CKV_WARP;
     float acc[R];
 #pragma unroll
@@ -560,22 +547,37 @@ __device__ __forceinline__ void mmvq_rows_q4k(const uint8_t * const (&rows)[R], 
         int    pair = (int) (p & 3);
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const uint8_t * blk = rows[r] + (p >> 2) * sizeof(cq4_K);
+            const uint8_t * blk = rows[r] + (p >> 2) * BLOCK;
             uint4  hdr = ld_stream_u4(blk);
-            uint4  qa = ld_stream_u4(blk + 16 + 32 * pair), qb = ld_stream_u4(blk + 32 + 32 * pair);
+            uint4  qa = ld_stream_u4(blk + QS + 32 * pair), qb = ld_stream_u4(blk + QS + 16 + 32 * pair);
             float2 dm = __half22float2(*(const __half2 *) &hdr.x);
             const uint32_t sw[3] = {hdr.y, hdr.z, hdr.w};
             float sc_lo, mn_lo, sc_hi, mn_hi;
             scale_min_k4_words(2 * pair, sw, &sc_lo, &mn_lo);
             scale_min_k4_words(2 * pair + 1, sw, &sc_hi, &mn_hi);
             const uint32_t q[8] = {qa.x, qa.y, qa.z, qa.w, qb.x, qb.y, qb.z, qb.w};
+            uint32_t lo[8], hi[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                lo[k] = q[k] & m;
+                hi[k] = q[k] >> 4 & m;
+            }
+            if constexpr (Q5) {
+                uint4 ha = ld_stream_u4(blk + 16), hb = ld_stream_u4(blk + 32);
+                const uint32_t h[8] = {ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w};
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    lo[k] |= (h[k] >> (2 * pair) & 0x01010101u) << 4;
+                    hi[k] |= (h[k] >> (2 * pair + 1) & 0x01010101u) << 4;
+                }
+            }
             int sum_lo = 0, sum_hi = 0;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                sum_lo = __dp4a((int) (q[2 * k] & m), xl[k].x, sum_lo);
-                sum_lo = __dp4a((int) (q[2 * k + 1] & m), xl[k].y, sum_lo);
-                sum_hi = __dp4a((int) (q[2 * k] >> 4 & m), xh[k].x, sum_hi);
-                sum_hi = __dp4a((int) (q[2 * k + 1] >> 4 & m), xh[k].y, sum_hi);
+                sum_lo = __dp4a((int) lo[2 * k], xl[k].x, sum_lo);
+                sum_lo = __dp4a((int) lo[2 * k + 1], xl[k].y, sum_lo);
+                sum_hi = __dp4a((int) hi[2 * k], xh[k].x, sum_hi);
+                sum_hi = __dp4a((int) hi[2 * k + 1], xh[k].y, sum_hi);
             }
             acc[r] += dm.x * (sc_lo * dsl.x * (float) sum_lo + sc_hi * dsh.x * (float) sum_hi) -
                       dm.y * (mn_lo * dsl.y + mn_hi * dsh.y);
@@ -586,9 +588,11 @@ __device__ __forceinline__ void mmvq_rows_q4k(const uint8_t * const (&rows)[R], 
 }
 
 // Values one lane takes per step of a row: a whole chunk for the regrouped types, a sub-block
-// pair for q4_K, a quarter chunk (vdot_q8's lane part) for the others. Wide steps want fewer
+// pair for q4_K and q5_K, a quarter chunk (vdot_q8's lane part) for the others. Wide steps want fewer
 // warps per row and no extra unrolling (their loads are 16 bytes already).
-template <int T> __host__ __device__ constexpr int lane_step_values() { return is_regrouped<T>() ? 32 : T == CT_Q4_K ? 64 : 8; }
+template <int T> __host__ __device__ constexpr int lane_step_values() {
+    return is_regrouped<T>() ? 32 : T == CT_Q4_K || T == CT_Q5_K ? 64 : 8;
+}
 
 template <int T, int R, int U, int W = 1>
 __device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int64_t n_in,
@@ -601,8 +605,8 @@ __device__ __forceinline__ void mmvq_rows(const uint8_t * const (&rows)[R], int6
             mmvq_rows_q6x8_nt<R, U, W, 1>(rows, n_in, xq, 0, 1, o, wr);
         }
         first_input(o, out);
-    } else if constexpr (T == CT_Q4_K) {
-        mmvq_rows_q4k<R, U, W>(rows, n_in, xq, out, wr);
+    } else if constexpr (T == CT_Q4_K || T == CT_Q5_K) {
+        mmvq_rows_k_pairs<T, R, U, W>(rows, n_in, xq, out, wr);
     } else {
         mmvq_rows_parts<T, R, U, W>(rows, n_in, xq, out, wr);
     }

@@ -748,6 +748,7 @@ int main(void) {
     test_matmul_type(GGML_TYPE_Q4_0, true);
     test_matmul_type(GGML_TYPE_Q6_K, true, 2048);
     test_matmul_type(GGML_TYPE_Q4_K, false, 4352);   // 68 sub-block pairs: lanes with 2 and 3 steps
+    test_matmul_type(GGML_TYPE_Q5_K, false, 4352);
     test_quantize_q8();
     for (uint32_t t : {GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q8_0, GGML_TYPE_Q4_K, GGML_TYPE_Q6_K})
         test_fused_matmuls(t);
