@@ -12,7 +12,7 @@ its 32k prefill is the untimed depth fill of tg128 @ 32768, timed once). llama.c
     llama-bench -m MODEL -ngl 99 -fa 1 -p 32768 -n 0 -r 1 -o json
 
 Models: synthetic GGUFs with Llama-3-8B's shapes (bench/make_synthetic_gguf.py, written to
---work-dir first, ~4.6 GB each), mixes q4_0 (all workloads) and q4_k_m (pp512 and tg128), and
+--work-dir first, ~4.6 GB each), mixes q4_0 (all workloads), q4_k_m and q5_k_m (pp512 and tg128), and
 optionally --extra-model files (pp512 and tg128 for ours only: llama.cpp cannot load the
 layer-aliased test models).
 
