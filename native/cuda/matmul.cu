@@ -588,8 +588,8 @@ __device__ __forceinline__ void mmvq_rows_k_pairs(const uint8_t * const (&rows)[
 }
 
 // Values one lane takes per step of a row: a whole chunk for the regrouped types, a sub-block
-// pair for q4_K and q5_K, a quarter chunk (vdot_q8's lane part) for the others. Wide steps want fewer
-// warps per row and no extra unrolling (their loads are 16 bytes already).
+// pair for q4_K and q5_K, a quarter chunk (vdot_q8's lane part) for the others. Wide steps
+// want fewer warps per row and no extra unrolling (their loads are 16 bytes already).
 template <int T> __host__ __device__ constexpr int lane_step_values() {
     return is_regrouped<T>() ? 32 : T == CT_Q4_K || T == CT_Q5_K ? 64 : 8;
 }
@@ -1029,7 +1029,7 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
         // tok/s; bench/results/2026-11-28_h200_gpu-3.json).
         int      W = g_split_w == 1 || g_split_w == 2 || g_split_w == 4 || g_split_w == 8 ? g_split_w : 2;
         if constexpr (lane_step_values<T>() >= 32) {
-            // Regrouped q4_0 / q6_K (a lane's step is 32 values) and q4_K (64): rows are 4-8x
+            // Regrouped q4_0 / q6_K (a lane's step is 32 values), q4_K and q5_K (64): rows are 4-8x
             // shorter in steps; R rows per warp group keep R loads in flight per lane
             // (CKV_MMVQ_ROWS, default 2). Default W: the fewest warps per row group that give
             // ~4096 warps (a full wave at 32 warps per SM), while every lane still has two steps.
@@ -1090,8 +1090,8 @@ static cudaError_t launch_mmvq_glu(const uint8_t * wg, const uint8_t * wu, size_
         const bool prefetch = prefetch_weights(2 * (size_t) n_out * row_size);
         // 4 warps per row group where that fits 64 registers (1024 threads) without spills.
         // Regrouped types: 1 (8B q4_0 tg128 on the H200: 1 -> 413, 2 -> 402, 4 -> 372 tok/s;
-        // 2026-11-29_h200_gpu-1.json), and q4_K, whose lanes take 64 values a step; the others
-        // as measured before.
+        // 2026-11-29_h200_gpu-1.json), and q4_K / q5_K, whose lanes take 64 values a step; the
+        // others as measured before.
         constexpr int w_default = lane_step_values<T>() >= 32 ? 1 : T == CT_Q4_0 || T == CT_Q4_1 || T == CT_Q8_0 ? 4 : 2;
         int      W = g_glu_w == 1 || g_glu_w == 2 || g_glu_w == 4 ? g_glu_w : w_default;
         unsigned grid = (unsigned) ((n_out + 31) / 32);

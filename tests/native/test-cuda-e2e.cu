@@ -181,7 +181,7 @@ int main(int argc, char ** argv) {
     int n_vocab = ckv_vocab_n_tokens(model);
     float * gpu = (float *) malloc(sizeof(float) * (size_t) n_vocab * N_BATCH);
 
-    // gpu: GPU vs CPU (issue 5's direct comparison); gpu_ref / cpu_ref: each against the exact one
+    // gpu_cpu: GPU vs CPU (issue 5's direct comparison); gpu_ref / cpu_ref: each against the exact one
     struct agreement gpu_cpu = {0, 0, 0.0, 0.0}, gpu_ref = {0, 0, 0.0, 0.0}, cpu_ref = {0, 0, 0.0, 0.0};
     CHECK(ckv_decode(ctx, tokens, n_prompt, true));
     CHECK(ckv_decode(exact, tokens, n_prompt, true));
