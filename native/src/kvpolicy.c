@@ -33,7 +33,7 @@ static const char * const policy_names[] = {"full", "streaming", "quest", "h2o",
 
 // --- validation --------------------------------------------------------------------------------
 
-// Ranges every field must be in, whatever the policy.
+// Ranges every field must be in, whatever the policy (n_dense_layers's upper bound aside).
 static int32_t check_ranges(const struct ckv_kv_policy_params * k, int32_t n_layer) {
     if (k->policy < CKV_KV_POLICY_FULL || k->policy > CKV_KV_POLICY_CLUSTERKV) {
         return ckv_fail(CKV_ERR_INVALID_ARG,
@@ -46,7 +46,9 @@ static int32_t check_ranges(const struct ckv_kv_policy_params * k, int32_t n_lay
     if (k->n_sink < 0) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "kv_policy.n_sink must be >= 0, got %d", k->n_sink);
     }
-    if (k->n_dense_layers < 0 || k->n_dense_layers > n_layer) {
+    // The full policy never reads n_dense_layers, so its default (2) must not refuse a
+    // one-layer model that runs without a KV policy.
+    if (k->n_dense_layers < 0 || (k->policy != CKV_KV_POLICY_FULL && k->n_dense_layers > n_layer)) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "kv_policy.n_dense_layers must be in [0, %d] (the "
                         "model's layers), got %d", n_layer, k->n_dense_layers);
     }

@@ -44,12 +44,22 @@ static int32_t arch_u32(const struct ckv_model * m, const char * key, bool requi
     return CKV_OK;
 }
 
-static int32_t arch_f32(const struct ckv_model * m, const char * key, float fallback, float * out) {
+// A float hyper-parameter (fallback when absent) that must be finite and > 0, or >= 0 with
+// zero_ok: NaN, infinity or a wrong sign would load and then turn every logit into NaN.
+static int32_t arch_f32(const struct ckv_model * m, const char * key, float fallback, bool zero_ok,
+                        float * out) {
     char full[128];
     snprintf(full, sizeof(full), "%s.%s", m->arch_name, key);
     *out       = fallback;
     int32_t st = gguf_get_f32(m->file, full, out);
-    return st == CKV_ERR_NOT_FOUND ? CKV_OK : st;
+    if (st != CKV_OK && st != CKV_ERR_NOT_FOUND) {
+        return st;
+    }
+    if (!isfinite(*out) || *out < 0.0f || (*out == 0.0f && !zero_ok)) {
+        return ckv_fail(CKV_ERR_FORMAT, "metadata '%s' = %g must be finite and %s 0", full, (double) *out,
+                        zero_ok ? ">=" : ">");
+    }
+    return CKV_OK;
 }
 
 // --- hyper-parameters ------------------------------------------------------------------------
@@ -60,7 +70,7 @@ static int32_t load_rope_scaling(struct ckv_model * m, struct hparams * hp) {
     struct gguf_str type = {0};
     snprintf(key, sizeof(key), "%s.rope.scaling.type", m->arch_name);
     bool has_type = gguf_get_str(m->file, key, &type) == CKV_OK;
-    TRY(arch_f32(m, "rope.scaling.factor", 1.0f, &factor));
+    TRY(arch_f32(m, "rope.scaling.factor", 1.0f, true, &factor));   // 0: no scaling
     hp->rope_freq_scale = 1.0f;
     if (!has_type || (type.len == 4 && memcmp(type.data, "none", 4) == 0) || factor == 0.0f) {
         return CKV_OK;
@@ -89,7 +99,14 @@ static int32_t load_hparams(struct ckv_model * m) {
                         hp->n_embd, hp->n_layer, hp->n_head, hp->n_head_kv, hp->n_ff);
     }
     int32_t value_length = 0;
-    TRY(arch_u32(m, "attention.key_length", false, (uint32_t) (hp->n_embd / hp->n_head), &hp->head_dim));
+    TRY(arch_u32(m, "attention.key_length", false, 0, &hp->head_dim));
+    if (hp->head_dim == 0) {   // absent (or 0): the embedding split evenly over the heads
+        if (hp->n_embd % hp->n_head != 0) {
+            return ckv_fail(CKV_ERR_FORMAT, "embedding_length %d is not a multiple of head_count %d, and "
+                            "the file gives no attention.key_length", hp->n_embd, hp->n_head);
+        }
+        hp->head_dim = hp->n_embd / hp->n_head;
+    }
     TRY(arch_u32(m, "attention.value_length", false, (uint32_t) hp->head_dim, &value_length));
     if (value_length != hp->head_dim || hp->head_dim <= 0 || hp->head_dim % 2 != 0) {
         return ckv_fail(CKV_ERR_UNSUPPORTED, "key length %d and value length %d must be equal and even",
@@ -100,8 +117,8 @@ static int32_t load_hparams(struct ckv_model * m) {
         return ckv_fail(CKV_ERR_FORMAT, "rope.dimension_count %d does not fit head size %d",
                         hp->n_rot, hp->head_dim);
     }
-    TRY(arch_f32(m, "attention.layer_norm_rms_epsilon", 1e-5f, &hp->rms_eps));
-    TRY(arch_f32(m, "rope.freq_base", 10000.0f, &hp->rope_base));
+    TRY(arch_f32(m, "attention.layer_norm_rms_epsilon", 1e-5f, true, &hp->rms_eps));
+    TRY(arch_f32(m, "rope.freq_base", 10000.0f, false, &hp->rope_base));
     TRY(load_rope_scaling(m, hp));
     hp->rope_base_swa = hp->rope_base;
     hp->rope_mode     = hp->arch == ARCH_LLAMA ? ROPE_NORM : ROPE_NEOX;
@@ -113,7 +130,7 @@ static int32_t load_hparams(struct ckv_model * m) {
         hp->embd_scale = sqrtf((float) hp->n_embd);
         TRY(arch_u32(m, "attention.sliding_window", false, 0, &hp->n_swa));
         TRY(arch_u32(m, "attention.sliding_window_pattern", false, 6, &hp->swa_period));
-        TRY(arch_f32(m, "rope.freq_base_swa", 10000.0f, &hp->rope_base_swa));
+        TRY(arch_f32(m, "rope.freq_base_swa", 10000.0f, false, &hp->rope_base_swa));
     }
     return CKV_OK;
 }

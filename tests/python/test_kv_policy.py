@@ -256,7 +256,7 @@ def test_selection_api_errors(model, tokens):
     (dict(policy=1, budget=0), "kv_policy.budget"),
     (dict(n_sink=-1), "kv_policy.n_sink"),
     (dict(n_dense_layers=-1), "kv_policy.n_dense_layers"),
-    (dict(n_dense_layers=31), "kv_policy.n_dense_layers"),
+    (dict(policy=1, budget=64, n_dense_layers=31), "kv_policy.n_dense_layers"),   # full ignores it
     (dict(page_size=0), "kv_policy.page_size"),
     (dict(policy=2, budget=20, n_sink=16, page_size=16), "page_size"),
     (dict(recent_ratio=1.5), "kv_policy.recent_ratio"),

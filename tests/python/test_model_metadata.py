@@ -1,0 +1,111 @@
+"""Hostile model metadata: a tiny valid llama GGUF (bench/make_synthetic_gguf.py's writer, random
+weights) with one hyper-parameter patched in place. Each bad value must be refused at load with
+a ModelFormatError naming it, never load and then give NaN logits or read past a tensor; values
+that are odd but harmless must still load and generate.
+
+The GGUF reader's own hostile files (truncations, bad types, offsets) are tests/native/test-gguf.c.
+"""
+import importlib.util
+import math
+import os
+import struct
+
+import pytest
+from conftest import require_native
+
+require_native()
+from clusterkv_local import Llama, ModelFormatError  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_vocab=1024,
+            rope_base=10000.0, eps=1e-5, n_ctx_train=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> bytes:
+    spec = importlib.util.spec_from_file_location("make_synthetic_gguf",
+                                                  os.path.join(ROOT, "bench", "make_synthetic_gguf.py"))
+    writer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(writer)
+    path = str(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+    writer.write_gguf(path, "q4_0", 0, TINY)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def patched(raw: bytes, key: str, fmt: str, value) -> bytes:
+    """raw with the scalar value of metadata `key` replaced (same type, so same size)."""
+    name = struct.pack("<Q", len(key)) + key.encode()
+    at = raw.index(name) + len(name) + 4   # past the value's type id
+    return raw[:at] + struct.pack(fmt, value) + raw[at + struct.calcsize(fmt):]
+
+
+def write(tmp_path, data: bytes) -> str:
+    path = tmp_path / "model.gguf"
+    path.write_bytes(data)
+    return str(path)
+
+
+def greedy_logprobs(path: str) -> list:
+    llm = Llama(path, n_ctx=64, logits_all=True, verbose=False)
+    try:
+        out = llm("ab", max_tokens=3, temperature=0.0, logprobs=1)
+        return out["choices"][0]["logprobs"]["token_logprobs"]
+    finally:
+        llm.close()
+
+
+def test_tiny_model_generates(tiny_gguf, tmp_path):
+    # the baseline the hostile cases patch: it loads and gives finite, non-uniform log-probs
+    lp = greedy_logprobs(write(tmp_path, tiny_gguf))
+    assert len(lp) == 3 and all(math.isfinite(v) for v in lp)
+    assert min(lp) > -math.log(TINY["n_vocab"]) + 1.0   # not the uniform distribution of NaN logits
+
+
+U32, F32 = "<I", "<f"
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("key, fmt, value, says", [
+    ("llama.attention.layer_norm_rms_epsilon", F32, NAN, "must be finite and >= 0"),
+    ("llama.attention.layer_norm_rms_epsilon", F32, -1.0, "must be finite and >= 0"),
+    ("llama.attention.layer_norm_rms_epsilon", F32, INF, "must be finite and >= 0"),
+    ("llama.rope.freq_base", F32, 0.0, "must be finite and > 0"),
+    ("llama.rope.freq_base", F32, -1.0, "must be finite and > 0"),
+    ("llama.rope.freq_base", F32, NAN, "must be finite and > 0"),
+    ("llama.rope.freq_base", F32, INF, "must be finite and > 0"),
+    ("llama.block_count", U32, 0, "bad shape"),
+    ("llama.block_count", U32, 3, "'blk.2.attn_norm.weight' is missing"),
+    ("llama.block_count", U32, 0xFFFFFFFF, "out of range"),
+    ("llama.embedding_length", U32, 0, "bad shape"),
+    ("llama.embedding_length", U32, 255, "not a multiple of head_count 4"),
+    ("llama.embedding_length", U32, 512, "'token_embd.weight' has shape"),
+    ("llama.attention.head_count", U32, 3, "bad shape"),
+    ("llama.attention.head_count", U32, 8, "rope.dimension_count 64 does not fit head size 32"),
+    ("llama.attention.head_count_kv", U32, 0, "bad shape"),
+    ("llama.attention.head_count_kv", U32, 8, "bad shape"),
+    ("llama.feed_forward_length", U32, 255, "'blk.0.ffn_gate.weight' has shape"),
+    ("llama.rope.dimension_count", U32, 63, "does not fit head size 64"),
+    ("llama.rope.dimension_count", U32, 1000, "does not fit head size 64"),
+    ("general.alignment", U32, 3, "power of two"),
+])
+def test_bad_hyperparameter_is_refused(tiny_gguf, tmp_path, key, fmt, value, says):
+    path = write(tmp_path, patched(tiny_gguf, key, fmt, value))
+    with pytest.raises(ModelFormatError) as info:
+        Llama(path, n_ctx=64, verbose=False)
+    assert says in info.value.message, info.value.message
+    if "finite" in says:
+        assert key in info.value.message
+
+
+@pytest.mark.parametrize("key, fmt, value", [
+    ("llama.block_count", U32, 1),              # a one-layer model, no KV policy asked for
+    ("llama.context_length", U32, 0),           # n_ctx comes from the caller
+    ("llama.rope.dimension_count", U32, 32),    # partial rotary
+    ("llama.attention.layer_norm_rms_epsilon", F32, 0.0),
+    ("tokenizer.ggml.bos_token_id", U32, 5000),   # outside the vocabulary: ignored, as llama.cpp does
+    ("tokenizer.ggml.eos_token_id", U32, 0xFFFFFFFF),
+])
+def test_odd_but_harmless_values_load(tiny_gguf, tmp_path, key, fmt, value):
+    lp = greedy_logprobs(write(tmp_path, patched(tiny_gguf, key, fmt, value)))
+    assert len(lp) == 3 and all(math.isfinite(v) for v in lp)
