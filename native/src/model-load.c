@@ -99,8 +99,11 @@ static int32_t load_hparams(struct ckv_model * m) {
                         hp->n_embd, hp->n_layer, hp->n_head, hp->n_head_kv, hp->n_ff);
     }
     int32_t value_length = 0;
-    TRY(arch_u32(m, "attention.key_length", false, 0, &hp->head_dim));
-    if (hp->head_dim == 0) {   // absent (or 0): the embedding split evenly over the heads
+    char key_length[128];
+    snprintf(key_length, sizeof(key_length), "%s.attention.key_length", m->arch_name);
+    if (gguf_find_kv(m->file, key_length)) {
+        TRY(arch_u32(m, "attention.key_length", true, 0, &hp->head_dim));
+    } else {   // the embedding split evenly over the heads
         if (hp->n_embd % hp->n_head != 0) {
             return ckv_fail(CKV_ERR_FORMAT, "embedding_length %d is not a multiple of head_count %d, and "
                             "the file gives no attention.key_length", hp->n_embd, hp->n_head);
