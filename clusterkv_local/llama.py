@@ -90,6 +90,8 @@ def _logit_bias_processor(bias: Dict[int, float], n_vocab: int) -> Callable:
     values = np.array([float(v) for v in bias.values()], dtype=np.float32)
     if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
         raise ValueError("logit_bias token ids must be in [0, %d)" % n_vocab)
+    if np.isnan(values).any():   # -inf (ban a token) and +inf (force it) are meaningful; NaN is not
+        raise ValueError("logit_bias values must not be NaN")
 
     def apply(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         out = np.array(scores, dtype=np.float32, copy=True)

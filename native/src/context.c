@@ -13,7 +13,8 @@
 #include "forward.h"
 #include "quants.h"
 
-enum { MAX_N_CTX = 1 << 22, MAX_HEAD_DIM = 512, DEFAULT_N_BATCH = 512, MAX_N_SEQ = 256 };
+enum { MAX_N_CTX = 1 << 22, MAX_HEAD_DIM = 512, DEFAULT_N_BATCH = 512, MAX_N_SEQ = 256,
+       MAX_N_THREADS = 512 };  // ggml's cap too: each thread owns attention scratch
 
 
 void ckv_context_default_params(struct ckv_context_params * out) {
@@ -47,9 +48,9 @@ static int32_t resolve_params(const struct ckv_model * m, const struct ckv_conte
     if (out->n_batch > out->n_ctx) {
         out->n_batch = out->n_ctx;
     }
-    if (out->n_threads < 0) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be >= 0 (0 = all cores), got %d",
-                        out->n_threads);
+    if (out->n_threads < 0 || out->n_threads > MAX_N_THREADS) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be in [0, %d] (0 = all cores), got %d",
+                        MAX_N_THREADS, out->n_threads);
     }
     if (out->n_threads == 0) {
         out->n_threads = default_threads();
@@ -364,8 +365,9 @@ int32_t ckv_context_n_past_seq(const ckv_context * ctx, int32_t seq) {
 
 int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
     ckv_clear_error();
-    if (n_threads < 0) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be >= 0 (0 = all cores), got %d", n_threads);
+    if (n_threads < 0 || n_threads > MAX_N_THREADS) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be in [0, %d] (0 = all cores), got %d",
+                        MAX_N_THREADS, n_threads);
     }
     int32_t n = n_threads == 0 ? default_threads() : n_threads;
     if (n == ctx->params.n_threads || ctx->gpu) {

@@ -134,7 +134,7 @@ def test_unimplemented_keyword_warns_only_when_set(default_model_path):
 @pytest.mark.parametrize("kwargs, exc, name", [
     ({"n_ctx": -1}, ValueError, "n_ctx"), ({"n_batch": 0}, ValueError, "n_batch"),
     ({"n_gpu_layers": -2}, ValueError, "n_gpu_layers"), ({"n_ctx": "big"}, TypeError, "n_ctx"),
-    ({"n_threads": -5}, ValueError, "n_threads"),
+    ({"n_threads": -5}, ValueError, "n_threads"), ({"n_threads": 10000}, ValueError, "n_threads"),
 ])
 def test_bad_constructor_parameters(default_model_path, kwargs, exc, name):
     with pytest.raises(exc, match=name):
@@ -358,6 +358,7 @@ def test_max_tokens_none_is_clipped_to_context(default_model_path):
     ({"max_tokens": "5"}, TypeError, "max_tokens"), ({"top_k": 1.5}, TypeError, "top_k"),
     ({"stop": [3]}, TypeError, "stop"), ({"logprobs": 2}, ValueError, "logits_all"),
     ({"logit_bias": {10**6: 1.0}}, ValueError, "logit_bias"),
+    ({"logit_bias": {5: float("nan")}}, ValueError, "logit_bias"),
 ])
 def test_bad_completion_parameters(llm, kwargs, exc, name):
     with pytest.raises(exc, match=name):
