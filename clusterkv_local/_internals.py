@@ -46,7 +46,8 @@ class InvalidArgumentError(ClusterKVError, ValueError):
 
 
 class ModelFormatError(ClusterKVError, ValueError):
-    """CKV_ERR_FORMAT: the file is not a well-formed GGUF (truncated, bad magic, bad offsets)."""
+    """CKV_ERR_FORMAT: the file is not a well-formed GGUF model (truncated, bad magic, bad offsets,
+    tensor shapes that disagree with the hyper-parameters, hyper-parameters out of range)."""
 
 
 class UnsupportedError(ClusterKVError):
