@@ -227,6 +227,12 @@ static int32_t bind_globals(struct ckv_model * m) {
 int32_t model_load_arch(struct ckv_model * model) {
     TRY(load_hparams(model));
     TRY(bind_globals(model));
+    // Every layer has several tensors of its own: a block_count past the tensor count is wrong,
+    // and refusing it here saves allocating its layer table (up to INT32_MAX entries).
+    if ((uint64_t) model->hp.n_layer > model->file->n_tensors) {
+        return ckv_fail(CKV_ERR_FORMAT, "block_count %d is more than the file's %llu tensors",
+                        model->hp.n_layer, (unsigned long long) model->file->n_tensors);
+    }
     model->layers = calloc((size_t) model->hp.n_layer, sizeof(struct layer_weights));
     if (!model->layers) {
         return ckv_fail(CKV_ERR_OOM, "out of memory for %d layers", model->hp.n_layer);

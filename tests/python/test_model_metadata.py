@@ -77,6 +77,7 @@ NAN, INF = float("nan"), float("inf")
     ("llama.block_count", U32, 0, "bad shape"),
     ("llama.block_count", U32, 3, "'blk.2.attn_norm.weight' is missing"),
     ("llama.block_count", U32, 0xFFFFFFFF, "out of range"),
+    ("llama.block_count", U32, 0x7FFFFFFF, "more than the file's"),   # no 2^31-entry layer table
     ("llama.embedding_length", U32, 0, "bad shape"),
     ("llama.embedding_length", U32, 255, "not a multiple of head_count 4"),
     ("llama.embedding_length", U32, 512, "'token_embd.weight' has shape"),
