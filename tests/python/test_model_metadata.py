@@ -14,7 +14,7 @@ import pytest
 from conftest import require_native
 
 require_native()
-from clusterkv_local import Llama, ModelFormatError  # noqa: E402
+from clusterkv_local import Llama, ModelFormatError, UnsupportedError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_vocab=1024,
@@ -110,3 +110,20 @@ def test_bad_hyperparameter_is_refused(tiny_gguf, tmp_path, key, fmt, value, say
 def test_odd_but_harmless_values_load(tiny_gguf, tmp_path, key, fmt, value):
     lp = greedy_logprobs(write(tmp_path, patched(tiny_gguf, key, fmt, value)))
     assert len(lp) == 3 and all(math.isfinite(v) for v in lp)
+
+
+def test_unsupported_architecture_is_named(tiny_gguf, tmp_path):
+    name = struct.pack("<Q", 5) + b"llama"   # general.architecture's value (the first "llama" string)
+    data = tiny_gguf.replace(name, struct.pack("<Q", 5) + b"mamba", 1)
+    with pytest.raises(UnsupportedError, match="mamba"):
+        Llama(write(tmp_path, data), n_ctx=64, verbose=False)
+
+
+def test_unsupported_weight_type_is_named(tiny_gguf, tmp_path):
+    # blk.0.attn_q.weight's tensor info: name, n_dims (2), dims, then the ggml type id
+    name = b"blk.0.attn_q.weight"
+    at = tiny_gguf.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    at += 4 + 8 * struct.unpack_from("<I", tiny_gguf, at)[0]
+    data = tiny_gguf[:at] + struct.pack("<I", 16) + tiny_gguf[at + 4:]   # 16 = IQ2_XXS
+    with pytest.raises(UnsupportedError, match="iq2_xxs"):
+        Llama(write(tmp_path, data), n_ctx=64, verbose=False)
