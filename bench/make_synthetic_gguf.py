@@ -45,7 +45,11 @@ SHAPES = dict(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim=128, n_f
 # without the file, in one device call.
 SMOLLM2_SHAPES = dict(n_layer=30, n_embd=576, n_head=9, n_head_kv=3, head_dim=64, n_ff=1536,
                       n_vocab=49152, rope_base=100000.0, eps=1e-5, n_ctx_train=8192)
-SHAPE_SETS = {"llama3-8b": SHAPES, "smollm2": SMOLLM2_SHAPES}
+# A model of a few hundred KB with valid shapes (--shape tiny): the hostile-metadata tests and
+# tools/fuzz_gguf.py patch or mutate its header.
+TINY_SHAPES = dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_vocab=1024,
+                   rope_base=10000.0, eps=1e-5, n_ctx_train=256)
+SHAPE_SETS = {"llama3-8b": SHAPES, "smollm2": SMOLLM2_SHAPES, "tiny": TINY_SHAPES}
 
 # GGUF metadata value types
 U32, I32, F32, BOOL, STR, ARR = 4, 5, 6, 7, 8, 9
@@ -211,7 +215,7 @@ def write_gguf(path: str, mix: str, seed: int = 0, s: dict = SHAPES) -> int:
     kvs = [
         _kv("general.architecture", STR, "llama"),
         _kv("general.name", STR, "synthetic %s shapes (%s, random weights)" % (
-            "SmolLM2-135M" if s is SMOLLM2_SHAPES else "Llama-3-8B", mix)),
+            "SmolLM2-135M" if s is SMOLLM2_SHAPES else "tiny" if s is TINY_SHAPES else "Llama-3-8B", mix)),
         _kv("general.file_type", U32, FILE_TYPE[mix]),
         _kv("general.alignment", U32, ALIGN),
         _kv("llama.context_length", U32, s["n_ctx_train"]),

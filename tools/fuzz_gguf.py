@@ -20,15 +20,14 @@ import importlib.util
 import os
 import random
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 
+import gguf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(n_layer=2, n_embd=256, n_head=4, n_head_kv=2, head_dim=64, n_ff=256, n_vocab=1024,
-            rope_base=10000.0, eps=1e-5, n_ctx_train=256)
 WORDS = [0, 1, 2 ** 31 - 1, 2 ** 32 - 1, 2 ** 63 - 1, 2 ** 64 - 1]   # lengths, counts, offsets
 
 
@@ -38,38 +37,9 @@ def write_tiny_model(path: str) -> bytes:
                                                   os.path.join(ROOT, "bench", "make_synthetic_gguf.py"))
     writer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(writer)
-    writer.write_gguf(path, "q4_0", 0, TINY)
+    writer.write_gguf(path, "q4_0", 0, writer.TINY_SHAPES)
     with open(path, "rb") as f:
         return f.read()
-
-
-def header_size(raw: bytes) -> int:
-    """Bytes of the header (magic, counts, metadata, tensor infos): what the loader parses."""
-    scalar_bytes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-
-    def skip_str(at):
-        return at + 8 + struct.unpack_from("<Q", raw, at)[0]
-
-    n_tensors, n_kv = struct.unpack_from("<QQ", raw, 8)
-    at = 24
-    for _ in range(n_kv):
-        at = skip_str(at)
-        vtype = struct.unpack_from("<I", raw, at)[0]
-        at += 4
-        if vtype == 8:     # string
-            at = skip_str(at)
-        elif vtype == 9:   # array
-            etype, count = struct.unpack_from("<IQ", raw, at)
-            at += 12
-            for _ in range(count):
-                at = skip_str(at) if etype == 8 else at + scalar_bytes[etype]
-        else:
-            at += scalar_bytes[vtype]
-    for _ in range(n_tensors):
-        at = skip_str(at)
-        n_dims = struct.unpack_from("<I", raw, at)[0]
-        at += 4 + 8 * n_dims + 4 + 8   # dims, type, offset
-    return at
 
 
 def mutate(raw: bytes, header: int, rng: random.Random) -> bytes:
@@ -115,7 +85,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     seed_path = os.path.join(out, "seed.gguf")
     raw = write_tiny_model(seed_path)
-    header = header_size(raw)
+    header = gguf.GGUFReader(seed_path).data_offset   # metadata and tensor infos: what the loader parses
     exe = build_target(args.build, out)
     env = dict(os.environ, UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     rng, case = random.Random(args.seed), os.path.join(out, "case.gguf")

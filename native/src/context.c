@@ -32,6 +32,15 @@ static int default_threads(void) {
     return n < 1 ? 1 : (int) n;
 }
 
+// n_threads as init and set_n_threads take it (0 = all cores).
+static int32_t check_n_threads(int32_t n_threads) {
+    if (n_threads < 0 || n_threads > MAX_N_THREADS) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be in [0, %d] (0 = all cores), got %d",
+                        MAX_N_THREADS, n_threads);
+    }
+    return CKV_OK;
+}
+
 static int32_t resolve_params(const struct ckv_model * m, const struct ckv_context_params * in,
                               struct ckv_context_params * out) {
     *out = *in;
@@ -48,10 +57,7 @@ static int32_t resolve_params(const struct ckv_model * m, const struct ckv_conte
     if (out->n_batch > out->n_ctx) {
         out->n_batch = out->n_ctx;
     }
-    if (out->n_threads < 0 || out->n_threads > MAX_N_THREADS) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be in [0, %d] (0 = all cores), got %d",
-                        MAX_N_THREADS, out->n_threads);
-    }
+    TRY(check_n_threads(out->n_threads));
     if (out->n_threads == 0) {
         out->n_threads = default_threads();
     }
@@ -365,10 +371,7 @@ int32_t ckv_context_n_past_seq(const ckv_context * ctx, int32_t seq) {
 
 int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
     ckv_clear_error();
-    if (n_threads < 0 || n_threads > MAX_N_THREADS) {
-        return ckv_fail(CKV_ERR_INVALID_ARG, "n_threads must be in [0, %d] (0 = all cores), got %d",
-                        MAX_N_THREADS, n_threads);
-    }
+    TRY(check_n_threads(n_threads));
     int32_t n = n_threads == 0 ? default_threads() : n_threads;
     if (n == ctx->params.n_threads || ctx->gpu) {
         ctx->params.n_threads = n;  // a GPU context has no CPU workers to resize

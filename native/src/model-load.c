@@ -44,6 +44,12 @@ static int32_t arch_u32(const struct ckv_model * m, const char * key, bool requi
     return CKV_OK;
 }
 
+static bool arch_has(const struct ckv_model * m, const char * key) {
+    char full[128];
+    snprintf(full, sizeof(full), "%s.%s", m->arch_name, key);
+    return gguf_find_kv(m->file, full) != NULL;
+}
+
 // A float hyper-parameter (fallback when absent) that must be finite and > 0, or >= 0 with
 // zero_ok: NaN, infinity or a wrong sign would load and then turn every logit into NaN.
 static int32_t arch_f32(const struct ckv_model * m, const char * key, float fallback, bool zero_ok,
@@ -99,9 +105,7 @@ static int32_t load_hparams(struct ckv_model * m) {
                         hp->n_embd, hp->n_layer, hp->n_head, hp->n_head_kv, hp->n_ff);
     }
     int32_t value_length = 0;
-    char key_length[128];
-    snprintf(key_length, sizeof(key_length), "%s.attention.key_length", m->arch_name);
-    if (gguf_find_kv(m->file, key_length)) {
+    if (arch_has(m, "attention.key_length")) {
         TRY(arch_u32(m, "attention.key_length", true, 0, &hp->head_dim));
     } else {   // the embedding split evenly over the heads
         if (hp->n_embd % hp->n_head != 0) {
