@@ -18,6 +18,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "Llama": "llama",
     "LLAMA_DEFAULT_SEED": "llama",
+    "LLAMA_POOLING_TYPE_UNSPECIFIED": "llama",
+    "LLAMA_POOLING_TYPE_NONE": "llama",
+    "LLAMA_POOLING_TYPE_MEAN": "llama",
+    "LLAMA_POOLING_TYPE_CLS": "llama",
+    "LLAMA_POOLING_TYPE_LAST": "llama",
     "LogitsProcessorList": "llama",
     "StoppingCriteriaList": "llama",
     "ClusterKVError": "_internals",
@@ -42,7 +47,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._internals import (ClusterKVError, ContextFullError, CudaError, InvalidArgumentError,
                              ModelFormatError, ModelIOError, ModelNotFoundError, NotFoundError,
                              OutOfMemoryError, UnsupportedError, system_info)
-    from .llama import LLAMA_DEFAULT_SEED, Llama, LogitsProcessorList, StoppingCriteriaList
+    from .llama import (LLAMA_DEFAULT_SEED, LLAMA_POOLING_TYPE_CLS, LLAMA_POOLING_TYPE_LAST,
+                        LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE,
+                        LLAMA_POOLING_TYPE_UNSPECIFIED, Llama, LogitsProcessorList,
+                        StoppingCriteriaList)
     from .models import DEFAULT_MODEL, ChecksumError, ModelFetchError
 
 

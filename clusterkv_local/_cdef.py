@@ -3,7 +3,7 @@
 Do not edit: run `python tools/gen_cdef.py`."""
 
 CDEF = r"""
-#define CKV_API_VERSION 2
+#define CKV_API_VERSION 3
 enum ckv_status {
     CKV_OK = 0,
     CKV_ERR_INVALID_ARG = -1,
@@ -138,6 +138,7 @@ struct ckv_context_params {
     int32_t f32_activations;
     uint32_t n_seq_max;
     int32_t kv_offload;
+    int32_t embeddings;
 };
 void ckv_context_default_params(struct ckv_context_params * out);
 int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_params * params,
@@ -160,6 +161,8 @@ int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int3
                                  int32_t n);
 int32_t ckv_get_n_outputs(const ckv_context * ctx);
 const float * ckv_get_logits(const ckv_context * ctx, int32_t i);
+int32_t ckv_get_n_embeddings(const ckv_context * ctx);
+const float * ckv_get_embeddings(const ckv_context * ctx, int32_t i);
 struct ckv_timings {
     double t_prefill_ms;
     double t_decode_ms;

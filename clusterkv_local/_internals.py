@@ -433,7 +433,8 @@ class _Context(_Handle):
 
     def __init__(self, model: _Model, *, n_ctx: int = 512, n_batch: int = 512,
                  n_threads: int = 0, kv_type: int = 1, kv_policy: Optional[dict] = None,
-                 f32_activations: bool = False, n_seq_max: int = 1, kv_offload: bool = False):
+                 f32_activations: bool = False, n_seq_max: int = 1, kv_offload: bool = False,
+                 embeddings: bool = False):
         """kv_policy: {field of struct ckv_kv_policy_params: value}, applied over the
         library's defaults (None: the defaults, i.e. the full policy)."""
         params = ffi.new("struct ckv_context_params *")
@@ -445,6 +446,7 @@ class _Context(_Handle):
         params.f32_activations = 1 if f32_activations else 0
         params.n_seq_max = n_seq_max
         params.kv_offload = 1 if kv_offload else 0
+        params.embeddings = 1 if embeddings else 0
         if kv_policy and kv_policy.get("policy", lib.CKV_KV_POLICY_FULL) != lib.CKV_KV_POLICY_FULL:
             _require_kv_policies()
         for name, value in (kv_policy or {}).items():
@@ -532,6 +534,18 @@ class _Context(_Handle):
         view = np.frombuffer(ffi.buffer(self.logits_ptr(i), self.n_vocab * 4), dtype=np.float32)
         view.flags.writeable = False
         return view
+
+    def embeddings(self) -> np.ndarray:
+        """[rows, n_embd] float32 copy of the last decode's final-normed hidden states, one
+        row per evaluated token (a context made with embeddings=True; 0 rows otherwise)."""
+        ptr = self._live()
+        rows = lib.ckv_get_n_embeddings(ptr)
+        n_embd = self.model.info().n_embd
+        if rows == 0:
+            return np.zeros((0, n_embd), dtype=np.float32)
+        data = np.frombuffer(ffi.buffer(lib.ckv_get_embeddings(ptr, 0), rows * n_embd * 4),
+                             dtype=np.float32)
+        return data.reshape(rows, n_embd).copy()
 
     def timings(self) -> Timings:
         out = ffi.new("struct ckv_timings *")

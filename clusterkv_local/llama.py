@@ -40,9 +40,9 @@ LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # as llama.cpp: "pick a random seed"
 _UNIMPLEMENTED_INIT = {
     "split_mode": 1, "main_gpu": 0, "tensor_split": None, "use_mlock": False,
     "kv_overrides": None, "n_ubatch": 512, "n_threads_batch": None, "rope_scaling_type": -1,
-    "pooling_type": -1, "attention_type": -1, "rope_freq_base": 0.0, "rope_freq_scale": 0.0,
+    "attention_type": -1, "rope_freq_base": 0.0, "rope_freq_scale": 0.0,
     "yarn_ext_factor": -1.0, "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0,
-    "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0, "embedding": False, "offload_kqv": True,
+    "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0, "offload_kqv": True,
     "flash_attn": False, "op_offload": None, "swa_full": None, "no_perf": False,
     "lora_base": None, "lora_scale": 1.0, "lora_path": None, "numa": False,
     "chat_handler": None, "draft_model": None, "tokenizer": None, "spm_infill": False,
@@ -62,6 +62,52 @@ def _warn_sampling(typical_p: float = 1.0, tfs_z: float = 1.0, mirostat_mode: in
                               ("penalize_nl", penalize_nl, True)):
         if value != noop:
             _warn_unimplemented(name, value)
+
+
+# llama.cpp's pooling types (llama-cpp-python: llama_cpp.LLAMA_POOLING_TYPE_*). RANK needs a
+# classifier head, which none of the supported architectures has.
+LLAMA_POOLING_TYPE_UNSPECIFIED = -1
+LLAMA_POOLING_TYPE_NONE = 0
+LLAMA_POOLING_TYPE_MEAN = 1
+LLAMA_POOLING_TYPE_CLS = 2
+LLAMA_POOLING_TYPE_LAST = 3
+_POOLING_NAMES = {"none": LLAMA_POOLING_TYPE_NONE, "mean": LLAMA_POOLING_TYPE_MEAN,
+                  "cls": LLAMA_POOLING_TYPE_CLS, "last": LLAMA_POOLING_TYPE_LAST}
+
+
+def _pooling_type(pooling_type: Any, metadata: Dict[str, str], arch: str) -> int:
+    """The pooling embed() applies: the one asked for, else the GGUF's {arch}.pooling_type,
+    else none (per-token vectors), as llama.cpp resolves LLAMA_POOLING_TYPE_UNSPECIFIED."""
+    if isinstance(pooling_type, str):
+        if pooling_type.lower() not in _POOLING_NAMES:
+            raise ValueError("pooling_type must be one of %s or -1 (the model's), got %r"
+                             % (", ".join(_POOLING_NAMES), pooling_type))
+        return _POOLING_NAMES[pooling_type.lower()]
+    pooling_type = _require_int("pooling_type", pooling_type, -1)
+    if pooling_type == LLAMA_POOLING_TYPE_UNSPECIFIED:
+        text = metadata.get(arch + ".pooling_type", "")
+        pooling_type = int(text) if text.strip().lstrip("-").isdigit() else LLAMA_POOLING_TYPE_NONE
+    if pooling_type not in _POOLING_NAMES.values():
+        raise ValueError("pooling_type %d is not supported (none 0, mean 1, cls 2, last 3)"
+                         % pooling_type)
+    return pooling_type
+
+
+def _pool(rows: np.ndarray, pooling_type: int) -> np.ndarray:
+    """One input's [n_tokens, n_embd] hidden states -> its embedding (rows when none)."""
+    if pooling_type == LLAMA_POOLING_TYPE_MEAN:
+        return rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+    if pooling_type == LLAMA_POOLING_TYPE_CLS:
+        return rows[0]
+    if pooling_type == LLAMA_POOLING_TYPE_LAST:
+        return rows[-1]
+    return rows
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Unit length along the last axis (llama-cpp-python's normalize=True); zero rows stay."""
+    norm = np.linalg.norm(x.astype(np.float64), axis=-1, keepdims=True)
+    return (x / np.where(norm > 0, norm, 1.0)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +442,7 @@ class Llama:
                  kv_budget: Optional[int] = None,
                  kv_policy_params: Optional[Dict[str, Any]] = None,
                  f32_activations: bool = False, n_seq_max: int = 1, kv_offload: bool = False,
+                 embedding: bool = False, pooling_type: Any = LLAMA_POOLING_TYPE_UNSPECIFIED,
                  **kwargs: Any):
         """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
 
@@ -415,6 +462,9 @@ class Llama:
         layers in pinned host memory and on the GPU only the rows recent decode steps selected
         (see kv_memory()), so the context is bounded by host RAM; prefill then copies each
         layer's earlier rows in per chunk, so a long prompt wants a large n_batch (e.g. 4096).
+        `embedding=True` keeps each evaluated token's final-normed hidden state for embed() and
+        create_embedding() (CPU path only); `pooling_type` (-1: the GGUF's, else none; or "none",
+        "mean", "cls", "last") says how embed() pools a text's token vectors.
         `n_gpu_layers=-1` (or >= the layer count) runs the whole model on the GPU in a CUDA
         build (clusterkv_local.system_info() says what the build has); no usable GPU raises
         CudaError, a CPU-only build UnsupportedError.
@@ -447,12 +497,14 @@ class Llama:
                 self._n_ctx = n_ctx or self._info.n_ctx_train
                 self.n_batch, self.n_threads = n_batch, n_threads
             else:
-                for name, flag in (("f32_activations", f32_activations), ("kv_offload", kv_offload)):
+                for name, flag in (("f32_activations", f32_activations), ("kv_offload", kv_offload),
+                                   ("embedding", embedding)):
                     if not isinstance(flag, bool):
                         raise TypeError("%s must be a bool, got %r" % (name, flag))
+                self._pooling = _pooling_type(pooling_type, self.metadata, self._info.arch)
                 self._load_context(n_ctx, n_batch, n_threads, _kv_type(type_k, type_v),
                                    kv_settings, f32_activations,
-                                   _require_int("n_seq_max", n_seq_max, 1), kv_offload)
+                                   _require_int("n_seq_max", n_seq_max, 1), kv_offload, embedding)
             self._chat = None if metadata_only else resolve_chat_format(chat_format,
                                                                          self.metadata)
         except BaseException:
@@ -481,13 +533,15 @@ class Llama:
 
     def _load_context(self, n_ctx: int, n_batch: int, n_threads: int, kv_type: int,
                       kv_settings: Dict[str, Any], f32_activations: bool = False,
-                      n_seq_max: int = 1, kv_offload: bool = False) -> None:
+                      n_seq_max: int = 1, kv_offload: bool = False,
+                      embedding: bool = False) -> None:
         if n_ctx > 0:
             n_batch = min(n_ctx, n_batch)
         self._ctx = _Context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
                              kv_type=kv_type, kv_policy=kv_settings,
                              f32_activations=f32_activations, n_seq_max=n_seq_max,
-                             kv_offload=kv_offload)
+                             kv_offload=kv_offload, embeddings=embedding)
+        self._embedding = embedding
         self._n_ctx = self._ctx.n_ctx()
         self.n_batch = self._ctx.n_batch()
         self.n_threads = self._ctx.n_threads()
@@ -805,6 +859,76 @@ class Llama:
         else:
             for i in range(n):
                 self._scores_buf[n_past + i] = ctx.logits(i)
+
+    # --- embeddings ---
+
+    def pooling_type(self) -> int:
+        """How embed() pools a text's token vectors (LLAMA_POOLING_TYPE_*)."""
+        self._require_ctx()
+        return self._pooling
+
+    def embed(self, input: Union[str, List[str]], normalize: bool = False, truncate: bool = True,
+              return_count: bool = False) -> Any:
+        """Embeddings of a text or a list of texts (needs Llama(embedding=True)).
+
+        Each text is tokenized (with BOS where the model adds it) and evaluated alone from
+        position 0; its vectors are the final-normed hidden states of its tokens, pooled as
+        pooling_type() says: none gives a list of per-token vectors, mean / cls / last one
+        vector. normalize=True scales every vector to unit L2 norm. A text longer than n_ctx
+        is cut to n_ctx tokens when truncate, else raises ValueError (llama-cpp-python cuts to
+        n_batch, as it evaluates each text as one batch). The KV cache is left empty of the
+        generation state (as reset()); return_count=True also returns the tokens evaluated.
+
+        Example:
+            >>> llm = Llama(path, embedding=True, pooling_type="mean", verbose=False)
+            >>> len(llm.embed("hello world"))
+            576
+        """
+        ctx = self._require_ctx()
+        if not self._embedding:
+            raise RuntimeError("Llama model must be created with embedding=True to call embed()")
+        texts = [input] if isinstance(input, str) else input
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("embed() takes a str or a list of str, got %r" % type(input).__name__)
+        results, total = [], 0
+        try:
+            for text in texts:
+                tokens = self.tokenize(text.encode("utf-8"))
+                if len(tokens) > self._n_ctx:
+                    if not truncate:
+                        raise ValueError("Requested tokens (%d) exceed context window of %d"
+                                         % (len(tokens), self._n_ctx))
+                    tokens = tokens[:self._n_ctx]
+                total += len(tokens)
+                if not tokens:
+                    raise ValueError("embed() got a text with no tokens: %r" % text)
+                ctx.truncate(0)
+                ctx.decode(tokens)
+                vectors = _pool(ctx.embeddings(), self._pooling)
+                if normalize:
+                    vectors = _l2_normalize(vectors)
+                results.append(vectors.tolist())
+        finally:
+            ctx.truncate(0)
+            self.reset()
+        output = results[0] if isinstance(input, str) else results
+        return (output, total) if return_count else output
+
+    def create_embedding(self, input: Union[str, List[str]],
+                         model: Optional[str] = None) -> Dict[str, Any]:
+        """embed() in the OpenAI shape: {"object": "list", "data": [{"object": "embedding",
+        "embedding": ..., "index": i}], "model": ..., "usage": {...}} (unnormalised, as
+        llama-cpp-python)."""
+        vectors, n_tokens = self.embed(input, return_count=True)
+        if isinstance(input, str):
+            vectors = [vectors]
+        return {
+            "object": "list",
+            "data": [{"object": "embedding", "embedding": v, "index": i}
+                     for i, v in enumerate(vectors)],
+            "model": model if model is not None else self.model_path,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
 
     # --- sampling ---
 

@@ -36,7 +36,7 @@ extern "C" {
 
 // Bumped whenever a public struct's layout or a function's signature changes: a binding built
 // for one version must not drive a library of another (ckv_api_version says which it is).
-#define CKV_API_VERSION 2
+#define CKV_API_VERSION 3
 
 // ---------------------------------------------------------------------------------------------
 // Status codes and errors
@@ -284,6 +284,9 @@ struct ckv_context_params {
                           // staging for prefill), so the context length is bounded by host RAM.
                           // Needs n_gpu_layers -1 and kv_policy clusterkv, whose n_dense_layers
                           // then stays fixed. Default 0.
+    int32_t  embeddings;  // 1: every decode call also keeps, for each token it evaluates, the
+                          // hidden state after the final norm (the output head's input, llama.cpp's
+                          // result_norm): ckv_get_embeddings. CPU path only. Default 0.
 };
 
 CKV_API void ckv_context_default_params(struct ckv_context_params * out);
@@ -340,6 +343,13 @@ CKV_API int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, co
 // pointer is valid until the next ckv_decode or ckv_context_free.
 CKV_API int32_t       ckv_get_n_outputs(const ckv_context * ctx);
 CKV_API const float * ckv_get_logits(const ckv_context * ctx, int32_t i);
+
+// Rows of embeddings from the last decode call of a context made with params.embeddings = 1:
+// ckv_get_n_embeddings rows of n_embd floats, row i the final-normed hidden state of the i-th
+// token that call evaluated (ckv_decode_batch: of row i). i = -1 is the last row. NULL when out
+// of range (0 rows without params.embeddings). Valid until the next decode or ckv_context_free.
+CKV_API int32_t       ckv_get_n_embeddings(const ckv_context * ctx);
+CKV_API const float * ckv_get_embeddings(const ckv_context * ctx, int32_t i);
 
 struct ckv_timings {
     double  t_prefill_ms;   // time in ckv_decode calls with more than one token

@@ -68,6 +68,9 @@ static int32_t resolve_params(const struct ckv_model * m, const struct ckv_conte
     if (out->kv_offload != 0 && out->kv_offload != 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "kv_offload must be 0 or 1, got %d", out->kv_offload);
     }
+    if (out->embeddings != 0 && out->embeddings != 1) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "embeddings must be 0 or 1, got %d", out->embeddings);
+    }
     if (out->n_seq_max == 0) {
         out->n_seq_max = 1;
     }
@@ -229,6 +232,9 @@ static int32_t init_gpu(struct ckv_context * ctx) {
         st = ckv_fail(CKV_ERR_UNSUPPORTED, "f32_activations runs on the CPU path only "
                       "(use n_gpu_layers=0)");
     }
+    if (st == CKV_OK && ctx->params.embeddings) {
+        st = ckv_fail(CKV_ERR_UNSUPPORTED, "embeddings run on the CPU path only (use n_gpu_layers=0)");
+    }
     if (st == CKV_OK && ctx->params.kv_type != CKV_KV_F16) {
         st = ckv_fail(CKV_ERR_UNSUPPORTED, "kv_type f32 runs on the CPU path only: the GPU keeps "
                       "an f16 KV cache (use kv_type f16, or n_gpu_layers=0)");
@@ -340,7 +346,7 @@ void ckv_context_free(ckv_context * ctx) {
     threadpool_free(ctx->comp.pool);
     float * bufs[] = {ctx->s.x, ctx->s.xb, ctx->s.xb2, ctx->s.q, ctx->s.k, ctx->s.v, ctx->s.att,
                       ctx->s.hb, ctx->s.hb2, ctx->comp.att_scores, ctx->comp.att_partials,
-                      ctx->logits};
+                      ctx->logits, ctx->embd};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
         free(bufs[i]);
     }
@@ -409,7 +415,8 @@ int32_t ckv_context_truncate_seq(ckv_context * ctx, int32_t seq, int32_t n_keep)
     }
     sq->n_past     = n_keep;  // positions >= n_keep are overwritten by the next decode
     sq->last_pos   = -1;      // the last step's lists may name dropped positions
-    ctx->n_outputs = 0;
+    ctx->n_outputs   = 0;
+    ctx->n_embd_rows = 0;
     kv_policy_truncate(&ctx->pol.seqs[seq].policy, n_keep);
     if (ctx->gpu) {
         ckv_cuda_kv_truncate(ctx->gpu, seq, n_keep);
@@ -464,6 +471,26 @@ static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
     return CKV_OK;
 }
 
+// Room for `rows` embedding rows when the context keeps them (params.embeddings), and the
+// row count the decode will leave; embd is NULL otherwise.
+static int32_t reserve_embd(ckv_context * ctx, int64_t rows) {
+    ctx->n_embd_rows = 0;
+    if (!ctx->params.embeddings || rows <= ctx->embd_cap) {
+        return CKV_OK;
+    }
+    float * grown = realloc(ctx->embd, sizeof(float) * (size_t) rows * (size_t) ctx->model->hp.n_embd);
+    if (!grown) {
+        return ckv_fail(CKV_ERR_OOM, "out of memory for %lld rows of embeddings", (long long) rows);
+    }
+    ctx->embd     = grown;
+    ctx->embd_cap = rows;
+    return CKV_OK;
+}
+
+static float * embd_rows(ckv_context * ctx, int64_t first_row) {
+    return ctx->params.embeddings ? ctx->embd + first_row * ctx->model->hp.n_embd : NULL;
+}
+
 // The bookkeeping of a GPU step of sequence seq at pos (a GPU policy counts its own steps;
 // under full they are counted per compressed layer as attend_dense counts them).
 static void gpu_count_step(ckv_context * ctx, int32_t seq, int32_t pos, bool decode_step) {
@@ -504,6 +531,7 @@ int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens,
     struct ckv_seq * sq = &ctx->seqs[seq];
     TRY(check_tokens(ctx, sq, tokens, n_tokens));
     TRY(reserve_logits(ctx, all_logits ? n_tokens : 1));
+    TRY(reserve_embd(ctx, n_tokens));
     double  t0      = now_ms();
     int64_t n_vocab = ctx->model->hp.n_vocab;
     int32_t n_past0 = sq->n_past;
@@ -524,12 +552,13 @@ int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens,
             }
         } else {
             struct fwd_group g = {seq, sq->n_past, n, decode};
-            forward_groups(ctx, tokens + done, &g, 1, first_output, rows);
+            forward_groups(ctx, tokens + done, &g, 1, first_output, rows, embd_rows(ctx, done));
         }
         sq->n_past += n;
         done += n;
     }
-    ctx->n_outputs = all_logits ? n_tokens : 1;
+    ctx->n_outputs   = all_logits ? n_tokens : 1;
+    ctx->n_embd_rows = ctx->params.embeddings ? n_tokens : 0;
     add_timing(ctx, t0, n_tokens, decode);
     if (decode) {
         ctx->pol.seqs[seq].policy.stats.n_steps += 1;
@@ -558,6 +587,7 @@ int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int3
         TRY(check_tokens(ctx, &ctx->seqs[seqs[i]], tokens + i, 1));
     }
     TRY(reserve_logits(ctx, n));
+    TRY(reserve_embd(ctx, n));
     double t0 = now_ms();
     if (ctx->gpu) {
         int32_t pos[MAX_N_SEQ];
@@ -577,18 +607,31 @@ int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int3
         for (int32_t i = 0; i < n; i++) {
             groups[i] = (struct fwd_group) {seqs[i], ctx->seqs[seqs[i]].n_past, 1, true};
         }
-        forward_groups(ctx, tokens, groups, n, 0, ctx->logits);
+        forward_groups(ctx, tokens, groups, n, 0, ctx->logits, embd_rows(ctx, 0));
     }
     for (int32_t i = 0; i < n; i++) {
         ctx->seqs[seqs[i]].n_past += 1;
         ctx->pol.seqs[seqs[i]].policy.stats.n_steps += 1;
     }
-    ctx->n_outputs = n;
+    ctx->n_outputs   = n;
+    ctx->n_embd_rows = ctx->params.embeddings ? n : 0;
     add_timing(ctx, t0, n, true);
     return CKV_OK;
 }
 
 int32_t ckv_get_n_outputs(const ckv_context * ctx) { return ctx->n_outputs; }
+
+int32_t ckv_get_n_embeddings(const ckv_context * ctx) { return ctx->n_embd_rows; }
+
+const float * ckv_get_embeddings(const ckv_context * ctx, int32_t i) {
+    if (i < 0) {
+        i += ctx->n_embd_rows;
+    }
+    if (i < 0 || i >= ctx->n_embd_rows) {
+        return NULL;
+    }
+    return ctx->embd + (size_t) i * (size_t) ctx->model->hp.n_embd;
+}
 
 const float * ckv_get_logits(const ckv_context * ctx, int32_t i) {
     if (i < 0) {

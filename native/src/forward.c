@@ -164,7 +164,7 @@ static void output_head(struct ckv_context * ctx, int64_t first, int64_t n, floa
 }
 
 void forward_groups(struct ckv_context * ctx, const ckv_token * tokens, const struct fwd_group * groups,
-                    int32_t n_groups, int64_t first_output, float * logits) {
+                    int32_t n_groups, int64_t first_output, float * logits, float * embd) {
     int64_t n = 0;
     for (int32_t i = 0; i < n_groups; i++) {
         n += groups[i].n;
@@ -176,6 +176,10 @@ void forward_groups(struct ckv_context * ctx, const ckv_token * tokens, const st
     }
     for (int32_t i = 0; i < n_groups; i++) {
         ctx->seqs[groups[i].seq].last_pos = groups[i].pos0 + groups[i].n - 1;
+    }
+    if (embd) {
+        const struct hparams * hp = &ctx->model->hp;
+        ops_rmsnorm(embd, ctx->s.x, ctx->model->output_norm.data, n, hp->n_embd, hp->rms_eps);
     }
     if (first_output < n) {
         output_head(ctx, first_output, n, logits);

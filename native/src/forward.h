@@ -59,6 +59,9 @@ struct ckv_context {
     float *                   logits;     // [logits_cap][n_vocab]
     int64_t                   logits_cap; // rows allocated
     int32_t                   n_outputs;  // rows valid after the last decode
+    float *                   embd;       // [embd_cap][n_embd] params.embeddings only
+    int64_t                   embd_cap;   // rows allocated
+    int32_t                   n_embd_rows;  // rows valid after the last decode
     struct ckv_timings        timings;
     // GPU (the model has a device copy; one sequence): the device holds the KV cache and
     // activations; seqs[0].kv then only describes the cache's shape, and s / comp hold nothing
@@ -77,9 +80,10 @@ struct fwd_group {
 
 // Runs the tokens of the groups (concatenated in group order, at most n_batch rows in all)
 // through every layer, appending each group to its sequence's KV cache, and writes logits rows
-// for rows [first_output, rows) to logits. The matmuls take all rows at once; RoPE, the cache
-// and attention go group by group.
+// for rows [first_output, rows) to logits and, when embd is not NULL, every row's final-normed
+// hidden state to embd. The matmuls take all rows at once; RoPE, the cache and attention go
+// group by group.
 void forward_groups(struct ckv_context * ctx, const ckv_token * tokens, const struct fwd_group * groups,
-                    int32_t n_groups, int64_t first_output, float * logits);
+                    int32_t n_groups, int64_t first_output, float * logits, float * embd);
 
 #endif  // CKV_FORWARD_H

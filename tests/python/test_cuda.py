@@ -265,7 +265,7 @@ def test_chunked_prefill_matches_one_chunk(gpu_model_path):
     assert _kl_rows(rows[0][None], rows[1][None])[0] <= 1e-3
 
 
-def test_gpu_refuses_h2o_and_partial_offload(gpu_model_path):
+def test_gpu_refuses_h2o_partial_offload_and_embeddings(gpu_model_path):
     from clusterkv_local import Llama, UnsupportedError
 
     with pytest.raises(UnsupportedError, match="kv_policy h2o runs on the CPU path only"):
@@ -274,6 +274,8 @@ def test_gpu_refuses_h2o_and_partial_offload(gpu_model_path):
         Llama(gpu_model_path, n_gpu_layers=3, n_ctx=256, verbose=False)
     with pytest.raises(UnsupportedError, match="f32_activations runs on the CPU path only"):
         Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, f32_activations=True, verbose=False)
+    with pytest.raises(UnsupportedError, match="embeddings run on the CPU path only"):
+        Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, embedding=True, verbose=False)
     # switching an existing GPU context to h2o is refused the same way
     from clusterkv_local._ffi import ffi, lib
     from clusterkv_local._internals import last_error
