@@ -458,35 +458,35 @@ static int32_t check_tokens(const ckv_context * ctx, const struct ckv_seq * sq, 
     return check_token_ids(ctx, tokens, n);
 }
 
-static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
-    if (rows <= ctx->logits_cap) {
+// Grows *buf to hold `rows` rows of `width` floats (never shrinks: decoding reuses it).
+static int32_t reserve_rows(float ** buf, int64_t * cap, int64_t rows, int64_t width, const char * what) {
+    if (rows <= *cap) {
         return CKV_OK;
     }
-    float * grown = realloc(ctx->logits, sizeof(float) * (size_t) rows * (size_t) ctx->model->hp.n_vocab);
+    float * grown = realloc(*buf, sizeof(float) * (size_t) rows * (size_t) width);
     if (!grown) {
-        return ckv_fail(CKV_ERR_OOM, "out of memory for %lld rows of logits", (long long) rows);
+        return ckv_fail(CKV_ERR_OOM, "out of memory for %lld rows of %s", (long long) rows, what);
     }
-    ctx->logits     = grown;
-    ctx->logits_cap = rows;
+    *buf = grown;
+    *cap = rows;
     return CKV_OK;
 }
 
-// Room for `rows` embedding rows when the context keeps them (params.embeddings), and the
-// row count the decode will leave; embd is NULL otherwise.
+static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
+    return reserve_rows(&ctx->logits, &ctx->logits_cap, rows, ctx->model->hp.n_vocab, "logits");
+}
+
+// Room for the embedding rows of a decode of `rows` tokens (params.embeddings only). The rows
+// of the previous decode are invalid from here on.
 static int32_t reserve_embd(ckv_context * ctx, int64_t rows) {
     ctx->n_embd_rows = 0;
-    if (!ctx->params.embeddings || rows <= ctx->embd_cap) {
+    if (!ctx->params.embeddings) {
         return CKV_OK;
     }
-    float * grown = realloc(ctx->embd, sizeof(float) * (size_t) rows * (size_t) ctx->model->hp.n_embd);
-    if (!grown) {
-        return ckv_fail(CKV_ERR_OOM, "out of memory for %lld rows of embeddings", (long long) rows);
-    }
-    ctx->embd     = grown;
-    ctx->embd_cap = rows;
-    return CKV_OK;
+    return reserve_rows(&ctx->embd, &ctx->embd_cap, rows, ctx->model->hp.n_embd, "embeddings");
 }
 
+// Where forward_groups writes the embeddings of the chunk starting at first_row (NULL: none).
 static float * embd_rows(ckv_context * ctx, int64_t first_row) {
     return ctx->params.embeddings ? ctx->embd + first_row * ctx->model->hp.n_embd : NULL;
 }
