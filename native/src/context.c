@@ -623,24 +623,23 @@ int32_t ckv_get_n_outputs(const ckv_context * ctx) { return ctx->n_outputs; }
 
 int32_t ckv_get_n_embeddings(const ckv_context * ctx) { return ctx->n_embd_rows; }
 
-const float * ckv_get_embeddings(const ckv_context * ctx, int32_t i) {
+// Row i (i < 0 counts from the end) of n_rows rows of `width` floats at base; NULL out of range.
+static const float * row_at(const float * base, int32_t n_rows, int64_t width, int32_t i) {
     if (i < 0) {
-        i += ctx->n_embd_rows;
+        i += n_rows;
     }
-    if (i < 0 || i >= ctx->n_embd_rows) {
+    if (i < 0 || i >= n_rows) {
         return NULL;
     }
-    return ctx->embd + (size_t) i * (size_t) ctx->model->hp.n_embd;
+    return base + (size_t) i * (size_t) width;
+}
+
+const float * ckv_get_embeddings(const ckv_context * ctx, int32_t i) {
+    return row_at(ctx->embd, ctx->n_embd_rows, ctx->model->hp.n_embd, i);
 }
 
 const float * ckv_get_logits(const ckv_context * ctx, int32_t i) {
-    if (i < 0) {
-        i += ctx->n_outputs;
-    }
-    if (i < 0 || i >= ctx->n_outputs) {
-        return NULL;
-    }
-    return ctx->logits + (size_t) i * (size_t) ctx->model->hp.n_vocab;
+    return row_at(ctx->logits, ctx->n_outputs, ctx->model->hp.n_vocab, i);
 }
 
 void ckv_context_get_timings(const ckv_context * ctx, struct ckv_timings * out) { *out = ctx->timings; }
