@@ -12,8 +12,12 @@ Exit status 1 when anything crashed.
     cmake --build /tmp/basan -j
     python tools/fuzz_gguf.py --build /tmp/basan --seconds 300 --seed 1
 
-2026-12-07: ~50k mutants; one finding (a block_count of 67 million made the loader allocate its
-layer table, 43 GB, before checking the tensors), fixed in 5e4d80d.
+With --from MODEL.gguf the seed is that model shrunk to one tiny layer with its own metadata and
+tokenizer (e.g. the Gemma-3 SPM or the Qwen2.5 BPE file from the model cache).
+
+2026-12-07: ~50k mutants of the tiny llama model; one finding (a block_count of 67 million made the
+loader allocate its layer table, 43 GB, before checking the tensors), fixed in 5e4d80d. Then 5576
+mutants of the shrunk Gemma-3 (6.5 MB header), 0 crashes.
 """
 import argparse
 import importlib.util
@@ -26,6 +30,7 @@ import tempfile
 import time
 
 import gguf
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = [0, 1, 2 ** 31 - 1, 2 ** 32 - 1, 2 ** 63 - 1, 2 ** 64 - 1]   # lengths, counts, offsets
@@ -38,6 +43,50 @@ def write_tiny_model(path: str) -> bytes:
     writer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(writer)
     writer.write_gguf(path, "q4_0", 0, writer.TINY_SHAPES)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def shrink_model(real: str, path: str) -> bytes:
+    """A one-layer copy of the GGUF `real` with tiny widths and random weights, keeping every
+    metadata key and its tokenizer (so the SPM and Qwen2 loaders are fuzzed too); written to
+    path, returns its bytes. Widths map by value: n_embd and n_head x head_dim -> 64,
+    n_head_kv x head_dim and head_dim -> 32, n_ff -> 64 (2 heads of 32, 1 KV head)."""
+    r = gguf.GGUFReader(real)
+    arch = str(r.fields["general.architecture"].contents())
+    hp = {k[len(arch) + 1:]: r.fields[k].contents() for k in r.fields if k.startswith(arch + ".")}
+    n_embd, n_head, n_kv = hp["embedding_length"], hp["attention.head_count"], hp["attention.head_count_kv"]
+    head_dim = hp.get("attention.key_length", n_embd // n_head)
+    width = {n_embd: 64, n_head * head_dim: 64, n_kv * head_dim: 32, head_dim: 32, hp["feed_forward_length"]: 64}
+    tiny = {"block_count": 1, "embedding_length": 64, "feed_forward_length": 64, "attention.head_count": 2,
+            "attention.head_count_kv": 1, "attention.key_length": 32, "attention.value_length": 32,
+            "context_length": 256}
+    w = gguf.GGUFWriter(path, arch)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        name = key[len(arch) + 1:] if key.startswith(arch + ".") else None
+        if name in tiny and (name in hp):
+            w.add_key_value(key, tiny[name], field.types[0])
+        elif field.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, field.contents(), field.types[0])
+    rng = np.random.default_rng(0)
+    for t in r.tensors:
+        if t.name.startswith("blk.") and not t.name.startswith("blk.0."):
+            continue
+        shape = [width.get(int(d), int(d)) for d in t.shape]   # ne order: [cols, rows]
+        data = (rng.standard_normal(list(reversed(shape))) * 0.05).astype(np.float32)
+        if len(shape) == 2 and shape[0] % 32 == 0:
+            w.add_tensor(t.name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with open(path, "rb") as f:
         return f.read()
 
@@ -80,11 +129,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="where crashing inputs go (default: a temp folder)")
+    ap.add_argument("--from", dest="real", default=None,
+                    help="shrink this GGUF (e.g. the Gemma-3 or Qwen2.5 file) to one tiny layer, keeping "
+                         "its metadata and tokenizer, and fuzz that instead of the tiny llama model")
     args = ap.parse_args(argv)
     out = args.out or tempfile.mkdtemp(prefix="ckv-fuzz-")
     os.makedirs(out, exist_ok=True)
     seed_path = os.path.join(out, "seed.gguf")
-    raw = write_tiny_model(seed_path)
+    raw = shrink_model(args.real, seed_path) if args.real else write_tiny_model(seed_path)
     header = gguf.GGUFReader(seed_path).data_offset   # metadata and tensor infos: what the loader parses
     exe = build_target(args.build, out)
     env = dict(os.environ, UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
