@@ -91,11 +91,41 @@ def shrink_model(real: str, path: str) -> bytes:
         return f.read()
 
 
-def mutate(raw: bytes, header: int, rng: random.Random) -> bytes:
+def structure_words(path: str) -> list:
+    """Three lists of (offset, size) in the header: each key's length and value type and each
+    array's element type and count; each string's length inside arrays; every tensor info, as
+    8-byte windows. mutate() picks a list first, so the few hundred key fields are hit as often
+    as the hundreds of thousands of token lengths (a uniform pick in megabytes of token text
+    would seldom hit either)."""
+    r = gguf.GGUFReader(path)
+    base = r.data.__array_interface__["data"][0]
+    at = lambda p: (p.__array_interface__["data"][0] - base, p.nbytes)  # noqa: E731
+    keys, strings, tensors = [], [], []
+    for field in r.fields.values():
+        parts = field.parts
+        if field.name.startswith("GGUF.") or not parts:
+            continue
+        is_array = field.types[0] == gguf.GGUFValueType.ARRAY
+        keys += [at(parts[i]) for i in ([0, 2, 3, 4] if is_array else [0, 2])]
+        if field.types[:2] == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+            strings += [at(parts[i]) for i in range(5, len(parts), 2)]
+    for t in r.tensors:
+        first = at(t.field.parts[0])[0]
+        last = sum(at(t.field.parts[-1]))
+        tensors += [(o, 8) for o in range(first, last - 7, 4)]
+    return [w for w in (keys, strings, tensors) if w]
+
+
+def mutate(raw: bytes, header: int, rng: random.Random, words: list = ()) -> bytes:
     if rng.random() < 0.1:
         return raw[:rng.randrange(0, header + 64)]
     data = bytearray(raw)
     for _ in range(rng.choice([1, 1, 2, 4, 8])):
+        if words and rng.random() < 0.5:   # a length, type or count field
+            off, size = rng.choice(rng.choice(words))
+            value = rng.choice(WORDS + [rng.randrange(2 ** 16), int.from_bytes(data[off:off + size], "little") ^ (1 << rng.randrange(8 * size))])
+            data[off:off + size] = (value % (1 << (8 * size))).to_bytes(size, "little")
+            continue
         i, r = rng.randrange(0, header), rng.random()
         if r < 0.3:
             data[i] ^= 1 << rng.randrange(8)
@@ -138,13 +168,14 @@ def main(argv=None) -> int:
     seed_path = os.path.join(out, "seed.gguf")
     raw = shrink_model(args.real, seed_path) if args.real else write_tiny_model(seed_path)
     header = gguf.GGUFReader(seed_path).data_offset   # metadata and tensor infos: what the loader parses
+    words = structure_words(seed_path)
     exe = build_target(args.build, out)
     env = dict(os.environ, UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     rng, case = random.Random(args.seed), os.path.join(out, "case.gguf")
     t0, n, crashes, outcomes = time.time(), 0, 0, {}
     while time.time() - t0 < args.seconds:
         with open(case, "wb") as f:
-            f.write(mutate(raw, header, rng))
+            f.write(mutate(raw, header, rng, words))
         r = subprocess.run([exe, case], capture_output=True, text=True, errors="replace", env=env, timeout=120)
         n += 1
         step = r.stdout.split(":")[0] or "?"
