@@ -17,7 +17,8 @@ tokenizer (e.g. the Gemma-3 SPM or the Qwen2.5 BPE file from the model cache).
 
 2026-12-07: ~50k mutants of the tiny llama model; one finding (a block_count of 67 million made the
 loader allocate its layer table, 43 GB, before checking the tensors), fixed in 5e4d80d. Then 5576
-mutants of the shrunk Gemma-3 (6.5 MB header) and 3549 of the shrunk Qwen2.5 (5.9 MB), 0 crashes.
+mutants of the shrunk Gemma-3 (6.5 MB header) and 3549 of the shrunk Qwen2.5 (5.9 MB); with half the
+mutations on structure words, 3283 (Gemma-3), 3218 (Qwen2.5) and 13301 (tiny llama): 0 crashes.
 """
 import argparse
 import importlib.util
