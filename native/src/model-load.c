@@ -168,6 +168,7 @@ static int32_t bind(struct ckv_model * m, const char * name, int64_t ne0, int64_
         return ckv_fail(CKV_ERR_UNSUPPORTED, "vector '%s' must be f32, not %s", name,
                         ggml_type_name(t->type));
     }
+    m->bound[t - m->file->tensors] = true;
     w->data     = t->data;
     w->type     = t->type;
     w->ne[0]    = t->ne[0];
@@ -228,8 +229,27 @@ static int32_t bind_globals(struct ckv_model * m) {
     return CKV_OK;
 }
 
-int32_t model_load_arch(struct ckv_model * model) {
-    TRY(load_hparams(model));
+// A tensor no weight uses would be silently ignored: a variant of the architecture (extra
+// biases, norms, experts) this build does not implement. Refused, as llama.cpp refuses a file
+// whose tensor count differs from what it created.
+static int32_t check_all_bound(const struct ckv_model * m) {
+    for (uint64_t i = 0; i < m->file->n_tensors; i++) {
+        int layer;
+        if (!m->bound[i] && sscanf(m->file->tensors[i].name, "blk.%d.", &layer) == 1 &&
+            layer >= m->hp.n_layer) {
+            return ckv_fail(CKV_ERR_FORMAT, "tensor '%s' is for layer %d but block_count is %d",
+                            m->file->tensors[i].name, layer, m->hp.n_layer);
+        }
+        if (!m->bound[i]) {
+            return ckv_fail(CKV_ERR_UNSUPPORTED, "tensor '%s' is not used by this build's %s "
+                            "architecture (a variant it does not implement?): refusing to run "
+                            "without it", m->file->tensors[i].name, m->arch_name);
+        }
+    }
+    return CKV_OK;
+}
+
+static int32_t bind_all(struct ckv_model * model) {
     TRY(bind_globals(model));
     // Every layer has several tensors of its own: a block_count past the tensor count is wrong,
     // and refusing it here saves allocating its layer table (up to INT32_MAX entries).
@@ -244,5 +264,18 @@ int32_t model_load_arch(struct ckv_model * model) {
     for (int il = 0; il < model->hp.n_layer; il++) {
         TRY(bind_layer(model, il));
     }
-    return CKV_OK;
+    return check_all_bound(model);
+}
+
+int32_t model_load_arch(struct ckv_model * model) {
+    TRY(load_hparams(model));
+    model->bound = calloc(model->file->n_tensors ? model->file->n_tensors : 1, sizeof(bool));
+    if (!model->bound) {
+        return ckv_fail(CKV_ERR_OOM, "out of memory for %llu tensor flags",
+                        (unsigned long long) model->file->n_tensors);
+    }
+    int32_t status = bind_all(model);
+    free(model->bound);
+    model->bound = NULL;
+    return status;
 }

@@ -73,6 +73,7 @@ struct ckv_model {
     struct weight          output;      // token_embd when tied
     const float *          rope_freqs;  // optional [n_rot/2] frequency divisors (Llama 3.1)
     struct layer_weights * layers;      // [n_layer]
+    bool *                 bound;       // [file->n_tensors] while loading: tensors a weight uses
     struct cuda_model *    gpu;         // device copy of every weight (n_gpu_layers != 0), else
                                         // NULL; contexts of the model then run on the GPU
 };

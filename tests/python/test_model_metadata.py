@@ -19,16 +19,20 @@ from clusterkv_local import Llama, ModelFormatError, UnsupportedError  # noqa: E
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> bytes:
+def tiny_model(path: str, **shapes) -> bytes:
+    """Writes the tiny model (bench/make_synthetic_gguf.py's TINY_SHAPES, overridden by shapes)."""
     spec = importlib.util.spec_from_file_location("make_synthetic_gguf",
                                                   os.path.join(ROOT, "bench", "make_synthetic_gguf.py"))
     writer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(writer)
-    path = str(tmp_path_factory.mktemp("tiny") / "tiny.gguf")
-    writer.write_gguf(path, "q4_0", 0, writer.TINY_SHAPES)
+    writer.write_gguf(path, "q4_0", 0, dict(writer.TINY_SHAPES, **shapes))
     with open(path, "rb") as f:
         return f.read()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> bytes:
+    return tiny_model(str(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
 
 
 def patched(raw: bytes, key: str, fmt: str, value) -> bytes:
@@ -74,6 +78,7 @@ NAN, INF = float("nan"), float("inf")
     ("llama.rope.freq_base", F32, INF, "must be finite and > 0"),
     ("llama.block_count", U32, 0, "bad shape"),
     ("llama.block_count", U32, 3, "'blk.2.attn_norm.weight' is missing"),
+    ("llama.block_count", U32, 1, "'blk.1.attn_norm.weight' is for layer 1 but block_count is 1"),
     ("llama.block_count", U32, 0xFFFFFFFF, "out of range"),
     ("llama.block_count", U32, 0x7FFFFFFF, "more than the file's"),   # no 2^31-entry layer table
     ("llama.embedding_length", U32, 0, "bad shape"),
@@ -98,7 +103,6 @@ def test_bad_hyperparameter_is_refused(tiny_gguf, tmp_path, key, fmt, value, say
 
 
 @pytest.mark.parametrize("key, fmt, value", [
-    ("llama.block_count", U32, 1),              # a one-layer model, no KV policy asked for
     ("llama.context_length", U32, 0),           # n_ctx comes from the caller
     ("llama.rope.dimension_count", U32, 32),    # partial rotary
     ("llama.attention.layer_norm_rms_epsilon", F32, 0.0),
@@ -107,6 +111,12 @@ def test_bad_hyperparameter_is_refused(tiny_gguf, tmp_path, key, fmt, value, say
 ])
 def test_odd_but_harmless_values_load(tiny_gguf, tmp_path, key, fmt, value):
     lp = greedy_logprobs(write(tmp_path, patched(tiny_gguf, key, fmt, value)))
+    assert len(lp) == 3 and all(math.isfinite(v) for v in lp)
+
+
+def test_a_one_layer_model_loads(tmp_path):
+    # no KV policy asked for: the full policy does not need the two dense layers
+    lp = greedy_logprobs(write(tmp_path, tiny_model(str(tmp_path / "one.gguf"), n_layer=1)))
     assert len(lp) == 3 and all(math.isfinite(v) for v in lp)
 
 
@@ -124,4 +134,14 @@ def test_unsupported_weight_type_is_named(tiny_gguf, tmp_path):
     at += 4 + 8 * struct.unpack_from("<I", tiny_gguf, at)[0]
     data = tiny_gguf[:at] + struct.pack("<I", 16) + tiny_gguf[at + 4:]   # 16 = IQ2_XXS
     with pytest.raises(UnsupportedError, match="iq2_xxs"):
+        Llama(write(tmp_path, data), n_ctx=64, verbose=False)
+
+
+def test_a_tensor_no_weight_uses_is_refused(tiny_gguf, tmp_path):
+    # output.weight renamed (same length): the model would run tied and silently ignore it, as it
+    # would ignore a variant's extra biases or norms; llama.cpp refuses such a file too
+    name = struct.pack("<Q", 13) + b"output.weight"
+    data = tiny_gguf.replace(name, struct.pack("<Q", 13) + b"output.extra1", 1)
+    with pytest.raises(UnsupportedError, match="tensor 'output.extra1' is not used by this build's "
+                                               "llama architecture"):
         Llama(write(tmp_path, data), n_ctx=64, verbose=False)
