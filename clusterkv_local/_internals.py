@@ -457,6 +457,7 @@ class _Context(_Handle):
         self.ptr = out[0]
         self.model = model  # a context must not outlive its model
         self.n_vocab = model.n_vocab()
+        self.n_embd = model.info().n_embd
 
     def _free(self, ptr) -> None:
         lib.ckv_context_free(ptr)
@@ -540,12 +541,11 @@ class _Context(_Handle):
         row per evaluated token (a context made with embeddings=True; 0 rows otherwise)."""
         ptr = self._live()
         rows = lib.ckv_get_n_embeddings(ptr)
-        n_embd = self.model.info().n_embd
         if rows == 0:
-            return np.zeros((0, n_embd), dtype=np.float32)
-        data = np.frombuffer(ffi.buffer(lib.ckv_get_embeddings(ptr, 0), rows * n_embd * 4),
+            return np.zeros((0, self.n_embd), dtype=np.float32)
+        data = np.frombuffer(ffi.buffer(lib.ckv_get_embeddings(ptr, 0), rows * self.n_embd * 4),
                              dtype=np.float32)
-        return data.reshape(rows, n_embd).copy()
+        return data.reshape(rows, self.n_embd).copy()
 
     def timings(self) -> Timings:
         out = ffi.new("struct ckv_timings *")

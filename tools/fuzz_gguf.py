@@ -67,7 +67,7 @@ def shrink_model(real: str, path: str) -> bytes:
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         name = key[len(arch) + 1:] if key.startswith(arch + ".") else None
-        if name in tiny and (name in hp):
+        if name in tiny:
             w.add_key_value(key, tiny[name], field.types[0])
         elif field.types[0] == gguf.GGUFValueType.ARRAY:
             w.add_key_value(key, field.contents(), field.types[0], sub_type=field.types[-1])
@@ -92,13 +92,12 @@ def shrink_model(real: str, path: str) -> bytes:
         return f.read()
 
 
-def structure_words(path: str) -> list:
+def structure_words(r: gguf.GGUFReader) -> list:
     """Three lists of (offset, size) in the header: each key's length and value type and each
     array's element type and count; each string's length inside arrays; every tensor info, as
     8-byte windows. mutate() picks a list first, so the few hundred key fields are hit as often
     as the hundreds of thousands of token lengths (a uniform pick in megabytes of token text
     would seldom hit either)."""
-    r = gguf.GGUFReader(path)
     base = r.data.__array_interface__["data"][0]
     at = lambda p: (p.__array_interface__["data"][0] - base, p.nbytes)  # noqa: E731
     keys, strings, tensors = [], [], []
@@ -124,7 +123,8 @@ def mutate(raw: bytes, header: int, rng: random.Random, words: list = ()) -> byt
     for _ in range(rng.choice([1, 1, 2, 4, 8])):
         if words and rng.random() < 0.5:   # a length, type or count field
             off, size = rng.choice(rng.choice(words))
-            value = rng.choice(WORDS + [rng.randrange(2 ** 16), int.from_bytes(data[off:off + size], "little") ^ (1 << rng.randrange(8 * size))])
+            flipped = int.from_bytes(data[off:off + size], "little") ^ (1 << rng.randrange(8 * size))
+            value = rng.choice(WORDS + [rng.randrange(2 ** 16), flipped])
             data[off:off + size] = (value % (1 << (8 * size))).to_bytes(size, "little")
             continue
         i, r = rng.randrange(0, header), rng.random()
@@ -168,8 +168,9 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     seed_path = os.path.join(out, "seed.gguf")
     raw = shrink_model(args.real, seed_path) if args.real else write_tiny_model(seed_path)
-    header = gguf.GGUFReader(seed_path).data_offset   # metadata and tensor infos: what the loader parses
-    words = structure_words(seed_path)
+    reader = gguf.GGUFReader(seed_path)
+    header = reader.data_offset   # metadata and tensor infos: what the loader parses
+    words = structure_words(reader)
     exe = build_target(args.build, out)
     env = dict(os.environ, UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
     rng, case = random.Random(args.seed), os.path.join(out, "case.gguf")

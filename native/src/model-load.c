@@ -234,17 +234,18 @@ static int32_t bind_globals(struct ckv_model * m) {
 // whose tensor count differs from what it created.
 static int32_t check_all_bound(const struct ckv_model * m) {
     for (uint64_t i = 0; i < m->file->n_tensors; i++) {
-        int layer;
-        if (!m->bound[i] && sscanf(m->file->tensors[i].name, "blk.%d.", &layer) == 1 &&
-            layer >= m->hp.n_layer) {
+        if (m->bound[i]) {
+            continue;
+        }
+        const char * name = m->file->tensors[i].name;
+        int          layer;
+        if (sscanf(name, "blk.%d.", &layer) == 1 && layer >= m->hp.n_layer) {
             return ckv_fail(CKV_ERR_FORMAT, "tensor '%s' is for layer %d but block_count is %d",
-                            m->file->tensors[i].name, layer, m->hp.n_layer);
+                            name, layer, m->hp.n_layer);
         }
-        if (!m->bound[i]) {
-            return ckv_fail(CKV_ERR_UNSUPPORTED, "tensor '%s' is not used by this build's %s "
-                            "architecture (a variant it does not implement?): refusing to run "
-                            "without it", m->file->tensors[i].name, m->arch_name);
-        }
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "tensor '%s' is not used by this build's %s "
+                        "architecture (a variant it does not implement?): refusing to run "
+                        "without it", name, m->arch_name);
     }
     return CKV_OK;
 }
