@@ -3,7 +3,7 @@
 Do not edit: run `python tools/gen_cdef.py`."""
 
 CDEF = r"""
-#define CKV_API_VERSION 3
+#define CKV_API_VERSION 4
 enum ckv_status {
     CKV_OK = 0,
     CKV_ERR_INVALID_ARG = -1,
@@ -33,6 +33,7 @@ typedef int32_t ckv_token;
 typedef struct ckv_model ckv_model;
 typedef struct ckv_context ckv_context;
 typedef struct ckv_sampler ckv_sampler;
+typedef struct ckv_grammar ckv_grammar;
 struct ckv_model_params {
     int32_t n_gpu_layers;
     bool use_mmap;
@@ -218,4 +219,15 @@ int32_t ckv_sampler_sample(ckv_sampler * sampler, const float * logits, int32_t 
                                    ckv_token * out);
 void ckv_sampler_accept(ckv_sampler * sampler, ckv_token token);
 void ckv_sampler_reset(ckv_sampler * sampler, uint64_t seed);
+int32_t ckv_grammar_init(const ckv_model * model, const char * gbnf, const char * root,
+                                 ckv_grammar ** out);
+void ckv_grammar_free(ckv_grammar * grammar);
+int32_t ckv_grammar_reset(ckv_grammar * grammar);
+int32_t ckv_grammar_apply(ckv_grammar * grammar, float * logits, int32_t n_vocab,
+                                  int32_t * n_allowed);
+int32_t ckv_grammar_allows(ckv_grammar * grammar, ckv_token token, bool * allowed);
+int32_t ckv_grammar_accept_token(ckv_grammar * grammar, ckv_token token);
+int32_t ckv_grammar_accept_text(ckv_grammar * grammar, const char * text, int32_t len,
+                                        bool * accepted);
+bool ckv_grammar_is_complete(const ckv_grammar * grammar);
 """

@@ -1,4 +1,4 @@
-"""Python owners of the three native handles (model, context, sampler) and the error mapping.
+"""Python owners of the native handles (model, context, sampler, grammar) and the error mapping.
 
 Data flow: llama.py -> here -> _ffi.py (cffi, ABI mode) -> libclusterkv. Each class owns one
 pointer, frees it in an idempotent close() and works as a context manager. Every native status
@@ -643,6 +643,50 @@ class _Sampler(_Handle):
     def reset(self, seed: int) -> None:
         lib.ckv_sampler_reset(self._live(), seed & 0xFFFFFFFFFFFFFFFF)
 
+
+
+class _Grammar(_Handle):
+    """Owns a ckv_grammar: a compiled GBNF grammar and where the generated text stands in it.
+    Without a model it works on text only (accept_text, is_complete)."""
+
+    _kind = "grammar"
+
+    def __init__(self, model: Optional["_Model"], text: str, root: str = "root"):
+        out = ffi.new("ckv_grammar **")
+        _check(lib.ckv_grammar_init(model._live() if model is not None else ffi.NULL,
+                                    text.encode("utf-8"), root.encode("utf-8"), out))
+        self.ptr = out[0]
+        self.model = model
+        self.key = (text, root)
+
+    def _free(self, ptr) -> None:
+        lib.ckv_grammar_free(ptr)
+
+    def reset(self) -> None:
+        _check(lib.ckv_grammar_reset(self._live()))
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """Returns a float32 copy of the row with every forbidden logit at -inf."""
+        row = np.array(logits, dtype=np.float32)
+        _check(lib.ckv_grammar_apply(self._live(), ffi.from_buffer("float[]", row), row.shape[0],
+                                     ffi.NULL))
+        return row
+
+    def allows(self, token: int) -> bool:
+        out = ffi.new("bool *")
+        _check(lib.ckv_grammar_allows(self._live(), int(token), out))
+        return bool(out[0])
+
+    def accept_token(self, token: int) -> None:
+        _check(lib.ckv_grammar_accept_token(self._live(), int(token)))
+
+    def accept_text(self, data: bytes) -> bool:
+        out = ffi.new("bool *")
+        _check(lib.ckv_grammar_accept_text(self._live(), data, len(data), out))
+        return bool(out[0])
+
+    def is_complete(self) -> bool:
+        return bool(lib.ckv_grammar_is_complete(self._live()))
 
 def logits_to_logprobs(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     """log-softmax in float32, stable for large logits."""

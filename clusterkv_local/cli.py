@@ -48,7 +48,23 @@ def _load(args: argparse.Namespace, **kwargs: Any):
 
 def _sampling(args: argparse.Namespace) -> Dict[str, Any]:
     return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                repeat_penalty=args.repeat_penalty)
+                repeat_penalty=args.repeat_penalty, grammar=_grammar(args))
+
+
+def _grammar(args: argparse.Namespace):
+    """--grammar, --grammar-file or --json-schema (llama.cpp's flags) as a LlamaGrammar."""
+    from .grammar import LlamaGrammar
+
+    given = [a for a in ("grammar", "grammar_file", "json_schema") if getattr(args, a)]
+    if len(given) > 1:
+        raise ValueError("give only one of --grammar, --grammar-file and --json-schema")
+    if args.grammar:
+        return LlamaGrammar.from_string(args.grammar)
+    if args.grammar_file:
+        return LlamaGrammar.from_file(args.grammar_file)
+    if args.json_schema:
+        return LlamaGrammar.from_json_schema(args.json_schema)
+    return None
 
 
 def _print_speed(llm, elapsed: float) -> None:
@@ -299,6 +315,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-p", type=float, default=0.05)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=-1, help="-1: random")
+    p.add_argument("--grammar", default=None, metavar="GBNF",
+                   help="constrain the output to a GBNF grammar (llama.cpp's format)")
+    p.add_argument("--grammar-file", default=None, metavar="FILE", help="the grammar from a file")
+    p.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
+                   help="constrain the output to JSON valid under this JSON Schema (its text)")
     p.add_argument("--verbose", action="store_true", help="print the load summary")
 
 

@@ -27,9 +27,11 @@ import numpy as np
 from . import models as _models
 from ._ffi import ffi
 from ._internals import (KV_POLICIES, KV_POLICY_FIELDS, KV_TYPES, ModelInfo, SamplerParams,
-                         TensorInfo, _Context, _Model, _Sampler, logits_to_logprobs, system_info,
+                         TensorInfo, _Context, _Grammar, _Model, _Sampler, logits_to_logprobs, system_info,
                          token_array)
 from .chat import ChatFormatter, resolve_chat_format
+from .grammar import LlamaGrammar, as_grammar
+from .json_schema import JSON_GBNF
 
 __version__ = "0.1.0"
 
@@ -56,9 +58,9 @@ def _warn_unimplemented(name: str, value: Any) -> None:
 
 
 def _warn_sampling(typical_p: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
-                   grammar: Any = None, penalize_nl: bool = True) -> None:
+                   penalize_nl: bool = True) -> None:
     for name, value, noop in (("typical_p", typical_p, 1.0), ("tfs_z", tfs_z, 1.0),
-                              ("mirostat_mode", mirostat_mode, 0), ("grammar", grammar, None),
+                              ("mirostat_mode", mirostat_mode, 0),
                               ("penalize_nl", penalize_nl, True)):
         if value != noop:
             _warn_unimplemented(name, value)
@@ -477,6 +479,7 @@ class Llama:
         self._model: Optional[_Model] = None
         self._ctx: Optional[_Context] = None
         self._sampler: Optional[_Sampler] = None
+        self._grammar_state: Optional[_Grammar] = None  # native state of the last grammar used
         self._closed = False
         self._check_kwargs(kwargs)
         n_ctx, n_batch, n_threads = _context_settings(n_ctx, n_batch, n_threads)
@@ -611,7 +614,7 @@ class Llama:
 
     def close(self) -> None:
         """Frees the sampler, context and model now (idempotent); the object is unusable after."""
-        for handle in (self._sampler, self._ctx, self._model):
+        for handle in (self._sampler, self._grammar_state, self._ctx, self._model):
             if handle is not None:
                 handle.close()
         self._closed = True
@@ -940,11 +943,29 @@ class Llama:
             self._sampler = _Sampler(self._model, params, self._seed)
         return self._sampler
 
+    def _grammar_for(self, grammar: Any) -> Optional[_Grammar]:
+        """The native state of `grammar` (LlamaGrammar, GBNF text or None) over this model's
+        vocabulary, at the start of the text. The last one is kept: building the vocabulary
+        index takes a few tens of ms on a large vocabulary."""
+        grammar = as_grammar(grammar)
+        if grammar is None:
+            return None
+        cached = self._grammar_state
+        if cached is not None and cached.key == (grammar.grammar, grammar.root):
+            cached.reset()
+            return cached
+        if cached is not None:
+            cached.close()
+            self._grammar_state = None
+        state = grammar._state_for(self._model)
+        self._grammar_state = state
+        return state
+
     def _sample_with(self, sampler: _Sampler, processor: Optional[Callable],
-                     idx: Optional[int] = None) -> int:
+                     idx: Optional[int] = None, grammar: Optional[_Grammar] = None) -> int:
         ctx = self._require_ctx()
         if idx is None or idx == self.n_tokens - 1:
-            if processor is None:
+            if processor is None and grammar is None:
                 return sampler.sample_ptr(ctx.logits_ptr(-1), self._n_vocab)
             row = ctx.logits(-1)
         elif self._scores_buf is not None and 0 <= idx < self.n_tokens:
@@ -954,7 +975,12 @@ class Llama:
                              % (idx, self.n_tokens - 1))
         if processor is not None:
             row = processor(self._input_ids, np.array(row, dtype=np.single))
-        return sampler.sample(row)
+        token = sampler.sample(row)
+        if grammar is not None and not grammar.allows(token):
+            # Checking the drawn token first spares the whole-vocabulary mask on most steps
+            # (llama.cpp's common sampler does the same); the redraw is from the masked row.
+            token = sampler.sample(grammar.apply(row))
+        return token
 
     def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0,
@@ -967,13 +993,14 @@ class Llama:
         with the penalties looking at the last `last_n_tokens_size` evaluated tokens."""
         if self.n_tokens == 0:
             raise RuntimeError("sample() needs evaluated tokens; call eval() first")
-        _warn_sampling(typical_p, tfs_z, mirostat_mode, grammar, penalize_nl)
+        _warn_sampling(typical_p, tfs_z, mirostat_mode, penalize_nl)
         params = _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
                                  presence_penalty, self.last_n_tokens_size)
         sampler = self._get_sampler(params)
         end = self.n_tokens if idx is None else idx + 1
         self._prime_sampler(sampler, self.input_ids[:end].tolist())
-        return self._sample_with(sampler, _as_processor(logits_processor), idx)
+        return self._sample_with(sampler, _as_processor(logits_processor), idx,
+                                 self._grammar_for(grammar))
 
     def _prime_sampler(self, sampler: _Sampler, history: List[int]) -> None:
         sampler.reset(self._seed)
@@ -1010,17 +1037,18 @@ class Llama:
             ...     break
         """
         self._require_ctx()
-        _warn_sampling(typical_p, tfs_z, mirostat_mode, grammar, penalize_nl)
+        _warn_sampling(typical_p, tfs_z, mirostat_mode, penalize_nl)
         params = _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
                                  presence_penalty, self.last_n_tokens_size)
         tokens = token_array(tokens)
         if not tokens:
             raise ValueError("generate() needs at least one token")
         return self._generate(tokens, params, reset, _as_processor(logits_processor),
-                              stopping_criteria)
+                              stopping_criteria, self._grammar_for(grammar))
 
     def _generate(self, tokens: List[int], params: SamplerParams, reset: bool,
-                  processor: Optional[Callable], stopping_criteria: Any) -> Iterator[int]:
+                  processor: Optional[Callable], stopping_criteria: Any,
+                  grammar: Optional[_Grammar] = None) -> Iterator[int]:
         if reset:
             keep = self.longest_token_prefix(self._input_ids.tolist(), tokens[:-1])
             history, pending = tokens, tokens[keep:]
@@ -1031,8 +1059,10 @@ class Llama:
         self._prime_sampler(sampler, history)
         while True:
             self.eval(pending)
-            token = self._sample_with(sampler, processor)
+            token = self._sample_with(sampler, processor, grammar=grammar)
             sampler.accept(token)
+            if grammar is not None:
+                grammar.accept_token(token)
             if stopping_criteria is not None and stopping_criteria(self._input_ids,
                                                                    self._last_logits()):
                 return
@@ -1067,7 +1097,7 @@ class Llama:
         Example:
             >>> llm("Q: 2+2=? A:", max_tokens=4, stop=["\\n"], temperature=0)
         """
-        _warn_sampling(typical_p, tfs_z, mirostat_mode, grammar)
+        _warn_sampling(typical_p, tfs_z, mirostat_mode)
         if suffix is not None and not isinstance(suffix, str):
             raise TypeError("suffix must be a string or None")
         params = _sampler_params(temperature, top_k, top_p, min_p, repeat_penalty,
@@ -1081,7 +1111,7 @@ class Llama:
         header = {"id": "cmpl-%s" % uuid.uuid4(), "object": "text_completion",
                   "created": int(time.time()), "model": model or self.model_path}
         steps = self._completion_steps(state, prompt_tokens, budget, params, processor,
-                                       stopping_criteria)
+                                       stopping_criteria, self._grammar_for(grammar))
         run = (prompt, prompt_tokens, echo, suffix, logprobs)
         if stream:
             return self._stream_completion(header, state, steps, run)
@@ -1241,11 +1271,13 @@ class Llama:
 
     def _completion_steps(self, state: _CompletionState, prompt_tokens: List[int], budget: int,
                           params: SamplerParams, processor: Optional[Callable],
-                          stopping_criteria: Any) -> Iterator[None]:
+                          stopping_criteria: Any, grammar: Optional[_Grammar] = None
+                          ) -> Iterator[None]:
         """Generates into `state`, yielding after each token that adds text."""
         if budget <= 0:
             return
-        tokens = self._generate(prompt_tokens, params, True, processor, stopping_criteria)
+        tokens = self._generate(prompt_tokens, params, True, processor, stopping_criteria,
+                                grammar)
         try:
             for token in tokens:
                 if self._model.is_eog(token):
@@ -1400,16 +1432,21 @@ class Llama:
         """Chat completion with the model's chat template (see chat.py), OpenAI-shaped.
 
         `tools`/`functions` are passed to the template, but tool calls in the output are not
-        parsed (they stay in `content`); `function_call`, `tool_choice` and `response_format`
-        are not implemented and warn.
+        parsed (they stay in `content`); `function_call` and `tool_choice` are not implemented
+        and warn. `response_format={"type": "json_object"}` constrains the reply to one JSON
+        object, with `"schema": {...}` to a JSON Schema (also OpenAI's `{"type": "json_schema",
+        "json_schema": {"schema": {...}}}`); `grammar` (GBNF) constrains it to any grammar.
 
         Example:
             >>> llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=16)
         """
-        for name, value in (("function_call", function_call), ("tool_choice", tool_choice),
-                            ("response_format", response_format)):
+        for name, value in (("function_call", function_call), ("tool_choice", tool_choice)):
             if value is not None:
                 _warn_unimplemented(name, value)
+        if response_format is not None:
+            if grammar is not None:
+                raise ValueError("pass either grammar or response_format, not both")
+            grammar = _response_format_grammar(response_format)
         prompt = self.render_chat(messages, tools=tools, functions=functions)
         stops = self._chat.stop + ([self._formatter().eos_token]
                                    if self._formatter().eos_token else []) + _stop_list(stop)
@@ -1425,6 +1462,29 @@ class Llama:
         if stream:
             return _chat_chunks(completion)
         return _chat_response(completion)
+
+
+def _response_format_grammar(response_format: Any) -> Optional[LlamaGrammar]:
+    """OpenAI's response_format as a grammar: json_object (optionally with llama-cpp-python's
+    "schema"), json_schema, or text (no constraint)."""
+    if not isinstance(response_format, dict) or "type" not in response_format:
+        raise ValueError("response_format must be a dict with a 'type', e.g. "
+                         "{'type': 'json_object'}")
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = response_format.get("schema")
+        if schema is None:
+            return LlamaGrammar.from_string(JSON_GBNF)
+        return LlamaGrammar.from_json_schema(schema)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ValueError("response_format json_schema needs {'json_schema': {'schema': ...}}")
+        return LlamaGrammar.from_json_schema(spec["schema"])
+    raise ValueError("response_format type %r: expected 'text', 'json_object' or 'json_schema'"
+                     % (kind,))
 
 
 def _stop_list(stop: Union[None, str, Sequence[str]]) -> List[str]:

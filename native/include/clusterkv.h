@@ -36,7 +36,7 @@ extern "C" {
 
 // Bumped whenever a public struct's layout or a function's signature changes: a binding built
 // for one version must not drive a library of another (ckv_api_version says which it is).
-#define CKV_API_VERSION 3
+#define CKV_API_VERSION 4
 
 // ---------------------------------------------------------------------------------------------
 // Status codes and errors
@@ -89,6 +89,7 @@ typedef int32_t ckv_token;
 typedef struct ckv_model   ckv_model;
 typedef struct ckv_context ckv_context;
 typedef struct ckv_sampler ckv_sampler;
+typedef struct ckv_grammar ckv_grammar;
 
 // ---------------------------------------------------------------------------------------------
 // Model: load, metadata, tensors
@@ -470,6 +471,42 @@ CKV_API int32_t ckv_sampler_sample(ckv_sampler * sampler, const float * logits, 
 CKV_API void    ckv_sampler_accept(ckv_sampler * sampler, ckv_token token);
 // Clears the penalty history and reseeds the RNG.
 CKV_API void    ckv_sampler_reset(ckv_sampler * sampler, uint64_t seed);
+
+// ---------------------------------------------------------------------------------------------
+// Grammar-constrained sampling
+// ---------------------------------------------------------------------------------------------
+
+// A grammar in llama.cpp's GBNF format (rules `name ::= ...`; "literals", [classes], `.`,
+// groups, |, *, +, ?, {m}, {m,}, {m,n}; # comments) and the state of the text generated under
+// it. Use: mask a logits row with ckv_grammar_apply (or check one sampled token with
+// ckv_grammar_allows), sample, then ckv_grammar_accept_token with the token used.
+// End-of-generation tokens are allowed exactly when the text so far is a complete sentence;
+// control tokens never are.
+//
+// ckv_grammar_init compiles gbnf (NUL-terminated) starting at rule root (NULL: "root").
+// model may be NULL: the grammar then works on text only (accept_text, is_complete).
+// CKV_ERR_INVALID_ARG names the problem, with line and column for a syntax error; undefined
+// rules, a missing root and left recursion are refused.
+CKV_API int32_t ckv_grammar_init(const ckv_model * model, const char * gbnf, const char * root,
+                                 ckv_grammar ** out);
+CKV_API void    ckv_grammar_free(ckv_grammar * grammar);
+// Back to the start of the text.
+CKV_API int32_t ckv_grammar_reset(ckv_grammar * grammar);
+// Sets every logit the grammar forbids next to -INFINITY; *n_allowed (may be NULL) counts the
+// tokens left. Entries already -INFINITY stay so. CKV_ERR_INVALID_ARG when no token is left.
+CKV_API int32_t ckv_grammar_apply(ckv_grammar * grammar, float * logits, int32_t n_vocab,
+                                  int32_t * n_allowed);
+// *allowed = whether token may come next (the state does not change).
+CKV_API int32_t ckv_grammar_allows(ckv_grammar * grammar, ckv_token token, bool * allowed);
+// Moves past token; CKV_ERR_INVALID_ARG (state unchanged) if the grammar forbids it.
+CKV_API int32_t ckv_grammar_accept_token(ckv_grammar * grammar, ckv_token token);
+// Moves past len bytes of text when the grammar allows all of them (*accepted = true);
+// otherwise *accepted = false and the state does not change. A text may end inside a UTF-8
+// sequence: the rest is expected next.
+CKV_API int32_t ckv_grammar_accept_text(ckv_grammar * grammar, const char * text, int32_t len,
+                                        bool * accepted);
+// True when the text so far is a complete sentence of the grammar.
+CKV_API bool    ckv_grammar_is_complete(const ckv_grammar * grammar);
 
 #ifdef __cplusplus
 }

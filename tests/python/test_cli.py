@@ -1,5 +1,7 @@
 """The command-line interface (clusterkv_local/cli.py), run as `python -m clusterkv_local`."""
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +89,27 @@ def test_run_reads_prompt_file(default_model_path, tmp_path):
                  "-c", "64")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_run_with_a_grammar_or_a_json_schema(default_model_path, tmp_path):
+    require_native()
+    base = ("run", "A pet:", "-m", default_model_path, "-n", "40", "--temp", "0.7", "-c", "128",
+            "--seed", "3")
+    result = cli(*base, "--grammar", 'root ::= ("cat" | "dog") "!"')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout in ("cat!\n", "dog!\n")
+    gbnf = tmp_path / "pet.gbnf"
+    gbnf.write_text('root ::= "fish" [0-9]\n', encoding="utf-8")
+    result = cli(*base, "--grammar-file", str(gbnf))
+    assert result.returncode == 0 and re.fullmatch(r"fish[0-9]\n", result.stdout), result.stderr
+    schema = '{"type": "object", "properties": {"legs": {"type": "integer"}}, "required": ["legs"]}'
+    result = cli(*base, "-j", schema)
+    assert result.returncode == 0, result.stderr
+    assert type(json.loads(result.stdout)["legs"]) is int
+    result = cli(*base, "--grammar", 'root ::= "a', "-j", schema)
+    assert result.returncode == 1 and "only one of" in result.stderr
+    result = cli(*base, "--grammar", 'root ::= "a')
+    assert result.returncode == 1 and "unterminated string literal" in result.stderr
 
 
 def test_chat_session(default_model_path):
