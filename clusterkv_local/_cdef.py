@@ -205,10 +205,14 @@ struct ckv_sampler_params {
     int32_t top_k;
     float top_p;
     float min_p;
+    float typical_p;
     float repeat_penalty;
     float frequency_penalty;
     float presence_penalty;
     int32_t penalty_last_n;
+    int32_t mirostat;
+    float mirostat_tau;
+    float mirostat_eta;
     uint64_t seed;
 };
 void ckv_sampler_default_params(struct ckv_sampler_params * out);

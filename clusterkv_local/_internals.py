@@ -605,10 +605,15 @@ class SamplerParams(NamedTuple):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     penalty_last_n: int = 64
+    typical_p: float = 1.0
+    mirostat: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
 
 
 class _Sampler(_Handle):
-    """Owns a ckv_sampler: penalties -> top_k -> top_p -> min_p -> temperature -> draw."""
+    """Owns a ckv_sampler: penalties -> top_k -> typical -> top_p -> min_p -> temperature ->
+    draw, or penalties -> temperature -> Mirostat -> draw."""
 
     _kind = "sampler"
 

@@ -57,11 +57,9 @@ def _warn_unimplemented(name: str, value: Any) -> None:
                   stacklevel=4)
 
 
-def _warn_sampling(typical_p: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
-                   penalize_nl: bool = True) -> None:
-    for name, value, noop in (("typical_p", typical_p, 1.0), ("tfs_z", tfs_z, 1.0),
-                              ("mirostat_mode", mirostat_mode, 0),
-                              ("penalize_nl", penalize_nl, True)):
+def _warn_sampling(tfs_z: float = 1.0, penalize_nl: bool = True) -> None:
+    # llama.cpp itself dropped both (tail-free sampling; the newline exemption from penalties).
+    for name, value, noop in (("tfs_z", tfs_z, 1.0), ("penalize_nl", penalize_nl, True)):
         if value != noop:
             _warn_unimplemented(name, value)
 
@@ -265,10 +263,12 @@ def _require_float(name: str, value: Any) -> float:
 
 
 def _sampler_params(temp: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float,
-                    frequency_penalty: float, presence_penalty: float,
-                    penalty_last_n: int) -> SamplerParams:
+                    frequency_penalty: float, presence_penalty: float, penalty_last_n: int,
+                    typical_p: float = 1.0, mirostat_mode: int = 0, mirostat_tau: float = 5.0,
+                    mirostat_eta: float = 0.1) -> SamplerParams:
     """Validated native sampler settings. temp < 0 is llama-cpp-python's "plain distribution"
-    (no truncation, no temperature); temp == 0 is greedy."""
+    (no truncation, no temperature); temp == 0 is greedy. mirostat_mode 1 or 2 replaces
+    top_k / typical_p / top_p / min_p, as in llama-cpp-python."""
     temp = _require_float("temperature", temp)
     top_k = _require_int("top_k", top_k)
     top_p = _require_float("top_p", top_p)
@@ -281,10 +281,19 @@ def _sampler_params(temp: float, top_k: int, top_p: float, min_p: float, repeat_
         raise ValueError("repeat_penalty must be > 0, got %r" % repeat_penalty)
     frequency_penalty = _require_float("frequency_penalty", frequency_penalty)
     presence_penalty = _require_float("presence_penalty", presence_penalty)
+    if not 0.0 < _require_float("typical_p", typical_p) <= 1.0:
+        raise ValueError("typical_p must be in (0, 1], got %r" % typical_p)
+    if _require_int("mirostat_mode", mirostat_mode) not in (0, 1, 2):
+        raise ValueError("mirostat_mode must be 0, 1 or 2, got %r" % mirostat_mode)
+    if _require_float("mirostat_tau", mirostat_tau) <= 0.0:
+        raise ValueError("mirostat_tau must be > 0, got %r" % mirostat_tau)
+    if _require_float("mirostat_eta", mirostat_eta) < 0.0:
+        raise ValueError("mirostat_eta must be >= 0, got %r" % mirostat_eta)
     if temp < 0.0:
-        temp, top_k, top_p, min_p = 1.0, 0, 1.0, 0.0
+        temp, top_k, top_p, min_p, typical_p, mirostat_mode = 1.0, 0, 1.0, 0.0, 1.0, 0
     return SamplerParams(temp, top_k, top_p, min_p, float(repeat_penalty), frequency_penalty,
-                         presence_penalty, penalty_last_n)
+                         presence_penalty, penalty_last_n, float(typical_p), int(mirostat_mode),
+                         float(mirostat_tau), float(mirostat_eta))
 
 
 def _as_processor(logits_processor: Any) -> Optional[Callable]:
@@ -993,9 +1002,10 @@ class Llama:
         with the penalties looking at the last `last_n_tokens_size` evaluated tokens."""
         if self.n_tokens == 0:
             raise RuntimeError("sample() needs evaluated tokens; call eval() first")
-        _warn_sampling(typical_p, tfs_z, mirostat_mode, penalize_nl)
+        _warn_sampling(tfs_z, penalize_nl)
         params = _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                 presence_penalty, self.last_n_tokens_size)
+                                 presence_penalty, self.last_n_tokens_size, typical_p,
+                                 mirostat_mode, mirostat_tau, mirostat_eta)
         sampler = self._get_sampler(params)
         end = self.n_tokens if idx is None else idx + 1
         self._prime_sampler(sampler, self.input_ids[:end].tolist())
@@ -1037,9 +1047,10 @@ class Llama:
             ...     break
         """
         self._require_ctx()
-        _warn_sampling(typical_p, tfs_z, mirostat_mode, penalize_nl)
+        _warn_sampling(tfs_z, penalize_nl)
         params = _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                 presence_penalty, self.last_n_tokens_size)
+                                 presence_penalty, self.last_n_tokens_size, typical_p,
+                                 mirostat_mode, mirostat_tau, mirostat_eta)
         tokens = token_array(tokens)
         if not tokens:
             raise ValueError("generate() needs at least one token")
@@ -1097,11 +1108,12 @@ class Llama:
         Example:
             >>> llm("Q: 2+2=? A:", max_tokens=4, stop=["\\n"], temperature=0)
         """
-        _warn_sampling(typical_p, tfs_z, mirostat_mode)
+        _warn_sampling(tfs_z)
         if suffix is not None and not isinstance(suffix, str):
             raise TypeError("suffix must be a string or None")
         params = _sampler_params(temperature, top_k, top_p, min_p, repeat_penalty,
-                                 frequency_penalty, presence_penalty, self.last_n_tokens_size)
+                                 frequency_penalty, presence_penalty, self.last_n_tokens_size,
+                                 typical_p, mirostat_mode, mirostat_tau, mirostat_eta)
         prompt_tokens = self._prompt_tokens(prompt)
         budget = self._completion_budget(max_tokens, len(prompt_tokens))
         self._check_logprobs(logprobs)

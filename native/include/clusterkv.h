@@ -442,19 +442,25 @@ CKV_API int32_t ckv_cluster_select(const float * scores, const int32_t * sizes, 
 // Sampler
 // ---------------------------------------------------------------------------------------------
 
-// The chain is llama.cpp's: penalties -> top_k -> top_p -> min_p -> temperature -> draw.
-// temperature <= 0 means greedy (arg-max after penalties). ckv_sampler_init returns
-// CKV_ERR_INVALID_ARG for a value outside the ranges below.
+// The chain is llama.cpp's: penalties -> top_k -> typical -> top_p -> min_p -> temperature ->
+// draw; with mirostat: penalties -> temperature -> Mirostat (1 or 2) -> draw. temperature <= 0
+// means greedy (arg-max after penalties). ckv_sampler_init returns CKV_ERR_INVALID_ARG for a
+// value outside the ranges below.
 struct ckv_sampler_params {
     float    temperature;        // <= 0 = greedy; +inf is refused; default 0.8
     int32_t  top_k;              // <= 0 or >= n_vocab = off; default 40
     float    top_p;              // in (0, 1]; 1 = off; default 0.95
     float    min_p;              // in [0, 1]; 0 = off; default 0.05
+    float    typical_p;          // in (0, 1]; 1 = off (default): locally typical sampling
     float    repeat_penalty;     // > 0; 1 = off; default 1.0
     float    frequency_penalty;  // finite; 0 = off (default)
     float    presence_penalty;   // finite; 0 = off (default)
     int32_t  penalty_last_n;     // >= 0 tokens of history the penalties look at; 0 = off;
                                  // default 64
+    int32_t  mirostat;           // 0 = off (default), 1 = Mirostat, 2 = Mirostat 2.0; replaces
+                                 // top_k / typical / top_p / min_p
+    float    mirostat_tau;       // target surprise in bits, > 0; default 5
+    float    mirostat_eta;       // learning rate, >= 0; default 0.1
     uint64_t seed;               // same seed and inputs -> same tokens
 };
 
@@ -467,9 +473,10 @@ CKV_API void    ckv_sampler_free(ckv_sampler * sampler);
 // ckv_sampler_accept with the token that is actually used.
 CKV_API int32_t ckv_sampler_sample(ckv_sampler * sampler, const float * logits, int32_t n_vocab,
                                    ckv_token * out);
-// Adds a token to the penalty history (prompt tokens too, as llama.cpp does).
+// Adds a token to the penalty history (prompt tokens too, as llama.cpp does). For Mirostat,
+// accepting the token the last sample drew also moves its target (mu) by that token's surprise.
 CKV_API void    ckv_sampler_accept(ckv_sampler * sampler, ckv_token token);
-// Clears the penalty history and reseeds the RNG.
+// Clears the penalty history, resets Mirostat's mu to 2 tau and reseeds the RNG.
 CKV_API void    ckv_sampler_reset(ckv_sampler * sampler, uint64_t seed);
 
 // ---------------------------------------------------------------------------------------------

@@ -2,18 +2,30 @@
 // (gguf -> model -> kv -> attention -> logits -> sampler -> Python session).
 //
 // The chain is llama.cpp's common sampler as llama-cpp-python's `generate` builds it:
-//   penalties -> (temperature <= 0: arg-max) | top_k -> top_p -> min_p -> temperature -> draw
+//   penalties -> (temperature <= 0: arg-max)
+//             | (mirostat: temperature -> Mirostat 1 or 2 -> draw)
+//             | top_k -> typical -> top_p -> min_p -> temperature -> draw
 // with min_keep = 1 everywhere:
 //   penalties  over the last penalty_last_n accepted tokens, for a token seen `count` times:
 //              logit > 0 ? logit / repeat : logit * repeat, then
 //              logit -= count * frequency + (count > 0) * presence
 //   top_k      the k largest logits (ties: lower id first)
+//   typical    softmax over the candidates, entropy H; candidates in increasing |-log p - H|
+//              (how far each one's surprise is from the expected one) until their cumulative
+//              probability exceeds typical_p
 //   top_p      softmax over the candidates; the smallest prefix (by probability, descending)
 //              whose cumulative probability reaches p
 //   min_p      drops candidates with p < min_p * p_max, i.e. logit < max_logit + log(min_p)
 //   temperature divides the logits; the draw is from their softmax with the sampler's own
 //              xoshiro256** generator (seeded through splitmix64), so a seed gives the same
 //              tokens on every platform.
+//   mirostat   (Basu et al. 2020) steers the surprise -log2 p of drawn tokens to tau bits with
+//              a running threshold mu (starts at 2 tau; after each token mu -= eta (surprise -
+//              tau)). Version 1 estimates the Zipf exponent s from the top 100 probabilities
+//              and keeps the top k = (e 2^mu / (1 - N^-e))^(1/s) tokens, e = s - 1; version 2
+//              keeps the tokens whose surprise is at most mu. mu moves when the drawn token is
+//              accepted (ckv_sampler_accept), so a draw that is thrown away (a grammar refused
+//              it) does not move it.
 // Buffers are sized for n_vocab at init: sampling allocates nothing. top_k is a heap
 // selection (O(n log k)); top_p without top_k is a quickselect on the rank where the
 // cumulative probability crosses p (O(n) expected): a 150k vocabulary is never fully sorted.
@@ -40,7 +52,12 @@ struct ckv_sampler {
     float *     logits;     // [n_vocab] penalised copy of the input row
     candidate * cand;       // [n_vocab] current candidates (c[0..n) after each step)
     candidate * scratch;    // [n_vocab] every token, the input of the top_k selection
+    candidate * reorder;    // [n_vocab] typical's and Mirostat's working copy (NULL if unused)
     uint64_t    rng[4];     // xoshiro256** state
+
+    float     mu;          // Mirostat's surprise threshold (bits)
+    float     next_mu;     // mu once the last drawn token is accepted
+    ckv_token drawn;       // the last token Mirostat drew, -1 after accept / reset
 };
 
 // =============================================================================================
@@ -260,8 +277,9 @@ static int32_t min_p(candidate * c, int32_t n, float min_p_value) {
     return kept;
 }
 
-// Draws from the softmax of the (temperature-scaled) candidates.
-static ckv_token draw(ckv_sampler * s, const candidate * c, int32_t n) {
+// Draws from the softmax of the (temperature-scaled) candidates; returns the index in c and,
+// if p is not NULL, its probability.
+static int32_t draw_index(ckv_sampler * s, const candidate * c, int32_t n, double * p) {
     const float m   = max_logit(c, n);
     double      sum = 0.0;
     for (int32_t i = 0; i < n; i++) {
@@ -269,13 +287,127 @@ static ckv_token draw(ckv_sampler * s, const candidate * c, int32_t n) {
     }
     const double target = sum * rng_uniform(s->rng);
     double       run    = 0.0;
+    int32_t      pick   = n - 1;  // if rounding left target a hair above the total
     for (int32_t i = 0; i < n; i++) {
         run += expf(c[i].logit - m);
         if (run >= target) {
-            return c[i].id;
+            pick = i;
+            break;
         }
     }
-    return c[n - 1].id;  // rounding left target a hair above the total
+    if (p) {
+        *p = expf(c[pick].logit - m) / sum;
+    }
+    return pick;
+}
+
+static ckv_token draw(ckv_sampler * s, const candidate * c, int32_t n) {
+    return c[draw_index(s, c, n, NULL)].id;
+}
+
+// log of the softmax normaliser of c[0..n) relative to max m: log sum exp(l - m).
+static double log_mass(const candidate * c, int32_t n, float m) {
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        sum += exp((double) c[i].logit - m);
+    }
+    return log(sum);
+}
+
+static int compare_score_asc(const void * pa, const void * pb) {
+    const candidate * a = pa;
+    const candidate * b = pb;
+    if (a->logit != b->logit) {
+        return a->logit < b->logit ? -1 : 1;
+    }
+    return a->id < b->id ? -1 : (a->id > b->id);
+}
+
+// Locally typical sampling: keeps the candidates whose surprise is closest to the entropy until
+// their mass exceeds p (at least one). The kept ones end up in that order in c.
+static int32_t typical(ckv_sampler * s, candidate * c, int32_t n, float p) {
+    const float  m    = max_logit(c, n);
+    const double logz = log_mass(c, n, m);
+    double       entropy = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        const double logp = c[i].logit - m - logz;
+        entropy -= exp(logp) * logp;
+    }
+    candidate * by_score = s->scratch;  // (index into c, distance from the entropy)
+    for (int32_t i = 0; i < n; i++) {
+        by_score[i] = (candidate) {i, (float) fabs(-(c[i].logit - m - logz) - entropy)};
+    }
+    qsort(by_score, (size_t) n, sizeof(candidate), compare_score_asc);
+    int32_t kept = n;
+    double  mass = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        mass += exp(c[by_score[i].id].logit - m - logz);
+        if (mass > p) {
+            kept = i + 1;
+            break;
+        }
+    }
+    for (int32_t i = 0; i < kept; i++) {
+        s->reorder[i] = c[by_score[i].id];
+    }
+    memcpy(c, s->reorder, (size_t) kept * sizeof(candidate));
+    return kept;
+}
+
+// Mirostat 1: the top k tokens, k from the estimated Zipf exponent and mu.
+static int32_t mirostat_v1_keep(ckv_sampler * s, const candidate * c, int32_t n) {
+    enum { M = 100 };  // probabilities the exponent is estimated from (the paper's m)
+    const int32_t top = n < M ? n : M;
+    select_top(c, n, top, s->reorder);
+    double sum_tb = 0.0, sum_tt = 0.0;
+    for (int32_t i = 0; i + 1 < top; i++) {
+        const double t = log((double) (i + 2) / (double) (i + 1));
+        const double b = (double) s->reorder[i].logit - s->reorder[i + 1].logit;  // log p_i/p_i+1
+        sum_tb += t * b;
+        sum_tt += t * t;
+    }
+    const double s_hat = sum_tt > 0.0 ? sum_tb / sum_tt : 0.0;
+    const double e     = s_hat - 1.0;
+    const double k     = pow(e * pow(2.0, s->mu) / (1.0 - pow((double) s->n_vocab, -e)), 1.0 / s_hat);
+    return k >= 1.0 ? (k < (double) n ? (int32_t) k : n) : 1;  // NaN and k < 1 keep one
+}
+
+// Mirostat 2: the tokens whose surprise -log2 p is at most mu (at least the best one).
+static int32_t mirostat_v2_keep(ckv_sampler * s, candidate * c, int32_t n) {
+    const float  m         = max_logit(c, n);
+    const double threshold = m + log_mass(c, n, m) - s->mu * 0.69314718055994531;  // log p >= -mu ln 2
+    int32_t      kept      = 0;
+    for (int32_t i = 0; i < n; i++) {
+        if (c[i].logit >= threshold) {
+            c[kept++] = c[i];
+        }
+    }
+    if (kept == 0) {  // nothing was moved: keep the best of c as it is
+        int32_t best = 0;
+        for (int32_t i = 1; i < n; i++) {
+            best = before(&c[i], &c[best]) ? i : best;
+        }
+        c[0] = c[best];
+        kept = 1;
+    }
+    qsort(c, (size_t) kept, sizeof(candidate), compare_desc);  // drawn best first, as version 1
+    return kept;
+}
+
+static ckv_token mirostat(ckv_sampler * s, int32_t n) {
+    int32_t kept;
+    if (s->params.mirostat == 1) {
+        kept = mirostat_v1_keep(s, s->cand, n);
+        select_top(s->cand, n, kept, s->reorder);
+        memcpy(s->cand, s->reorder, (size_t) kept * sizeof(candidate));
+    } else {
+        kept = mirostat_v2_keep(s, s->cand, n);
+    }
+    double        p;
+    const int32_t pick = draw_index(s, s->cand, kept, &p);
+    s->drawn           = s->cand[pick].id;
+    s->next_mu = s->mu - s->params.mirostat_eta * (float) (-log2(p) - s->params.mirostat_tau);
+    return s->drawn;
 }
 
 // =============================================================================================
@@ -295,6 +427,10 @@ void ckv_sampler_default_params(struct ckv_sampler_params * out) {
     out->frequency_penalty = 0.0f;
     out->presence_penalty  = 0.0f;
     out->penalty_last_n    = 64;
+    out->typical_p         = 1.0f;
+    out->mirostat          = 0;
+    out->mirostat_tau      = 5.0f;
+    out->mirostat_eta      = 0.1f;
     out->seed              = 0;
 }
 
@@ -318,6 +454,19 @@ static int32_t check_params(const struct ckv_sampler_params * p) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "sampler: frequency_penalty = %g and "
                         "presence_penalty = %g must be finite", p->frequency_penalty,
                         p->presence_penalty);
+    }
+    if (!(p->typical_p > 0.0f && p->typical_p <= 1.0f)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "sampler: typical_p = %g, must be in (0, 1]",
+                        p->typical_p);
+    }
+    if (p->mirostat < 0 || p->mirostat > 2) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "sampler: mirostat = %d, must be 0, 1 or 2",
+                        p->mirostat);
+    }
+    if (!(p->mirostat_tau > 0.0f && isfinite(p->mirostat_tau)) ||
+        !(p->mirostat_eta >= 0.0f && isfinite(p->mirostat_eta))) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "sampler: mirostat_tau = %g must be > 0 and "
+                        "mirostat_eta = %g >= 0, both finite", p->mirostat_tau, p->mirostat_eta);
     }
     if (isinf(p->temperature) && p->temperature > 0.0f) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "sampler: temperature is +inf");
@@ -352,11 +501,13 @@ int32_t ckv_sampler_init(const ckv_model * model, const struct ckv_sampler_param
     s->logits  = malloc((size_t) n_vocab * sizeof(float));
     s->cand    = malloc((size_t) n_vocab * sizeof(candidate));
     s->scratch = malloc((size_t) n_vocab * sizeof(candidate));
-    if (!s->history || !s->counts || !s->seen || !s->logits || !s->cand || !s->scratch) {
+    s->reorder = malloc((size_t) n_vocab * sizeof(candidate));
+    if (!s->history || !s->counts || !s->seen || !s->logits || !s->cand || !s->scratch ||
+        !s->reorder) {
         ckv_sampler_free(s);
         return ckv_fail(CKV_ERR_OOM, "ckv_sampler_init: out of memory for %d tokens", n_vocab);
     }
-    rng_seed(s->rng, params->seed);
+    ckv_sampler_reset(s, params->seed);
     *out = s;
     return CKV_OK;
 }
@@ -371,6 +522,7 @@ void ckv_sampler_free(ckv_sampler * sampler) {
     free(sampler->logits);
     free(sampler->cand);
     free(sampler->scratch);
+    free(sampler->reorder);
     free(sampler);
 }
 
@@ -393,6 +545,13 @@ int32_t ckv_sampler_sample(ckv_sampler * s, const float * logits, int32_t n_voca
 
     int32_t n      = n_vocab;
     bool    sorted = false;
+    if (p->mirostat) {
+        for (int32_t i = 0; i < n_vocab; i++) {
+            s->cand[i] = (candidate) {i, s->logits[i] / p->temperature};
+        }
+        *out = mirostat(s, n_vocab);
+        return CKV_OK;
+    }
     if (p->top_k > 0 && p->top_k < n_vocab) {
         for (int32_t i = 0; i < n_vocab; i++) {
             s->scratch[i] = (candidate) {i, s->logits[i]};
@@ -404,6 +563,10 @@ int32_t ckv_sampler_sample(ckv_sampler * s, const float * logits, int32_t n_voca
         for (int32_t i = 0; i < n_vocab; i++) {
             s->cand[i] = (candidate) {i, s->logits[i]};
         }
+    }
+    if (p->typical_p < 1.0f) {
+        n      = typical(s, s->cand, n, p->typical_p);
+        sorted = false;  // now in typicality order
     }
     if (p->top_p < 1.0f) {
         n = top_p(s->cand, n, sorted, p->top_p);
@@ -419,7 +582,14 @@ int32_t ckv_sampler_sample(ckv_sampler * s, const float * logits, int32_t n_voca
 }
 
 void ckv_sampler_accept(ckv_sampler * s, ckv_token token) {
-    if (!s || token < 0 || token >= s->n_vocab || s->params.penalty_last_n == 0) {
+    if (!s) {
+        return;
+    }
+    if (s->drawn >= 0 && token == s->drawn) {
+        s->mu = s->next_mu;
+    }
+    s->drawn = -1;
+    if (token < 0 || token >= s->n_vocab || s->params.penalty_last_n == 0) {
         return;  // out-of-range ids cannot be penalised; nothing to record
     }
     if (s->n_history == s->params.penalty_last_n) {
@@ -441,5 +611,7 @@ void ckv_sampler_reset(ckv_sampler * s, uint64_t seed) {
     }
     s->n_history = 0;
     s->head      = 0;
+    s->mu        = 2.0f * s->params.mirostat_tau;
+    s->drawn     = -1;
     rng_seed(s->rng, seed);
 }

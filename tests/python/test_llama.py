@@ -359,6 +359,10 @@ def test_max_tokens_none_is_clipped_to_context(default_model_path):
     ({"stop": [3]}, TypeError, "stop"), ({"logprobs": 2}, ValueError, "logits_all"),
     ({"logit_bias": {10**6: 1.0}}, ValueError, "logit_bias"),
     ({"logit_bias": {5: float("nan")}}, ValueError, "logit_bias"),
+    ({"typical_p": 0.0}, ValueError, "typical_p"),
+    ({"mirostat_mode": 3}, ValueError, "mirostat_mode"),
+    ({"mirostat_mode": 2, "mirostat_tau": 0.0}, ValueError, "mirostat_tau"),
+    ({"mirostat_mode": 1, "mirostat_eta": -1.0}, ValueError, "mirostat_eta"),
 ])
 def test_bad_completion_parameters(llm, kwargs, exc, name):
     with pytest.raises(exc, match=name):
@@ -371,8 +375,8 @@ def test_unknown_completion_keyword(llm):
 
 
 def test_unimplemented_sampling_option_warns(llm):
-    with pytest.warns(UserWarning, match="mirostat_mode=2"):
-        llm(PROMPT, max_tokens=1, mirostat_mode=2)
+    with pytest.warns(UserWarning, match="tfs_z=0.5"):
+        llm(PROMPT, max_tokens=1, tfs_z=0.5)
 
 
 def test_echo_and_suffix(llm):

@@ -92,11 +92,26 @@ def ref_penalties(logits, history, repeat=1.0, freq=0.0, presence=0.0, last_n=64
     return out
 
 
-def ref_candidates(logits, top_k=40, top_p=0.95, min_p=0.05, temperature=0.8):
+def ref_typical(ids, l, typical_p):
+    """Locally typical sampling: by |surprise - entropy| ascending (ties: earlier first), until
+    the mass exceeds typical_p; then back in descending logit order for top_p."""
+    q = np.exp(l - l.max())
+    q /= q.sum()
+    entropy = -(q * np.log(q)).sum()
+    order = np.lexsort((np.arange(ids.size), np.abs(-np.log(q) - entropy)))
+    kept = min(int(np.searchsorted(np.cumsum(q[order]), typical_p, side="right")) + 1, ids.size)
+    ids, l = ids[order[:kept]], l[order[:kept]]
+    back = np.lexsort((ids, -l))
+    return ids[back], l[back]
+
+
+def ref_candidates(logits, top_k=40, top_p=0.95, min_p=0.05, temperature=0.8, typical_p=1.0):
     """Token ids and draw probabilities the chain leaves (logits already penalised)."""
     order = np.lexsort((np.arange(logits.size), -logits.astype(np.float64)))  # desc, id asc
     ids = order[:top_k] if 0 < top_k < logits.size else order
     l = logits[ids].astype(np.float64)
+    if typical_p < 1.0:
+        ids, l = ref_typical(ids, l, typical_p)
     if top_p < 1.0:
         p = np.exp(l - l.max())
         p /= p.sum()
@@ -198,6 +213,8 @@ def structured_logits(n_vocab, seed, scale=1.5):
     dict(top_k=40, top_p=0.9, min_p=0.0, temperature=0.7),
     dict(top_k=0, top_p=1.0, min_p=0.1, temperature=1.3),
     dict(top_k=40, top_p=0.95, min_p=0.05, temperature=0.8),   # the defaults
+    dict(top_k=40, top_p=1.0, min_p=0.0, temperature=1.0, typical_p=0.5),
+    dict(top_k=0, top_p=0.9, min_p=0.0, temperature=0.9, typical_p=0.7),
 ])
 def test_chain_support_and_frequencies(model, n_vocab, chain):
     logits = structured_logits(n_vocab, seed=4)
@@ -246,6 +263,74 @@ def test_min_p_is_relative_to_the_max(model, n_vocab):
     # relative to p_max = 0.6: min_p = 0.3 keeps >= 0.18 -> {7, 8}
     s = make_sampler(model, seed=6, top_k=0, top_p=1.0, min_p=0.3, temperature=1.0)
     assert {sample(s, logits) for _ in range(400)} == {7, 8}
+
+
+def test_typical_keeps_the_tokens_nearest_the_entropy(model, n_vocab):
+    # p = 0.5, 0.3, 0.15, 0.05: entropy 1.14 nats; surprises 0.69, 1.20, 1.90, 3.00, so the
+    # distances rank 1 (0.06), 0 (0.45), 2 (0.76), 3 (1.86).
+    logits = np.full(n_vocab, -40.0, dtype=np.float32)
+    logits[[10, 11, 12, 13]] = np.log(np.array([0.5, 0.3, 0.15, 0.05])).astype(np.float32)
+    for typical_p, support in [(0.2, {11}), (0.3, {11, 10}), (0.79, {11, 10}), (0.81, {11, 10, 12})]:
+        s = make_sampler(model, seed=9, top_k=0, top_p=1.0, min_p=0.0, temperature=1.0,
+                         typical_p=typical_p)
+        assert {sample(s, logits) for _ in range(300)} == support, typical_p
+
+
+def ref_mirostat_v1_k(logits_sorted_desc, mu, n_vocab, m=100):
+    l = logits_sorted_desc[:m].astype(np.float64)
+    i = np.arange(l.size - 1)
+    t, b = np.log((i + 2) / (i + 1)), l[:-1] - l[1:]
+    s_hat = (t * b).sum() / (t * t).sum()
+    e = s_hat - 1
+    k = (e * 2.0 ** mu / (1 - n_vocab ** -e)) ** (1 / s_hat)
+    return max(int(k), 1)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_mirostat_follows_its_reference_step_by_step(model, n_vocab, version):
+    """A numpy Mirostat fed the same uniforms (Python xoshiro256**) picks the same 40 tokens,
+    with mu moving by eta * (surprise - tau) after each accepted token."""
+    tau, eta, temp, seed = 3.0, 0.5, 0.9, 99
+    rng = np.random.default_rng(12)
+    rows = [structured_logits(n_vocab, seed=int(rng.integers(1000)), scale=2.0)
+            for _ in range(40)]
+    s = make_sampler(model, seed=seed, mirostat=version, mirostat_tau=tau, mirostat_eta=eta,
+                     temperature=temp, top_k=0)
+    uniforms = xoshiro_uniforms(seed, len(rows))
+    mu, picked, kept_sizes = 2 * tau, [], []
+    for row, u in zip(rows, uniforms):
+        l = row.astype(np.float32) / np.float32(temp)
+        order = np.lexsort((np.arange(n_vocab), -l.astype(np.float64)))
+        logz = np.log(np.exp(l.astype(np.float64) - l.max()).sum()) + l.max()
+        if version == 1:
+            kept = order[:min(ref_mirostat_v1_k(l[order], mu, n_vocab), n_vocab)]
+        else:
+            kept = order[(l[order] - logz) >= -mu * math.log(2)]
+            kept = kept if kept.size else order[:1]
+        p = np.exp(l[kept].astype(np.float64) - l[kept].max())
+        p /= p.sum()
+        pick = int(min(np.searchsorted(np.cumsum(p), u * p.sum()), kept.size - 1))
+        token = kept[pick]
+        assert sample(s, row) == token
+        lib.ckv_sampler_accept(s, int(token))
+        mu -= eta * (-math.log2(p[pick]) - tau)
+        picked.append(int(token))
+        kept_sizes.append(kept.size)
+    assert len(set(picked)) > 3 and max(kept_sizes) > 1  # neither stuck nor greedy
+
+
+def test_mirostat_mu_moves_only_for_the_drawn_token(model, n_vocab):
+    """A draw that is thrown away (e.g. refused by a grammar) must not move mu: accepting
+    another token leaves the next draw where a fresh sampler's would be."""
+    row = structured_logits(n_vocab, seed=5, scale=2.0)
+    fresh = make_sampler(model, seed=1, mirostat=2, mirostat_tau=2.0, mirostat_eta=1.0)
+    used = make_sampler(model, seed=1, mirostat=2, mirostat_tau=2.0, mirostat_eta=1.0)
+    first = sample(used, row)
+    lib.ckv_sampler_accept(used, (first + 1) % n_vocab)   # not the drawn token
+    lib.ckv_sampler_reset(fresh, 1)
+    sample(fresh, row)                                     # same RNG position as `used`
+    lib.ckv_sampler_accept(fresh, (first + 1) % n_vocab)
+    assert [sample(used, row) for _ in range(20)] == [sample(fresh, row) for _ in range(20)]
 
 
 # --- the RNG: a seed gives the same tokens everywhere ----------------------------------------
@@ -298,6 +383,8 @@ def test_same_seed_same_sequence_and_reset(model, n_vocab):
     ("penalty_last_n", -1),
     ("repeat_penalty", 0.0), ("repeat_penalty", -1.0), ("repeat_penalty", float("nan")),
     ("frequency_penalty", float("nan")), ("presence_penalty", float("inf")),
+    ("typical_p", 0.0), ("typical_p", 1.01), ("mirostat", 3), ("mirostat", -1),
+    ("mirostat_tau", 0.0), ("mirostat_tau", float("inf")), ("mirostat_eta", -0.1),
 ])
 def test_bad_params_are_refused(model, field, value):
     out = ffi.new("ckv_sampler **")
