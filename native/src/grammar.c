@@ -47,6 +47,8 @@ typedef struct {
     uint32_t value;
 } elem;
 
+static int is_alt_end(uint32_t type) { return type == E_END || type == E_ALT; }
+
 // Growing arrays of int32 (element positions, stacks) and of elements.
 typedef struct {
     int32_t * v;
@@ -78,6 +80,7 @@ enum {
     MAX_REPEAT      = 1 << 12,
     MAX_STACKS      = 1 << 14,
     MAX_STACK_DEPTH = 1 << 12,
+    MAX_NESTING     = 1 << 9,  // parenthesised groups inside each other (the parser recurses)
 };
 
 struct ckv_grammar {
@@ -220,6 +223,9 @@ typedef struct {
     evec ** rules;    // [n_rules] each rule's elements while parsing (stable addresses: nested
                       // groups add rules while an outer rule is being filled)
     int32_t n_rules, rules_cap;
+    int32_t * by_name;   // [name_slots] open-addressing table of rule ids by name hash, -1 empty
+    int32_t   name_slots;
+    int32_t   nesting;   // groups open at ps->p
 } parser;
 
 static int32_t parse_error(const parser * ps, const char * at, const char * what) {
@@ -264,7 +270,52 @@ static const char * name_end(const char * p) {
 
 static const char * rule_name(const parser * ps, int32_t id) { return ps->names + ps->name_start.v[id]; }
 
+static uint32_t name_hash(const char * name, int32_t len) {
+    uint32_t h = 2166136261u;  // FNV-1a
+    for (int32_t i = 0; i < len; i++) {
+        h = (h ^ (uint8_t) name[i]) * 16777619u;
+    }
+    return h;
+}
+
+// The slot of `name` in ps->by_name: the one holding it, or the empty one where it would go.
+static int32_t name_slot(const parser * ps, const char * name, int32_t len) {
+    const uint32_t mask = (uint32_t) ps->name_slots - 1;
+    for (uint32_t i = name_hash(name, len) & mask;; i = (i + 1) & mask) {
+        const int32_t id = ps->by_name[i];
+        if (id < 0) {
+            return (int32_t) i;
+        }
+        const char * other = ps->names + ps->name_start.v[id];
+        if ((int32_t) strlen(other) == len && memcmp(other, name, (size_t) len) == 0) {
+            return (int32_t) i;
+        }
+    }
+}
+
+// Keeps the name table at most half full (rehashing every rule when it doubles).
+static int32_t reserve_names(parser * ps) {
+    if (2 * (ps->n_rules + 1) <= ps->name_slots) {
+        return CKV_OK;
+    }
+    const int32_t slots = ps->name_slots ? 2 * ps->name_slots : 64;
+    int32_t *     table = malloc((size_t) slots * sizeof(int32_t));
+    if (!table) {
+        return ckv_fail(CKV_ERR_OOM, "grammar: out of memory");
+    }
+    free(ps->by_name);
+    ps->by_name    = table;
+    ps->name_slots = slots;
+    memset(table, 0xFF, (size_t) slots * sizeof(int32_t));
+    for (int32_t id = 0; id < ps->n_rules; id++) {
+        const char * name = ps->names + ps->name_start.v[id];
+        table[name_slot(ps, name, (int32_t) strlen(name))] = id;
+    }
+    return CKV_OK;
+}
+
 static int32_t new_rule(parser * ps, const char * name, int32_t len, int32_t * id) {
+    TRY(reserve_names(ps));
     TRY(grow((void **) &ps->rules, &ps->rules_cap, ps->n_rules + 1, sizeof(evec *)));
     TRY(grow((void **) &ps->names, &ps->names_cap, ps->names_len + len + 1, 1));
     TRY(ivec_push(&ps->name_start, ps->names_len));
@@ -277,15 +328,16 @@ static int32_t new_rule(parser * ps, const char * name, int32_t len, int32_t * i
         return ckv_fail(CKV_ERR_OOM, "grammar: out of memory");
     }
     *id = ps->n_rules++;
+    ps->by_name[name_slot(ps, name, len)] = *id;
     return CKV_OK;
 }
 
 // The id of a rule name, creating an empty rule for a name not seen before.
 static int32_t rule_id(parser * ps, const char * name, int32_t len, int32_t * id) {
-    for (int32_t i = 0; i < ps->n_rules; i++) {
-        const char * other = rule_name(ps, i);
-        if ((int32_t) strlen(other) == len && memcmp(other, name, (size_t) len) == 0) {
-            *id = i;
+    if (ps->name_slots > 0) {
+        const int32_t found = ps->by_name[name_slot(ps, name, len)];
+        if (found >= 0) {
+            *id = found;
             return CKV_OK;
         }
     }
@@ -534,10 +586,15 @@ static int32_t parse_sequence(parser * ps, int32_t rule, evec * out, int nested)
             TRY(evec_push(out, E_RULE_REF, (uint32_t) ref));
             ps->p = end;
         } else if (c == '(') {
+            if (ps->nesting >= MAX_NESTING) {
+                return parse_error(ps, at, "groups nested too deeply");
+            }
             int32_t sub;
             TRY(helper_rule(ps, rule, &sub));
             ps->p = skip_space(at + 1, 1);
+            ps->nesting++;
             TRY(parse_alternates(ps, sub, ps->rules[sub], 1));
+            ps->nesting--;
             if (*ps->p != ')') {
                 return parse_error(ps, at, "expected ')' to close this group");
             }
@@ -607,6 +664,7 @@ static void parser_free(parser * ps) {
         free(ps->rules[i]);
     }
     free(ps->rules);
+    free(ps->by_name);
     free(ps->names);
     free(ps->name_start.v);
     free(ps->defined.v);
@@ -616,70 +674,136 @@ static void parser_free(parser * ps) {
 // Checks after parsing
 // =============================================================================================
 
-// can_be_empty[r]: rule r matches the empty string (a fixed point over the rules).
+// can_be_empty[r]: rule r matches the empty string. A worklist over alternatives: an
+// alternative without terminals is empty once all the rules it references are, so each rule
+// found empty settles the alternatives that reference it (linear in the grammar's size).
 static int32_t nullable_rules(const ckv_grammar * g, int32_t n_rules, uint8_t * can_be_empty) {
+    const elem *  e       = g->elems.v;
+    const int32_t n_elems = g->elems.n;
+    int32_t n_alts = 0, n_refs = 0;
+    for (int32_t i = 0; i < n_elems; i++) {
+        n_alts += is_alt_end(e[i].type);
+        n_refs += e[i].type == E_RULE_REF;
+    }
+    int32_t * alt_rule  = malloc((size_t) n_alts * sizeof(int32_t));
+    int32_t * pending   = calloc((size_t) n_alts, sizeof(int32_t));  // -1: has a terminal
+    int32_t * use_start = calloc((size_t) n_rules + 1, sizeof(int32_t));
+    int32_t * uses      = malloc(((size_t) n_refs + 1) * sizeof(int32_t));  // alternatives by rule used
+    int32_t * queue     = malloc(((size_t) n_rules + 1) * sizeof(int32_t));
+    int32_t   st        = CKV_OK;
+    if (!alt_rule || !pending || !use_start || !uses || !queue) {
+        st = ckv_fail(CKV_ERR_OOM, "grammar: out of memory");
+    }
     memset(can_be_empty, 0, (size_t) n_rules);
-    for (int changed = 1; changed;) {
-        changed = 0;
-        for (int32_t r = 0; r < n_rules; r++) {
-            if (can_be_empty[r]) {
-                continue;
-            }
-            int all_empty = 1;
-            for (int32_t pos = g->rule_start.v[r];; pos++) {
-                const elem e = g->elems.v[pos];
-                if (e.type == E_ALT || e.type == E_END) {
-                    if (all_empty) {
-                        can_be_empty[r] = 1;
-                        changed         = 1;
+    int32_t n_queued = 0;
+    for (int pass = 0; pass < 2 && st == CKV_OK; pass++) {  // pass 0 counts uses, pass 1 fills them
+        for (int32_t r = 0, a = 0; r < n_rules; r++) {
+            for (int32_t i = g->rule_start.v[r];; i++) {
+                if (is_alt_end(e[i].type)) {
+                    alt_rule[a++] = r;
+                    if (e[i].type == E_END) {
                         break;
                     }
-                    if (e.type == E_END) {
-                        break;
+                } else if (e[i].type == E_RULE_REF) {
+                    if (pass == 0) {
+                        use_start[e[i].value + 1]++;
+                        pending[a] += pending[a] >= 0;
+                    } else {
+                        uses[use_start[e[i].value]++] = a;
                     }
-                    all_empty = 1;
-                } else if (e.type == E_RULE_REF) {
-                    all_empty &= can_be_empty[e.value];
-                } else if (e.type != E_RNG_UPPER && e.type != E_CHAR_ALT) {
-                    all_empty = 0;
+                } else if (pass == 0 && e[i].type != E_RNG_UPPER && e[i].type != E_CHAR_ALT) {
+                    pending[a] = -1;
                 }
             }
         }
+        for (int32_t r = 0; pass == 0 && r < n_rules; r++) {
+            use_start[r + 1] += use_start[r];  // prefix sums: rule r's uses at [start[r], start[r+1])
+        }
     }
-    return CKV_OK;
+    for (int32_t r = n_rules; st == CKV_OK && r > 0; r--) {
+        use_start[r] = use_start[r - 1];  // pass 1 advanced each start to the next rule's
+    }
+    if (st == CKV_OK) {
+        use_start[0] = 0;
+        for (int32_t a = 0; a < n_alts; a++) {
+            if (pending[a] == 0 && !can_be_empty[alt_rule[a]]) {
+                can_be_empty[alt_rule[a]] = 1;
+                queue[n_queued++]         = alt_rule[a];
+            }
+        }
+    }
+    for (int32_t q = 0; st == CKV_OK && q < n_queued; q++) {
+        const int32_t r = queue[q];
+        for (int32_t u = use_start[r]; u < use_start[r + 1]; u++) {
+            const int32_t a = uses[u];
+            if (pending[a] > 0 && --pending[a] == 0 && !can_be_empty[alt_rule[a]]) {
+                can_be_empty[alt_rule[a]] = 1;
+                queue[n_queued++]         = alt_rule[a];
+            }
+        }
+    }
+    free(alt_rule);
+    free(pending);
+    free(use_start);
+    free(uses);
+    free(queue);
+    return st;
 }
 
-// Depth-first search over "r can start with s" edges; color 1 = on the path, 2 = done.
-static int32_t find_left_cycle(const ckv_grammar * g, const uint8_t * can_be_empty, uint8_t * color,
-                               int32_t r, const parser * ps) {
-    color[r]     = 1;
-    int at_start = 1;
-    for (int32_t pos = g->rule_start.v[r]; g->elems.v[pos].type != E_END; pos++) {
-        const elem e = g->elems.v[pos];
-        if (e.type == E_ALT) {
-            at_start = 1;
+// Depth-first search over "r can start with s" edges (s referenced after only elements that
+// can be empty), with an explicit stack: a chain of rules may be as long as the grammar.
+// color: 0 unseen, 1 on the current path, 2 done.
+static int32_t find_left_cycles(const ckv_grammar * g, const uint8_t * can_be_empty, int32_t n_rules,
+                                const parser * ps) {
+    typedef struct {
+        int32_t rule, pos, at_start;
+    } frame;
+    uint8_t * color = calloc((size_t) n_rules, 1);
+    frame *   path  = malloc((size_t) n_rules * sizeof(frame));  // a rule is on the path once
+    int32_t   st    = color && path ? CKV_OK : ckv_fail(CKV_ERR_OOM, "grammar: out of memory");
+    for (int32_t root = 0; root < n_rules && st == CKV_OK; root++) {
+        if (color[root]) {
             continue;
         }
-        if (!at_start) {
-            continue;
-        }
-        if (e.type == E_RULE_REF) {
-            const int32_t s = (int32_t) e.value;
-            if (color[s] == 1) {
-                return ckv_fail(CKV_ERR_INVALID_ARG, "grammar: rule '%s' can reach itself without "
-                                "reading a character (left recursion, or a repetition of something "
-                                "that can be empty)", rule_name(ps, s));
+        int32_t top = 0;
+        path[0]     = (frame) {root, g->rule_start.v[root], 1};
+        color[root] = 1;
+        while (top >= 0 && st == CKV_OK) {
+            frame *    f = &path[top];
+            const elem e = g->elems.v[f->pos];
+            if (e.type == E_END) {  // rule done: back in the caller, past its reference
+                color[f->rule] = 2;
+                if (--top >= 0) {
+                    path[top].at_start &= can_be_empty[f->rule];
+                    path[top].pos++;
+                }
+                continue;
             }
-            if (color[s] == 0) {
-                TRY(find_left_cycle(g, can_be_empty, color, s, ps));
+            if (e.type == E_ALT) {
+                f->at_start = 1;
+            } else if (f->at_start && e.type == E_RULE_REF) {
+                const int32_t s = (int32_t) e.value;
+                if (color[s] == 1) {
+                    st = ckv_fail(CKV_ERR_INVALID_ARG, "grammar: rule '%s' can reach itself without "
+                                  "reading a character (left recursion, or a repetition of something "
+                                  "that can be empty)", rule_name(ps, s));
+                    break;
+                }
+                if (color[s] == 0) {
+                    color[s]    = 1;
+                    path[++top] = (frame) {s, g->rule_start.v[s], 1};
+                    continue;  // its END moves this frame past the reference
+                }
+                f->at_start = can_be_empty[s];
+            } else if (e.type != E_RNG_UPPER && e.type != E_CHAR_ALT && e.type != E_RULE_REF) {
+                f->at_start = 0;  // a terminal
             }
-            at_start = can_be_empty[s];
-        } else if (e.type != E_RNG_UPPER && e.type != E_CHAR_ALT) {
-            at_start = 0;
+            f->pos++;
         }
     }
-    color[r] = 2;
-    return CKV_OK;
+    free(color);
+    free(path);
+    return st;
 }
 
 static int32_t check_rules(const ckv_grammar * g, const parser * ps) {
@@ -690,18 +814,12 @@ static int32_t check_rules(const ckv_grammar * g, const parser * ps) {
         }
     }
     uint8_t * can_be_empty = malloc((size_t) ps->n_rules);
-    uint8_t * color        = calloc((size_t) ps->n_rules, 1);
-    int32_t   st           = can_be_empty && color ? CKV_OK : ckv_fail(CKV_ERR_OOM, "grammar: out of memory");
+    int32_t   st = can_be_empty ? nullable_rules(g, ps->n_rules, can_be_empty)
+                                : ckv_fail(CKV_ERR_OOM, "grammar: out of memory");
     if (st == CKV_OK) {
-        st = nullable_rules(g, ps->n_rules, can_be_empty);
-    }
-    for (int32_t r = 0; r < ps->n_rules && st == CKV_OK; r++) {
-        if (color[r] == 0) {
-            st = find_left_cycle(g, can_be_empty, color, r, ps);
-        }
+        st = find_left_cycles(g, can_be_empty, ps->n_rules, ps);
     }
     free(can_be_empty);
-    free(color);
     return st;
 }
 
@@ -743,12 +861,13 @@ static int32_t compile(ckv_grammar * g, const char * text, const char * root) {
 // Matching code points
 // =============================================================================================
 
-static int is_alt_end(uint32_t type) { return type == E_END || type == E_ALT; }
-
 // Adds to out every stack that stack[0..n) becomes once its top is a terminal. tmp holds the
 // stacks being built (by index: pushes may move it).
-static int32_t expand(const ckv_grammar * g, ivec * tmp, int32_t base, int32_t n, stack_set * out) {
-    if (n > MAX_STACK_DEPTH) {
+static int32_t expand(const ckv_grammar * g, ivec * tmp, int32_t base, int32_t n, stack_set * out,
+                      int32_t depth) {
+    // n bounds the nesting of the text; depth the recursion here (a chain of rules that each
+    // just name the next one recurses without growing the stack).
+    if (n > MAX_STACK_DEPTH || depth > MAX_STACK_DEPTH) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "grammar: nesting deeper than %d", MAX_STACK_DEPTH);
     }
     if (n == 0) {
@@ -757,7 +876,7 @@ static int32_t expand(const ckv_grammar * g, ivec * tmp, int32_t base, int32_t n
     const int32_t pos = tmp->v[base + n - 1];
     const elem    e   = g->elems.v[pos];
     if (is_alt_end(e.type)) {  // this alternative is done: resume the rule below
-        return expand(g, tmp, base, n - 1, out);
+        return expand(g, tmp, base, n - 1, out, depth + 1);
     }
     if (e.type != E_RULE_REF) {
         return stack_set_add(out, tmp->v + base, n);
@@ -773,7 +892,7 @@ static int32_t expand(const ckv_grammar * g, ivec * tmp, int32_t base, int32_t n
             tmp->v[child + n - 1] = pos + 1;
         }
         TRY(ivec_push(tmp, alt));
-        TRY(expand(g, tmp, child, keep + 1, out));
+        TRY(expand(g, tmp, child, keep + 1, out, depth + 1));
         tmp->n = child;
         while (!is_alt_end(g->elems.v[alt].type)) {
             alt++;
@@ -823,7 +942,7 @@ static int32_t advance(const ckv_grammar * g, const stack_set * from, uint32_t c
             TRY(ivec_push(tmp, from->items.v[s + k]));
         }
         tmp->v[n - 1] = after;
-        TRY(expand(g, tmp, 0, n, to));
+        TRY(expand(g, tmp, 0, n, to, 0));
     }
     return CKV_OK;
 }
@@ -917,7 +1036,7 @@ static int32_t start_state(ckv_grammar * g, parse_state * s) {
         tmp.n = 0;
         st    = ivec_push(&tmp, alt);
         if (st == CKV_OK) {
-            st = expand(g, &tmp, 0, 1, &s->stacks);
+            st = expand(g, &tmp, 0, 1, &s->stacks, 0);
         }
         while (!is_alt_end(g->elems.v[alt].type)) {
             alt++;

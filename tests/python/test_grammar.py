@@ -11,6 +11,7 @@
 import json
 import random
 import re
+import time
 
 import numpy as np
 import pytest
@@ -348,6 +349,23 @@ def test_long_repetitions_do_not_deepen_the_stacks():
     assert deep.accepts("(" * 1000 + "x" + ")" * 1000)
     with pytest.raises(ValueError, match="nesting deeper than"):
         deep.accepts("(" * 5000 + "x" + ")" * 5000)
+
+
+def test_huge_or_deep_grammars_fail_cleanly_or_compile_fast():
+    """Grammars can come from anywhere (e.g. a JSON Schema): deep nesting is an error, never a
+    native stack overflow, and the checks stay linear in the number of rules."""
+    with pytest.raises(ValueError, match="groups nested too deeply"):
+        LlamaGrammar.from_string("root ::= " + "(" * 100000 + '"a"' + ")" * 100000)
+    chain = "root ::= a0\n" + "".join("a%d ::= a%d\n" % (i, i + 1) for i in range(100000))
+    with pytest.raises(ValueError, match="nesting deeper than"):
+        LlamaGrammar.from_string(chain + 'a100000 ::= "x"\n')    # 100000 rules before a character
+    with pytest.raises(ValueError, match="rule 'a0' can reach itself"):
+        LlamaGrammar.from_string(chain + 'a100000 ::= a0 "x"\n')
+    start = time.perf_counter()
+    wide = LlamaGrammar.from_string("root ::= a0\n" + "".join(
+        'a%d ::= "x" a%d | ""\n' % (i, i + 1) for i in range(100000)) + 'a100000 ::= ""\n')
+    assert time.perf_counter() - start < 5.0
+    assert wide.accepts("xxx") and not wide.accepts("xy")
 
 
 def test_from_file(tmp_path):
