@@ -5,7 +5,8 @@
     >>> llm("Once upon a time", max_tokens=16)["choices"][0]["text"]
 
 Layers: _ffi.py (cffi binding) -> _internals.py (handles, errors) -> llama.py (Llama) ->
-chat.py (templates), grammar.py + json_schema.py (constrained output); models.py (registry, fetching) and cli.py sit beside them.
+chat.py (templates), grammar.py + json_schema.py (constrained output); models.py (registry,
+fetching) and cli.py sit beside them.
 
 The names below are imported on first use, so `clusterkv_local.models` and the CLI's `models` and
 `fetch` commands work before the native library is built.

@@ -14,6 +14,7 @@ import os
 from typing import Any, Optional, Union
 
 from ._internals import _Grammar
+from .json_schema import json_schema_to_gbnf
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
 
@@ -35,13 +36,14 @@ class LlamaGrammar:
         return cls(_grammar=grammar)
 
     @classmethod
-    def from_file(cls, file: Union[str, "os.PathLike[str]"], verbose: bool = True) -> "LlamaGrammar":
+    def from_file(cls, file: Union[str, "os.PathLike[str]"],
+                  verbose: bool = True) -> "LlamaGrammar":
         with open(file, encoding="utf-8") as f:
             return cls.from_string(f.read(), verbose)
 
     @classmethod
-    def from_json_schema(cls, json_schema: Union[str, dict], verbose: bool = True) -> "LlamaGrammar":
-        from .json_schema import json_schema_to_gbnf
+    def from_json_schema(cls, json_schema: Union[str, dict],
+                         verbose: bool = True) -> "LlamaGrammar":
         return cls.from_string(json_schema_to_gbnf(json_schema), verbose)
 
     @property

@@ -27,8 +27,8 @@ import numpy as np
 from . import models as _models
 from ._ffi import ffi
 from ._internals import (KV_POLICIES, KV_POLICY_FIELDS, KV_TYPES, ModelInfo, SamplerParams,
-                         TensorInfo, _Context, _Grammar, _Model, _Sampler, logits_to_logprobs, system_info,
-                         token_array)
+                         TensorInfo, _Context, _Grammar, _Model, _Sampler, logits_to_logprobs,
+                         system_info, token_array)
 from .chat import ChatFormatter, resolve_chat_format
 from .grammar import LlamaGrammar, as_grammar
 from .json_schema import JSON_GBNF

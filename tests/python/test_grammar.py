@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import N_THREADS, require_native
+from conftest import require_native
 
 require_native()
 
@@ -275,7 +275,8 @@ def test_random_regular_grammars_agree_with_python_re():
 
 @pytest.mark.parametrize("grammar, yes, no", [
     # comments, a rule spread over lines inside parentheses, alternatives after a newline + |
-    ('# greeting\nroot ::= ( "hi"   # short\n  | "hello" ) ws name\nws ::= " "+\nname ::= [A-Z] [a-z]*\n',
+    ('# greeting\nroot ::= ( "hi"   # short\n  | "hello" ) ws name\nws ::= " "+\n'
+     'name ::= [A-Z] [a-z]*\n',
      ["hi Bo", "hello  Ann", "hi X"], ["hi", "hi bo", "hey Bo", "hello Ann "]),
     (r'root ::= "\x41\u00e9\U0001F600\t\"\\"', ["Aé😀\t\"\\"], ["Aé😀", "A\\u00e9"]),
     (r'root ::= [\]\-^a]+', ["]-^a", "a"], ["b", ""]),

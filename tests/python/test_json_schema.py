@@ -16,7 +16,8 @@ from conftest import require_native
 require_native()
 
 from clusterkv_local.grammar import LlamaGrammar  # noqa: E402
-from clusterkv_local.json_schema import JSON_GBNF, JSON_VALUE_GBNF, json_schema_to_gbnf  # noqa: E402
+from clusterkv_local.json_schema import (JSON_GBNF, JSON_VALUE_GBNF,  # noqa: E402
+                                         json_schema_to_gbnf)
 
 
 @functools.lru_cache(maxsize=None)
