@@ -522,7 +522,7 @@ def test_json_schema_chat_follows_the_schema(llm):
 
 def test_response_format_errors(llm):
     messages = [{"role": "user", "content": "Hi"}]
-    with pytest.raises(ValueError, match="either grammar or response_format"):
+    with pytest.raises(ValueError, match="only one of grammar, response_format"):
         llm.create_chat_completion(messages, grammar='root ::= "a"',
                                    response_format={"type": "json_object"})
     with pytest.raises(ValueError, match="'text', 'json_object' or 'json_schema'"):
@@ -534,3 +534,99 @@ def test_response_format_errors(llm):
     out = llm.create_chat_completion(messages, response_format={"type": "text"}, max_tokens=2,
                                      temperature=0)
     assert out["choices"][0]["message"]["content"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calls forced by tool_choice / function_call
+# ---------------------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer"}}, "required": ["city", "unit", "days"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"type": "string"}}, "required": ["zone"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
+
+
+def check_weather_arguments(arguments: str):
+    value = json.loads(arguments)
+    assert list(value) == ["city", "unit", "days"]
+    assert isinstance(value["city"], str) and value["unit"] in ("celsius", "fahrenheit")
+    assert type(value["days"]) is int
+
+
+def test_a_named_tool_choice_returns_its_call(llm):
+    out = llm.create_chat_completion(
+        ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=80,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    check_weather_arguments(call["function"]["arguments"])
+    # streamed: the same call, then a chunk with the finish_reason
+    chunks = list(llm.create_chat_completion(
+        ASK, tools=[WEATHER, TIME], temperature=0, max_tokens=80, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    delta = chunks[0]["choices"][0]["delta"]
+    assert delta["tool_calls"][0]["index"] == 0
+    assert delta["tool_calls"][0]["function"] == call["function"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_required_tool_choice_picks_one_of_the_tools(llm):
+    names = set()
+    for seed in range(4):
+        out = llm.create_chat_completion(ASK, tools=[WEATHER, TIME], tool_choice="required",
+                                         temperature=1.0, seed=seed, max_tokens=120)
+        choice = out["choices"][0]
+        if choice["finish_reason"] == "length":
+            continue  # cut short: the partial text stays in content
+        (call,) = choice["message"]["tool_calls"]
+        name = call["function"]["name"]
+        names.add(name)
+        if name == "get_weather":
+            check_weather_arguments(call["function"]["arguments"])
+        else:
+            assert isinstance(json.loads(call["function"]["arguments"])["zone"], str)
+    assert names and names <= {"get_weather", "get_time"}
+
+
+def test_legacy_function_call(llm):
+    out = llm.create_chat_completion(ASK, functions=[WEATHER["function"]], temperature=0,
+                                     function_call={"name": "get_weather"}, max_tokens=80)
+    choice = out["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    assert choice["message"]["function_call"]["name"] == "get_weather"
+    check_weather_arguments(choice["message"]["function_call"]["arguments"])
+
+
+def test_tool_choice_auto_and_none_reply_with_text(llm):
+    for tool_choice in ("auto", "none", None):
+        out = llm.create_chat_completion(ASK, tools=[WEATHER], tool_choice=tool_choice,
+                                         temperature=0, max_tokens=8)
+        assert isinstance(out["choices"][0]["message"]["content"], str)
+        assert "tool_calls" not in out["choices"][0]["message"]
+
+
+def test_tool_choice_errors(llm):
+    with pytest.raises(ValueError, match="'get_time', which is not among the tools"):
+        llm.create_chat_completion(ASK, tools=[WEATHER], max_tokens=4,
+                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+    with pytest.raises(ValueError, match="tool_choice must be"):
+        llm.create_chat_completion(ASK, tools=[WEATHER], tool_choice="always", max_tokens=4)
+    with pytest.raises(ValueError, match="'required' needs tools"):
+        llm.create_chat_completion(ASK, tool_choice="required", max_tokens=4)
+    with pytest.raises(ValueError, match="only one of grammar, response_format"):
+        llm.create_chat_completion(ASK, tools=[WEATHER], tool_choice="required",
+                                   response_format={"type": "json_object"}, max_tokens=4)
+    with pytest.raises(ValueError, match="each tool needs"):
+        llm.create_chat_completion(ASK, tools=[{"type": "function"}], tool_choice="required")
+    with pytest.raises(ValueError, match="unsupported JSON Schema keyword 'pattern'"):
+        bad = {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}}
+        llm.create_chat_completion(ASK, tools=[bad], tool_choice="required")
