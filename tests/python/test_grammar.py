@@ -615,8 +615,8 @@ def test_tool_choice_auto_and_none_reply_with_text(llm):
 
 def test_tool_choice_errors(llm):
     with pytest.raises(ValueError, match="'get_time', which is not among the tools"):
-        llm.create_chat_completion(ASK, tools=[WEATHER], max_tokens=4,
-                                   tool_choice={"type": "function", "function": {"name": "get_time"}})
+        llm.create_chat_completion(ASK, tools=[WEATHER], max_tokens=4, tool_choice={
+            "type": "function", "function": {"name": "get_time"}})
     with pytest.raises(ValueError, match="tool_choice must be"):
         llm.create_chat_completion(ASK, tools=[WEATHER], tool_choice="always", max_tokens=4)
     with pytest.raises(ValueError, match="'required' needs tools"):
