@@ -1533,12 +1533,14 @@ class _ForcedCall:
         for chunk in completion:
             pieces.append(chunk["choices"][0]["text"])
             last = chunk
+        if last is None:
+            return
         whole = dict(last, choices=[dict(last["choices"][0], text="".join(pieces))], usage=None)
         reply = self.response(whole)
         head = {"id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"],
                 "model": reply["model"]}
         message = reply["choices"][0]["message"]
-        delta = {k: v for k, v in message.items()}
+        delta = dict(message)
         if "tool_calls" in delta:
             delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(delta["tool_calls"])]
         yield dict(head, choices=[{"index": 0, "delta": delta, "logprobs": None,
