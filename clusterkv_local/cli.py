@@ -120,6 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Interactive chat with the model's template; /exit (or EOF) quits, /reset forgets."""
     with _load(args) as llm:
+        sampling = _sampling(args)  # the grammar (a file, a schema) is read once
         system = [{"role": "system", "content": args.system}] if args.system else []
         messages: List[Dict[str, str]] = list(system)
         print("chatting with %s (%s template); /exit to quit, /reset to start over"
@@ -138,7 +139,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.append({"role": "user", "content": line})
             reply = []
             for chunk in llm.create_chat_completion(messages, max_tokens=args.n_predict,
-                                                    stream=True, **_sampling(args)):
+                                                    stream=True, **sampling):
                 text = chunk["choices"][0]["delta"].get("content", "")
                 reply.append(text)
                 sys.stdout.write(text)

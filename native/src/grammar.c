@@ -49,6 +49,14 @@ typedef struct {
 
 static int is_alt_end(uint32_t type) { return type == E_END || type == E_ALT; }
 
+// The position where the alternative after the one starting at alt starts; -1 after the last.
+static int32_t next_alt(const elem * e, int32_t alt) {
+    while (!is_alt_end(e[alt].type)) {
+        alt++;
+    }
+    return e[alt].type == E_END ? -1 : alt + 1;
+}
+
 // Growing arrays of int32 (element positions, stacks) and of elements.
 typedef struct {
     int32_t * v;
@@ -476,6 +484,15 @@ static int32_t repeat_symbol(parser * ps, int32_t rule, evec * out, int32_t sym,
     return st;
 }
 
+// The decimal number at p into *v, clamped just above MAX_REPEAT (so a huge count is reported,
+// not wrapped); returns the position after it.
+static const char * read_count(const char * p, int64_t * v) {
+    for (*v = 0; *p >= '0' && *p <= '9'; p++) {
+        *v = *v > MAX_REPEAT ? *v : *v * 10 + (*p - '0');
+    }
+    return p;
+}
+
 // {m}, {m,}, {m,n} at ps->p (just past '{').
 static int32_t parse_braces(parser * ps, int32_t * min, int32_t * max) {
     const char * at = ps->p - 1;
@@ -484,20 +501,11 @@ static int32_t parse_braces(parser * ps, int32_t * min, int32_t * max) {
     if (!(*p >= '0' && *p <= '9')) {
         return parse_error(ps, at, "expected a number after '{'");
     }
-    while (*p >= '0' && *p <= '9') {  // clamped: a huge count is reported, not wrapped
-        m = m > MAX_REPEAT ? m : m * 10 + (*p - '0');
-        p++;
-    }
-    p = skip_space(p, 0);
+    p = skip_space(read_count(p, &m), 0);
     if (*p == ',') {
         p = skip_space(p + 1, 0);
         if (*p >= '0' && *p <= '9') {
-            n = 0;
-            while (*p >= '0' && *p <= '9') {
-                n = n > MAX_REPEAT ? n : n * 10 + (*p - '0');
-                p++;
-            }
-            p = skip_space(p, 0);
+            p = skip_space(read_count(p, &n), 0);
         }
     } else {
         n = m;
@@ -883,7 +891,7 @@ static int32_t expand(const ckv_grammar * g, ivec * tmp, int32_t base, int32_t n
     }
     // Resume after the reference, unless the alternative ends there (no stack growth).
     const int32_t keep = is_alt_end(g->elems.v[pos + 1].type) ? n - 1 : n;
-    for (int32_t alt = g->rule_start.v[e.value];;) {
+    for (int32_t alt = g->rule_start.v[e.value]; alt >= 0; alt = next_alt(g->elems.v, alt)) {
         const int32_t child = tmp->n;
         for (int32_t i = 0; i < keep; i++) {
             TRY(ivec_push(tmp, tmp->v[base + i]));
@@ -894,14 +902,8 @@ static int32_t expand(const ckv_grammar * g, ivec * tmp, int32_t base, int32_t n
         TRY(ivec_push(tmp, alt));
         TRY(expand(g, tmp, child, keep + 1, out, depth + 1));
         tmp->n = child;
-        while (!is_alt_end(g->elems.v[alt].type)) {
-            alt++;
-        }
-        if (g->elems.v[alt].type == E_END) {
-            return CKV_OK;
-        }
-        alt++;
     }
+    return CKV_OK;
 }
 
 // Whether the class at pos contains a code point in [lo, hi] (all of it for a negated class
@@ -983,8 +985,8 @@ static void pending_range(const parse_state * s, uint32_t * lo, uint32_t * hi) {
     }
 }
 
-// Reads one byte: `to` = `from` after it. Returns 1 when the text can still go on, 0 when the
-// grammar (or UTF-8) refuses it.
+// Reads one byte: `to` = `from` after it. *alive = 1 when the text can still go on, 0 when the
+// grammar (or UTF-8) refuses it (`to` is then unspecified).
 static int32_t step_byte(const ckv_grammar * g, const parse_state * from, uint8_t b, parse_state * to,
                          ivec * tmp, int * alive) {
     *alive = 0;
@@ -1032,19 +1034,13 @@ static int32_t start_state(ckv_grammar * g, parse_state * s) {
     s->min_cp  = 0;
     ivec tmp   = { 0 };
     int32_t st = CKV_OK;
-    for (int32_t alt = g->rule_start.v[g->root]; st == CKV_OK;) {
+    for (int32_t alt = g->rule_start.v[g->root]; alt >= 0 && st == CKV_OK;
+         alt = next_alt(g->elems.v, alt)) {
         tmp.n = 0;
         st    = ivec_push(&tmp, alt);
         if (st == CKV_OK) {
             st = expand(g, &tmp, 0, 1, &s->stacks, 0);
         }
-        while (!is_alt_end(g->elems.v[alt].type)) {
-            alt++;
-        }
-        if (g->elems.v[alt].type == E_END) {
-            break;
-        }
-        alt++;
     }
     free(tmp.v);
     return st;
@@ -1068,16 +1064,19 @@ static int32_t run_bytes(ckv_grammar * g, const parse_state * from, const char *
 // Vocabulary
 // =============================================================================================
 
+static const char * piece(const ckv_grammar * g, ckv_token t, int32_t * len) {
+    *len = g->piece_start[t + 1] - g->piece_start[t];
+    return g->piece_bytes + g->piece_start[t];
+}
+
 // qsort takes no context argument; thread-local so grammars can be made on several threads.
 static _Thread_local const ckv_grammar * sort_grammar;
 
 static int compare_pieces(const void * pa, const void * pb) {
-    const ckv_grammar * g  = sort_grammar;
-    const int32_t       a  = *(const int32_t *) pa, b = *(const int32_t *) pb;
-    const int32_t       la = g->piece_start[a + 1] - g->piece_start[a];
-    const int32_t       lb = g->piece_start[b + 1] - g->piece_start[b];
-    const int c = memcmp(g->piece_bytes + g->piece_start[a], g->piece_bytes + g->piece_start[b],
-                         (size_t) (la < lb ? la : lb));
+    const int32_t a = *(const int32_t *) pa, b = *(const int32_t *) pb;
+    int32_t       la, lb;
+    const char *  xa = piece(sort_grammar, a, &la), * xb = piece(sort_grammar, b, &lb);
+    const int     c  = memcmp(xa, xb, (size_t) (la < lb ? la : lb));
     return c ? c : la != lb ? (la < lb ? -1 : 1) : (a < b ? -1 : 1);
 }
 
@@ -1123,10 +1122,8 @@ static int32_t load_vocab(ckv_grammar * g, const ckv_model * model) {
     for (int32_t i = 0; i < g->n_sorted; i++) {
         int32_t l = 0;
         if (i > 0) {
-            const int32_t a = g->sorted[i - 1], b = g->sorted[i];
-            const int32_t la = g->piece_start[a + 1] - g->piece_start[a];
-            const int32_t lb = g->piece_start[b + 1] - g->piece_start[b];
-            const char *  pa = g->piece_bytes + g->piece_start[a], * pb = g->piece_bytes + g->piece_start[b];
+            int32_t      la, lb;
+            const char * pa = piece(g, g->sorted[i - 1], &la), * pb = piece(g, g->sorted[i], &lb);
             while (l < la && l < lb && pa[l] == pb[l]) {
                 l++;
             }
@@ -1135,11 +1132,6 @@ static int32_t load_vocab(ckv_grammar * g, const ckv_model * model) {
     }
     g->depth = calloc((size_t) g->max_piece + 1, sizeof(parse_state));
     return g->depth ? CKV_OK : ckv_fail(CKV_ERR_OOM, "ckv_grammar_init: out of memory");
-}
-
-static const char * piece(const ckv_grammar * g, ckv_token t, int32_t * len) {
-    *len = g->piece_start[t + 1] - g->piece_start[t];
-    return g->piece_bytes + g->piece_start[t];
 }
 
 // Whether a walk that ended in state s leaves a token allowed: some stack can take the next
@@ -1188,7 +1180,7 @@ static int32_t compute_mask(ckv_grammar * g, const float * logits, int32_t * n_a
         }
     }
     // End-of-generation tokens: allowed exactly when the text may end here.
-    const int can_end = g->state.pending == 0 && has_empty_stack(&g->state.stacks);
+    const bool can_end = ckv_grammar_is_complete(g);
     for (int32_t t = 0; t < g->n_vocab && can_end; t++) {
         if (g->is_eog[t] && !(logits && logits[t] == -INFINITY)) {
             g->allowed[t] = 1;

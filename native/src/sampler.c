@@ -354,8 +354,9 @@ static int32_t typical(ckv_sampler * s, candidate * c, int32_t n, float p) {
     return kept;
 }
 
-// Mirostat 1: the top k tokens, k from the estimated Zipf exponent and mu.
-static int32_t mirostat_v1_keep(ckv_sampler * s, const candidate * c, int32_t n) {
+// Mirostat 1: the top k tokens, k from the estimated Zipf exponent and mu; they end up in
+// c[0..k), best first.
+static int32_t mirostat_v1_keep(ckv_sampler * s, candidate * c, int32_t n) {
     enum { M = 100 };  // probabilities the exponent is estimated from (the paper's m)
     const int32_t top = n < M ? n : M;
     select_top(c, n, top, s->reorder);
@@ -369,7 +370,12 @@ static int32_t mirostat_v1_keep(ckv_sampler * s, const candidate * c, int32_t n)
     const double s_hat = sum_tt > 0.0 ? sum_tb / sum_tt : 0.0;
     const double e     = s_hat - 1.0;
     const double k     = pow(e * pow(2.0, s->mu) / (1.0 - pow((double) s->n_vocab, -e)), 1.0 / s_hat);
-    return k >= 1.0 ? (k < (double) n ? (int32_t) k : n) : 1;  // NaN and k < 1 keep one
+    const int32_t kept = k >= 1.0 ? (k < (double) n ? (int32_t) k : n) : 1;  // NaN, k < 1: one
+    if (kept > top) {  // else the top `top`, already sorted, hold them
+        select_top(c, n, kept, s->reorder);
+    }
+    memcpy(c, s->reorder, (size_t) kept * sizeof(candidate));
+    return kept;
 }
 
 // Mirostat 2: the tokens whose surprise -log2 p is at most mu (at least the best one).
@@ -395,14 +401,8 @@ static int32_t mirostat_v2_keep(ckv_sampler * s, candidate * c, int32_t n) {
 }
 
 static ckv_token mirostat(ckv_sampler * s, int32_t n) {
-    int32_t kept;
-    if (s->params.mirostat == 1) {
-        kept = mirostat_v1_keep(s, s->cand, n);
-        select_top(s->cand, n, kept, s->reorder);
-        memcpy(s->cand, s->reorder, (size_t) kept * sizeof(candidate));
-    } else {
-        kept = mirostat_v2_keep(s, s->cand, n);
-    }
+    const int32_t kept = s->params.mirostat == 1 ? mirostat_v1_keep(s, s->cand, n)
+                                                 : mirostat_v2_keep(s, s->cand, n);
     double        p;
     const int32_t pick = draw_index(s, s->cand, kept, &p);
     s->drawn           = s->cand[pick].id;
