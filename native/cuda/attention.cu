@@ -48,7 +48,9 @@ __device__ __forceinline__ int split_range(const struct cuda_attention_args & a,
 // tile's older rows are then loaded before the PDL wait, while the q/k/v GEMV still runs.
 
 // DEC_GMAX (a template parameter: 4 or 8) sizes the per-thread accumulators, so it is the
-// smallest that holds the group.
+// smallest that holds the group; 1 (heads_per_block) gives each query head a block of its own,
+// which re-reads the K/V rows per head but shortens the serial per-head loops 4x: better while
+// the grid is too small to fill the GPU (ckv_cuda_attention_narrow).
 enum { DEC_THREADS = 128, DEC_TILE = 64 };
 
 template <int HD> struct dec_layout {
@@ -553,12 +555,22 @@ template <int HD> static cudaError_t launch_flash(const struct cuda_attention_ar
     return launch_pdl(flash_prefill_kernel<HD>, grid, FA_THREADS, smem, s, *a);
 }
 
+int32_t ckv_cuda_attention_narrow(int32_t n_head, int32_t n_head_kv, int64_t n_kv, int32_t n_sm) {
+    if (n_head_kv < 1 || n_head <= n_head_kv) {
+        return 0;
+    }
+    int64_t splits = (n_kv + ATT_MIN_CHUNK - 1) / ATT_MIN_CHUNK;
+    return n_head_kv * splits < n_sm ? 1 : 0;
+}
+
 template <int HD> static cudaError_t launch_decode(const struct cuda_attention_args * a, cudaStream_t s) {
-    int  group = a->n_head / a->n_head_kv, gmax = group <= 4 ? 4 : 8;
+    // gmax query heads per block: the smallest accumulator size that holds the group, or 1.
+    int  group = a->n_head / a->n_head_kv, gmax = a->heads_per_block == 1 ? 1 : group <= 4 ? 4 : 8;
     dim3 grid((unsigned) (a->n_head_kv * ((group + gmax - 1) / gmax)), (unsigned) a->n_split,
               (unsigned) a->n_tokens);
-    cudaError_t e = gmax == 4 ? launch_pdl(attention_decode_kernel<HD, 4>, grid, DEC_THREADS, 0, s, *a)
-                              : launch_pdl(attention_decode_kernel<HD, 8>, grid, DEC_THREADS, 0, s, *a);
+    cudaError_t e = gmax == 1   ? launch_pdl(attention_decode_kernel<HD, 1>, grid, DEC_THREADS, 0, s, *a)
+                    : gmax == 4 ? launch_pdl(attention_decode_kernel<HD, 4>, grid, DEC_THREADS, 0, s, *a)
+                                : launch_pdl(attention_decode_kernel<HD, 8>, grid, DEC_THREADS, 0, s, *a);
     if (e == cudaSuccess && a->n_split > 1) {
         size_t smem = (size_t) a->n_split * sizeof(float);
         if (smem > 48 * 1024) e = cudaFuncSetAttribute(merge_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem);
@@ -572,10 +584,12 @@ template <int HD> static cudaError_t launch_decode(const struct cuda_attention_a
 int32_t ckv_cuda_attention(const struct cuda_attention_args * a, cudaStream_t s) {
     if (a->n_head_kv < 1 || a->n_head % a->n_head_kv != 0 || a->n_split < 1 || a->n_tokens < 1 ||
         (!a->pos_dev && a->pos0 + a->n_tokens > a->n_ctx) || (a->n_split > 1 && !a->partial) ||
-        (a->out_q && (a->n_tokens >= CKV_FLASH_MIN_TOKENS || a->head_dim % 32 != 0))) {
+        (a->out_q && (a->n_tokens >= CKV_FLASH_MIN_TOKENS || a->head_dim % 32 != 0)) ||
+        a->heads_per_block < 0 || a->heads_per_block > 1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "cuda attention: bad shape (n_head %d, n_head_kv %d, "
-                        "n_split %d, %lld tokens at %lld, n_ctx %d)", a->n_head, a->n_head_kv,
-                        a->n_split, (long long) a->n_tokens, (long long) a->pos0, a->n_ctx);
+                        "n_split %d, %lld tokens at %lld, n_ctx %d, %d heads per block)", a->n_head,
+                        a->n_head_kv, a->n_split, (long long) a->n_tokens, (long long) a->pos0, a->n_ctx,
+                        a->heads_per_block);
     }
     const struct cuda_rope_kv_args * r = &a->rope;
     if (r->k) {

@@ -271,8 +271,12 @@ struct cuda_context {
     cudaGraphExec_t decode_graph; // NULL until the first one-token decode
     // The graph bakes in one sequence's cache and its policy's cluster layout, so it is
     // re-captured for another sequence or when cuda_kv_policy_layout moves past graph_layout.
+    // It also bakes in the decode attention's grid, chosen for the length graph_len (see
+    // narrow_attention), and is re-captured when the choice for the current length differs.
     int32_t         graph_seq;
     uint64_t        graph_layout;
+    int64_t         graph_len;
+    int32_t         graph_narrow;
     // A batch step (n_seq > 1) replays its own graph: tokens and positions come from h_batch
     // through d_batch_pos, logits go to h_batch_logits. It bakes in which sequence each row
     // belongs to and their policies' layouts (batch_key), and is re-captured when those change.
@@ -513,19 +517,44 @@ static int32_t matmul(struct cuda_context * gc, const struct cuda_weight * w, co
 }
 
 // Where one row's (or one chunk's) attention runs: a stream and the split-K scratch it may use.
+// A batch step's rows run side by side and fill the GPU together, so their lanes keep the
+// default decode grid (one_row false).
 struct attn_lane {
     cudaStream_t s;
     float *      partial;
     int64_t      partial_cap;
+    bool         one_row;
 };
 
-static attn_lane main_lane(const struct cuda_context * gc) { return {gc->stream, gc->partial, gc->partial_cap}; }
+static attn_lane main_lane(const struct cuda_context * gc) { return {gc->stream, gc->partial, gc->partial_cap, true}; }
 
 // Row t of an n-row batch step: its stream and an n-th of the scratch.
 static attn_lane row_lane(const struct cuda_context * gc, int64_t t, int64_t n) {
     const int64_t slice = gc->partial_cap / n;
     const size_t  floats = (size_t) ckv_cuda_attention_partial_floats(gc->gm->hp.head_dim);
-    return {gc->row_streams[t], gc->partial + (size_t) t * slice * floats, slice};
+    return {gc->row_streams[t], gc->partial + (size_t) t * slice * floats, slice, false};
+}
+
+// One query head per decode attention block for one token over len positions of a layer with
+// this window (0: none), see ckv_cuda_attention_narrow. Off unless CKV_ATT_NARROW=1 until its
+// test-cuda-ops cases and the A/B have run on a GPU (written in a session without one; the
+// speed-up is pass 17's measurement of one head per block at every depth).
+static bool narrow_attention(const struct cuda_context * gc, int64_t len, int32_t window) {
+    static int on = -1;
+    if (on < 0) {
+        const char * e = getenv("CKV_ATT_NARROW");
+        on = e && strcmp(e, "1") == 0;
+    }
+    const struct hparams * hp = &gc->gm->hp;
+    int64_t n_kv = window > 0 && len > window ? window : len;
+    return on && ckv_cuda_attention_narrow(hp->n_head, hp->n_head_kv, n_kv, ckv_cuda_sm_count());
+}
+
+// The decode grids a one-token step at length len uses, one bit per kind of layer (full,
+// sliding-window): what a captured graph bakes in.
+static int32_t narrow_key(const struct cuda_context * gc, int64_t len) {
+    const struct hparams * hp = &gc->gm->hp;
+    return (narrow_attention(gc, len, 0) ? 1 : 0) | (hp->n_swa > 0 && narrow_attention(gc, len, hp->n_swa) ? 2 : 0);
 }
 
 // Attention of layer il for query rows q (n tokens at pos0..) over every cached position (or
@@ -548,6 +577,8 @@ static int32_t dense_attention(struct cuda_context * gc, const attn_lane & lane,
     if (rope) {
         at.rope = *rope;
     }
+    int64_t len = pos_dev ? gc->graph_len : pos0 + n;   // a graph is captured for one choice
+    at.heads_per_block = n == 1 && lane.one_row && narrow_attention(gc, len, window) ? 1 : 0;
     return ckv_cuda_attention(&at, lane.s);
 }
 
@@ -786,14 +817,18 @@ static int32_t capture_step(struct cuda_context * gc, int32_t n, const int32_t *
 static int32_t decode_one_graph(struct cuda_context * gc, int32_t token, int32_t pos, float * logits_host) {
     const int32_t seq = (int32_t) (gc->cur - gc->seqs);
     uint64_t layout = gc->cur->policy ? cuda_kv_policy_layout(gc->cur->policy) : 0;
-    if (gc->decode_graph && (layout != gc->graph_layout || seq != gc->graph_seq)) {   // new lists / cache
+    int32_t  narrow = narrow_key(gc, (int64_t) pos + 1);
+    if (gc->decode_graph && (layout != gc->graph_layout || seq != gc->graph_seq ||   // new lists / cache
+                             narrow != gc->graph_narrow)) {                          // or grid
         cudaGraphExecDestroy(gc->decode_graph);
         gc->decode_graph = NULL;
     }
     if (!gc->decode_graph) {
+        gc->graph_len = (int64_t) pos + 1;
         TRY_OK(capture_step(gc, 1, gc->h_step, gc->h_step + 1, gc->d_pos, NULL, gc->h_logits, &gc->decode_graph));
         gc->graph_layout = layout;
         gc->graph_seq    = seq;
+        gc->graph_narrow = narrow;
     }
     gc->h_step[0] = token;
     gc->h_step[1] = pos;

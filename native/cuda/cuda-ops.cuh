@@ -168,8 +168,21 @@ struct cuda_attention_args {
                               // by the kernel, and the loads of the older rows start before the
                               // PDL wait: they must have been written by an earlier forward,
                               // which ended with a stream synchronisation.
+    int32_t        heads_per_block;   // decode kernel: 0 = a block serves its KV head's whole
+                              // group of query heads (up to 8), reading each K/V row once for
+                              // all; 1 = one query head per block (see ckv_cuda_attention_narrow)
 };
 int32_t ckv_cuda_attention(const struct cuda_attention_args * a, cudaStream_t s);
+
+// Whether one decode token over n_kv positions should run one query head per block: while the
+// default grid (a block per KV head and 64-position split) leaves some of the n_sm SMs idle,
+// more blocks with a quarter of the serial per-head work each finish sooner; once the grid
+// fills the GPU, re-reading each K/V row per head costs more (H100, NOTES pass 17: +4% 8B at
+// depth ~600, +12% SmolLM2 at 2048, -6% 8B at 2048). Never for group size 1 (no change).
+int32_t ckv_cuda_attention_narrow(int32_t n_head, int32_t n_head_kv, int64_t n_kv, int32_t n_sm);
+
+// Streaming multiprocessors of the current device (132 if it cannot be read).
+int32_t ckv_cuda_sm_count(void);
 
 // Floats per split's partial result: head_dim outputs, the running max and sum, padding that
 // keeps every slot 16-byte aligned.

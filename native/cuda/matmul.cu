@@ -1000,7 +1000,7 @@ static void read_mmvq_env(void) {
     }
 }
 
-static int sm_count(void) {
+int32_t ckv_cuda_sm_count(void) {
     static int n = 0;
     if (!n) {
         int dev = 0;
@@ -1066,7 +1066,7 @@ static cudaError_t launch_mmvq(const struct mmv_jobs & j, int64_t n_in, int64_t 
     int    R = g_mmvq_rows == 1 || g_mmvq_rows == 2 ? g_mmvq_rows : (rows > 32768 ? 2 : 1);
     size_t smem = xq ? 0 : (size_t) n_in / 32 * sizeof(cq8x);
     int64_t groups = (rows + MMVQ_WARPS * R - 1) / (MMVQ_WARPS * R);
-    int64_t cap = (int64_t) sm_count() * 8;
+    int64_t cap = (int64_t) ckv_cuda_sm_count() * 8;
     unsigned grid = (unsigned) (groups < cap ? groups : cap);
     cudaError_t e;
     if (R == 1) {

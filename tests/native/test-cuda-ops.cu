@@ -590,9 +590,9 @@ static void attend_ref(const std::vector<ckv_fp16> & kc, const std::vector<ckv_f
 }
 
 // dev_pos: pos0 read from device memory and n_split fixed (the CUDA-graph decode path), so
-// splits may be empty.
+// splits may be empty. hpb: the decode kernel's heads_per_block (0: the whole group).
 static void test_attention_case(int hd, int n_head, int n_head_kv, int64_t pos0, int64_t n_tok,
-                                int window, int n_split_wanted, bool dev_pos = false) {
+                                int window, int n_split_wanted, bool dev_pos = false, int hpb = 0) {
     const int n_ctx = (int) (pos0 + n_tok + 3);
     const int kv_dim = n_head_kv * hd;
     // Cache rows [0, pos0 + n_tok) hold f16(k), f16(v); the rows after them hold NaN.
@@ -633,11 +633,12 @@ static void test_attention_case(int hd, int n_head, int n_head_kv, int64_t pos0,
     struct cuda_attention_args a = {dq.p, dkc.p, dvc.p, dout.p, dpart.p, n_tok, dev_pos ? -1 : pos0,
                                     n_ctx, n_head, n_head_kv, hd, window, n_split, scale,
                                     dev_pos ? dpos.p : NULL, decode ? dq8.p : NULL};
+    a.heads_per_block = hpb;
     CHECK_OK(ckv_cuda_attention(&a, 0));
-    snprintf(name, sizeof(name), "attention%s hd=%d gqa=%d n=%lld pos0=%lld%s w=%d splits=%d",
+    snprintf(name, sizeof(name), "attention%s hd=%d gqa=%d n=%lld pos0=%lld%s w=%d splits=%d%s",
              n_tok >= CKV_FLASH_MIN_TOKENS ? "(flash)" : "", hd,
              n_head / n_head_kv, (long long) n_tok, (long long) pos0, dev_pos ? "(dev)" : "", window,
-             n_split);
+             n_split, hpb == 1 ? " narrow" : "");
     std::vector<float> got = dout.get();
     expect(name, rel_err(got, ref), n_tok >= CKV_FLASH_MIN_TOKENS ? 2e-3 : 1e-4);
     if (decode) {
@@ -648,11 +649,12 @@ static void test_attention_case(int hd, int n_head, int n_head_kv, int64_t pos0,
 }
 
 // One decode token with RoPE inside the decode kernel (cuda_attention_args.rope) against
-// rope_kv followed by the plain decode kernel: the same formulas on the same values, so the
-// output, its quantisation and both caches (the new row stored, nothing else touched) must be
-// equal bit for bit. Rows before pos0 are random, the rest NaN until a kernel stores them.
+// rope_kv followed by the plain decode kernel (both with hpb heads per block): the same
+// formulas on the same values, so the output, its quantisation and both caches (the new row
+// stored, nothing else touched) must be equal bit for bit. Rows before pos0 are random, the
+// rest NaN until a kernel stores them.
 static void test_attention_rope_case(int hd, int n_head, int n_head_kv, int64_t pos0, int window,
-                                     int n_split_wanted, bool dev_pos, int n_rot, bool neox) {
+                                     int n_split_wanted, bool dev_pos, int n_rot, bool neox, int hpb = 0) {
     const int n_ctx = (int) (pos0 + 4), kv_dim = n_head_kv * hd;
     std::vector<ckv_fp16> kc((size_t) n_head_kv * n_ctx * hd, 0x7E00), vc = kc;
     for (int64_t t = 0; t < pos0; t++)
@@ -685,6 +687,7 @@ static void test_attention_rope_case(int hd, int n_head, int n_head_kv, int64_t 
         struct cuda_attention_args a = {dq.p, dkc.p, dvc.p, dout.p, dpart.p, 1, dev_pos ? -1 : pos0, n_ctx,
                                         n_head, n_head_kv, hd, window, n_split, scale,
                                         dev_pos ? dpos.p : NULL, dq8.p};
+        a.heads_per_block = hpb;
         if (fused) {
             a.rope = r;
         } else {
@@ -694,9 +697,9 @@ static void test_attention_rope_case(int hd, int n_head, int n_head_kv, int64_t 
         runs[fused] = {dout.get(), dq8.get(), dkc.get(), dvc.get()};
     }
     char name[128];
-    snprintf(name, sizeof(name), "attention with rope hd=%d heads=%d/%d pos0=%lld w=%d splits=%d rot=%d%s%s",
+    snprintf(name, sizeof(name), "attention with rope hd=%d heads=%d/%d pos0=%lld w=%d splits=%d rot=%d%s%s%s",
              hd, n_head, n_head_kv, (long long) pos0, window, n_split, n_rot, neox ? " neox" : "",
-             dev_pos ? " (dev)" : "");
+             dev_pos ? " (dev)" : "", hpb == 1 ? " narrow" : "");
     bool same = memcmp(runs[0].out.data(), runs[1].out.data(), runs[0].out.size() * sizeof(float)) == 0 &&
                 memcmp(runs[0].out_q.data(), runs[1].out_q.data(), runs[0].out_q.size() * sizeof(cq8x)) == 0 &&
                 memcmp(runs[0].kc.data(), runs[1].kc.data(), kc.size() * 2) == 0 &&
@@ -731,12 +734,50 @@ static void test_attention(void) {
     test_attention_rope_case(128, 32, 8, 20000, 0, 400, false, 128, true);  // several tiles per split
     test_attention_rope_case(64, 9, 3, 5000, 0, 128, true, 64, false);  // graph decode, empty splits
     test_attention_rope_case(256, 4, 1, 900, 512, 16, true, 256, true); // window, hd 256
+    // One query head per block (ckv_cuda_attention_narrow's choice at short depth).
+    test_attention_case(64, 9, 3, 0, 1, 0, 1, false, 1);          // first token
+    test_attention_case(64, 9, 3, 1000, 1, 0, 8, false, 1);       // SmolLM2, split-K
+    test_attention_case(128, 32, 8, 600, 1, 0, 16, false, 1);     // Llama-3 shape at ~600
+    test_attention_case(128, 32, 8, 20000, 1, 0, 400, false, 1);  // several tiles per split
+    test_attention_case(64, 9, 3, 5000, 1, 0, 128, true, 1);      // graph decode, empty splits
+    test_attention_case(256, 4, 1, 900, 1, 512, 16, true, 1);     // graph decode, window
+    test_attention_case(64, 9, 3, 100, 5, 0, 4, false, 1);        // a few queries, per token
+    test_attention_rope_case(64, 9, 3, 1000, 0, 8, false, 64, true, 1);    // SmolLM2 decode
+    test_attention_rope_case(64, 32, 2, 300, 0, 4, false, 32, true, 1);    // group 16
+    test_attention_rope_case(128, 32, 8, 600, 0, 16, true, 128, false, 1); // 8B shape, graph decode
+    test_attention_rope_case(64, 9, 3, 0, 0, 1, false, 64, false, 1);      // first token: only the new row
+}
+
+// ckv_cuda_attention_narrow's threshold: one head per block while the default grid (KV heads x
+// 64-position splits) has fewer blocks than SMs, never for group size 1. A host function:
+// checked also where no GPU is present.
+static void test_attention_narrow_rule(void) {
+    struct { int32_t n_head, n_head_kv; int64_t n_kv; int32_t n_sm, want; } cases[] = {
+        {32, 8, 576, 132, 1},     // 8B after pp512: 8 x 9 = 72 blocks
+        {32, 8, 2100, 132, 0},    // 8B at 2048: 8 x 33 = 264
+        {32, 8, 1056, 132, 0},    // 8 x 17 = 136: the grid fills the GPU
+        {32, 8, 1024, 132, 1},    // 8 x 16 = 128
+        {9, 3, 2100, 132, 1},     // SmolLM2 at 2048: 3 x 33 = 99
+        {9, 3, 8000, 132, 0},     // 3 x 125
+        {9, 3, 2752, 132, 1},     // 3 x 43 = 129: the longest narrow length
+        {9, 3, 2753, 132, 0},     // 3 x 44 = 132: not fewer than the SMs
+        {8, 8, 100, 132, 0},      // no GQA
+        {4, 1, 1, 132, 1},        // Gemma-3-270M, first token
+        {32, 8, 576, 16, 0},      // a small GPU is filled by the default grid
+    };
+    for (auto & c : cases) {
+        char name[96];
+        snprintf(name, sizeof(name), "attention narrow rule %d/%d heads n_kv=%lld sms=%d", c.n_head, c.n_head_kv,
+                 (long long) c.n_kv, c.n_sm);
+        expect(name, ckv_cuda_attention_narrow(c.n_head, c.n_head_kv, c.n_kv, c.n_sm) == c.want ? 0.0 : 1.0, 0.0);
+    }
 }
 
 int main(void) {
+    test_attention_narrow_rule();
     if (ckv_cuda_device_count() == 0) {
         printf("test-cuda-ops: skipped: %s\n", ckv_cuda_device_name());
-        return 77;
+        return g_failures ? 1 : 77;
     }
     printf("test-cuda-ops on %s\n", ckv_cuda_device_name());
     quants_init();
