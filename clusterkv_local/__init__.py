@@ -5,8 +5,8 @@
     >>> llm("Once upon a time", max_tokens=16)["choices"][0]["text"]
 
 Layers: _ffi.py (cffi binding) -> _internals.py (handles, errors) -> llama.py (Llama) ->
-chat.py (templates), grammar.py + json_schema.py (constrained output); models.py (registry,
-fetching) and cli.py sit beside them.
+chat.py (templates), grammar.py + json_schema.py (constrained output), cache.py (saved states,
+prompt caches); models.py (registry, fetching) and cli.py sit beside them.
 
 The names below are imported on first use, so `clusterkv_local.models` and the CLI's `models` and
 `fetch` commands work before the native library is built.
@@ -26,6 +26,11 @@ _LAZY = {
     "LLAMA_POOLING_TYPE_LAST": "llama",
     "LogitsProcessorList": "llama",
     "StoppingCriteriaList": "llama",
+    "LlamaState": "cache",
+    "LlamaRAMCache": "cache",
+    "LlamaDiskCache": "cache",
+    "LlamaCache": "cache",
+    "BaseLlamaCache": "cache",
     "LlamaGrammar": "grammar",
     "LLAMA_GRAMMAR_DEFAULT_ROOT": "grammar",
     "JSON_GBNF": "json_schema",
@@ -56,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
                         LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE,
                         LLAMA_POOLING_TYPE_UNSPECIFIED, Llama, LogitsProcessorList,
                         StoppingCriteriaList)
+    from .cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState
     from .grammar import LLAMA_GRAMMAR_DEFAULT_ROOT, LlamaGrammar
     from .json_schema import JSON_GBNF, json_schema_to_gbnf
     from .models import DEFAULT_MODEL, ChecksumError, ModelFetchError

@@ -3,7 +3,7 @@
 Do not edit: run `python tools/gen_cdef.py`."""
 
 CDEF = r"""
-#define CKV_API_VERSION 4
+#define CKV_API_VERSION 5
 enum ckv_status {
     CKV_OK = 0,
     CKV_ERR_INVALID_ARG = -1,
@@ -164,6 +164,11 @@ int32_t ckv_get_n_outputs(const ckv_context * ctx);
 const float * ckv_get_logits(const ckv_context * ctx, int32_t i);
 int32_t ckv_get_n_embeddings(const ckv_context * ctx);
 const float * ckv_get_embeddings(const ckv_context * ctx, int32_t i);
+int32_t ckv_context_state_size(const ckv_context * ctx, int32_t seq, uint64_t * size);
+int32_t ckv_context_state_save(ckv_context * ctx, int32_t seq, void * dst, uint64_t cap,
+                                       uint64_t * written);
+int32_t ckv_context_state_load(ckv_context * ctx, int32_t seq, const void * src,
+                                       uint64_t size);
 struct ckv_timings {
     double t_prefill_ms;
     double t_decode_ms;

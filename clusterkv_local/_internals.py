@@ -47,7 +47,8 @@ class InvalidArgumentError(ClusterKVError, ValueError):
 
 class ModelFormatError(ClusterKVError, ValueError):
     """CKV_ERR_FORMAT: the file is not a well-formed GGUF model (truncated, bad magic, bad offsets,
-    tensor shapes that disagree with the hyper-parameters, hyper-parameters out of range)."""
+    tensor shapes that disagree with the hyper-parameters, hyper-parameters out of range), or
+    bytes given as a saved state are not one (Llama.load_state)."""
 
 
 class UnsupportedError(ClusterKVError):
@@ -518,6 +519,20 @@ class _Context(_Handle):
     def decode(self, tokens: Sequence[int], all_logits: bool = False) -> None:
         ids = ffi.new("ckv_token[]", [int(t) for t in tokens])
         _check(lib.ckv_decode(self._live(), ids, len(ids), all_logits))
+
+    def state_save(self, seq: int = 0) -> bytes:
+        """Sequence seq's cached rows (and last logits row) as bytes (ckv_context_state_save)."""
+        ptr = self._live()
+        size = ffi.new("uint64_t *")
+        _check(lib.ckv_context_state_size(ptr, seq, size))
+        buf = ffi.new("char[]", max(int(size[0]), 1))
+        _check(lib.ckv_context_state_save(ptr, seq, buf, len(buf), size))
+        return ffi.buffer(buf, int(size[0]))[:]
+
+    def state_load(self, data: bytes, seq: int = 0) -> None:
+        """Replaces sequence seq's cache by a saved state (ckv_context_state_load)."""
+        data = bytes(data)
+        _check(lib.ckv_context_state_load(self._live(), seq, ffi.from_buffer(data), len(data)))
 
     def n_outputs(self) -> int:
         return lib.ckv_get_n_outputs(self._live())

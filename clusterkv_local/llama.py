@@ -27,9 +27,10 @@ import numpy as np
 
 from . import models as _models
 from ._ffi import ffi
-from ._internals import (KV_POLICIES, KV_POLICY_FIELDS, KV_TYPES, ModelInfo, SamplerParams,
-                         TensorInfo, _Context, _Grammar, _Model, _Sampler, logits_to_logprobs,
-                         system_info, token_array)
+from ._internals import (KV_POLICIES, KV_POLICY_FIELDS, KV_TYPES, InvalidArgumentError,
+                         ModelInfo, SamplerParams, TensorInfo, _Context, _Grammar, _Model,
+                         _Sampler, logits_to_logprobs, system_info, token_array)
+from .cache import BaseLlamaCache, LlamaState, longest_token_prefix
 from .chat import ChatFormatter, resolve_chat_format
 from .grammar import LlamaGrammar, as_grammar
 from .json_schema import JSON_GBNF
@@ -490,6 +491,7 @@ class Llama:
         self._ctx: Optional[_Context] = None
         self._sampler: Optional[_Sampler] = None
         self._grammar_state: Optional[_Grammar] = None  # native state of the last grammar used
+        self.cache: Optional[BaseLlamaCache] = None
         self._closed = False
         self._check_kwargs(kwargs)
         n_ctx, n_batch, n_threads = _context_settings(n_ctx, n_batch, n_threads)
@@ -845,6 +847,83 @@ class Llama:
         """Forgets the evaluated tokens (the KV cache is trimmed lazily on the next eval)."""
         self.n_tokens = 0
 
+    # --- saved states and the prompt cache ---
+
+    def save_state(self) -> LlamaState:
+        """The evaluated tokens, their logits and the KV cache rows (sequence 0), to restore
+        with load_state() here or in another Llama of the same model file (CPU or GPU, any
+        kv_policy but h2o, any n_ctx that holds them)."""
+        ctx = self._require_ctx()
+        n = self.n_tokens
+        if ctx.n_past() != n:
+            ctx.truncate(n)   # the trim eval() would do next (reset() and generate() defer it)
+        if self._scores_buf is not None:
+            scores = self._scores_buf[:n].copy()
+        elif n and self._n_decodes and ctx.n_outputs():
+            scores = self._last_logits()[None, :].copy()
+        else:
+            scores = np.zeros((0, self._n_vocab), dtype=np.single)
+        blob = ctx.state_save()
+        return LlamaState(self.input_ids[:n].copy(), scores, n, blob, len(blob), self._seed)
+
+    def load_state(self, state: LlamaState) -> None:
+        """Restores a save_state() result: the tokens, the logits and the KV cache, whose KV
+        policy then starts as after a prefill of those tokens. A state of another model raises
+        InvalidArgumentError, bytes that are not a state ModelFormatError; nothing changes
+        then."""
+        ctx = self._require_ctx()
+        if not isinstance(state, LlamaState):
+            raise TypeError("load_state takes a LlamaState, got %s" % type(state).__name__)
+        n = _require_int("state.n_tokens", state.n_tokens, 0)
+        ids = np.asarray(state.input_ids, dtype=np.intc).reshape(-1)
+        scores = np.asarray(state.scores, dtype=np.single)
+        if scores.ndim == 2 and scores.shape[1] != self._n_vocab:
+            raise ValueError("the state belongs to another model (vocabulary of %d tokens; this "
+                             "model has %d)" % (scores.shape[1], self._n_vocab))
+        if len(ids) != n or scores.ndim != 2 or scores.shape[0] > n:
+            raise ValueError("malformed LlamaState: %d tokens, %d input ids, scores of shape %s"
+                             % (n, len(ids), scores.shape))
+        if n > self._n_ctx:
+            raise ValueError("the state holds %d tokens; the context window is %d"
+                             % (n, self._n_ctx))
+        ctx.state_load(state.llama_state)
+        if ctx.n_past() != n:
+            ctx.truncate(0)
+            self.n_tokens = 0
+            raise ValueError("malformed LlamaState: %d tokens but %d cached positions"
+                             % (n, ctx.n_past()))
+        self.input_ids[:n] = ids
+        self.n_tokens = n
+        last = scores[-1].copy() if len(scores) else np.zeros(self._n_vocab, dtype=np.single)
+        if self._scores_buf is not None:
+            self._scores_buf[:n] = 0.0
+            self._scores_buf[n - len(scores):n] = scores
+        self._n_decodes += 1
+        self._last_row = (last, self._n_decodes)
+        self._seed = int(state.seed)
+
+    def set_cache(self, cache: Optional[BaseLlamaCache]) -> None:
+        """Prompt cache for create_completion and chat (None turns it off): each call starts
+        from the cached state sharing the longest prefix with its prompt, when that beats the
+        tokens the context already holds, and stores its final state."""
+        if cache is not None and not isinstance(cache, BaseLlamaCache):
+            raise TypeError("set_cache takes a LlamaRAMCache, LlamaDiskCache or None")
+        self.cache = cache
+
+    def _load_cached_prefix(self, prompt_tokens: List[int]) -> None:
+        """The cache's state for this prompt, when it shares more of it than the context."""
+        try:
+            state = self.cache[prompt_tokens]
+        except KeyError:
+            return
+        cached = self.longest_token_prefix(np.asarray(state.input_ids).tolist(), prompt_tokens)
+        if cached <= self.longest_token_prefix(self._input_ids.tolist(), prompt_tokens):
+            return
+        try:
+            self.load_state(state)
+        except (ValueError, InvalidArgumentError):
+            pass   # another model's state, or too long for this context: evaluate as usual
+
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluates tokens after the n_tokens already evaluated, appending to the KV cache."""
         ctx = self._require_ctx()
@@ -1021,12 +1100,7 @@ class Llama:
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-        n = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            n += 1
-        return n
+        return longest_token_prefix(a, b)
 
     @staticmethod
     def logits_to_logprobs(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -1286,9 +1360,21 @@ class Llama:
                           params: SamplerParams, processor: Optional[Callable],
                           stopping_criteria: Any, grammar: Optional[_Grammar] = None
                           ) -> Iterator[None]:
-        """Generates into `state`, yielding after each token that adds text."""
+        """Generates into `state`, yielding after each token that adds text; with a cache,
+        starts from its best state and stores the final one (not when abandoned midway)."""
         if budget <= 0:
             return
+        if self.cache is not None:
+            self._load_cached_prefix(prompt_tokens)
+        yield from self._sample_completion(state, prompt_tokens, budget, params, processor,
+                                           stopping_criteria, grammar)
+        if self.cache is not None:
+            self.cache[prompt_tokens + state.tokens] = self.save_state()
+
+    def _sample_completion(self, state: _CompletionState, prompt_tokens: List[int], budget: int,
+                           params: SamplerParams, processor: Optional[Callable],
+                           stopping_criteria: Any, grammar: Optional[_Grammar] = None
+                           ) -> Iterator[None]:
         tokens = self._generate(prompt_tokens, params, True, processor, stopping_criteria,
                                 grammar)
         try:

@@ -1042,6 +1042,63 @@ extern "C" void ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t seq, int3
     }
 }
 
+extern "C" int32_t ckv_cuda_kv_copy_rows(struct cuda_context * gc, int32_t seq, int32_t il, int32_t n, void * k,
+                                         void * v, bool to_cache) {
+    const struct hparams * hp = &gc->gm->hp;
+    if (seq < 0 || seq >= gc->n_seq || il < 0 || il >= hp->n_layer || n < 0 || n > gc->n_ctx) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "kv rows: sequence %d, layer %d, %d rows out of range", seq, il, n);
+    }
+    if (n == 0) {
+        return CKV_OK;
+    }
+    // The cache's rows of a KV head are n_ctx apart (pitch); the host's are packed.
+    const size_t row = (size_t) hp->head_dim * sizeof(__half), cache_pitch = row * gc->n_ctx, host_pitch = row * n;
+    __half * ck = (__half *) gc->seqs[seq].k_layers[il], * cv = (__half *) gc->seqs[seq].v_layers[il];
+    if (to_cache) {
+        CKV_CUDA_CHECK(cudaMemcpy2DAsync(ck, cache_pitch, k, host_pitch, host_pitch, hp->n_head_kv,
+                                         cudaMemcpyDefault, gc->stream));
+        CKV_CUDA_CHECK(cudaMemcpy2DAsync(cv, cache_pitch, v, host_pitch, host_pitch, hp->n_head_kv,
+                                         cudaMemcpyDefault, gc->stream));
+    } else {
+        CKV_CUDA_CHECK(cudaMemcpy2DAsync(k, host_pitch, ck, cache_pitch, host_pitch, hp->n_head_kv,
+                                         cudaMemcpyDefault, gc->stream));
+        CKV_CUDA_CHECK(cudaMemcpy2DAsync(v, host_pitch, cv, cache_pitch, host_pitch, hp->n_head_kv,
+                                         cudaMemcpyDefault, gc->stream));
+    }
+    CKV_CUDA_CHECK(cudaStreamSynchronize(gc->stream));
+    return CKV_OK;
+}
+
+extern "C" int32_t ckv_cuda_kv_reloaded(struct cuda_context * gc, int32_t seq, int32_t n,
+                                        const struct ckv_kv_policy_params * params, const bool * layer_compressed) {
+    struct cuda_kv_policy * next = NULL;
+    int32_t st = CKV_OK;
+    if (params->policy != CKV_KV_POLICY_FULL) {
+        st = cuda_kv_policy_create(params, layer_compressed, &gc->gm->hp, gc->n_ctx, gc->stage_k != NULL, &next);
+        if (st == CKV_OK) {
+            st = cuda_kv_policy_stored(next, gc->seqs[seq].k_layers, 0, n, gc->stream);
+        }
+    }
+    if (st == CKV_OK && cudaStreamSynchronize(gc->stream) != cudaSuccess) {
+        st = ckv_fail(CKV_ERR_CUDA, "loading a state: %s", cudaGetErrorString(cudaGetLastError()));
+    }
+    if (st != CKV_OK) {
+        cuda_kv_policy_free(next);
+        return st;
+    }
+    cuda_kv_policy_free(gc->seqs[seq].policy);
+    gc->seqs[seq].policy = next;
+    if (gc->decode_graph) {   // it may attend through the old policy's buffers
+        cudaGraphExecDestroy(gc->decode_graph);
+        gc->decode_graph = NULL;
+    }
+    if (gc->batch_graph) {
+        cudaGraphExecDestroy(gc->batch_graph);
+        gc->batch_graph = NULL;
+    }
+    return CKV_OK;
+}
+
 // Summed over the sequences, as the CPU context sums its policies' stats.
 extern "C" int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out) {
     if (!gc->seqs[0].policy) {

@@ -75,6 +75,15 @@ bool    ckv_cuda_has_kv_policy(const struct cuda_context * gc);   // a policy ot
 void    ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv, uint64_t * host_kv,
                            uint64_t * device_policy);
 void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t seq, int32_t n_keep);  // positions >= n_keep dropped
+// Rows [0, n) of layer il of sequence seq, K and V, copied between its cache and host buffers
+// laid out [n_head_kv][n][head_dim] f16 (to_cache: from k / v into the cache). Returns when done.
+int32_t ckv_cuda_kv_copy_rows(struct cuda_context * gc, int32_t seq, int32_t il, int32_t n, void * k, void * v,
+                              bool to_cache);
+// Sequence seq's cache now holds n positions written by ckv_cuda_kv_copy_rows (a loaded
+// state): its KV policy is made afresh over them, as ckv_cuda_set_kv_policy makes one over a
+// cache, and the graphs that bake the old one are dropped. CKV_ERR_OOM / CKV_ERR_CUDA.
+int32_t ckv_cuda_kv_reloaded(struct cuda_context * gc, int32_t seq, int32_t n,
+                             const struct ckv_kv_policy_params * params, const bool * layer_compressed);
 // With a policy: n_attended, n_cached, n_fetched, t_cluster_ms and n_clusters of out are the
 // GPU's, summed over the sequences (the caller keeps n_steps); t_select_ms is 0 (selection runs
 // inside the decode graph). Without one, out is left as it is. n_clusters and the selection

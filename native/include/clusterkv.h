@@ -36,7 +36,7 @@ extern "C" {
 
 // Bumped whenever a public struct's layout or a function's signature changes: a binding built
 // for one version must not drive a library of another (ckv_api_version says which it is).
-#define CKV_API_VERSION 4
+#define CKV_API_VERSION 5
 
 // ---------------------------------------------------------------------------------------------
 // Status codes and errors
@@ -351,6 +351,42 @@ CKV_API const float * ckv_get_logits(const ckv_context * ctx, int32_t i);
 // of range (0 rows without params.embeddings). Valid until the next decode or ckv_context_free.
 CKV_API int32_t       ckv_get_n_embeddings(const ckv_context * ctx);
 CKV_API const float * ckv_get_embeddings(const ckv_context * ctx, int32_t i);
+
+// --- Saving and restoring a sequence (llama.cpp's llama_state_seq_get_data / set_data) ---
+//
+// A state is one sequence's cached positions: the K and V rows of every layer (in the cache's
+// type: f16, or f32 for a CPU context made with CKV_KV_F32) and, when the last decode call
+// ended on this sequence, its last logits row. It is a plain byte buffer (host byte order,
+// little-endian on every supported platform) that also names the model by a fingerprint
+// (shapes plus a hash of some weights), so it loads only into a context of the same model.
+//
+// Loading a state into a context of that model - CPU or GPU, any n_ctx that holds it, any KV
+// type (rows converted; bit-exact when the types match), any KV policy but h2o - replaces the
+// sequence's cache and makes it as if its positions had just been prefilled: the KV policy's
+// bookkeeping is rebuilt from the rows (as ckv_context_set_kv_policy does), and its logits row,
+// if the state has one, becomes ckv_get_logits(ctx, 0) (n_outputs 1; the other sequences'
+// logits rows of the last decode are gone, as after a decode). So decoding from a loaded state
+// gives the same logits as decoding after the prefill that made it.
+
+// Bytes ckv_context_state_save writes for sequence seq now.
+CKV_API int32_t ckv_context_state_size(const ckv_context * ctx, int32_t seq, uint64_t * size);
+
+// Writes the state of sequence seq to dst (cap bytes); *written gets its size.
+//   CKV_ERR_BUFFER_TOO_SMALL - cap is less than the state's size (*written says how much)
+//   CKV_ERR_INVALID_ARG      - seq out of range, dst NULL
+//   CKV_ERR_CUDA             - a copy from the GPU failed
+CKV_API int32_t ckv_context_state_save(ckv_context * ctx, int32_t seq, void * dst, uint64_t cap,
+                                       uint64_t * written);
+
+// Replaces sequence seq's cache by the state in src (size bytes).
+//   CKV_ERR_FORMAT      - src is not a whole state of this format (bad magic, version, size)
+//   CKV_ERR_INVALID_ARG - seq out of range, a state of another model, more positions than n_ctx,
+//                         or an h2o policy (it scores positions by the prefill's attention
+//                         weights, which a state does not hold)
+//   CKV_ERR_OOM, CKV_ERR_CUDA
+// Nothing changes on the first two; after a failure of the last two the sequence is empty.
+CKV_API int32_t ckv_context_state_load(ckv_context * ctx, int32_t seq, const void * src,
+                                       uint64_t size);
 
 struct ckv_timings {
     double  t_prefill_ms;   // time in ckv_decode calls with more than one token

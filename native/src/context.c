@@ -318,6 +318,7 @@ int32_t ckv_context_init(const ckv_model * model, const struct ckv_context_param
     }
     for (int32_t i = 0; st == CKV_OK && i < ctx->n_seq; i++) {
         ctx->seqs[i].last_pos = -1;
+        ctx->seqs[i].logits_row = -1;
     }
     if (st == CKV_OK) {
         st = model->gpu ? init_gpu(ctx) : init_cpu(ctx);
@@ -362,7 +363,7 @@ int32_t  ckv_context_n_threads(const ckv_context * ctx) { return ctx->params.n_t
 int32_t  ckv_context_n_seq_max(const ckv_context * ctx) { return ctx->n_seq; }
 int32_t  ckv_context_n_past(const ckv_context * ctx) { return ctx->seqs[0].n_past; }
 
-static int32_t check_seq(const ckv_context * ctx, int32_t seq) {
+int32_t context_check_seq(const ckv_context * ctx, int32_t seq) {
     if (seq < 0 || seq >= ctx->n_seq) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "sequence %d is out of range [0, n_seq_max = %d)", seq,
                         ctx->n_seq);
@@ -372,7 +373,7 @@ static int32_t check_seq(const ckv_context * ctx, int32_t seq) {
 
 int32_t ckv_context_n_past_seq(const ckv_context * ctx, int32_t seq) {
     ckv_clear_error();
-    return check_seq(ctx, seq) == CKV_OK ? ctx->seqs[seq].n_past : -1;
+    return context_check_seq(ctx, seq) == CKV_OK ? ctx->seqs[seq].n_past : -1;
 }
 
 int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
@@ -408,13 +409,14 @@ int32_t ckv_context_set_n_threads(ckv_context * ctx, int32_t n_threads) {
 
 int32_t ckv_context_truncate_seq(ckv_context * ctx, int32_t seq, int32_t n_keep) {
     ckv_clear_error();
-    TRY(check_seq(ctx, seq));
+    TRY(context_check_seq(ctx, seq));
     struct ckv_seq * sq = &ctx->seqs[seq];
     if (n_keep < 0 || n_keep > sq->n_past) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "n_keep %d must be in [0, n_past = %d]", n_keep, sq->n_past);
     }
     sq->n_past     = n_keep;  // positions >= n_keep are overwritten by the next decode
     sq->last_pos   = -1;      // the last step's lists may name dropped positions
+    context_forget_logits(ctx);
     ctx->n_outputs   = 0;
     ctx->n_embd_rows = 0;
     kv_policy_truncate(&ctx->pol.seqs[seq].policy, n_keep);
@@ -429,6 +431,13 @@ int32_t ckv_context_truncate(ckv_context * ctx, int32_t n_keep) {
 }
 
 // --- decode ----------------------------------------------------------------------------------
+
+// The logits rows of the last decode call are about to be replaced (or were dropped).
+void context_forget_logits(ckv_context * ctx) {
+    for (int32_t i = 0; i < ctx->n_seq; i++) {
+        ctx->seqs[i].logits_row = -1;
+    }
+}
 
 static double now_ms(void) {
     struct timespec ts;
@@ -472,7 +481,7 @@ static int32_t reserve_rows(float ** buf, int64_t * cap, int64_t rows, int64_t w
     return CKV_OK;
 }
 
-static int32_t reserve_logits(ckv_context * ctx, int64_t rows) {
+int32_t context_reserve_logits(ckv_context * ctx, int64_t rows) {
     return reserve_rows(&ctx->logits, &ctx->logits_cap, rows, ctx->model->hp.n_vocab, "logits");
 }
 
@@ -527,15 +536,16 @@ static void add_timing(ckv_context * ctx, double t0, int32_t n_tokens, bool deco
 int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens, int32_t n_tokens,
                        bool all_logits) {
     ckv_clear_error();
-    TRY(check_seq(ctx, seq));
+    TRY(context_check_seq(ctx, seq));
     struct ckv_seq * sq = &ctx->seqs[seq];
     TRY(check_tokens(ctx, sq, tokens, n_tokens));
-    TRY(reserve_logits(ctx, all_logits ? n_tokens : 1));
+    TRY(context_reserve_logits(ctx, all_logits ? n_tokens : 1));
     TRY(reserve_embd(ctx, n_tokens));
     double  t0      = now_ms();
     int64_t n_vocab = ctx->model->hp.n_vocab;
     int32_t n_past0 = sq->n_past;
     bool    decode  = n_tokens == 1;
+    context_forget_logits(ctx);
     for (int32_t done = 0; done < n_tokens;) {
         int32_t n    = n_tokens - done < (int32_t) ctx->params.n_batch ? n_tokens - done
                                                                      : (int32_t) ctx->params.n_batch;
@@ -559,6 +569,7 @@ int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens,
     }
     ctx->n_outputs   = all_logits ? n_tokens : 1;
     ctx->n_embd_rows = ctx->params.embeddings ? n_tokens : 0;
+    sq->logits_row   = ctx->n_outputs - 1;
     add_timing(ctx, t0, n_tokens, decode);
     if (decode) {
         ctx->pol.seqs[seq].policy.stats.n_steps += 1;
@@ -577,7 +588,7 @@ int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int3
                         "tokens and sequence ids", n, ctx->params.n_batch);
     }
     for (int32_t i = 0; i < n; i++) {
-        TRY(check_seq(ctx, seqs[i]));
+        TRY(context_check_seq(ctx, seqs[i]));
         for (int32_t j = 0; j < i; j++) {
             if (seqs[j] == seqs[i]) {
                 return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_decode_batch: sequence %d appears twice "
@@ -586,9 +597,10 @@ int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int3
         }
         TRY(check_tokens(ctx, &ctx->seqs[seqs[i]], tokens + i, 1));
     }
-    TRY(reserve_logits(ctx, n));
+    TRY(context_reserve_logits(ctx, n));
     TRY(reserve_embd(ctx, n));
     double t0 = now_ms();
+    context_forget_logits(ctx);
     if (ctx->gpu) {
         int32_t pos[MAX_N_SEQ];
         for (int32_t i = 0; i < n; i++) {
@@ -611,6 +623,7 @@ int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int3
     }
     for (int32_t i = 0; i < n; i++) {
         ctx->seqs[seqs[i]].n_past += 1;
+        ctx->seqs[seqs[i]].logits_row = i;
         ctx->pol.seqs[seqs[i]].policy.stats.n_steps += 1;
     }
     ctx->n_outputs   = n;

@@ -59,6 +59,16 @@ void    ckv_cuda_kv_memory(const struct cuda_context * gc, uint64_t * device_kv,
 void    ckv_cuda_kv_truncate(struct cuda_context * gc, int32_t seq, int32_t n_keep) {
     (void) gc, (void) seq, (void) n_keep;
 }
+int32_t ckv_cuda_kv_copy_rows(struct cuda_context * gc, int32_t seq, int32_t il, int32_t n, void * k, void * v,
+                              bool to_cache) {
+    (void) gc, (void) seq, (void) il, (void) n, (void) k, (void) v, (void) to_cache;
+    return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
+}
+int32_t ckv_cuda_kv_reloaded(struct cuda_context * gc, int32_t seq, int32_t n,
+                             const struct ckv_kv_policy_params * params, const bool * layer_compressed) {
+    (void) gc, (void) seq, (void) n, (void) params, (void) layer_compressed;
+    return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
+}
 int32_t ckv_cuda_kv_stats(struct cuda_context * gc, struct ckv_kv_stats * out) {
     (void) gc, (void) out;
     return CKV_OK;

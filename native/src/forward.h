@@ -27,6 +27,8 @@ struct ckv_seq {
     struct kv_cache kv;
     int32_t         n_past;     // positions cached (the next token's position)
     int64_t         last_pos;   // position of the last token evaluated; -1 = none
+    int32_t         logits_row; // row of ctx->logits after position n_past - 1 (the last decode
+                                // call ended on this sequence), else -1 (state.c saves it)
 };
 
 // One sequence's KV-policy state (kvpolicy.h): decode steps in compressed layers attend
@@ -85,5 +87,12 @@ struct fwd_group {
 // group by group.
 void forward_groups(struct ckv_context * ctx, const ckv_token * tokens, const struct fwd_group * groups,
                     int32_t n_groups, int64_t first_output, float * logits, float * embd);
+
+// context.c's helpers that state.c shares: a clear error for a sequence out of range; room for
+// `rows` logits rows; the last decode call's logits rows are replaced or dropped (every
+// sequence's logits_row becomes -1).
+int32_t context_check_seq(const struct ckv_context * ctx, int32_t seq);
+int32_t context_reserve_logits(struct ckv_context * ctx, int64_t rows);
+void    context_forget_logits(struct ckv_context * ctx);
 
 #endif  // CKV_FORWARD_H

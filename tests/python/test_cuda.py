@@ -584,3 +584,48 @@ def test_gpu_batch_completions(gpu_model_path):
         assert out["usage"]["prompt_tokens"] == sum(r["usage"]["prompt_tokens"] for r in singles)
         same = sum(c["text"] == r["choices"][0]["text"] for c, r in zip(got, singles))
         assert same >= 2 and all(c["text"] for c in got)
+
+
+def _decode_steps(llm, tokens) -> np.ndarray:
+    rows = []
+    for t in tokens:
+        llm.eval([t])
+        rows.append(np.array(llm._ctx.logits(-1)))
+    return np.stack(rows)
+
+
+def test_states_move_between_gpu_and_cpu(gpu_model_path):
+    """Saved states (ckv_context_state_*) on the GPU: a GPU state saved again from a CPU
+    context, a larger GPU context and a kv_offload context is the same bytes (the rows land
+    where each cache keeps them); a GPU context that loaded it decodes bit for bit as the one
+    that saved it; a clusterkv context that loaded a full context's state decodes as the
+    clusterkv context that prefilled the tokens itself."""
+    from clusterkv_local import Llama
+
+    tokens = dict(_fixture_cases())["long"]
+    prompt, steps = tokens[:-8], tokens[-8:]
+    kw = dict(n_ctx=N_CTX, n_threads=N_THREADS, verbose=False)
+    with Llama(gpu_model_path, n_gpu_layers=-1, **kw) as gpu, \
+            Llama(gpu_model_path, n_gpu_layers=0, **kw) as cpu, \
+            Llama(gpu_model_path, n_gpu_layers=-1, **dict(kw, n_ctx=N_CTX + 512)) as big, \
+            Llama(gpu_model_path, n_gpu_layers=-1, kv_offload=True, **kw, **CKV_GPU) as off:
+        gpu.eval(prompt)
+        state = gpu.save_state()
+        for other in (cpu, big, off):
+            other.load_state(state)
+            assert other.save_state().llama_state == state.llama_state
+        cpu.reset()
+        cpu.eval(prompt[:300])
+        from_cpu = cpu.save_state()
+        big.load_state(from_cpu)
+        assert big.save_state().llama_state == from_cpu.llama_state
+        big.load_state(state)
+        want = _decode_steps(gpu, steps)
+        assert np.array_equal(_decode_steps(big, steps), want)
+    with Llama(gpu_model_path, n_gpu_layers=-1, **kw, **CKV_GPU) as native, \
+            Llama(gpu_model_path, n_gpu_layers=-1, **kw, **CKV_GPU) as loaded:
+        native.eval(prompt)
+        loaded.eval(prompt[:200])
+        _decode_steps(loaded, steps[:3])   # a graph and clusters of other rows, replaced
+        loaded.load_state(state)
+        assert np.array_equal(_decode_steps(loaded, steps), _decode_steps(native, steps))

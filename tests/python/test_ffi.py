@@ -70,7 +70,7 @@ def test_library_identity():
     assert _internals.native_version() == clusterkv_local.__version__
     with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
         assert 'version = "%s"' % clusterkv_local.__version__ in f.read()
-    assert lib.CKV_API_VERSION == 4 and lib.ckv_api_version() == lib.CKV_API_VERSION
+    assert lib.CKV_API_VERSION == 5 and lib.ckv_api_version() == lib.CKV_API_VERSION
     assert "CPU" in _internals.system_info()
 
 
