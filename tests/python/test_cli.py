@@ -91,6 +91,23 @@ def test_run_reads_prompt_file(default_model_path, tmp_path):
     assert result.stdout.strip()
 
 
+def test_run_with_a_prompt_cache_evaluates_only_the_new_part(default_model_path, tmp_path):
+    require_native()
+    doc = "A ledger of the harbor town. " * 40
+    cache = str(tmp_path / "states")
+    common = ["-m", default_model_path, "-n", "4", "--temp", "0", "-c", "512",
+              "-t", str(N_THREADS), "--prompt-cache", cache]
+    first = cli("run", doc + "When did it open?", *common)
+    second = cli("run", doc + "Who kept the ledger?", *common)
+    plain = cli("run", doc + "Who kept the ledger?", *common[:-2])
+    assert first.returncode == second.returncode == plain.returncode == 0, second.stderr
+    prompt_tokens = [int(re.search(r"prompt: (\d+) tokens", r.stderr).group(1))
+                     for r in (first, second, plain)]
+    assert prompt_tokens[1] < 20 < prompt_tokens[0] and prompt_tokens[2] > 200
+    assert second.stdout == plain.stdout
+    assert len(os.listdir(cache)) == 2
+
+
 def test_run_with_a_grammar_or_a_json_schema(default_model_path, tmp_path):
     require_native()
     base = ("run", "A pet:", "-m", default_model_path, "-n", "40", "--temp", "0.7", "-c", "128",
