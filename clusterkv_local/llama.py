@@ -34,6 +34,8 @@ from .cache import BaseLlamaCache, LlamaState, longest_token_prefix
 from .chat import ChatFormatter, resolve_chat_format
 from .grammar import LlamaGrammar, as_grammar
 from .json_schema import JSON_GBNF
+from .tool_calls import (auto_tool_names, chunks_with_calls, forced_call, is_legacy,
+                         parse_tool_calls, response_with_calls)
 
 __version__ = "0.1.0"
 
@@ -1534,8 +1536,10 @@ class Llama:
         "function", "function": {"name": X}}` or `"required"` (any of the tools), or the legacy
         `function_call={"name": X}` - constrains the reply by a grammar to arguments valid under
         the tool's JSON Schema and returns it as `message.tool_calls` (`function_call`), with
-        finish_reason "tool_calls". With "auto" (the default) or "none" the reply is text:
-        tool calls the model writes in its own format stay in `content`.
+        finish_reason "tool_calls". With "auto" (the default when tools are given) the model
+        may call a tool on its own: a reply in a common call format (Hermes / Qwen
+        `<tool_call>` tags, Mistral `[TOOL_CALLS]`, Llama 3 JSON, or bare call JSON) naming one
+        of the tools comes back the same way (tool_calls.py); with "none" the reply is text.
         `response_format={"type": "json_object"}` constrains the reply to one JSON object, with
         `"schema": {...}` to a JSON Schema (also OpenAI's `{"type": "json_schema",
         "json_schema": {"schema": {...}}}`); `grammar` (GBNF) constrains it to any grammar.
@@ -1543,7 +1547,9 @@ class Llama:
         Example:
             >>> llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=16)
         """
-        call = _forced_call(tools, tool_choice, functions, function_call)
+        call = forced_call(tools, tool_choice, functions, function_call)
+        names = None if call else auto_tool_names(tools, tool_choice, functions, function_call)
+        legacy = is_legacy(tools, tool_choice, functions, function_call)
         if sum(x is not None for x in (grammar, response_format, call)) > 1:
             raise ValueError("pass only one of grammar, response_format and a forced tool_choice "
                              "or function_call")
@@ -1563,117 +1569,12 @@ class Llama:
             mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
             model=model, logits_processor=logits_processor, grammar=grammar,
             logit_bias=logit_bias)
-        if call is not None:
-            return call.chunks(completion) if stream else call.response(completion)
+        parse = call.parse if call else (lambda text: parse_tool_calls(text, names)) if names else None
         if stream:
-            return _chat_chunks(completion)
-        return _chat_response(completion)
-
-
-class _ForcedCall:
-    """A chat reply constrained to a tool call: the grammar the reply is generated under, and
-    how the generated text becomes OpenAI's tool_calls (or the legacy function_call)."""
-
-    def __init__(self, tools: List[Dict[str, Any]], legacy: bool):
-        self.tools = tools  # [{"name", "parameters"}]: one named tool, or the choices of "required"
-        self.legacy = legacy
-        if len(tools) == 1:  # the reply is the arguments object itself
-            self.grammar = LlamaGrammar.from_json_schema(tools[0]["parameters"])
-        else:                # the reply names the tool: {"name": ..., "arguments": {...}}
-            self.grammar = LlamaGrammar.from_json_schema({"anyOf": [
-                {"type": "object", "properties": {"name": {"const": t["name"]},
-                                                  "arguments": t["parameters"]},
-                 "required": ["name", "arguments"]} for t in tools]})
-
-    def _call(self, text: str) -> Optional[Dict[str, str]]:
-        """{"name", "arguments"} of a finished reply; None when it was cut (max_tokens)."""
-        try:
-            value = json.loads(text)
-        except ValueError:
-            return None
-        if len(self.tools) == 1:
-            return {"name": self.tools[0]["name"], "arguments": text}
-        return {"name": value["name"],
-                "arguments": json.dumps(value["arguments"], ensure_ascii=False)}
-
-    def _message(self, call: Dict[str, str]) -> Dict[str, Any]:
-        if self.legacy:
-            return {"role": "assistant", "content": None, "function_call": call}
-        return {"role": "assistant", "content": None,
-                "tool_calls": [{"id": "call_%s" % uuid.uuid4().hex[:24], "type": "function",
-                                "function": call}]}
-
-    def response(self, completion: Dict[str, Any]) -> Dict[str, Any]:
-        out = _chat_response(completion)
-        choice = out["choices"][0]
-        call = self._call(choice["message"]["content"])
-        if call is not None:  # else cut short: the partial text stays in content
-            choice["message"] = self._message(call)
-            choice["finish_reason"] = "function_call" if self.legacy else "tool_calls"
-        return out
-
-    def chunks(self, completion: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
-        """The call as chat chunks, once the reply is complete: its name is only known at the
-        end when several tools are allowed, and a cut reply is sent as text."""
-        pieces, last = [], None
-        for chunk in completion:
-            pieces.append(chunk["choices"][0]["text"])
-            last = chunk
-        if last is None:
-            return
-        whole = dict(last, choices=[dict(last["choices"][0], text="".join(pieces))], usage=None)
-        reply = self.response(whole)
-        head = {"id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"],
-                "model": reply["model"]}
-        message = reply["choices"][0]["message"]
-        delta = dict(message)
-        if "tool_calls" in delta:
-            delta["tool_calls"] = [dict(c, index=i) for i, c in enumerate(delta["tool_calls"])]
-        yield dict(head, choices=[{"index": 0, "delta": delta, "logprobs": None,
-                                   "finish_reason": None}])
-        yield dict(head, choices=[{"index": 0, "delta": {}, "logprobs": None,
-                                   "finish_reason": reply["choices"][0]["finish_reason"]}])
-
-
-def _tool_spec(tool: Any, legacy: bool) -> Dict[str, Any]:
-    """{"name", "parameters"} of one entry of `tools` ({"type": "function", "function": {...}})
-    or of the legacy `functions` list."""
-    spec = tool if legacy else (tool.get("function") if isinstance(tool, dict) else None)
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise ValueError("each tool needs {'type': 'function', 'function': {'name': ..., "
-                         "'parameters': {...}}}" if not legacy else
-                         "each function needs {'name': ..., 'parameters': {...}}")
-    return {"name": spec["name"], "parameters": spec.get("parameters", {"type": "object"})}
-
-
-def _forced_call(tools: Optional[List[Dict[str, Any]]], tool_choice: Any,
-                 functions: Optional[List[Dict[str, Any]]], function_call: Any
-                 ) -> Optional[_ForcedCall]:
-    """The tool call tool_choice / function_call force, or None for a text reply ("auto",
-    "none" or nothing given)."""
-    legacy = tool_choice is None and function_call is not None
-    choice = function_call if legacy else tool_choice
-    if choice is None or choice in ("auto", "none"):
-        return None
-    specs = [_tool_spec(t, legacy) for t in ((functions if legacy else tools) or [])]
-    if choice == "required" and not legacy:
-        if not specs:
-            raise ValueError("tool_choice 'required' needs tools")
-        return _ForcedCall(specs, legacy)
-    name = (choice.get("name") if legacy else (choice.get("function") or {}).get("name")) \
-        if isinstance(choice, dict) else None
-    if not isinstance(name, str):
-        raise ValueError("%s must be 'auto', 'none'%s or a named %s, got %r"
-                         % ("function_call" if legacy else "tool_choice",
-                            "" if legacy else ", 'required'",
-                            "function {'name': ...}" if legacy else
-                            "function {'type': 'function', 'function': {'name': ...}}", choice))
-    chosen = [s for s in specs if s["name"] == name]
-    if not chosen:
-        raise ValueError("%s names %r, which is not among the %s given"
-                         % ("function_call" if legacy else "tool_choice", name,
-                            "functions" if legacy else "tools"))
-    return _ForcedCall(chosen[:1], legacy)
+            chunks = _chat_chunks(completion)
+            return chunks_with_calls(chunks, parse, legacy, call is not None) if parse else chunks
+        response = _chat_response(completion)
+        return response_with_calls(response, parse, legacy) if parse else response
 
 
 def _response_format_grammar(response_format: Any) -> Optional[LlamaGrammar]:
