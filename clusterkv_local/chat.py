@@ -115,7 +115,8 @@ class ChatFormatter:
         A template's raise_exception() surfaces as ValueError.
         """
         _check_messages(messages)
-        context = dict(messages=messages, bos_token=self.bos_token, eos_token=self.eos_token,
+        context = dict(messages=_object_arguments(messages), bos_token=self.bos_token,
+                       eos_token=self.eos_token,
                        add_generation_prompt=self.add_generation_prompt)
         context.update({k: v for k, v in variables.items() if v is not None})
         try:
@@ -130,6 +131,31 @@ def _check_messages(messages: Any) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError("messages[%d] must be a dict with a 'role' key" % i)
+
+
+def _object_arguments(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The messages with the arguments of earlier tool calls as objects: OpenAI sends them as
+    JSON text, but templates write them with `| tojson` (Qwen, Hermes, Llama 3), which would
+    quote the text again and teach the model a string of escaped JSON. Copies; arguments that
+    are not JSON text stay as they are."""
+    out = []
+    for message in messages:
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            message = dict(message, tool_calls=[_with_object_arguments(c) for c in calls])
+        out.append(message)
+    return out
+
+
+def _with_object_arguments(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return dict(call, function=dict(function, arguments=arguments))
 
 
 def resolve_chat_format(chat_format: Optional[str], metadata: Dict[str, str]) -> ChatFormat:

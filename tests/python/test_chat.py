@@ -145,3 +145,20 @@ def test_chat_stops_at_end_of_turn(chat_llm):
     # SmolLM2-Instruct ends a short answer with <|im_end|> (an end-of-generation token)
     assert out["choices"][0]["finish_reason"] == "stop"
     assert out["usage"]["completion_tokens"] < 200
+
+
+def test_earlier_tool_call_arguments_render_as_objects():
+    """OpenAI messages carry a call's arguments as JSON text; templates write them with tojson
+    (Qwen 2.5 / Hermes), so they are parsed first (as llama.cpp does), in a copy. Text that is
+    not JSON stays text."""
+    template = ("{% for m in messages %}{% for c in m.tool_calls or [] %}"
+                "{{ c.function.name }}={{ c.function.arguments | tojson }};{% endfor %}{% endfor %}")
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    odd = {"id": "call_2", "type": "function", "function": {"name": "f", "arguments": "not json"}}
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [call, odd]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "14 C"}]
+    out = ChatFormatter(template).render(messages)
+    assert out == 'get_weather={"city": "Paris"};f="not json";'
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
