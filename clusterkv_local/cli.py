@@ -153,6 +153,25 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """An OpenAI-compatible HTTP server (server.py) until interrupted."""
+    from .server import Server
+
+    with _load(args, embedding=args.embedding) as llm:
+        server = Server(llm, host=args.host, port=args.port,
+                        model_name=args.model_alias or os.path.basename(llm.model_path),
+                        verbose=args.verbose)
+        print("serving %s at %s/v1 (OpenAI API); Ctrl-C stops"
+              % (server.model_name, server.url), file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.httpd.server_close()
+    return 0
+
+
 def _shorten(value: str, full: bool, width: int = 100) -> str:
     value = value.replace("\n", "\\n")
     return value if full or len(value) <= width else value[:width - 3] + "..."
@@ -348,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    p.add_argument("--model-alias", default=None, help="the model name clients see")
+    p.add_argument("--embedding", action="store_true", help="serve /v1/embeddings (CPU only)")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="metadata and tensors of a GGUF file")
     p.add_argument("model", nargs="?", default=None, help="registry name or GGUF path")
