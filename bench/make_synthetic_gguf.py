@@ -229,6 +229,9 @@ def write_gguf(path: str, mix: str, seed: int = 0, s: dict = SHAPES) -> int:
         _kv("llama.attention.layer_norm_rms_epsilon", F32, s["eps"]),
         _kv("llama.vocab_size", U32, s["n_vocab"]),
     ] + tokenizer_kvs(s["n_vocab"])
+    if s.get("rope_scaling_factor"):   # linear RoPE scaling (tests of the overrides)
+        kvs += [_kv("llama.rope.scaling.type", STR, "linear"),
+                _kv("llama.rope.scaling.factor", F32, s["rope_scaling_factor"])]
     infos, offset = [], 0
     for name, ne, tname in plan:
         infos.append(_str(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne) +

@@ -39,6 +39,8 @@ struct ckv_model_params {
     bool use_mmap;
     bool vocab_only;
     bool metadata_only;
+    float rope_freq_base;
+    float rope_freq_scale;
 };
 void ckv_model_default_params(struct ckv_model_params * out);
 int32_t ckv_model_load(const char * path, const struct ckv_model_params * params,

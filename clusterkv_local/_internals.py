@@ -258,7 +258,8 @@ class _Model(_Handle):
     _kind = "model"
 
     def __init__(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 vocab_only: bool = False, metadata_only: bool = False):
+                 vocab_only: bool = False, metadata_only: bool = False,
+                 rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0):
         self.path = _check_model_path(path)
         params = ffi.new("struct ckv_model_params *")
         lib.ckv_model_default_params(params)
@@ -266,6 +267,8 @@ class _Model(_Handle):
         params.use_mmap = use_mmap
         params.vocab_only = vocab_only
         params.metadata_only = metadata_only
+        params.rope_freq_base = rope_freq_base
+        params.rope_freq_scale = rope_freq_scale
         out = ffi.new("ckv_model **")
         _check(lib.ckv_model_load(os.fsencode(self.path), params, out))
         self.ptr = out[0]

@@ -46,7 +46,7 @@ LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # as llama.cpp: "pick a random seed"
 _UNIMPLEMENTED_INIT = {
     "split_mode": 1, "main_gpu": 0, "tensor_split": None, "use_mlock": False,
     "kv_overrides": None, "n_ubatch": 512, "n_threads_batch": None, "rope_scaling_type": -1,
-    "attention_type": -1, "rope_freq_base": 0.0, "rope_freq_scale": 0.0,
+    "attention_type": -1,
     "yarn_ext_factor": -1.0, "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0,
     "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0, "offload_kqv": True,
     "flash_attn": False, "op_offload": None, "swa_full": None, "no_perf": False,
@@ -458,7 +458,7 @@ class Llama:
                  kv_policy_params: Optional[Dict[str, Any]] = None,
                  f32_activations: bool = False, n_seq_max: int = 1, kv_offload: bool = False,
                  embedding: bool = False, pooling_type: Any = LLAMA_POOLING_TYPE_UNSPECIFIED,
-                 **kwargs: Any):
+                 rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0, **kwargs: Any):
         """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
 
         Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
@@ -480,6 +480,10 @@ class Llama:
         `embedding=True` keeps each evaluated token's final-normed hidden state for embed() and
         create_embedding() (CPU path only); `pooling_type` (-1: the GGUF's, else none; or "none",
         "mean", "cls", "last") says how embed() pools a text's token vectors.
+        `rope_freq_base` / `rope_freq_scale` (0 = the file's) override the RoPE base and the
+        position scale of the global-attention layers, to run past the trained context (e.g.
+        rope_freq_scale=0.5 with twice the n_ctx; a state saved under other values does not
+        load).
         `n_gpu_layers=-1` (or >= the layer count) runs the whole model on the GPU in a CUDA
         build (clusterkv_local.system_info() says what the build has); no usable GPU raises
         CudaError, a CPU-only build UnsupportedError.
@@ -506,7 +510,10 @@ class Llama:
         t0 = time.perf_counter()
         try:
             self._model = _Model(self.model_path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap,
-                                 vocab_only=vocab_only, metadata_only=metadata_only)
+                                 vocab_only=vocab_only, metadata_only=metadata_only,
+                                 rope_freq_base=_require_float("rope_freq_base", rope_freq_base),
+                                 rope_freq_scale=_require_float("rope_freq_scale",
+                                                                rope_freq_scale))
             self.metadata: Dict[str, str] = self._model.metadata()
             self._info: ModelInfo = self._model.info()
             self._n_vocab = self._info.n_vocab

@@ -105,6 +105,11 @@ struct ckv_model_params {
     bool    vocab_only;    // load metadata and tokenizer only: no forward pass possible
     bool    metadata_only; // parse metadata and the tensor table only, for any architecture
                            // (inspection tools); no tokenizer, no forward pass
+    float   rope_freq_base;   // > 0: RoPE base of the global-attention layers instead of the
+                              // file's (NTK-style context extension); 0 = the file's (default)
+    float   rope_freq_scale;  // > 0: position scale of those layers instead of the file's
+                              // (linear RoPE scaling: 0.5 doubles the usable context); 0 = the
+                              // file's (default). Negative or non-finite: CKV_ERR_INVALID_ARG
 };
 
 CKV_API void ckv_model_default_params(struct ckv_model_params * out);

@@ -2,6 +2,7 @@
 // copy), metadata and tensor inspection, and the vocabulary calls, which forward to tokenizer.c.
 #include "model.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -79,6 +80,12 @@ static int32_t load_parts(ckv_model * m, const char * path, const struct ckv_mod
     }
     st = model_load_arch(m);
     m->can_forward = st == CKV_OK;
+    if (st == CKV_OK && p->rope_freq_base > 0.0f) {
+        m->hp.rope_base = p->rope_freq_base;
+    }
+    if (st == CKV_OK && p->rope_freq_scale > 0.0f) {
+        m->hp.rope_freq_scale = p->rope_freq_scale;
+    }
     return st;
 }
 
@@ -120,6 +127,11 @@ int32_t ckv_model_load(const char * path, const struct ckv_model_params * params
     if (params->n_gpu_layers < -1) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "n_gpu_layers must be -1 (all), 0 (CPU only) or a "
                         "layer count, got %d", params->n_gpu_layers);
+    }
+    if (!(params->rope_freq_base >= 0.0f && params->rope_freq_base < INFINITY) ||
+        !(params->rope_freq_scale >= 0.0f && params->rope_freq_scale < INFINITY)) {
+        return ckv_fail(CKV_ERR_INVALID_ARG, "rope_freq_base (%g) and rope_freq_scale (%g) must be finite "
+                        "and >= 0 (0 = the file's)", params->rope_freq_base, params->rope_freq_scale);
     }
     // vocab_only / metadata_only load no weights, so there is nothing to put on a GPU.
     bool    wants_gpu = params->n_gpu_layers != 0 && !params->vocab_only && !params->metadata_only;

@@ -33,13 +33,16 @@ static uint64_t fnv1a(uint64_t h, const void * data, size_t n) {
     return h;
 }
 
-// The shapes plus the first bytes of layer 0's K projection and the output norm: fine-tunes of
-// one base model differ there, and hashing 64 KiB costs well under a millisecond.
+// The shapes, the RoPE settings and the first bytes of layer 0's K projection and the output
+// norm: fine-tunes of one base model differ there, and hashing 64 KiB costs well under a
+// millisecond.
 static uint64_t model_fingerprint(const struct ckv_model * m) {
     const struct hparams * hp = &m->hp;
     int32_t shape[] = {(int32_t) hp->arch, hp->n_vocab, hp->n_embd, hp->n_layer, hp->n_head, hp->n_head_kv,
                        hp->head_dim, hp->n_ff, hp->n_rot};
     uint64_t h = fnv1a(0xcbf29ce484222325ULL, shape, sizeof(shape));
+    float    rope[] = {hp->rope_base, hp->rope_freq_scale};   // the cached keys are rotated by them
+    h = fnv1a(h, rope, sizeof(rope));
     const struct weight * ws[] = {&m->layers[0].attn_k, &m->output_norm};
     for (size_t i = 0; i < sizeof(ws) / sizeof(ws[0]); i++) {
         size_t bytes = ws[i]->row_size * (size_t) ws[i]->ne[1];

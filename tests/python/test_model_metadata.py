@@ -10,11 +10,13 @@ import math
 import os
 import struct
 
+import numpy as np
 import pytest
 from conftest import require_native
 
 require_native()
-from clusterkv_local import Llama, ModelFormatError, UnsupportedError  # noqa: E402
+from clusterkv_local import (InvalidArgumentError, Llama, ModelFormatError,  # noqa: E402
+                             UnsupportedError)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -145,3 +147,38 @@ def test_a_tensor_no_weight_uses_is_refused(tiny_gguf, tmp_path):
     with pytest.raises(UnsupportedError, match="tensor 'output.extra1' is not used by this build's "
                                                "llama architecture"):
         Llama(write(tmp_path, data), n_ctx=64, verbose=False)
+
+
+def _rows(path: str, tokens, **kw):
+    llm = Llama(path, n_ctx=64, logits_all=True, verbose=False, **kw)
+    try:
+        llm.eval(tokens)
+        return llm.scores[:len(tokens)].copy(), llm.save_state()
+    finally:
+        llm.close()
+
+
+def test_rope_overrides_act_as_the_file_metadata(tmp_path):
+    """rope_freq_base / rope_freq_scale given to Llama give the logits of a file that stores
+    those values (rope.freq_base; rope.scaling linear with factor 1 / scale), bit for bit."""
+    tokens = [1, 5, 9, 3, 17, 2, 8, 30, 11, 4, 6, 12, 7, 19, 25, 13]
+    plain = str(tmp_path / "plain.gguf")
+    tiny_model(plain)
+    based = str(tmp_path / "base.gguf")
+    tiny_model(based, rope_base=50000.0)
+    scaled = str(tmp_path / "scaled.gguf")
+    tiny_model(scaled, rope_scaling_factor=4.0)
+    default, state = _rows(plain, tokens)
+    for override, file in ((dict(rope_freq_base=50000.0), based), (dict(rope_freq_scale=0.25), scaled)):
+        got, _ = _rows(plain, tokens, **override)
+        want, _ = _rows(file, tokens)
+        assert np.array_equal(got, want) and not np.array_equal(got, default)
+        with Llama(plain, n_ctx=64, verbose=False, **override) as llm:
+            with pytest.raises(InvalidArgumentError, match="another model"):
+                llm.load_state(state)   # its keys were rotated by other RoPE settings
+    assert np.array_equal(_rows(plain, tokens, rope_freq_base=10000.0, rope_freq_scale=1.0)[0],
+                          default)
+    with pytest.raises(InvalidArgumentError, match="rope_freq_base"):
+        Llama(plain, n_ctx=64, verbose=False, rope_freq_base=-1.0)
+    with pytest.raises(ValueError, match="finite"):
+        Llama(plain, n_ctx=64, verbose=False, rope_freq_scale=float("nan"))
