@@ -31,6 +31,8 @@ _LAZY = {
     "LlamaDiskCache": "cache",
     "LlamaCache": "cache",
     "BaseLlamaCache": "cache",
+    "LlamaDraftModel": "speculative",
+    "LlamaPromptLookupDecoding": "speculative",
     "LlamaGrammar": "grammar",
     "LLAMA_GRAMMAR_DEFAULT_ROOT": "grammar",
     "JSON_GBNF": "json_schema",
@@ -63,6 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
                         StoppingCriteriaList)
     from .cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState
     from .grammar import LLAMA_GRAMMAR_DEFAULT_ROOT, LlamaGrammar
+    from .speculative import LlamaDraftModel, LlamaPromptLookupDecoding
     from .json_schema import JSON_GBNF, json_schema_to_gbnf
     from .models import DEFAULT_MODEL, ChecksumError, ModelFetchError
 

@@ -34,6 +34,7 @@ from .cache import BaseLlamaCache, LlamaState, longest_token_prefix
 from .chat import ChatFormatter, resolve_chat_format
 from .grammar import LlamaGrammar, as_grammar
 from .json_schema import JSON_GBNF
+from .speculative import LlamaDraftModel
 from .tool_calls import (auto_tool_names, chunks_with_calls, forced_call, is_legacy,
                          parse_tool_calls, response_with_calls)
 
@@ -51,7 +52,7 @@ _UNIMPLEMENTED_INIT = {
     "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0, "offload_kqv": True,
     "flash_attn": False, "op_offload": None, "swa_full": None, "no_perf": False,
     "lora_base": None, "lora_scale": 1.0, "lora_path": None, "numa": False,
-    "chat_handler": None, "draft_model": None, "tokenizer": None, "spm_infill": False,
+    "chat_handler": None, "tokenizer": None, "spm_infill": False,
 }
 
 
@@ -458,7 +459,8 @@ class Llama:
                  kv_policy_params: Optional[Dict[str, Any]] = None,
                  f32_activations: bool = False, n_seq_max: int = 1, kv_offload: bool = False,
                  embedding: bool = False, pooling_type: Any = LLAMA_POOLING_TYPE_UNSPECIFIED,
-                 rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0, **kwargs: Any):
+                 rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0,
+                 draft_model: Optional[LlamaDraftModel] = None, **kwargs: Any):
         """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
 
         Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
@@ -484,6 +486,10 @@ class Llama:
         position scale of the global-attention layers, to run past the trained context (e.g.
         rope_freq_scale=0.5 with twice the n_ctx; a state saved under other values does not
         load).
+        `draft_model` (e.g. LlamaPromptLookupDecoding()) guesses the next tokens so generation
+        evaluates them with the sampled one in one pass and keeps those the sampler draws
+        (speculative decoding: the same tokens, fewer passes; kv_policy "full" only, since a
+        multi-token pass attends densely - other policies decode one token at a time).
         `n_gpu_layers=-1` (or >= the layer count) runs the whole model on the GPU in a CUDA
         build (clusterkv_local.system_info() says what the build has); no usable GPU raises
         CudaError, a CPU-only build UnsupportedError.
@@ -498,6 +504,10 @@ class Llama:
         self._sampler: Optional[_Sampler] = None
         self._grammar_state: Optional[_Grammar] = None  # native state of the last grammar used
         self.cache: Optional[BaseLlamaCache] = None
+        if draft_model is not None and not callable(draft_model):
+            raise TypeError("draft_model must be a LlamaDraftModel (a callable), got %r"
+                            % (draft_model,))
+        self.draft_model = draft_model
         self._closed = False
         self._check_kwargs(kwargs)
         n_ctx, n_batch, n_threads = _context_settings(n_ctx, n_batch, n_threads)
@@ -935,8 +945,10 @@ class Llama:
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluates tokens after the n_tokens already evaluated, appending to the KV cache."""
+        self._eval(token_array(tokens), self._logits_all)
+
+    def _eval(self, tokens: List[int], all_logits: bool) -> None:
         ctx = self._require_ctx()
-        tokens = token_array(tokens)
         if not tokens:
             return
         n_past, n = self.n_tokens, len(tokens)
@@ -945,7 +957,7 @@ class Llama:
                              % (n_past + n, self._n_ctx))
         if ctx.n_past() != n_past:
             ctx.truncate(n_past)
-        ctx.decode(tokens, all_logits=self._logits_all)
+        ctx.decode(tokens, all_logits=all_logits or self._logits_all)
         self._n_decodes += 1
         self.input_ids[n_past:n_past + n] = tokens
         self.n_tokens = n_past + n
@@ -1060,12 +1072,15 @@ class Llama:
         return state
 
     def _sample_with(self, sampler: _Sampler, processor: Optional[Callable],
-                     idx: Optional[int] = None, grammar: Optional[_Grammar] = None) -> int:
+                     idx: Optional[int] = None, grammar: Optional[_Grammar] = None,
+                     ctx_row: int = -1) -> int:
+        """Draws from position idx's logits (default: the last evaluated token's, row ctx_row
+        of the last decode)."""
         ctx = self._require_ctx()
         if idx is None or idx == self.n_tokens - 1:
             if processor is None and grammar is None:
-                return sampler.sample_ptr(ctx.logits_ptr(-1), self._n_vocab)
-            row = ctx.logits(-1)
+                return sampler.sample_ptr(ctx.logits_ptr(ctx_row), self._n_vocab)
+            row = ctx.logits(ctx_row)
         elif self._scores_buf is not None and 0 <= idx < self.n_tokens:
             row = self._scores_buf[idx]
         else:
@@ -1152,17 +1167,44 @@ class Llama:
             history, pending = self._input_ids.tolist() + tokens, tokens
         sampler = self._get_sampler(params)
         self._prime_sampler(sampler, history)
+        ctx = self._require_ctx()
         while True:
-            self.eval(pending)
-            token = self._sample_with(sampler, processor, grammar=grammar)
-            sampler.accept(token)
-            if grammar is not None:
-                grammar.accept_token(token)
-            if stopping_criteria is not None and stopping_criteria(self._input_ids,
-                                                                   self._last_logits()):
-                return
-            extra = yield token
-            pending = [token] + token_array(extra)
+            n_real = len(pending)
+            pending = pending + self._draft(pending)
+            start, rows = self.n_tokens, len(pending) > n_real or self._logits_all
+            self._eval(pending, rows)
+            # Position by position from the last real token's row: a guess is kept while the
+            # sampler draws it, so the tokens are those of one-at-a-time decoding.
+            for i in range(n_real - 1, len(pending)):
+                self.n_tokens = start + i + 1   # the sequence row i follows; later guesses go
+                row = i if rows else -1
+                token = self._sample_with(sampler, processor, grammar=grammar, ctx_row=row)
+                sampler.accept(token)
+                if grammar is not None:
+                    grammar.accept_token(token)
+                if row != -1:   # _last_logits() is this row's
+                    self._last_row = (np.array(ctx.logits(row)), self._n_decodes)
+                if stopping_criteria is not None and stopping_criteria(self._input_ids,
+                                                                       self._last_logits()):
+                    return
+                extra = token_array((yield token))
+                if extra or i + 1 == len(pending) or pending[i + 1] != token:
+                    pending = [token] + extra
+                    break
+
+    def _draft(self, pending: List[int]) -> List[int]:
+        """The draft model's guesses after `pending`, as many as fit the context; none under
+        a KV policy (its decode steps read a subset, a multi-token pass all)."""
+        if self.draft_model is None or self.kv_policy["policy"] != "full":
+            return []
+        room = self._n_ctx - self.n_tokens - len(pending)
+        if room <= 0:
+            return []
+        ids = np.concatenate([self._input_ids, np.asarray(pending, dtype=np.intc)])
+        guess = token_array(np.asarray(self.draft_model(ids)).reshape(-1).tolist())
+        if any(t < 0 or t >= self._n_vocab for t in guess):
+            raise ValueError("draft_model returned token ids outside [0, %d)" % self._n_vocab)
+        return guess[:room]
 
     # --- completion ---
 
