@@ -11,7 +11,6 @@ when given a non-default value (never a silent no-op). Deviations are listed in 
 of the methods concerned.
 """
 import fnmatch
-import json
 import math
 import os
 import random
@@ -27,9 +26,9 @@ import numpy as np
 
 from . import models as _models
 from ._ffi import ffi
-from ._internals import (KV_POLICIES, KV_POLICY_FIELDS, KV_TYPES, InvalidArgumentError,
-                         ModelInfo, SamplerParams, TensorInfo, _Context, _Grammar, _Model,
-                         _Sampler, logits_to_logprobs, system_info, token_array)
+from ._internals import (KV_POLICIES, KV_POLICY_FIELDS, KV_TYPES, ModelInfo, SamplerParams,
+                         TensorInfo, _Context, _Grammar, _Model, _Sampler, logits_to_logprobs,
+                         system_info, token_array)
 from .cache import BaseLlamaCache, LlamaState, longest_token_prefix
 from .chat import ChatFormatter, resolve_chat_format
 from .grammar import LlamaGrammar, as_grammar
@@ -940,7 +939,7 @@ class Llama:
             return
         try:
             self.load_state(state)
-        except (ValueError, InvalidArgumentError):
+        except ValueError:   # InvalidArgumentError, ModelFormatError are ValueErrors too
             pass   # another model's state, or too long for this context: evaluate as usual
 
     def eval(self, tokens: Sequence[int]) -> None:
