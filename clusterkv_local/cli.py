@@ -12,6 +12,7 @@ MODEL is a registry name or a path to a GGUF file (default: the default registry
 the public Llama API is used; the native library is loaded only by commands that need it.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -151,6 +152,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    """Embeddings of texts (arguments, else one per line of stdin) as JSON lines on stdout:
+    {"text", "embedding"} (pooled: one vector; pooling none: one per token)."""
+    texts = args.texts or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        return _error("no text: give some as arguments or on stdin, one per line")
+    pooling = args.pooling if args.pooling is not None else -1
+    with _load(args, embedding=True, pooling_type=pooling) as llm:
+        for text in texts:
+            vector = llm.embed(text, normalize=args.normalize)
+            print(json.dumps({"text": text, "embedding": vector}))
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -367,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message")
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("embed", help="embeddings of texts as JSON lines (CPU)")
+    p.add_argument("texts", nargs="*", help="texts (default: one per line of stdin)")
+    p.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
+                   help="how a text's token vectors are pooled (default: the GGUF's, else none)")
+    p.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, ...)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -12,9 +12,9 @@ Endpoints (the subset of OpenAI's API that llama-cpp-python's server offers):
 
 One Llama serves one request at a time (a lock; llama-cpp-python's server does the same), so
 requests queue. Keys a request may carry that do not change the output (`user`, `n` of 1,
-`stream_options`, ...) are ignored; a value the runtime cannot honour (`n` > 1, a wrong type)
-is a 400 with OpenAI's error body `{"error": {"message", "type", "param", "code"}}`, as is any
-ValueError / TypeError the Llama raises.
+`stream_options`, ...) are ignored, and a null value means the default; a value the runtime
+cannot honour (`n` > 1, a wrong type) is a 400 with OpenAI's error body `{"error": {"message",
+"type", "param", "code"}}`, as is any ValueError / TypeError the Llama raises.
 """
 import inspect
 import json
@@ -43,11 +43,11 @@ def _keywords(method: Callable) -> set:
 def _request_args(body: Dict[str, Any], method: Callable, first: str) -> Dict[str, Any]:
     """The body's keys that `method` takes (its first argument named `first`), OpenAI's spellings
     mapped to the Llama's; unknown keys are dropped."""
-    if body.get("n", 1) != 1:
+    args = {k: v for k, v in body.items() if v is not None}   # null: the default, as unset
+    if args.get("n", 1) != 1:
         raise RequestError("n must be 1 (one choice per request)", param="n")
-    if first not in body:
+    if first not in args:
         raise RequestError("'%s' is required" % first, param=first)
-    args = dict(body)
     if "max_completion_tokens" in args and "max_tokens" not in args:
         args["max_tokens"] = args.pop("max_completion_tokens")
     if isinstance(args.get("logit_bias"), dict):   # JSON object keys are strings

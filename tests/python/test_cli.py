@@ -161,3 +161,21 @@ def test_run_with_a_kv_policy_reports_it(default_model_path):
     offload = cli("run", "hi", "-m", default_model_path, "-n", "1", "-c", "64", "--kv-policy",
                   "clusterkv", "--kv-offload")   # a GPU context's option, refused on the CPU
     assert offload.returncode == 1 and "kv_offload" in offload.stderr and "n_gpu_layers" in offload.stderr
+
+
+def test_embed_prints_json_lines(default_model_path):
+    require_native()
+    from clusterkv_local import Llama
+
+    result = cli("embed", "a cat", "a dog", "-m", default_model_path, "--pooling", "mean",
+                 "--normalize", "-c", "64", "-t", str(N_THREADS))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    with Llama(default_model_path, n_ctx=64, embedding=True, pooling_type="mean",
+               verbose=False) as llm:
+        want = llm.embed(["a cat", "a dog"], normalize=True)
+    assert [r["text"] for r in rows] == ["a cat", "a dog"]
+    assert [r["embedding"] for r in rows] == want
+    piped = cli("embed", "-m", default_model_path, "--pooling", "mean", "-c", "64",
+                stdin="a cat\n\na dog\n")
+    assert [json.loads(line)["text"] for line in piped.stdout.splitlines()] == ["a cat", "a dog"]

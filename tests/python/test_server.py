@@ -61,7 +61,7 @@ def test_models_and_health(served):
 def test_completion_matches_the_direct_call(served):
     server, llm = served
     body = {"model": "smol", "prompt": "The capital of France is", "max_tokens": 12,
-            "temperature": 0, "stop": ["\n"], "user": "ignored"}
+            "temperature": 0, "stop": ["\n"], "user": "ignored", "seed": None, "logit_bias": None}
     status, kind, text = post(server, "/v1/completions", body)
     assert status == 200 and kind == "application/json"
     out = json.loads(text)
