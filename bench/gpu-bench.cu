@@ -108,7 +108,7 @@ static double prefill(struct bench * b, struct cuda_context * gc, int n, int n_s
         for (int pos = 0; pos < n; pos += b->ubatch) {
             int chunk = n - pos < b->ubatch ? n - pos : b->ubatch;
             CHECK(ckv_cuda_decode(gc, seq, b->tokens, chunk, pos, pos + chunk < n ? chunk : chunk - 1, b->logits,
-                                  false));
+                                  false, NULL));
         }
     }
     return now_s() - t0;
@@ -128,7 +128,7 @@ static double generate(struct bench * b, struct cuda_context * gc, int depth, in
     double t0 = now_s();
     for (int i = 0; i < n_gen; i++) {
         if (b->batch == 1) {
-            CHECK(ckv_cuda_decode(gc, 0, tok, 1, depth + i, 0, b->logits, true));
+            CHECK(ckv_cuda_decode(gc, 0, tok, 1, depth + i, 0, b->logits, true, NULL));
         } else {
             for (int s = 0; s < b->batch; s++) seqs[s] = s, pos[s] = depth + i;
             CHECK(ckv_cuda_decode_batch(gc, seqs, tok, pos, b->batch, b->logits));

@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("embed", help="embeddings of texts as JSON lines (CPU)")
+    p = sub.add_parser("embed", help="embeddings of texts as JSON lines")
     p.add_argument("texts", nargs="*", help="texts (default: one per line of stdin)")
     p.add_argument("--pooling", choices=("none", "mean", "cls", "last"), default=None,
                    help="how a text's token vectors are pooled (default: the GGUF's, else none)")
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
     p.add_argument("--model-alias", default=None, help="the model name clients see")
-    p.add_argument("--embedding", action="store_true", help="serve /v1/embeddings (CPU only)")
+    p.add_argument("--embedding", action="store_true", help="serve /v1/embeddings too")
     _add_model_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -479,7 +479,7 @@ class Llama:
         (see kv_memory()), so the context is bounded by host RAM; prefill then copies each
         layer's earlier rows in per chunk, so a long prompt wants a large n_batch (e.g. 4096).
         `embedding=True` keeps each evaluated token's final-normed hidden state for embed() and
-        create_embedding() (CPU path only); `pooling_type` (-1: the GGUF's, else none; or "none",
+        create_embedding() (CPU or GPU); `pooling_type` (-1: the GGUF's, else none; or "none",
         "mean", "cls", "last") says how embed() pools a text's token vectors.
         `rope_freq_base` / `rope_freq_scale` (0 = the file's) override the RoPE base and the
         position scale of the global-attention layers, to run past the trained context (e.g.

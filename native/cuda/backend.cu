@@ -757,14 +757,27 @@ static int32_t output_head(struct cuda_context * gc, int64_t first, int64_t n, f
     return CKV_OK;
 }
 
+// Every row's final-normed hidden state (the embeddings) to embd_host [n][n_embd], before the
+// output head reuses xb (the copy is ordered before it on the stream).
+static int32_t final_norm_rows(struct cuda_context * gc, int32_t n, float * embd_host) {
+    const struct hparams * hp = &gc->gm->hp;
+    TRY_OK(ckv_cuda_rmsnorm(gc->xb, gc->x, gc->gm->output_norm, n, hp->n_embd, hp->rms_eps, false, gc->stream));
+    CKV_CUDA_CHECK(cudaMemcpyAsync(embd_host, gc->xb, sizeof(float) * (size_t) n * hp->n_embd,
+                                   cudaMemcpyDeviceToHost, gc->stream));
+    return CKV_OK;
+}
+
 static int32_t layers_and_output(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
                                  const int32_t * seqs, const int32_t * pos, int32_t first_output,
-                                 float * logits_out) {
+                                 float * logits_out, float * embd_out) {
     const struct hparams * hp = &gc->gm->hp;
     TRY_OK(ckv_cuda_embed(&gc->gm->token_embd, gc->tokens, n, hp->embd_scale, gc->x, gc->stream));
     for (int il = 0; il < hp->n_layer; il++) {
         TRY_OK(attention_block(gc, il, n, pos0, pos_dev, seqs, pos));
         TRY_OK(ffn_block(gc, il, n));
+    }
+    if (embd_out) {
+        TRY_OK(final_norm_rows(gc, n, embd_out));
     }
     if (first_output < n) {
         TRY_OK(output_head(gc, first_output, n, logits_out));
@@ -772,12 +785,14 @@ static int32_t layers_and_output(struct cuda_context * gc, int32_t n, int32_t po
     return CKV_OK;
 }
 
-// Device work of one chunk: tokens already in gc->tokens, logits rows to `logits_out`.
-// seqs != NULL: a batch step, token t of sequence seqs[t] at position pos[t] (attention_block),
-// or with pos NULL at pos_dev[t] (a captured batch step).
+// Device work of one chunk: tokens already in gc->tokens, logits rows to `logits_out`, every
+// row's embedding to `embd_out` unless it is NULL. seqs != NULL: a batch step, token t of
+// sequence seqs[t] at position pos[t] (attention_block), or with pos NULL at pos_dev[t] (a
+// captured batch step).
 static int32_t forward_device(struct cuda_context * gc, int32_t n, int32_t pos0, const int32_t * pos_dev,
-                              const int32_t * seqs, const int32_t * pos, int32_t first_output, float * logits_out) {
-    int32_t st = layers_and_output(gc, n, pos0, pos_dev, seqs, pos, first_output, logits_out);
+                              const int32_t * seqs, const int32_t * pos, int32_t first_output, float * logits_out,
+                              float * embd_out = NULL) {
+    int32_t st = layers_and_output(gc, n, pos0, pos_dev, seqs, pos, first_output, logits_out, embd_out);
     // kv_offload (one sequence): the slot fetches overlapped the later layers and the output
     // head; the stream waits for them here, also after an error.
     int32_t joined = seqs ? CKV_OK : cuda_kv_policy_join(gc->cur->policy, gc->stream);
@@ -874,15 +889,15 @@ static int32_t decode_batch_graph(struct cuda_context * gc, const int32_t * seqs
 }
 
 static int32_t forward(struct cuda_context * gc, const int32_t * tokens, int32_t n, int32_t pos0,
-                       int32_t first_output, float * logits_host) {
-    // The graph is a decode step's (with the policy's lists); a one-token prefill chunk under a
-    // policy runs dense, outside it.
-    if (n == 1 && first_output == 0 && gc->use_graph && (gc->decode_step || !gc->cur->policy)) {
+                       int32_t first_output, float * logits_host, float * embd_host) {
+    // The graph is a decode step's (with the policy's lists, no embeddings); a one-token
+    // prefill chunk under a policy runs dense, outside it.
+    if (n == 1 && first_output == 0 && gc->use_graph && (gc->decode_step || !gc->cur->policy) && !embd_host) {
         return decode_one_graph(gc, tokens[0], pos0, logits_host);
     }
     CKV_CUDA_CHECK(cudaMemcpyAsync(gc->tokens, tokens, sizeof(int32_t) * n, cudaMemcpyHostToDevice,
                                    gc->stream));
-    return forward_device(gc, n, pos0, NULL, NULL, NULL, first_output, logits_host);
+    return forward_device(gc, n, pos0, NULL, NULL, NULL, first_output, logits_host, embd_host);
 }
 
 static int32_t check_tokens(const struct cuda_context * gc, const int32_t * tokens, int32_t n) {
@@ -906,7 +921,7 @@ static int32_t finish(struct cuda_context * gc, int32_t st) {
 
 extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, int32_t seq, const int32_t * tokens, int32_t n,
                                    int32_t pos0, int32_t first_output, float * logits_host,
-                                   bool decode_step) {
+                                   bool decode_step, float * embd_host) {
     if (!tokens || seq < 0 || seq >= gc->n_seq || n < 1 || n > gc->n_batch || pos0 < 0 || first_output < 0 ||
         (first_output < n && !logits_host)) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "ckv_cuda_decode: need sequence %d in [0, %d), 1 <= n (%d) <= "
@@ -924,7 +939,7 @@ extern "C" int32_t ckv_cuda_decode(struct cuda_context * gc, int32_t seq, const 
     const __half * const * k_layers = gc->cur->k_layers;
     int32_t st = pol ? cuda_kv_policy_prepare(pol, k_layers, pos0, gc->decode_step, gc->stream) : CKV_OK;
     if (st == CKV_OK) {
-        st = forward(gc, tokens, n, pos0, first_output, logits_host);
+        st = forward(gc, tokens, n, pos0, first_output, logits_host, embd_host);
     }
     if (st == CKV_OK && pol) {
         st = cuda_kv_policy_stored(pol, k_layers, pos0, n, gc->stream);

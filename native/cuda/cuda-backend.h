@@ -50,11 +50,12 @@ void    ckv_cuda_context_free(struct cuda_context * gc);   // accepts NULL
 // and copies the logits of tokens [first_output, n) to logits_host ((n - first_output) rows of
 // n_vocab floats; nothing when first_output >= n). Returns when the logits are on the host.
 // decode_step (with n == 1): the KV policy applies, as ckv_decode's one-token calls on the CPU;
-// everything else (prefill) attends densely.
+// everything else (prefill) attends densely. embd_host != NULL also gets every token's
+// final-normed hidden state (n rows of n_embd floats; such a step runs outside the graph).
 // CKV_ERR_INVALID_ARG for n < 1 or n > n_batch or a token outside the vocabulary,
 // CKV_ERR_CTX_FULL for pos0 + n > n_ctx, CKV_ERR_CUDA if a kernel or copy fails.
 int32_t ckv_cuda_decode(struct cuda_context * gc, int32_t seq, const int32_t * tokens, int32_t n, int32_t pos0,
-                        int32_t first_output, float * logits_host, bool decode_step);
+                        int32_t first_output, float * logits_host, bool decode_step, float * embd_host);
 // One decode step of n distinct sequences together: token t goes to sequence seqs[t] at position
 // pos[t] (its KV policy applies), logits_host gets n rows. The weights are read once for all
 // rows (the chunk matmul kernels); attention runs per token over its sequence. No graph.

@@ -292,7 +292,8 @@ struct ckv_context_params {
                           // then stays fixed. Default 0.
     int32_t  embeddings;  // 1: every decode call also keeps, for each token it evaluates, the
                           // hidden state after the final norm (the output head's input, llama.cpp's
-                          // result_norm): ckv_get_embeddings. CPU path only. Default 0.
+                          // result_norm): ckv_get_embeddings. On the GPU, ckv_decode_batch
+                          // then fails (CKV_ERR_UNSUPPORTED). Default 0.
 };
 
 CKV_API void ckv_context_default_params(struct ckv_context_params * out);

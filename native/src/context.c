@@ -232,9 +232,6 @@ static int32_t init_gpu(struct ckv_context * ctx) {
         st = ckv_fail(CKV_ERR_UNSUPPORTED, "f32_activations runs on the CPU path only "
                       "(use n_gpu_layers=0)");
     }
-    if (st == CKV_OK && ctx->params.embeddings) {
-        st = ckv_fail(CKV_ERR_UNSUPPORTED, "embeddings run on the CPU path only (use n_gpu_layers=0)");
-    }
     if (st == CKV_OK && ctx->params.kv_type != CKV_KV_F16) {
         st = ckv_fail(CKV_ERR_UNSUPPORTED, "kv_type f32 runs on the CPU path only: the GPU keeps "
                       "an f16 KV cache (use kv_type f16, or n_gpu_layers=0)");
@@ -514,8 +511,8 @@ static void gpu_count_step(ckv_context * ctx, int32_t seq, int32_t pos, bool dec
 
 // forward_groups' twin on the GPU for one sequence: the same logits rows and bookkeeping.
 static int32_t gpu_chunk(ckv_context * ctx, int32_t seq, const ckv_token * tokens, int32_t n, int32_t pos0,
-                         int32_t first_output, bool decode_step, float * logits) {
-    int32_t st = ckv_cuda_decode(ctx->gpu, seq, tokens, n, pos0, first_output, logits, decode_step);
+                         int32_t first_output, bool decode_step, float * logits, float * embd) {
+    int32_t st = ckv_cuda_decode(ctx->gpu, seq, tokens, n, pos0, first_output, logits, decode_step, embd);
     if (st == CKV_OK) {
         gpu_count_step(ctx, seq, pos0 + n - 1, decode_step);
     }
@@ -553,7 +550,8 @@ int32_t ckv_decode_seq(ckv_context * ctx, int32_t seq, const ckv_token * tokens,
         int64_t first_output = all_logits ? 0 : (last ? n - 1 : n);
         float * rows = ctx->logits + (all_logits ? (int64_t) done * n_vocab : 0);
         if (ctx->gpu) {
-            int32_t st = gpu_chunk(ctx, seq, tokens + done, n, sq->n_past, (int32_t) first_output, decode, rows);
+            int32_t st = gpu_chunk(ctx, seq, tokens + done, n, sq->n_past, (int32_t) first_output, decode, rows,
+                                   embd_rows(ctx, done));
             if (st != CKV_OK) {  // only the GPU can fail here: forget the chunks already run
                 sq->n_past     = n_past0;
                 sq->last_pos   = -1;
@@ -596,6 +594,10 @@ int32_t ckv_decode_batch(ckv_context * ctx, const ckv_token * tokens, const int3
             }
         }
         TRY(check_tokens(ctx, &ctx->seqs[seqs[i]], tokens + i, 1));
+    }
+    if (ctx->gpu && ctx->params.embeddings) {
+        return ckv_fail(CKV_ERR_UNSUPPORTED, "ckv_decode_batch on the GPU gives no embeddings: decode "
+                        "each sequence with ckv_decode_seq, or use the CPU path");
     }
     TRY(context_reserve_logits(ctx, n));
     TRY(reserve_embd(ctx, n));

@@ -31,9 +31,9 @@ int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t n_ctx, int
 void ckv_cuda_context_free(struct cuda_context * gc) { (void) gc; }
 
 int32_t ckv_cuda_decode(struct cuda_context * gc, int32_t seq, const int32_t * tokens, int32_t n, int32_t pos0,
-                        int32_t first_output, float * logits_host, bool decode_step) {
+                        int32_t first_output, float * logits_host, bool decode_step, float * embd_host) {
     (void) gc, (void) seq, (void) tokens, (void) n, (void) pos0, (void) first_output, (void) logits_host;
-    (void) decode_step;
+    (void) decode_step, (void) embd_host;
     return ckv_fail(CKV_ERR_UNSUPPORTED, "this library was built without the CUDA backend");
 }
 

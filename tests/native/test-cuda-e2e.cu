@@ -94,14 +94,14 @@ static int bench_depth(const struct cuda_model * gm, int n_vocab, int depth, int
     double t0 = now_ms();
     for (int pos = 0; pos < depth; pos += N_BATCH) {
         int n = depth - pos < N_BATCH ? depth - pos : N_BATCH;
-        CHECK(ckv_cuda_decode(gc, 0, tokens, n, pos, n, logits, false));   // no logits rows
+        CHECK(ckv_cuda_decode(gc, 0, tokens, n, pos, n, logits, false, NULL));   // no logits rows
     }
     double fill = now_ms() - t0;
     ckv_token tok = tokens[0];
-    CHECK(ckv_cuda_decode(gc, 0, &tok, 1, depth, 0, logits, true));   // warm-up (graph capture)
+    CHECK(ckv_cuda_decode(gc, 0, &tok, 1, depth, 0, logits, true, NULL));   // warm-up (graph capture)
     t0 = now_ms();
     for (int i = 1; i <= n_decode; i++) {
-        CHECK(ckv_cuda_decode(gc, 0, &tok, 1, depth + i, 0, logits, true));
+        CHECK(ckv_cuda_decode(gc, 0, &tok, 1, depth + i, 0, logits, true, NULL));
         tok = argmax(logits, n_vocab);
     }
     double tg = now_ms() - t0;
@@ -114,16 +114,16 @@ static int bench_depth(const struct cuda_model * gm, int n_vocab, int depth, int
 static int bench(struct cuda_context * gc, int n_vocab, int n_decode, float * logits) {
     ckv_token tokens[N_BATCH];
     for (int i = 0; i < N_BATCH; i++) tokens[i] = (ckv_token) ((i * 7919) % n_vocab);
-    CHECK(ckv_cuda_decode(gc, 0, tokens, N_BATCH, 0, N_BATCH - 1, logits, false));  // warm-up
+    CHECK(ckv_cuda_decode(gc, 0, tokens, N_BATCH, 0, N_BATCH - 1, logits, false, NULL));  // warm-up
     double t0 = now_ms();
-    CHECK(ckv_cuda_decode(gc, 0, tokens, N_BATCH, 0, N_BATCH - 1, logits, false));
+    CHECK(ckv_cuda_decode(gc, 0, tokens, N_BATCH, 0, N_BATCH - 1, logits, false, NULL));
     double pp = now_ms() - t0;
     ckv_token tok = tokens[0];
     int pos = 0;
-    CHECK(ckv_cuda_decode(gc, 0, &tok, 1, pos++, 0, logits, true));  // warm-up
+    CHECK(ckv_cuda_decode(gc, 0, &tok, 1, pos++, 0, logits, true, NULL));  // warm-up
     t0 = now_ms();
     for (int i = 0; i < n_decode && pos < N_CTX; i++) {
-        CHECK(ckv_cuda_decode(gc, 0, &tok, 1, pos++, 0, logits, true));
+        CHECK(ckv_cuda_decode(gc, 0, &tok, 1, pos++, 0, logits, true, NULL));
         tok = argmax(logits, n_vocab);
     }
     double tg = now_ms() - t0;
@@ -185,7 +185,7 @@ int main(int argc, char ** argv) {
     struct agreement gpu_cpu = {0, 0, 0.0, 0.0}, gpu_ref = {0, 0, 0.0, 0.0}, cpu_ref = {0, 0, 0.0, 0.0};
     CHECK(ckv_decode(ctx, tokens, n_prompt, true));
     CHECK(ckv_decode(exact, tokens, n_prompt, true));
-    CHECK(ckv_cuda_decode(gc, 0, tokens, n_prompt, 0, 0, gpu, false));
+    CHECK(ckv_cuda_decode(gc, 0, tokens, n_prompt, 0, 0, gpu, false, NULL));
     for (int i = 0; i < n_prompt; i++) {
         const float * g = gpu + (size_t) i * n_vocab;
         compare_row(&gpu_cpu, ckv_get_logits(ctx, i), g, n_vocab);
@@ -200,7 +200,7 @@ int main(int argc, char ** argv) {
         printf(" %d", next);
         CHECK(ckv_decode(ctx, &next, 1, false));
         CHECK(ckv_decode(exact, &next, 1, false));
-        CHECK(ckv_cuda_decode(gc, 0, &next, 1, pos++, 0, gpu, true));
+        CHECK(ckv_cuda_decode(gc, 0, &next, 1, pos++, 0, gpu, true, NULL));
         compare_row(&gpu_cpu, ckv_get_logits(ctx, -1), gpu, n_vocab);
         compare_row(&gpu_ref, ckv_get_logits(exact, -1), gpu, n_vocab);
         compare_row(&cpu_ref, ckv_get_logits(exact, -1), ckv_get_logits(ctx, -1), n_vocab);

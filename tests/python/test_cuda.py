@@ -265,7 +265,7 @@ def test_chunked_prefill_matches_one_chunk(gpu_model_path):
     assert _kl_rows(rows[0][None], rows[1][None])[0] <= 1e-3
 
 
-def test_gpu_refuses_h2o_partial_offload_and_embeddings(gpu_model_path):
+def test_gpu_refuses_h2o_partial_offload_and_f32_activations(gpu_model_path):
     from clusterkv_local import Llama, UnsupportedError
 
     with pytest.raises(UnsupportedError, match="kv_policy h2o runs on the CPU path only"):
@@ -274,8 +274,6 @@ def test_gpu_refuses_h2o_partial_offload_and_embeddings(gpu_model_path):
         Llama(gpu_model_path, n_gpu_layers=3, n_ctx=256, verbose=False)
     with pytest.raises(UnsupportedError, match="f32_activations runs on the CPU path only"):
         Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, f32_activations=True, verbose=False)
-    with pytest.raises(UnsupportedError, match="embeddings run on the CPU path only"):
-        Llama(gpu_model_path, n_gpu_layers=-1, n_ctx=256, embedding=True, verbose=False)
     # switching an existing GPU context to h2o is refused the same way
     from clusterkv_local._ffi import ffi, lib
     from clusterkv_local._internals import last_error
@@ -629,3 +627,26 @@ def test_states_move_between_gpu_and_cpu(gpu_model_path):
         _decode_steps(loaded, steps[:3])   # a graph and clusters of other rows, replaced
         loaded.load_state(state)
         assert np.array_equal(_decode_steps(loaded, steps), _decode_steps(native, steps))
+
+
+def test_gpu_embeddings_follow_the_cpu(gpu_model_path):
+    """embedding=True on the GPU: the final-normed hidden states of every token (pooling none)
+    and the pooled vectors as the CPU path gives them, up to the paths' rounding (cosine, and
+    the CPU against itself with an f32 KV cache for the scale of it); one-token texts too
+    (they run outside the decode graph); a batch step refuses."""
+    from clusterkv_local import Llama, UnsupportedError
+
+    texts = ["a cat", "The three most important things about sleep are", "x"]
+    kw = dict(n_ctx=256, n_threads=N_THREADS, embedding=True, verbose=False)
+    for pooling in ("none", "mean"):
+        with Llama(gpu_model_path, n_gpu_layers=-1, pooling_type=pooling, **kw) as gpu, \
+                Llama(gpu_model_path, n_gpu_layers=0, pooling_type=pooling, **kw) as cpu:
+            for text in texts:
+                g, c = np.array(gpu.embed(text)), np.array(cpu.embed(text))
+                assert g.shape == c.shape
+                g, c = g.reshape(-1, g.shape[-1]), c.reshape(-1, c.shape[-1])
+                cos = (g * c).sum(1) / np.linalg.norm(g, axis=1) / np.linalg.norm(c, axis=1)
+                assert cos.min() > 0.995, (text, pooling, cos.min())
+    with Llama(gpu_model_path, n_gpu_layers=-1, n_seq_max=2, **kw) as gpu:
+        with pytest.raises(UnsupportedError, match="no embeddings"):
+            gpu._ctx.decode_batch([1, 2], [0, 1])
