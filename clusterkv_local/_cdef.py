@@ -37,6 +37,7 @@ typedef struct ckv_grammar ckv_grammar;
 struct ckv_model_params {
     int32_t n_gpu_layers;
     bool use_mmap;
+    bool use_mlock;
     bool vocab_only;
     bool metadata_only;
     float rope_freq_base;

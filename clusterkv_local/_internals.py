@@ -259,12 +259,14 @@ class _Model(_Handle):
 
     def __init__(self, path: str, *, n_gpu_layers: int = 0, use_mmap: bool = True,
                  vocab_only: bool = False, metadata_only: bool = False,
-                 rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0):
+                 rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0,
+                 use_mlock: bool = False):
         self.path = _check_model_path(path)
         params = ffi.new("struct ckv_model_params *")
         lib.ckv_model_default_params(params)
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
+        params.use_mlock = use_mlock
         params.vocab_only = vocab_only
         params.metadata_only = metadata_only
         params.rope_freq_base = rope_freq_base

@@ -44,7 +44,7 @@ LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # as llama.cpp: "pick a random seed"
 # llama-cpp-python constructor keywords accepted but not implemented, with the value at which
 # they do nothing (no warning then).
 _UNIMPLEMENTED_INIT = {
-    "split_mode": 1, "main_gpu": 0, "tensor_split": None, "use_mlock": False,
+    "split_mode": 1, "main_gpu": 0, "tensor_split": None,
     "kv_overrides": None, "n_ubatch": 512, "n_threads_batch": None, "rope_scaling_type": -1,
     "attention_type": -1,
     "yarn_ext_factor": -1.0, "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0,
@@ -459,7 +459,8 @@ class Llama:
                  f32_activations: bool = False, n_seq_max: int = 1, kv_offload: bool = False,
                  embedding: bool = False, pooling_type: Any = LLAMA_POOLING_TYPE_UNSPECIFIED,
                  rope_freq_base: float = 0.0, rope_freq_scale: float = 0.0,
-                 draft_model: Optional[LlamaDraftModel] = None, **kwargs: Any):
+                 draft_model: Optional[LlamaDraftModel] = None, use_mlock: bool = False,
+                 **kwargs: Any):
         """Loads `model_path`. Keywords as llama-cpp-python (all keyword-only).
 
         Extensions: `metadata_only=True` parses only metadata and the tensor table (works for
@@ -522,7 +523,8 @@ class Llama:
                                  vocab_only=vocab_only, metadata_only=metadata_only,
                                  rope_freq_base=_require_float("rope_freq_base", rope_freq_base),
                                  rope_freq_scale=_require_float("rope_freq_scale",
-                                                                rope_freq_scale))
+                                                                rope_freq_scale),
+                                 use_mlock=bool(use_mlock))
             self.metadata: Dict[str, str] = self._model.metadata()
             self._info: ModelInfo = self._model.info()
             self._n_vocab = self._info.n_vocab

@@ -102,6 +102,8 @@ struct ckv_model_params {
                            // offload); no usable device is CKV_ERR_CUDA; a build without CUDA
                            // is CKV_ERR_UNSUPPORTED. Ignored with vocab_only / metadata_only.
     bool    use_mmap;      // map the file instead of reading it into memory (default true)
+    bool    use_mlock;     // lock the weights in RAM so they are never paged out (default
+                           // false); best effort: a refusal (ulimit -l) is logged as a warning
     bool    vocab_only;    // load metadata and tokenizer only: no forward pass possible
     bool    metadata_only; // parse metadata and the tensor table only, for any architecture
                            // (inspection tools); no tokenizer, no forward pass

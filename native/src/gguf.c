@@ -616,6 +616,19 @@ static int32_t load_file(const char * path, bool use_mmap, void ** image, size_t
     return st;
 }
 
+bool gguf_lock_image(const struct gguf_file * f) {
+#if defined(HAVE_MMAP)
+    if (mlock(f->image, f->image_size) == 0) {
+        return true;
+    }
+    ckv_log(CKV_LOG_WARN, "use_mlock: locking %.1f MiB of weights in RAM failed (%s); they stay "
+            "pageable (raise the limit: ulimit -l)", f->image_size / 1048576.0, strerror(errno));
+#else
+    ckv_log(CKV_LOG_WARN, "use_mlock: not available on this platform; the weights stay pageable");
+#endif
+    return false;
+}
+
 int32_t gguf_open(const char * path, bool use_mmap, struct gguf_file ** out) {
     if (!path || !out) {
         return ckv_fail(CKV_ERR_INVALID_ARG, "gguf_open: NULL argument");

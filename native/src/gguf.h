@@ -68,6 +68,10 @@ int32_t gguf_open(const char * path, bool use_mmap, struct gguf_file ** out);
 // Same, over a caller-owned memory image (used by tests and fuzzing); image must outlive the file.
 int32_t gguf_open_memory(const void * image, size_t size, struct gguf_file ** out);
 void    gguf_close(struct gguf_file * f);
+// Locks the file's image in RAM (mlock), so the OS does not page weights out. Best effort, as
+// llama.cpp's use_mlock: false, with a warning logged, when the system refuses (RLIMIT_MEMLOCK)
+// or has no mlock.
+bool    gguf_lock_image(const struct gguf_file * f);
 
 const struct gguf_kv *     gguf_find_kv(const struct gguf_file * f, const char * key);
 const struct gguf_tensor * gguf_find_tensor(const struct gguf_file * f, const char * name);

@@ -80,6 +80,9 @@ static int32_t load_parts(ckv_model * m, const char * path, const struct ckv_mod
     }
     st = model_load_arch(m);
     m->can_forward = st == CKV_OK;
+    if (st == CKV_OK && p->use_mlock) {
+        gguf_lock_image(m->file);
+    }
     if (st == CKV_OK && p->rope_freq_base > 0.0f) {
         m->hp.rope_base = p->rope_freq_base;
     }

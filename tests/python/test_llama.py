@@ -5,6 +5,7 @@ bos 1 `<|im_start|>`, eos 2 `<|im_end|>`, no BOS added, digits split one per tok
 (210 Q4_1, 1 Q8_0, 61 F32). Expected texts are never hard-coded: greedy runs are compared with
 each other and with arg-max of the logits, so the tests hold for any correct forward pass.
 """
+import os
 import sys
 import types
 import warnings
@@ -497,3 +498,26 @@ def test_from_pretrained_without_huggingface_hub(monkeypatch):
 def test_from_registry(default_model_path):
     with Llama.from_registry(n_ctx=64, n_threads=N_THREADS, verbose=False) as m:
         assert m.model_path == default_model_path
+
+
+def _locked_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
+def test_use_mlock_locks_the_weights_in_ram(default_model_path):
+    """use_mlock=True: the mapped file is locked (VmLck grows by its size) and the model works
+    the same; the lock goes with the model. Where the system refuses (ulimit -l without
+    CAP_IPC_LOCK), the load still succeeds with a warning (gguf_lock_image)."""
+    size_kib = os.path.getsize(default_model_path) // 1024
+    before = _locked_kib()
+    with Llama(default_model_path, n_ctx=64, use_mlock=True, verbose=False) as llm:
+        locked = _locked_kib() - before
+        text = llm("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"]
+    if locked == 0:
+        pytest.skip("mlock refused here (RLIMIT_MEMLOCK)")
+    assert locked >= size_kib
+    assert _locked_kib() - before < size_kib   # unlocked with the model
+    with Llama(default_model_path, n_ctx=64, verbose=False) as llm:
+        assert llm("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"] == text
