@@ -1170,8 +1170,12 @@ class Llama:
         self._prime_sampler(sampler, history)
         ctx = self._require_ctx()
         while True:
+            guesses = self._draft(pending)
+            if guesses and len(pending) > 1:   # a prompt's rows need no logits: run it first
+                self._eval(pending[:-1], False)
+                pending = pending[-1:]
             n_real = len(pending)
-            pending = pending + self._draft(pending)
+            pending = pending + guesses
             start, rows = self.n_tokens, len(pending) > n_real or self._logits_all
             self._eval(pending, rows)
             # Position by position from the last real token's row: a guess is kept while the

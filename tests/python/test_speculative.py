@@ -32,14 +32,15 @@ def test_prompt_lookup_guesses_what_followed_the_last_match():
 
 
 class Counting:
-    """Counts the Llama's forward passes."""
+    """Counts the Llama's forward passes and the logits rows they asked for."""
 
     def __init__(self, llm):
-        self.passes = 0
+        self.passes, self.rows = 0, []
         decode = llm._ctx.decode
 
         def counted(tokens, all_logits=False):
             self.passes += 1
+            self.rows.append(len(tokens) if all_logits else 1)
             return decode(tokens, all_logits)
 
         llm._ctx.decode = counted
@@ -78,6 +79,7 @@ def test_same_tokens_in_fewer_passes(pair, sampling):
     assert outs[0]["text"] == outs[1]["text"] and outs[0]["finish_reason"] == outs[1]["finish_reason"]
     if sampling["temperature"] == 0:
         assert counts[1] < 0.7 * counts[0], counts   # the renamed copy is guessed from the code
+    assert max(counter.rows) <= 1 + 8   # the prompt ran without logits rows, then token + guesses
 
 
 def test_grammar_stops_and_logprobs_agree(default_model_path):
