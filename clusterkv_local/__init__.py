@@ -25,6 +25,7 @@ _LAZY = {
     "LLAMA_POOLING_TYPE_CLS": "llama",
     "LLAMA_POOLING_TYPE_LAST": "llama",
     "LogitsProcessorList": "llama",
+    "LlamaTokenizer": "llama",
     "StoppingCriteriaList": "llama",
     "LlamaState": "cache",
     "LlamaRAMCache": "cache",
@@ -61,8 +62,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
                              OutOfMemoryError, UnsupportedError, system_info)
     from .llama import (LLAMA_DEFAULT_SEED, LLAMA_POOLING_TYPE_CLS, LLAMA_POOLING_TYPE_LAST,
                         LLAMA_POOLING_TYPE_MEAN, LLAMA_POOLING_TYPE_NONE,
-                        LLAMA_POOLING_TYPE_UNSPECIFIED, Llama, LogitsProcessorList,
-                        StoppingCriteriaList)
+                        LLAMA_POOLING_TYPE_UNSPECIFIED, Llama, LlamaTokenizer,
+                        LogitsProcessorList, StoppingCriteriaList)
     from .cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState
     from .grammar import LLAMA_GRAMMAR_DEFAULT_ROOT, LlamaGrammar
     from .speculative import LlamaDraftModel, LlamaPromptLookupDecoding

@@ -497,6 +497,10 @@ class Llama:
         0 < n_gpu_layers < n_layer raises UnsupportedError (no partial offload); on the GPU
         every kv_policy but "h2o" and an f16 KV cache run (UnsupportedError otherwise).
         """
+        # What pickling keeps: a pickled Llama is this constructor call again (as
+        # llama-cpp-python), without the evaluated tokens.
+        self._init_params = {k: v for k, v in locals().items() if k not in ("self", "kwargs")}
+        self._init_params.update(kwargs)
         self.verbose = verbose
         self.model_path = os.fspath(model_path)
         self._model: Optional[_Model] = None
@@ -651,6 +655,12 @@ class Llama:
                 handle.close()
         self._closed = True
 
+    def __getstate__(self) -> Dict[str, Any]:
+        return dict(self._init_params)
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__init__(**state)
+
     def __enter__(self) -> "Llama":
         return self
 
@@ -802,6 +812,10 @@ class Llama:
         if isinstance(text, str):
             text = text.encode("utf-8")
         return self._model.tokenize(bytes(text), add_bos, special)
+
+    def tokenizer(self) -> "LlamaTokenizer":
+        """The model's tokenizer as llama-cpp-python's LlamaTokenizer (encode / decode)."""
+        return LlamaTokenizer(self)
 
     def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
                    special: bool = False) -> bytes:
@@ -1697,3 +1711,24 @@ def _chat_chunks(chunks: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
                                    "delta": {} if finished else {"content": choice["text"]},
                                    "logprobs": _chat_logprobs(choice["logprobs"]),
                                    "finish_reason": choice["finish_reason"]}])
+
+
+class LlamaTokenizer:
+    """llama-cpp-python's tokenizer object over a Llama: str in, str out (encode / decode), or
+    bytes (tokenize / detokenize, as Llama's)."""
+
+    def __init__(self, llama: Llama):
+        self._llama = llama
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> List[int]:
+        return self._llama.tokenize(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Optional[Sequence[int]] = None,
+                   special: bool = False) -> bytes:
+        return self._llama.detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> List[int]:
+        return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.detokenize(tokens).decode("utf-8", errors="ignore")

@@ -521,3 +521,25 @@ def test_use_mlock_locks_the_weights_in_ram(default_model_path):
     assert _locked_kib() - before < size_kib   # unlocked with the model
     with Llama(default_model_path, n_ctx=64, verbose=False) as llm:
         assert llm("The capital of France is", max_tokens=4, temperature=0)["choices"][0]["text"] == text
+
+
+def test_pickle_recreates_the_llama_and_tokenizer_object(default_model_path):
+    """As llama-cpp-python: pickling keeps the constructor call (not the evaluated tokens), so
+    the copy gives the same completions; llm.tokenizer() encodes and decodes str."""
+    import pickle
+
+    with Llama(default_model_path, n_ctx=96, seed=5, n_threads=N_THREADS, verbose=False,
+               kv_policy="streaming", kv_budget=32, rope_freq_scale=1.0) as llm:
+        llm.eval(llm.tokenize(b"state that does not travel"))
+        copy = pickle.loads(pickle.dumps(llm))
+        try:
+            assert copy.n_tokens == 0 and copy.n_ctx() == 96 and copy.kv_policy["budget"] == 32
+            want = llm("Once upon a time", max_tokens=6, temperature=0.8, seed=1)
+            got = copy("Once upon a time", max_tokens=6, temperature=0.8, seed=1)
+            assert got["choices"][0]["text"] == want["choices"][0]["text"]
+            tok = copy.tokenizer()
+            ids = tok.encode("Hello <|im_start|> world")
+            assert ids == llm.tokenize(b"Hello <|im_start|> world", special=True)
+            assert tok.decode(ids[1:]) == llm.detokenize(ids[1:]).decode()
+        finally:
+            copy.close()
