@@ -42,6 +42,10 @@ def _load(args: argparse.Namespace, **kwargs: Any):
         kv = dict(kv_policy=args.kv_policy, kv_budget=args.kv_budget, kv_policy_params=params)
     elif args.kv_param or args.kv_budget is not None:
         raise ValueError("--kv-budget and --kv-param need --kv-policy")
+    if getattr(args, "lookup", None) is not None:
+        from .speculative import LlamaPromptLookupDecoding
+
+        kwargs["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=args.lookup)
     llm = Llama(path, n_ctx=args.ctx, n_batch=args.batch_size, n_threads=args.threads,
                 n_gpu_layers=args.n_gpu_layers, seed=args.seed, verbose=args.verbose,
                 kv_offload=args.kv_offload, **kv, **kwargs)
@@ -360,6 +364,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grammar-file", default=None, metavar="FILE", help="the grammar from a file")
     p.add_argument("-j", "--json-schema", default=None, metavar="SCHEMA",
                    help="constrain the output to JSON valid under this JSON Schema (its text)")
+    p.add_argument("--lookup", type=int, default=None, metavar="N",
+                   help="speculative decoding by prompt lookup: check up to N guessed tokens per "
+                        "forward pass (the same output; faster on repetitive text)")
     p.add_argument("--prompt-cache", default=None, metavar="DIR",
                    help="keep each completion's state in DIR; a later prompt that starts the same "
                         "evaluates only the rest (a LlamaDiskCache)")

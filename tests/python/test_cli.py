@@ -108,6 +108,16 @@ def test_run_with_a_prompt_cache_evaluates_only_the_new_part(default_model_path,
     assert len(os.listdir(cache)) == 2
 
 
+def test_run_with_prompt_lookup_gives_the_same_text(default_model_path):
+    require_native()
+    prompt = "def area(w, h):\n    return w * h\n\n# again:\ndef area(w, h):\n"
+    common = ["-m", default_model_path, "-n", "24", "--temp", "0", "-c", "256", "-t", str(N_THREADS)]
+    plain, fast = cli("run", prompt, *common), cli("run", prompt, *common, "--lookup", "4")
+    assert plain.returncode == fast.returncode == 0, fast.stderr
+    assert fast.stdout == plain.stdout
+    assert cli("run", prompt, *common, "--lookup", "0").returncode != 0   # must be >= 1
+
+
 def test_run_with_a_grammar_or_a_json_schema(default_model_path, tmp_path):
     require_native()
     base = ("run", "A pet:", "-m", default_model_path, "-n", "40", "--temp", "0.7", "-c", "128",
