@@ -193,9 +193,10 @@ class LlamaDiskCache(BaseLlamaCache):
 
     def _evict(self) -> None:
         files = sorted(self._files(), key=os.path.getmtime)
-        size = sum(os.path.getsize(path) for path in files)
-        for path in files:
+        sizes = [os.path.getsize(path) for path in files]
+        size = sum(sizes)
+        for path, bytes_ in zip(files, sizes):
             if size <= self.capacity_bytes:
                 break
-            size -= os.path.getsize(path)
+            size -= bytes_
             os.remove(path)

@@ -1201,8 +1201,10 @@ class Llama:
                 sampler.accept(token)
                 if grammar is not None:
                     grammar.accept_token(token)
-                if row != -1:   # _last_logits() is this row's
+                if i + 1 < len(pending):   # a guess's row: _last_logits() is this one
                     self._last_row = (np.array(ctx.logits(row)), self._n_decodes)
+                else:                      # the pass's last row, read when asked
+                    self._last_row = (None, -1)
                 if stopping_criteria is not None and stopping_criteria(self._input_ids,
                                                                        self._last_logits()):
                     return

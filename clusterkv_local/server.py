@@ -94,19 +94,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Access-Control-Allow-Origin", "*")
         self.end_headers()
         self.close_connection = True
+
+        def event(data: bytes) -> None:
+            self.wfile.write(b"data: " + data + b"\n\n")
+            self.wfile.flush()
+
         try:
             if first is not None:
-                self.wfile.write(b"data: " + json.dumps(first, ensure_ascii=False).encode() + b"\n\n")
+                event(json.dumps(first, ensure_ascii=False).encode())
             for chunk in chunks:
-                self.wfile.write(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n")
-                self.wfile.flush()
-            self.wfile.write(b"data: [DONE]\n\n")
+                event(json.dumps(chunk, ensure_ascii=False).encode())
+            event(b"[DONE]")
         except (BrokenPipeError, ConnectionResetError):
             pass   # the client left: generation stops here
         except Exception as e:   # noqa: BLE001 - the status line is gone: say it in the stream
-            error = {"error": {"message": "%s: %s" % (type(e).__name__, e), "type": "server_error",
-                               "param": None, "code": None}}
-            self.wfile.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            event(json.dumps({"error": {"message": "%s: %s" % (type(e).__name__, e),
+                                        "type": "server_error", "param": None, "code": None}}).encode())
         finally:
             close = getattr(chunks, "close", None)
             if close:

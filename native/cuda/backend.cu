@@ -469,6 +469,19 @@ extern "C" int32_t ckv_cuda_context_create(const struct cuda_model * gm, int32_t
     return CKV_OK;
 }
 
+// The captured graphs attend through the policies' buffers: dropped when a policy is replaced
+// (and with the context).
+static void drop_graphs(struct cuda_context * gc) {
+    if (gc->decode_graph) {
+        cudaGraphExecDestroy(gc->decode_graph);
+        gc->decode_graph = NULL;
+    }
+    if (gc->batch_graph) {
+        cudaGraphExecDestroy(gc->batch_graph);
+        gc->batch_graph = NULL;
+    }
+}
+
 extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
     if (!gc) {
         return;
@@ -484,12 +497,7 @@ extern "C" void ckv_cuda_context_free(struct cuda_context * gc) {
     if (gc->rows_fork) cudaEventDestroy(gc->rows_fork);
     free(gc->row_streams);
     free(gc->rows_join);
-    if (gc->decode_graph) {
-        cudaGraphExecDestroy(gc->decode_graph);
-    }
-    if (gc->batch_graph) {
-        cudaGraphExecDestroy(gc->batch_graph);
-    }
+    drop_graphs(gc);
     free(gc->batch_seqs);
     free(gc->batch_layouts);
     cudaFreeHost(gc->h_batch);
@@ -989,6 +997,18 @@ extern "C" int32_t ckv_cuda_decode_batch(struct cuda_context * gc, const int32_t
 
 // --- KV policy -------------------------------------------------------------------------------
 
+// A new policy for sequence seq over the n positions its cache holds (*out NULL for full; on
+// an error *out may hold a policy to free).
+static int32_t policy_over_cache(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
+                                 const bool * layer_compressed, int32_t seq, int32_t n, struct cuda_kv_policy ** out) {
+    *out = NULL;
+    if (params->policy == CKV_KV_POLICY_FULL) {
+        return CKV_OK;
+    }
+    TRY_OK(cuda_kv_policy_create(params, layer_compressed, &gc->gm->hp, gc->n_ctx, gc->stage_k != NULL, out));
+    return cuda_kv_policy_stored(*out, gc->seqs[seq].k_layers, 0, n, gc->stream);
+}
+
 extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct ckv_kv_policy_params * params,
                                           const bool * layer_compressed, const int32_t * n_past) {
     const struct hparams * hp = &gc->gm->hp;
@@ -1007,11 +1027,8 @@ extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct
         return ckv_fail(CKV_ERR_OOM, "out of host memory for the GPU KV policy");
     }
     int32_t st = CKV_OK;
-    for (int32_t i = 0; st == CKV_OK && i < gc->n_seq && params->policy != CKV_KV_POLICY_FULL; i++) {
-        st = cuda_kv_policy_create(params, layer_compressed, hp, gc->n_ctx, offload, &next[i]);
-        if (st == CKV_OK) {
-            st = cuda_kv_policy_stored(next[i], gc->seqs[i].k_layers, 0, n_past ? n_past[i] : 0, gc->stream);
-        }
+    for (int32_t i = 0; st == CKV_OK && i < gc->n_seq; i++) {
+        st = policy_over_cache(gc, params, layer_compressed, i, n_past ? n_past[i] : 0, &next[i]);
     }
     if (st == CKV_OK && cudaStreamSynchronize(gc->stream) != cudaSuccess) {   // nothing in flight reads the old state
         st = ckv_fail(CKV_ERR_CUDA, "switching the KV policy: %s", cudaGetErrorString(cudaGetLastError()));
@@ -1025,13 +1042,8 @@ extern "C" int32_t ckv_cuda_set_kv_policy(struct cuda_context * gc, const struct
         }
     }
     free(next);
-    if (st == CKV_OK && gc->decode_graph) {   // it attends through the old policy's buffers
-        cudaGraphExecDestroy(gc->decode_graph);
-        gc->decode_graph = NULL;
-    }
-    if (st == CKV_OK && gc->batch_graph) {
-        cudaGraphExecDestroy(gc->batch_graph);
-        gc->batch_graph = NULL;
+    if (st == CKV_OK) {
+        drop_graphs(gc);
     }
     return st;
 }
@@ -1087,13 +1099,7 @@ extern "C" int32_t ckv_cuda_kv_copy_rows(struct cuda_context * gc, int32_t seq, 
 extern "C" int32_t ckv_cuda_kv_reloaded(struct cuda_context * gc, int32_t seq, int32_t n,
                                         const struct ckv_kv_policy_params * params, const bool * layer_compressed) {
     struct cuda_kv_policy * next = NULL;
-    int32_t st = CKV_OK;
-    if (params->policy != CKV_KV_POLICY_FULL) {
-        st = cuda_kv_policy_create(params, layer_compressed, &gc->gm->hp, gc->n_ctx, gc->stage_k != NULL, &next);
-        if (st == CKV_OK) {
-            st = cuda_kv_policy_stored(next, gc->seqs[seq].k_layers, 0, n, gc->stream);
-        }
-    }
+    int32_t st = policy_over_cache(gc, params, layer_compressed, seq, n, &next);
     if (st == CKV_OK && cudaStreamSynchronize(gc->stream) != cudaSuccess) {
         st = ckv_fail(CKV_ERR_CUDA, "loading a state: %s", cudaGetErrorString(cudaGetLastError()));
     }
@@ -1103,14 +1109,7 @@ extern "C" int32_t ckv_cuda_kv_reloaded(struct cuda_context * gc, int32_t seq, i
     }
     cuda_kv_policy_free(gc->seqs[seq].policy);
     gc->seqs[seq].policy = next;
-    if (gc->decode_graph) {   // it may attend through the old policy's buffers
-        cudaGraphExecDestroy(gc->decode_graph);
-        gc->decode_graph = NULL;
-    }
-    if (gc->batch_graph) {
-        cudaGraphExecDestroy(gc->batch_graph);
-        gc->batch_graph = NULL;
-    }
+    drop_graphs(gc);
     return CKV_OK;
 }
 

@@ -63,6 +63,7 @@ static uint64_t state_bytes(const struct hparams * hp, uint32_t kv_type, uint64_
            (uint64_t) n_logits * (uint64_t) hp->n_vocab * sizeof(float);
 }
 
+// The header of sequence seq's state, but its fingerprint (only a save needs it).
 static struct state_header header_of(const ckv_context * ctx, int32_t seq) {
     const struct ckv_seq * sq = &ctx->seqs[seq];
     const struct hparams * hp = &ctx->model->hp;
@@ -71,7 +72,6 @@ static struct state_header header_of(const ckv_context * ctx, int32_t seq) {
     memcpy(h.magic, STATE_MAGIC, sizeof(h.magic));
     h.version     = STATE_VERSION;
     h.kv_type     = sq->kv.type == GGML_TYPE_F16 ? CKV_KV_F16 : CKV_KV_F32;
-    h.fingerprint = model_fingerprint(ctx->model);
     h.n_layer     = (uint32_t) hp->n_layer;
     h.n_head_kv   = (uint32_t) hp->n_head_kv;
     h.head_dim    = (uint32_t) hp->head_dim;
@@ -109,6 +109,7 @@ int32_t ckv_context_state_save(ckv_context * ctx, int32_t seq, void * dst, uint6
         return ckv_fail(CKV_ERR_BUFFER_TOO_SMALL, "a buffer of %llu bytes is too small for the state: %llu "
                         "needed", (unsigned long long) cap, (unsigned long long) size);
     }
+    h.fingerprint = model_fingerprint(ctx->model);
     memcpy(dst, &h, sizeof(h));
     char * out = (char *) dst + sizeof(h);
     const uint64_t half = layer_half_bytes(hp, h.kv_type, h.n_past);
